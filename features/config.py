@@ -1,0 +1,93 @@
+"""Typed configuration for data sources and split protocols.
+
+Every model forbids unknown keys: a mistyped key in a YAML config fails loudly,
+naming the key, instead of silently falling back to a default.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+# Fixed vocabulary the synthetic generator draws genre names from (n_genres takes a prefix).
+SYNTHETIC_GENRES: tuple[str, ...] = (
+    "Action", "Adventure", "Animation", "Children", "Comedy", "Crime",
+    "Documentary", "Drama", "Fantasy", "Film-Noir", "Horror", "Musical",
+    "Mystery", "Romance", "Sci-Fi", "Thriller", "War", "Western",
+)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SyntheticConfig(_Strict):
+    """Knobs of the synthetic generator; the output is a pure function of these values."""
+
+    n_users: int = Field(1000, ge=1)
+    n_items: int = Field(800, ge=5)  # every user gets >= 5 distinct items
+    n_genres: int = Field(12, ge=3, le=len(SYNTHETIC_GENRES))  # 2 liked + 1 avoided must differ
+    n_factors: int = Field(8, ge=1)  # latent taste dimensions beyond genres
+    mean_interactions_per_user: float = Field(40.0, ge=5)
+    popularity_exponent: float = Field(1.0, ge=0)  # Zipf exponent of the item popularity prior
+    taste_strength: float = Field(2.0, ge=0)  # weight of genre taste in the choice logit
+    factor_strength: float = Field(1.5, ge=0)  # weight of the latent-factor dot product
+    seed: int = 0
+    start_timestamp: int = 1_600_000_000  # 2020-09-13 UTC
+    span_days: float = Field(365.0, gt=0)
+
+
+class ColumnMap(_Strict):
+    """Source column names of the interaction table; None means the source has no such column."""
+
+    user: str = "user_id"
+    item: str = "item_id"
+    rating: str | None = "rating"  # None -> implicit feedback, every rating is 1.0
+    timestamp: str | None = "timestamp"  # None -> every timestamp is 0
+
+
+class ItemColumnMap(_Strict):
+    """Source column names of the optional items table; None means the column is absent."""
+
+    item: str = "item_id"
+    title: str | None = "title"
+    genres: str | None = "genres"
+    year: str | None = "year"
+
+
+class TableConfig(_Strict):
+    """A generic interaction file (CSV or Parquet, with a header) plus an optional items file."""
+
+    path: str
+    format: Literal["auto", "csv", "parquet"] = "auto"  # auto: decided by the file suffix
+    delimiter: str = ","  # CSV only
+    columns: ColumnMap = ColumnMap()
+    items_path: str | None = None
+    item_columns: ItemColumnMap = ItemColumnMap()
+    genre_sep: str = "|"
+
+
+class DataConfig(_Strict):
+    source: Literal["synthetic", "movielens", "table"] = "synthetic"
+    # MovieLens-100k directory; None -> $TRUSTREC_ML100K, else <repo>/../shared/data/ml-100k.
+    path: str | None = None
+    synthetic: SyntheticConfig = SyntheticConfig()
+    table: TableConfig | None = None
+    on_bad_row: Literal["error", "skip"] = "error"
+
+    @model_validator(mode="after")
+    def _table_needs_table_config(self) -> "DataConfig":
+        if self.source == "table" and self.table is None:
+            raise ValueError("source='table' needs a 'table' section (at least table.path)")
+        return self
+
+
+class SplitConfig(_Strict):
+    protocol: Literal["stratified", "leave_last_n"] = "stratified"
+    ratio: float = Field(0.75, gt=0, le=1)  # stratified: train share of each group
+    by: Literal["item", "user"] = "item"  # stratified: grouping column
+    seed: int = 42
+    n: int = Field(1, ge=1)  # leave_last_n: most recent rows per user held out
+    # stratified: share of each group's TRAIN rows carved out as validation (seed + 1);
+    # leave_last_n: the next-to-last n per user. 0 -> no validation set.
+    val_fraction: float = Field(0.1, ge=0, lt=1)
