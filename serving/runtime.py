@@ -1,0 +1,55 @@
+"""ONNX Runtime sessions that report the execution provider really in use.
+
+ORT falls back to the CPU without an error when the CUDA provider is listed
+but its libraries are missing, so a session silently runs on the wrong device.
+`create_session` therefore reads the provider back from the session and
+returns it, and logs requested vs actual. Serving never imports torch.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import onnxruntime as ort
+
+logger = logging.getLogger(__name__)
+
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+_PREFERENCE = (CUDA, CPU)  # best first
+
+
+def preferred_providers(force_cpu: bool = False) -> list[str]:
+    """Providers to ask ORT for, best first: CUDA then CPU, limited to those this build offers.
+
+    ``force_cpu`` gives only the CPU provider (reproducible numbers, tests,
+    or a GPU kept free for training).
+    """
+    if force_cpu:
+        return [CPU]
+    available = set(ort.get_available_providers())
+    return [p for p in _PREFERENCE if p in available]
+
+
+def create_session(
+    model_path: str | Path, force_cpu: bool = False, intra_op_threads: int | None = None
+) -> tuple[ort.InferenceSession, str]:
+    """Open `model_path` and return (session, provider actually in use).
+
+    The provider comes from ``session.get_providers()[0]``, not from what was
+    requested. ``intra_op_threads`` caps ORT's thread pool (None: ORT default),
+    useful when several replicas share one host.
+    """
+    path = Path(model_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"ONNX model not found: {path}")
+    options = ort.SessionOptions()
+    if intra_op_threads is not None:
+        options.intra_op_num_threads = intra_op_threads
+    requested = preferred_providers(force_cpu)
+    session = ort.InferenceSession(str(path), sess_options=options, providers=requested)
+    actual = session.get_providers()[0]
+    logger.info("ONNX Runtime session for %s: requested providers %s, using %s", path, requested, actual)
+    if requested and actual != requested[0]:
+        logger.warning("ONNX Runtime fell back from %s to %s for %s", requested[0], actual, path)
+    return session, actual
