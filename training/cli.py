@@ -1,0 +1,137 @@
+"""`trustrec` console script: train, evaluate, export, serve, recommend, demo.
+
+Each subcommand imports what it needs when it runs, so `trustrec serve` never loads torch.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+DEFAULT_CONFIG = "configs/two_tower.yaml"
+DEFAULT_SERVE_CONFIG = "configs/serve.yaml"
+
+
+def _table(metrics: dict[str, float]) -> str:
+    width = max(len(k) for k in metrics)
+    return "\n".join(f"  {k:<{width}}  {v:.4f}" for k, v in metrics.items())
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from training.config import load_config
+    from training.pipeline import train
+
+    result = train(load_config(args.config, args.set), resume=args.resume)
+    print(f"run {result.run_id}  model version {result.model_version}  artifacts {result.artifact_dir}")
+    print(_table(result.metrics))
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from training.config import load_config
+    from training.offline import evaluate_bundle
+
+    cfg = load_config(args.config, args.set)
+    metrics = evaluate_bundle(cfg, args.model or cfg.export.output_dir)
+    print(json.dumps(metrics, indent=2) if args.json else _table(metrics))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from training.config import load_config
+    from training.offline import export_checkpoint
+
+    cfg = load_config(args.config, args.set)
+    manifest = export_checkpoint(cfg, Path(args.checkpoint), Path(args.out or cfg.export.output_dir))
+    print(f"exported to {args.out or cfg.export.output_dir}; parity {manifest['parity']}")
+    return 0
+
+
+def cmd_recommend(args: argparse.Namespace) -> int:
+    from features.store import FeatureStore
+    from serving.config import load_serve_config
+    from serving.recommender import Recommender
+
+    _, app_args, _ = load_serve_config(args.config)
+    store = FeatureStore(app_args.store_url) if app_args.store_url else None
+    rec = Recommender.from_uri(args.model or app_args.model_uri, store, app_args.tracking_uri, app_args.force_cpu)
+    for user in args.user_id:
+        print(json.dumps({"user_id": user, **rec.recommend(user, k=args.k)}, indent=2))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from serving.launch import serve_forever
+
+    serve_forever(args.config, model_uri=args.model, port=args.port)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from training.demo import run_demo
+
+    return run_demo(args.config, args.serve_config, args.set)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="trustrec", description="Train, export and serve trustworthy recommenders.")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def with_config(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--config", default=DEFAULT_CONFIG, help=f"training config YAML (default {DEFAULT_CONFIG})")
+        sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value, e.g. trainer.epochs=5 (repeatable)")
+
+    sp = sub.add_parser("train", help="train, evaluate, export, log to MLflow and register")
+    with_config(sp)
+    sp.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in trainer.checkpoint_dir")
+    sp.set_defaults(func=cmd_train)
+
+    sp = sub.add_parser("evaluate", help="test metrics of an exported model (ONNX) on the config's split")
+    with_config(sp)
+    sp.add_argument("--model", help="artifact dir or models:/name@alias (default: export.output_dir)")
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=cmd_evaluate)
+
+    sp = sub.add_parser("export", help="export a training checkpoint to an ONNX artifact bundle")
+    with_config(sp)
+    sp.add_argument("--checkpoint", required=True, help="epoch-NNN.pt written by the trainer")
+    sp.add_argument("--out", help="output dir (default: export.output_dir)")
+    sp.set_defaults(func=cmd_export)
+
+    for name, func, helptext in (("serve", cmd_serve, "run the Ray Serve HTTP app on 127.0.0.1"), ("recommend", cmd_recommend, "recommend in-process, without Ray")):
+        sp = sub.add_parser(name, help=helptext)
+        sp.add_argument("--config", default=DEFAULT_SERVE_CONFIG, help=f"Ray Serve config YAML (default {DEFAULT_SERVE_CONFIG})")
+        sp.add_argument("--model", help="override the model URI (artifact dir or models:/name@alias)")
+        if name == "serve":
+            sp.add_argument("--port", type=int, help="override http_options.port")
+        else:
+            sp.add_argument("user_id", nargs="+")
+            sp.add_argument("-k", type=int, default=10)
+        sp.set_defaults(func=func)
+
+    sp = sub.add_parser("demo", help="train on synthetic data, serve, query, shut down")
+    with_config(sp)
+    sp.add_argument("--serve-config", default=DEFAULT_SERVE_CONFIG)
+    sp.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for name in ("features", "training", "serving"):  # ours at INFO; libraries stay at WARNING
+        logging.getLogger(name).setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    from training.config import ConfigError
+
+    try:
+        return args.func(args)
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        print(f"trustrec {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,54 @@
+"""Offline work on finished models: evaluate an exported bundle, export a checkpoint."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from training import evaluation
+from training.config import TrainConfig
+from training.export import flat_inputs, write_artifacts
+from training.model import TowerSpec, TwoTower
+from training.pipeline import item_counts, prepare
+from training.task import RetrievalTask
+
+
+def evaluate_bundle(cfg: TrainConfig, model_uri: str) -> dict[str, float]:
+    """Test metrics of the *exported* model (ONNX Runtime + item matrix), as serving computes scores."""
+    from serving.recommender import resolve_model_uri
+    from serving.runtime import create_session
+
+    data = prepare(cfg)
+    bundle, _ = resolve_model_uri(str(model_uri), cfg.tracking.tracking_uri)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    session, _ = create_session(bundle / manifest["files"]["user_tower"])
+    item_vec = np.load(bundle / manifest["files"]["item_embeddings"])
+    spec = TowerSpec(**manifest["model"]["spec"])
+    if (spec.n_users, spec.n_items) != (data.dataset.n_users, data.dataset.n_items):
+        raise ValueError(f"model has {spec.n_users} users / {spec.n_items} items, config data has {data.dataset.n_users} / {data.dataset.n_items}")
+
+    def score(users: np.ndarray) -> np.ndarray:
+        return session.run(None, flat_inputs(spec, users, data.seen))[0] @ item_vec.T
+
+    users = np.flatnonzero(np.diff(data.test[0]) > 0)
+    k = cfg.task.eval_k
+    return {f"test/{name}": v for name, v in evaluation.evaluate_scores(score, users, data.seen, data.test, spec.n_items, k=k).items()}
+
+
+def export_checkpoint(cfg: TrainConfig, checkpoint: Path, out_dir: Path) -> dict[str, Any]:
+    """Rebuild the model from a trainer checkpoint (its best weights) and write the bundle."""
+    payload = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    spec = TowerSpec(**payload["spec"])
+    model = TwoTower(spec)
+    model.load_state_dict(payload["best_state"] or payload["model"])
+    data = prepare(cfg)
+    ds = data.dataset
+    task = RetrievalTask(cfg.task, item_counts(data.train, ds.n_items))
+    item_vec = task.item_embeddings(model, ds.items.genres, torch.device("cpu")).numpy()
+    popular = ds.item_vocab.decode(np.argsort(-item_counts(data.seen, ds.n_items), kind="stable")[: cfg.export.popularity_top_n])
+    metrics = {f"val/ndcg@{task.k}": float(payload["best_metric"])}
+    provenance = {"checkpoint": str(checkpoint), "epoch": payload["epoch"], "dataset": ds.name, "config_digest": cfg.digest()}
+    return write_artifacts(model, item_vec, ds, data.seen, out_dir, metrics, provenance, popular, cfg.export.parity_atol)

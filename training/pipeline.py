@@ -1,0 +1,135 @@
+"""The end-to-end run behind `trustrec train`: data -> split -> fit -> test -> export ->
+feature store -> MLflow (params, step metrics, artifacts, registry alias)."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from features.datasets import load_dataset
+from features.schema import Dataset, Interactions
+from features.splits import Split, split, user_items_csr
+from training import evaluation
+from training.config import ConfigError, TrainConfig
+from training.data import CSR, csr_union
+from training.export import write_artifacts
+from training.model import TowerSpec, TwoTower
+from training.task import RetrievalTask
+from training.tracking import Tracker, git_sha
+from training.trainer import FitResult, Trainer, pick_device
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Prepared:
+    """Everything derived from the data config, shared by train / evaluate / export."""
+
+    dataset: Dataset
+    split: Split
+    train: CSR  # what the model fits on
+    val: CSR  # early-stopping truth (history = train)
+    seen: CSR  # train + val: the history at test time, excluded from test rankings
+    test: CSR
+
+    @property
+    def seen_interactions(self) -> Interactions:
+        return Interactions.concat([self.split.train, self.split.val])
+
+
+def prepare(cfg: TrainConfig) -> Prepared:
+    dataset = load_dataset(cfg.data)
+    parts = split(dataset.interactions, cfg.split)
+    if parts.val is None or len(parts.val) == 0:
+        raise ConfigError("split.val_fraction: must be > 0 (validation drives early stopping)")
+    csr = lambda rows: user_items_csr(rows, dataset.n_users, dataset.n_items)  # noqa: E731
+    train, val = csr(parts.train), csr(parts.val)
+    return Prepared(dataset, parts, train, val, csr_union(train, val), csr(parts.test))
+
+
+def build_model(cfg: TrainConfig, dataset: Dataset, device: torch.device) -> TwoTower:
+    m = cfg.model
+    spec = TowerSpec(
+        n_users=dataset.n_users,
+        n_items=dataset.n_items,
+        n_genres=len(dataset.genre_names),
+        embedding_dim=m.embedding_dim,
+        hidden_dim=m.hidden_dim,
+        output_dim=m.output_dim,
+        use_user_id=m.use_user_id,
+        use_genres=m.use_genres,
+        temperature=m.temperature,
+    )
+    return TwoTower(spec, device=device)
+
+
+def item_counts(csr: CSR, n_items: int) -> np.ndarray:
+    return np.bincount(csr[1], minlength=n_items).astype(np.float64)
+
+
+def popularity_metrics(data: Prepared, k: int) -> dict[str, float]:
+    counts = item_counts(data.seen, data.dataset.n_items).astype(np.float32)
+    users = np.flatnonzero(np.diff(data.test[0]) > 0)
+    return evaluation.evaluate_scores(lambda b: np.broadcast_to(counts, (len(b), len(counts))), users, data.seen, data.test, data.dataset.n_items, k=k)
+
+
+@dataclass
+class RunResult:
+    run_id: str | None
+    model_version: str | None
+    artifact_dir: Path
+    metrics: dict[str, float]
+    fit: FitResult
+    manifest: dict[str, Any]
+
+
+def train(cfg: TrainConfig, resume: bool = False) -> RunResult:
+    if cfg.trainer.num_threads:
+        torch.set_num_threads(cfg.trainer.num_threads)
+    device = pick_device(cfg.trainer.device)
+    data = prepare(cfg)
+    ds = data.dataset
+    log.info("dataset %s: %d users, %d items, %d interactions; device %s", ds.name, ds.n_users, ds.n_items, len(ds.interactions), device)
+
+    tracker = Tracker(cfg.tracking.enabled, cfg.tracking.tracking_uri, cfg.tracking.experiment)
+    tags = {"model": cfg.model.kind, "dataset": ds.name, "split": cfg.split.protocol, "git_sha": git_sha(), "device": device.type}
+    tracker.start(cfg.tracking.run_name, cfg.flat(), tags)
+    try:
+        model = build_model(cfg, ds, device)
+        task = RetrievalTask(cfg.task, item_counts(data.train, ds.n_items))
+        trainer = Trainer(model, task, cfg.trainer, cfg.task.history_dropout, cfg.model.user_id_dropout, device, on_epoch=lambda e, m: tracker.log_metrics(m, step=e))
+        fit = trainer.fit(data.train, data.train, data.val, ds.items.genres, resume=resume)
+
+        test = {f"test/{k}": v for k, v in task.metrics(model, data.seen, data.test, ds.items.genres, device).items()}
+        baseline = {f"baseline/popularity/{k}": v for k, v in popularity_metrics(data, task.k).items()}
+        metrics = {**test, **baseline, "train/best_epoch": float(fit.best_epoch), "train/epochs_run": float(fit.epochs_run)}
+        log.info("test %s", " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+
+        item_vec = task.item_embeddings(model, ds.items.genres, device).float().cpu().numpy()
+        popular = ds.item_vocab.decode(np.argsort(-item_counts(data.seen, ds.n_items), kind="stable")[: cfg.export.popularity_top_n])
+        provenance = {"run_id": tracker.run_id, "git_sha": tags["git_sha"], "dataset": ds.name, "split": cfg.split.protocol, "config_digest": cfg.digest()}
+        manifest = write_artifacts(model, item_vec, ds, data.seen, cfg.export.output_dir, metrics, provenance, popular, cfg.export.parity_atol)
+        metrics.update(manifest["parity"])
+
+        if cfg.store.load:
+            from features.store import FeatureStore
+
+            store = FeatureStore(cfg.store.url)
+            store.load_dataset(ds, data.seen_interactions)
+            store.close()
+
+        tracker.log_metrics(metrics)
+        tracker.log_dict(cfg.model_dump(mode="json"), "config.yaml")
+        tracker.log_dict(metrics, "metrics.json")
+        tracker.log_dict(fit.history, "history.json")
+        tracker.log_artifacts(cfg.export.output_dir, "bundle")
+        version = tracker.register(cfg.export.output_dir, cfg.tracking.registered_model, cfg.tracking.alias) if cfg.tracking.register_model else None
+    except BaseException:
+        tracker.end("FAILED")
+        raise
+    tracker.end()
+    return RunResult(tracker.run_id, version, Path(cfg.export.output_dir), metrics, fit, manifest)

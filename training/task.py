@@ -1,0 +1,84 @@
+"""Retrieval task: owns the loss and the evaluation metrics (TF Recommenders style).
+
+Loss: full softmax over the catalog when it is small enough to score every step
+(exact, no sampling bias); otherwise sampled softmax over in-batch items with the logQ
+correction (Yi et al., 2019) so popular items are not over-penalized as negatives.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from training import evaluation
+from training.config import TaskConfig
+from training.data import CSR, UserBatch, item_features, user_features
+from training.model import TwoTower
+
+
+class RetrievalTask:
+    def __init__(self, cfg: TaskConfig, item_counts: np.ndarray):
+        n_items = len(item_counts)
+        if cfg.loss == "auto":
+            self.loss_kind = "full_softmax" if n_items <= cfg.full_softmax_max_items else "sampled_softmax"
+        else:
+            self.loss_kind = cfg.loss
+        self.k = cfg.eval_k
+        q = (item_counts + 1.0) / (item_counts + 1.0).sum()  # +1: never log(0) for unseen items
+        self.log_q = torch.from_numpy(np.log(q).astype(np.float32))
+
+    def loss(self, model: TwoTower, batch: UserBatch, item_genres: Sequence[Sequence[int]]) -> torch.Tensor:
+        user_vec = model.user_arch(batch.features)
+        device = user_vec.device
+        indptr, targets = batch.targets
+        rows = np.repeat(np.arange(len(batch.users)), np.diff(indptr))
+        if self.loss_kind == "full_softmax":
+            item_vec = model.item_arch(item_features(model.spec, item_genres, device))
+            log_p = F.log_softmax((user_vec @ item_vec.T).float() / model.spec.temperature, dim=1)
+            weight = torch.zeros_like(log_p)
+            weight[torch.from_numpy(rows).to(device), torch.from_numpy(targets).to(device)] = 1.0
+            weight = weight / weight.sum(1, keepdim=True)  # each user counts once, whatever their size
+            return -(log_p * weight).sum(1).mean()
+        # sampled softmax: one hidden item per user; the other users' items are the negatives
+        lengths = np.diff(indptr)
+        pick = targets[indptr[:-1] + (np.random.random(len(lengths)) * lengths).astype(np.int64)]
+        item_vec = model.item_arch(item_features(model.spec, item_genres, device, pick))
+        pick_t = torch.from_numpy(pick).to(device)
+        logits = (user_vec @ item_vec.T).float() / model.spec.temperature - self.log_q.to(device)[pick_t][None, :]
+        same = pick_t[:, None] == pick_t[None, :]
+        logits = logits.masked_fill(same & ~torch.eye(len(pick), dtype=torch.bool, device=device), float("-inf"))
+        return F.cross_entropy(logits, torch.arange(len(pick), device=device))
+
+    @torch.no_grad()
+    def item_embeddings(self, model: TwoTower, item_genres: Sequence[Sequence[int]], device: torch.device) -> torch.Tensor:
+        return model.item_arch(item_features(model.spec, item_genres, device))
+
+    @torch.no_grad()
+    def user_embeddings(self, model: TwoTower, users: np.ndarray, history: CSR, device: torch.device) -> torch.Tensor:
+        return model.user_arch(user_features(model.spec, users, history, device))
+
+    @torch.no_grad()
+    def metrics(
+        self,
+        model: TwoTower,
+        history: CSR,
+        truth: CSR,
+        item_genres: Sequence[Sequence[int]],
+        device: torch.device,
+        users: np.ndarray | None = None,
+    ) -> dict[str, float]:
+        """Full-ranking metrics: every user with truth items, history items excluded."""
+        was_training = model.training
+        model.eval()
+        item_vec = self.item_embeddings(model, item_genres, device)
+        if users is None:
+            users = np.flatnonzero(np.diff(truth[0]) > 0)
+
+        def score(batch: np.ndarray) -> np.ndarray:
+            return (self.user_embeddings(model, batch, history, device) @ item_vec.T).float().cpu().numpy()
+
+        result = evaluation.evaluate_scores(score, users, history, truth, model.spec.n_items, k=self.k)
+        model.train(was_training)
+        return result

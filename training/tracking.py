@@ -1,0 +1,80 @@
+"""MLflow tracking: params = flattened config, per-epoch step metrics, final test metrics,
+tags, artifacts, and registration with an alias (MLflow 3: aliases, not stages)."""
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+PYFUNC_CODE = Path(__file__).resolve().parents[1] / "serving" / "mlflow_pyfunc.py"
+
+
+def git_sha() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def mlflow_key(name: str) -> str:
+    """MLflow allows alphanumerics, _ - . space / : — map '@' (as in ndcg@10) to '_at_'."""
+    return name.replace("@", "_at_")
+
+
+class Tracker:
+    """Thin wrapper so the pipeline reads the same with tracking on or off."""
+
+    def __init__(self, enabled: bool, tracking_uri: str, experiment: str):
+        self.enabled = enabled
+        self.run_id: str | None = None
+        if enabled:
+            import mlflow
+
+            self.mlflow = mlflow
+            mlflow.set_tracking_uri(tracking_uri)
+            mlflow.set_experiment(experiment)
+
+    def start(self, run_name: str | None, params: dict[str, Any], tags: dict[str, str]) -> None:
+        if not self.enabled:
+            return
+        run = self.mlflow.start_run(run_name=run_name, tags=tags)
+        self.run_id = run.info.run_id
+        self.mlflow.log_params({k: ("" if v is None else v) for k, v in params.items()})
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        if self.enabled:
+            self.mlflow.log_metrics({mlflow_key(k): float(v) for k, v in metrics.items()}, step=step)
+
+    def log_dict(self, obj: Any, name: str) -> None:
+        if self.enabled:
+            self.mlflow.log_dict(obj, name)
+
+    def log_artifacts(self, path: str | Path, artifact_path: str | None = None) -> None:
+        if self.enabled:
+            self.mlflow.log_artifacts(str(path), artifact_path)
+
+    def register(self, bundle_dir: str | Path, model_name: str, alias: str) -> str | None:
+        """Log the bundle as a pyfunc model, register a new version and point `alias` at it."""
+        if not self.enabled:
+            return None
+        info = self.mlflow.pyfunc.log_model(
+            name="model",
+            python_model=str(PYFUNC_CODE),
+            artifacts={"bundle": str(bundle_dir)},
+            pip_requirements=["trustrec"],
+            registered_model_name=model_name,
+        )
+        version = str(info.registered_model_version)
+        self.mlflow.MlflowClient().set_registered_model_alias(model_name, alias, version)
+        log.info("registered %s version %s as @%s", model_name, version, alias)
+        return version
+
+    def end(self, status: str = "FINISHED") -> None:
+        if self.enabled and self.run_id:
+            self.mlflow.end_run(status=status)

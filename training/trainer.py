@@ -1,0 +1,147 @@
+"""A small trainer: device pick, seeding, AMP on CUDA, per-epoch validation with early
+stopping, a checkpoint per epoch (model, optimizer, RNG state) and resume."""
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from training.config import TrainerConfig
+from training.data import CSR, epoch_batches
+from training.model import TwoTower
+from training.task import RetrievalTask
+
+log = logging.getLogger(__name__)
+
+
+def pick_device(preference: str = "auto") -> torch.device:
+    if preference == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("trainer.device=cuda but no CUDA device is available")
+    if preference == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(preference)
+
+
+def seed_everything(seed: int) -> np.random.Generator:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+    return np.random.default_rng(seed)
+
+
+@dataclass
+class FitResult:
+    best_epoch: int
+    best_metric: float
+    epochs_run: int
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+class Trainer:
+    def __init__(
+        self,
+        model: TwoTower,
+        task: RetrievalTask,
+        cfg: TrainerConfig,
+        history_dropout: float,
+        user_id_dropout: float,
+        device: torch.device,
+        on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+    ):
+        self.model, self.task, self.cfg, self.device = model, task, cfg, device
+        self.history_dropout, self.user_id_dropout = history_dropout, user_id_dropout
+        self.on_epoch = on_epoch or (lambda epoch, metrics: None)
+        self.optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.ckpt_dir = Path(cfg.checkpoint_dir)
+        self.amp = cfg.amp and device.type == "cuda"
+        self.monitor = f"val/ndcg@{task.k}"
+
+    # -- checkpoints ---------------------------------------------------------------------
+    def _save(self, epoch: int, rng: np.random.Generator, state: dict) -> None:
+        self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        payload = {
+            "epoch": epoch,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "rng": {
+                "numpy_generator": rng.bit_generator.state,
+                "numpy_global": np.random.get_state(),
+                "python": random.getstate(),
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            },
+            **state,
+        }
+        tmp = self.ckpt_dir / f".epoch-{epoch:03d}.pt.tmp"
+        torch.save(payload, tmp)
+        tmp.replace(self.ckpt_dir / f"epoch-{epoch:03d}.pt")  # atomic: never a half-written checkpoint
+
+    def latest_checkpoint(self) -> Path | None:
+        found = sorted(self.ckpt_dir.glob("epoch-*.pt"))
+        return found[-1] if found else None
+
+    def _restore(self, path: Path, rng: np.random.Generator) -> dict:
+        payload = torch.load(path, map_location=self.device, weights_only=False)
+        self.model.load_state_dict(payload["model"])
+        self.optimizer.load_state_dict(payload["optimizer"])
+        rng.bit_generator.state = payload["rng"]["numpy_generator"]
+        np.random.set_state(payload["rng"]["numpy_global"])
+        random.setstate(payload["rng"]["python"])
+        torch.set_rng_state(payload["rng"]["torch"])
+        if payload["rng"]["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(payload["rng"]["cuda"])
+        log.info("resumed from %s (epoch %d)", path, payload["epoch"])
+        return payload
+
+    # -- loop ------------------------------------------------------------------------------
+    def fit(self, train: CSR, val_history: CSR, val_truth: CSR, item_genres: Sequence[Sequence[int]], resume: bool = False) -> FitResult:
+        rng = seed_everything(self.cfg.seed)
+        start, best, best_epoch, bad, best_state, history = 1, -1.0, 0, 0, None, []
+        if resume and (path := self.latest_checkpoint()) is not None:
+            payload = self._restore(path, rng)
+            start, best, best_epoch, bad = payload["epoch"] + 1, payload["best_metric"], payload["best_epoch"], payload["bad_epochs"]
+            best_state, history = payload["best_state"], payload["history"]
+        elif resume:
+            log.warning("--resume: no checkpoint in %s, starting from scratch", self.ckpt_dir)
+
+        epoch = start - 1
+        for epoch in range(start, self.cfg.epochs + 1):
+            if bad >= self.cfg.patience:
+                break  # resumed from a run that had already stopped early
+            self.model.train()
+            n_batches = -(-int((np.diff(train[0]) > 0).sum()) // self.cfg.batch_size)
+            batches = epoch_batches(self.model.spec, train, self.cfg.batch_size, self.history_dropout, self.user_id_dropout, rng, self.device)
+            total, count = 0.0, 0
+            bar = tqdm(batches, total=n_batches, desc=f"epoch {epoch}/{self.cfg.epochs}", disable=not self.cfg.progress, leave=False)
+            for batch in bar:
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+                    loss = self.task.loss(self.model, batch, item_genres)
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                self.optimizer.step()
+                total, count = total + loss.item(), count + 1
+                bar.set_postfix(loss=f"{total / count:.4f}")
+            metrics = {"train/loss": total / max(count, 1)}
+            metrics.update({f"val/{k}": v for k, v in self.task.metrics(self.model, val_history, val_truth, item_genres, self.device).items()})
+            history.append({"epoch": epoch, **metrics})
+            if metrics[self.monitor] > best:
+                best, best_epoch, bad = metrics[self.monitor], epoch, 0
+                best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+            else:
+                bad += 1
+            log.info("epoch %d %s", epoch, " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+            self.on_epoch(epoch, metrics)
+            self._save(epoch, rng, {"best_metric": best, "best_epoch": best_epoch, "bad_epochs": bad, "best_state": best_state, "history": history, "spec": asdict(self.model.spec)})
+            if bad >= self.cfg.patience:
+                log.info("early stop at epoch %d: no %s gain for %d epochs", epoch, self.monitor, bad)
+                break
+
+        if best_state is not None:
+            self.model.load_state_dict(best_state)
+        return FitResult(best_epoch=best_epoch, best_metric=best, epochs_run=epoch, history=history)
