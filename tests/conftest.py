@@ -1,0 +1,46 @@
+"""Shared fixtures: one real end-to-end training run (synthetic data, real MLflow sqlite
+store, real SQLite feature store, real ONNX export) reused by the training and serving tests."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_overrides(root: Path) -> list[str]:
+    """Overrides that point every output of a run into `root`."""
+    return [
+        f"tracking.tracking_uri=sqlite:///{root}/mlflow.db",
+        f"export.output_dir={root}/artifacts",
+        f"store.url=sqlite:///{root}/features.db",
+        f"trainer.checkpoint_dir={root}/checkpoints",
+        "trainer.progress=false",
+    ]
+
+
+@dataclass
+class TrainedRun:
+    root: Path
+    cfg: object  # training.config.TrainConfig
+    result: object  # training.pipeline.RunResult
+
+    @property
+    def tracking_uri(self) -> str:
+        return f"sqlite:///{self.root}/mlflow.db"
+
+    @property
+    def store_url(self) -> str:
+        return f"sqlite:///{self.root}/features.db"
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory) -> TrainedRun:
+    from training.config import load_config
+    from training.pipeline import train
+
+    root = tmp_path_factory.mktemp("run")
+    cfg = load_config(REPO / "configs" / "two_tower.yaml", tiny_overrides(root) + ["trainer.epochs=30"])
+    return TrainedRun(root, cfg, train(cfg))
