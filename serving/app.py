@@ -1,9 +1,10 @@
 """Ray Serve application: a FastAPI ingress over one `Recommender` per replica.
 
+(No `from __future__ import annotations` here: FastAPI must see the real request types.)
+
 Run with `trustrec serve --config configs/serve.yaml` or `serve run configs/serve.yaml`
 (import path `serving.app:build_app`). Binds 127.0.0.1 unless the config says otherwise.
 """
-from __future__ import annotations
 
 import logging
 
@@ -73,7 +74,14 @@ class RecommenderService:
         return {"status": "ok", "model_version": r.model_version, "provider": r.provider, "n_items": len(r.items)}
 
 
-def build_app(args: dict | None = None) -> serve.Application:
-    """Application builder for `serve run` / `serve.run` (validates args before any replica starts)."""
+def make_app(args: dict | None = None, deployment_options: dict | None = None) -> serve.Application:
+    """The bound application; validates args before any replica starts."""
     cfg = AppArgs.model_validate(args or {})
-    return RecommenderService.bind(cfg.model_dump())
+    deployment = RecommenderService.options(**deployment_options) if deployment_options else RecommenderService
+    return deployment.bind(cfg.model_dump())
+
+
+def build_app(args: dict) -> serve.Application:
+    """Builder for `serve run` (exactly one dict parameter, as Serve requires; Serve applies the
+    YAML's `deployments` section itself)."""
+    return make_app(args)

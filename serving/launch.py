@@ -31,9 +31,9 @@ def start(config_path: str | Path, model_uri: str | None = None, port: int | Non
     import ray
     from ray import serve
 
-    from serving.app import build_app
+    from serving.app import make_app
 
-    http, args, _ = load_serve_config(config_path)
+    http, args, entry = load_serve_config(config_path)
     if model_uri:
         args = args.model_copy(update={"model_uri": model_uri})
     args = absolute_urls(args)
@@ -41,7 +41,9 @@ def start(config_path: str | Path, model_uri: str | None = None, port: int | Non
     if not ray.is_initialized():
         ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=False, configure_logging=False)
     serve.start(http_options={"host": http.host, "port": port})
-    serve.run(build_app(args.model_dump()), name=APP_NAME, route_prefix="/", blocking=False)
+    options = next((dict(d) for d in entry.get("deployments") or [] if d.get("name") == "Recommender"), {})
+    options.pop("name", None)
+    serve.run(make_app(args.model_dump(), options), name=APP_NAME, route_prefix=entry.get("route_prefix", "/"), blocking=False)
     url = f"http://{http.host}:{port}"
     _wait_healthy(url)
     return url

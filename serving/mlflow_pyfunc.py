@@ -1,6 +1,6 @@
 """MLflow pyfunc entry point for a trustrec artifact bundle (logged as models-from-code).
 
-`mlflow.pyfunc.load_model("models:/trustrec@champion").predict({"user_id": [...], "k": 10})`
+`mlflow.pyfunc.load_model("models:/trustrec@champion").predict({"user_id": ["u1", "u2"], "k": [10, 5]})`
 returns recommendations without Ray. The bundle itself (ONNX + item matrix + manifest) is
 the model's `bundle` artifact; `serving.recommender` reads it directly too.
 """
@@ -19,8 +19,10 @@ class TrustrecPyfunc(PythonModel):
     def predict(self, context, model_input, params=None):
         if hasattr(model_input, "to_dict"):  # pandas DataFrame
             model_input = model_input.to_dict(orient="list")
-        k = int((params or {}).get("k", 10))
-        return [self.recommender.recommend(str(user), k=k) for user in model_input["user_id"]]
+        users = list(model_input["user_id"])
+        ks = model_input.get("k", [10] * len(users))  # a column, like user_id (no signature needed)
+        ks = [ks] * len(users) if isinstance(ks, int) else list(ks)
+        return [self.recommender.recommend(str(user), k=int(k)) for user, k in zip(users, ks)]
 
 
 mlflow.models.set_model(TrustrecPyfunc())

@@ -153,7 +153,7 @@ def write_artifacts(
                 "item_vocab": ITEM_VOCAB_FILE,
             },
             "popularity": popularity,
-            "metrics": metrics,
+            "metrics": dict(metrics),  # a snapshot: callers may keep adding to theirs
             "parity": checks,
             "provenance": {**provenance, "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
         }

@@ -20,7 +20,7 @@ from training.export import write_artifacts
 from training.model import TowerSpec, TwoTower
 from training.task import RetrievalTask
 from training.tracking import Tracker, git_sha
-from training.trainer import FitResult, Trainer, pick_device
+from training.trainer import FitResult, Trainer, pick_device, seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +99,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> RunResult:
     tags = {"model": cfg.model.kind, "dataset": ds.name, "split": cfg.split.protocol, "git_sha": git_sha(), "device": device.type}
     tracker.start(cfg.tracking.run_name, cfg.flat(), tags)
     try:
+        seed_everything(cfg.trainer.seed)  # the initial weights draw from torch's RNG: same seed, same run
         model = build_model(cfg, ds, device)
         task = RetrievalTask(cfg.task, item_counts(data.train, ds.n_items))
         trainer = Trainer(model, task, cfg.trainer, cfg.task.history_dropout, cfg.model.user_id_dropout, device, on_epoch=lambda e, m: tracker.log_metrics(m, step=e))

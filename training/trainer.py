@@ -113,7 +113,8 @@ class Trainer:
         epoch = start - 1
         for epoch in range(start, self.cfg.epochs + 1):
             if bad >= self.cfg.patience:
-                break  # resumed from a run that had already stopped early
+                epoch = start - 1  # resumed from a run that had already stopped early: nothing ran now
+                break
             self.model.train()
             n_batches = -(-int((np.diff(train[0]) > 0).sum()) // self.cfg.batch_size)
             batches = epoch_batches(self.model.spec, train, self.cfg.batch_size, self.history_dropout, self.user_id_dropout, rng, self.device)

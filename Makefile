@@ -1,0 +1,46 @@
+# trustrec — `make demo` and `make test` are all a new user needs.
+PYTHON ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# torch 2.13.0+cpu is not on PyPI: take it from a local wheel dir when one is configured
+# (PIP_FIND_LINKS), else from PyTorch's CPU index. Override e.g. TORCH_INDEX= to skip it.
+TORCH_INDEX ?= $(if $(PIP_FIND_LINKS),,https://download.pytorch.org/whl/cpu)
+PIP_TORCH := $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX),)
+MLFLOW_PORT ?= 5000
+
+.PHONY: setup demo test test-fast bench mlflow-ui serve clean
+
+# The stamp is the venv's "done" marker: a half-finished install is redone, a finished one reused.
+$(VENV)/.installed: requirements/cpu.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# step 1: the pinned CPU stack (everything but torchrec)
+	$(PIP) install -q $(PIP_TORCH) -r requirements/cpu.txt
+	# step 2: torchrec without its deps (its metadata demands the CUDA fbgemm-gpu), then trustrec itself
+	$(PIP) install -q --no-deps torchrec==1.8.0
+	$(PIP) install -q --no-deps -e .
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(VENV)/bin/trustrec demo
+
+test: setup
+	$(PY) -m pytest
+
+test-fast: setup
+	$(PY) -m pytest -m "not ray"
+
+bench: setup
+	$(PY) benchmarks/quality.py
+
+serve: setup
+	$(VENV)/bin/trustrec serve --config configs/serve.yaml
+
+mlflow-ui: setup
+	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port $(MLFLOW_PORT)
+
+clean:
+	rm -rf runs artifacts data mlflow.db mlartifacts .pytest_cache

@@ -1,0 +1,93 @@
+"""In-process Recommender over the real exported bundle, real ONNX Runtime and real SQLite store."""
+import numpy as np
+import pytest
+
+from features.store import FeatureStore
+from serving.recommender import Recommender
+
+
+@pytest.fixture(scope="module")
+def store(trained_run):
+    s = FeatureStore(trained_run.store_url)
+    yield s
+    s.close()
+
+
+@pytest.fixture(scope="module")
+def rec(trained_run, store):
+    return Recommender.from_dir(trained_run.result.artifact_dir, store=store)
+
+
+def test_known_user_gets_personalized_scores_that_match_the_bundle(rec, store):
+    answer = rec.recommend("u1", k=10)
+    assert answer["personalized"] is True and answer["provider"] == "CPUExecutionProvider"
+    scores = [it["score"] for it in answer["items"]]
+    assert len(scores) == 10 and scores == sorted(scores, reverse=True)
+    # the same scores computed by hand: ONNX user vector . item matrix, history excluded
+    history = rec.item_vocab.encode(store.user_history("u1"))
+    user_vec = rec.user_vectors([history], [rec.user_oov])[0]
+    manual = rec.item_vectors @ user_vec
+    manual[history] = -np.inf
+    expected = rec.item_vocab.decode(np.argsort(-manual, kind="stable")[:10])
+    assert [it["item_id"] for it in answer["items"]] == expected
+    np.testing.assert_allclose(scores, np.sort(manual)[::-1][:10], atol=1e-5)
+
+
+def test_seen_items_are_excluded_unless_asked(rec, store):
+    seen = set(store.user_history("u2"))
+    assert seen
+    assert not seen & {it["item_id"] for it in rec.recommend("u2", k=50)["items"]}
+    assert seen & {it["item_id"] for it in rec.recommend("u2", k=50, exclude_seen=False)["items"]}
+
+
+def test_unknown_user_gets_flagged_popularity_fallback(rec, trained_run):
+    answer = rec.recommend("nobody-we-know", k=5)
+    assert answer["personalized"] is False
+    assert [it["item_id"] for it in answer["items"]] == rec.manifest["popularity"][:5]
+    assert all(it["title"] for it in answer["items"])
+
+
+def test_items_carry_titles_from_the_bundle(rec):
+    titles = {it["item_id"]: it["title"] for it in rec.items}
+    for item in rec.recommend("u3", k=5)["items"]:
+        assert item["title"] == titles[item["item_id"]]
+
+
+def test_batch_equals_single_requests(rec):
+    users = ["u1", "u7", "stranger", "u9"]
+    batched, single = rec.recommend_many(users, k=4), [rec.recommend(u, k=4) for u in users]
+    for b, s in zip(batched, single):
+        assert b["personalized"] == s["personalized"]
+        assert [it["item_id"] for it in b["items"]] == [it["item_id"] for it in s["items"]]
+        np.testing.assert_allclose([it["score"] for it in b["items"]], [it["score"] for it in s["items"]], atol=1e-5)
+    assert [b["personalized"] for b in batched] == [True, True, False, True]
+
+
+def test_loads_champion_from_mlflow_registry(trained_run, store):
+    rec = Recommender.from_uri("models:/trustrec@champion", store=store, tracking_uri=trained_run.tracking_uri)
+    assert rec.model_version == trained_run.result.model_version
+    local = Recommender.from_dir(trained_run.result.artifact_dir, store=store)
+    assert rec.recommend("u5", k=10)["items"] == local.recommend("u5", k=10)["items"]
+
+
+def test_pyfunc_model_predicts(trained_run):
+    import mlflow
+
+    mlflow.set_tracking_uri(trained_run.tracking_uri)
+    model = mlflow.pyfunc.load_model("models:/trustrec@champion")
+    out = model.predict({"user_id": ["u1", "new-user"], "k": [3, 3]})
+    assert [len(o["items"]) for o in out] == [3, 3]
+    assert out[1]["personalized"] is False  # no store attached in the pyfunc: history-less users fall back
+
+
+def test_unsupported_manifest_schema_is_refused(trained_run, tmp_path):
+    import json
+    import shutil
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(trained_run.result.artifact_dir, bundle)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["schema_version"] = 99
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="schema_version 99"):
+        Recommender.from_dir(bundle)

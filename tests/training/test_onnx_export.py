@@ -1,0 +1,213 @@
+"""Export: TorchRec user tower == plain-torch tower == ONNX Runtime; atomic artifact bundle."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from features.config import SyntheticConfig
+from features.splits import user_items_csr
+from features.synthetic import generate
+from features.vocab import Vocab
+from training import export
+from training.data import user_features
+from training.export import PlainUserTower, export_onnx, flat_inputs, parity, write_artifacts
+from training.model import TowerSpec, TwoTower
+
+CPU = torch.device("cpu")
+N_USERS, N_ITEMS = 50, 30
+
+
+def random_history(seed: int = 0):
+    """CSR with 0..6 distinct items per user; users 0, 7 and 8 have no history."""
+    rng = np.random.default_rng(seed)
+    rows = [np.sort(rng.choice(N_ITEMS, size=rng.integers(0, 7), replace=False)) for _ in range(N_USERS)]
+    rows[0] = rows[7] = rows[8] = np.zeros(0, np.int64)
+    indptr = np.cumsum([0] + [len(r) for r in rows]).astype(np.int64)
+    return indptr, np.concatenate(rows).astype(np.int64)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    spec = TowerSpec(n_users=N_USERS, n_items=N_ITEMS, n_genres=4, embedding_dim=8, hidden_dim=16, output_dim=8, use_user_id=True)
+    torch.manual_seed(0)
+    model = TwoTower(spec).eval()
+    with torch.no_grad():  # move the weights off their init so every table contributes visibly
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    history = random_history()
+    tower = PlainUserTower(model).eval()
+    path = tmp_path_factory.mktemp("onnx") / "user_tower.onnx"
+    export_onnx(tower, path, flat_inputs(spec, np.arange(1, 17), history))  # example batch of 16 users with history
+    return model, tower, path, history
+
+
+def three_ways(model, tower, path, users, history, user_index=None):
+    with torch.no_grad():
+        ref = model.user_arch(user_features(model.spec, users, history, CPU, user_index)).numpy()
+        feed = flat_inputs(model.spec, users, history, user_index)
+        plain = tower(*(torch.from_numpy(feed[k]) for k in ("history", "offsets", "user"))).numpy()
+    onnx = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feed)[0]
+    return ref, plain, onnx
+
+
+@pytest.mark.parametrize(
+    "users",
+    [np.array([3]), np.array([0]), np.array([0, 7, 8]), np.random.default_rng(1).choice(N_USERS, 37, replace=False), np.arange(N_USERS)],
+    ids=["batch1", "batch1-empty", "all-empty", "batch37", "everyone"],
+)
+def test_torchrec_plain_onnx_parity(exported, users):
+    model, tower, path, history = exported
+    ref, plain, onnx = three_ways(model, tower, path, users, history)
+    assert ref.shape == plain.shape == onnx.shape == (len(users), model.spec.output_dim)
+    assert np.abs(ref - plain).max() <= 1e-5
+    assert np.abs(ref - onnx).max() <= 1e-5
+    np.testing.assert_allclose(np.linalg.norm(onnx, axis=1), 1.0, atol=1e-5)
+
+
+def test_parity_covers_the_oov_user_row(exported):
+    model, tower, path, history = exported
+    users = np.arange(5, 42)  # 37 users
+    oov = np.full(len(users), model.spec.user_oov_index)
+    ref, plain, onnx = three_ways(model, tower, path, users, history, user_index=oov)
+    assert np.abs(ref - onnx).max() <= 1e-5 and np.abs(ref - plain).max() <= 1e-5
+    known = three_ways(model, tower, path, users, history)[2]
+    assert np.abs(known - onnx).max() > 1e-3  # the user row really feeds the exported tower
+
+
+def test_onnx_inputs_have_dynamic_axes(exported):
+    _, _, path, _ = exported
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    inputs = {i.name: i for i in session.get_inputs()}
+    assert list(inputs) == ["history", "offsets", "user"]
+    assert all(i.type == "tensor(int64)" for i in inputs.values())
+    assert all(isinstance(i.shape[0], str) for i in inputs.values())  # symbolic, not the example's 16
+    assert inputs["offsets"].shape[0] == inputs["user"].shape[0]
+    assert [o.name for o in session.get_outputs()] == ["user_embedding"]
+
+
+def test_parity_function_reports_both_differences(exported):
+    model, tower, path, history = exported
+    checks = parity(model, tower, path, np.arange(N_USERS), history)
+    assert set(checks) == {"parity/torchrec_vs_plain", "parity/torchrec_vs_onnx"}
+    assert all(0.0 <= v <= 1e-5 for v in checks.values())
+    # a tower with different weights is caught
+    other = PlainUserTower(model)
+    with torch.no_grad():
+        other.mlp[0].bias.add_(1.0)
+    assert parity(model, other, path, np.arange(N_USERS), history)["parity/torchrec_vs_plain"] > 1e-3
+
+
+def test_flat_inputs_layout():
+    spec = TowerSpec(n_users=3, n_items=10, n_genres=1)
+    history = (np.array([0, 2, 2, 5]), np.array([4, 9, 1, 2, 3]))
+    feed = flat_inputs(spec, np.array([2, 1, 0]), history)
+    assert feed["history"].tolist() == [1, 2, 3, 4, 9]
+    assert feed["offsets"].tolist() == [0, 3, 3]  # user 1 is empty: its slice is [3, 3)
+    assert feed["user"].tolist() == [2, 1, 0]
+    assert all(v.dtype == np.int64 for v in feed.values())
+
+
+# -- artifact bundle ---------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def bundle_inputs():
+    ds = generate(SyntheticConfig(n_users=40, n_items=30, n_genres=4, mean_interactions_per_user=8, seed=4))
+    spec = TowerSpec(n_users=ds.n_users, n_items=ds.n_items, n_genres=4, embedding_dim=8, hidden_dim=16, output_dim=8, use_user_id=False)
+    torch.manual_seed(1)
+    model = TwoTower(spec).eval()
+    history = user_items_csr(ds.interactions, ds.n_users, ds.n_items)
+    item_vec = np.random.default_rng(0).normal(size=(ds.n_items, 8)).astype(np.float32)
+    return model, item_vec, ds, history
+
+
+def write(bundle_inputs, out_dir, **kw):
+    model, item_vec, ds, history = bundle_inputs
+    return write_artifacts(model, item_vec, ds, history, out_dir, {"test/ndcg@10": 0.5}, {"run_id": "r1"}, ["i3", "i1"], **kw)
+
+
+def leftovers(parent, name):
+    return [p.name for p in parent.iterdir() if p.name.startswith(f".{name}-")]
+
+
+def test_write_artifacts_bundle_and_manifest(bundle_inputs, tmp_path):
+    model, item_vec, ds, history = bundle_inputs
+    out = tmp_path / "models" / "bundle"  # parent does not exist yet
+    manifest = write(bundle_inputs, out)
+    on_disk = json.loads((out / "manifest.json").read_text())
+    assert on_disk["schema_version"] == export.SCHEMA_VERSION == 1
+    assert on_disk["files"] == manifest["files"]
+    for name in on_disk["files"].values():
+        assert (out / name).is_file(), name
+    assert sorted(p.name for p in out.iterdir()) == sorted([*on_disk["files"].values(), "manifest.json"])
+    assert leftovers(out.parent, "bundle") == []
+    assert len(Vocab.load(out / on_disk["files"]["user_vocab"])) == ds.n_users == 40
+    assert len(Vocab.load(out / on_disk["files"]["item_vocab"])) == ds.n_items == 30
+    np.testing.assert_array_equal(np.load(out / on_disk["files"]["item_embeddings"]), item_vec)
+    items = json.loads((out / on_disk["files"]["items"]).read_text())
+    assert len(items) == 30 and items[0]["item_id"] == "i1" and items[0]["title"] == ds.items.title[0]
+    assert on_disk["popularity"] == ["i3", "i1"]
+    assert on_disk["model"]["spec"] == asdict(model.spec)
+    assert on_disk["user_oov_index"] == 40
+    assert on_disk["output"]["shape"] == ["batch", 8]
+    assert on_disk["metrics"] == {"test/ndcg@10": 0.5}
+    assert on_disk["provenance"]["run_id"] == "r1" and "exported_at" in on_disk["provenance"]
+    assert set(on_disk["parity"]) == {"parity/torchrec_vs_plain", "parity/torchrec_vs_onnx"}
+    assert max(on_disk["parity"].values()) <= 1e-5
+    # the exported tower has no user-id table but still takes the `user` input serving sends
+    feed = flat_inputs(model.spec, np.array([0]), history)
+    out_vec = ort.InferenceSession(str(out / "user_tower.onnx"), providers=["CPUExecutionProvider"]).run(None, feed)[0]
+    assert out_vec.shape == (1, 8)
+
+
+def test_returned_manifest_is_what_was_written(bundle_inputs, tmp_path):
+    model, item_vec, ds, history = bundle_inputs
+    metrics = {"test/ndcg@10": 0.5}
+    manifest = write_artifacts(model, item_vec, ds, history, tmp_path / "b", metrics, {}, [])
+    metrics["later"] = 1.0  # the caller keeps using its dict (the pipeline adds the parity numbers)
+    assert manifest == json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert manifest["metrics"] == {"test/ndcg@10": 0.5}
+
+
+def test_write_artifacts_is_atomic_on_parity_failure(bundle_inputs, tmp_path, monkeypatch):
+    out = tmp_path / "bundle"
+    real_parity = export.parity
+
+    def broken_parity(*args, **kwargs):
+        checks = real_parity(*args, **kwargs)
+        return {**checks, "parity/torchrec_vs_onnx": 0.5}  # as if ONNX disagreed
+
+    # 1) no previous bundle: nothing is created, no temp dir survives
+    monkeypatch.setattr(export, "parity", broken_parity)
+    with pytest.raises(RuntimeError, match="parity check failed"):
+        write(bundle_inputs, out)
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) == []
+
+    # 2) a previous bundle survives a failed export byte for byte
+    monkeypatch.setattr(export, "parity", real_parity)
+    write(bundle_inputs, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    monkeypatch.setattr(export, "parity", broken_parity)
+    with pytest.raises(RuntimeError, match="parity check failed"):
+        write(bundle_inputs, out)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["bundle"]
+
+
+def test_write_artifacts_tolerance_is_enforced(bundle_inputs, tmp_path, monkeypatch):
+    # real parity numbers, impossible tolerance: any nonzero ONNX difference fails
+    monkeypatch.setattr(export, "parity", lambda *a, **k: {"parity/torchrec_vs_plain": 0.0, "parity/torchrec_vs_onnx": 3e-7})
+    (tmp_path / "bundle").mkdir()
+    (tmp_path / "bundle" / "old.txt").write_text("previous")
+    with pytest.raises(RuntimeError, match="3e-07 > 1e-07"):
+        write(bundle_inputs, tmp_path / "bundle", parity_atol=1e-7)
+    assert [p.name for p in (tmp_path / "bundle").iterdir()] == ["old.txt"]
+    assert leftovers(tmp_path, "bundle") == []
+    # within tolerance: the old contents are replaced as a whole
+    write(bundle_inputs, tmp_path / "bundle", parity_atol=1e-6)
+    assert not (tmp_path / "bundle" / "old.txt").exists() and (tmp_path / "bundle" / "manifest.json").exists()
+    assert leftovers(tmp_path, "bundle") == []

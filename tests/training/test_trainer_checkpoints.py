@@ -1,0 +1,151 @@
+"""Trainer: device choice, a checkpoint per epoch, exact resume (RNG restore), early stopping."""
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict
+
+import numpy as np
+import pytest
+import torch
+
+from training.config import TrainerConfig, load_config
+from training.pipeline import build_model, item_counts, prepare
+from training.task import RetrievalTask
+from training.trainer import Trainer, pick_device
+
+CPU = torch.device("cpu")
+DATA = ["data.synthetic.n_users=80", "data.synthetic.n_items=60", "data.synthetic.n_genres=4", "data.synthetic.mean_interactions_per_user=10"]
+MODEL = ["model.embedding_dim=16", "model.hidden_dim=24", "model.output_dim=16", "model.use_user_id=true", "model.user_id_dropout=0.2"]
+
+
+@pytest.fixture(scope="module")
+def prepared():
+    cfg = load_config(None, DATA + MODEL)
+    return cfg, prepare(cfg)
+
+
+def make_trainer(prepared, ckpt_dir, init_seed=0, loss="full_softmax", on_epoch=None, **trainer):
+    cfg, data = prepared
+    torch.manual_seed(init_seed)
+    model = build_model(cfg, data.dataset, CPU)
+    task = RetrievalTask(cfg.task.model_copy(update={"loss": loss}), item_counts(data.train, data.dataset.n_items))
+    tcfg = TrainerConfig(**{"batch_size": 32, "lr": 0.01, "seed": 3, "patience": 50, "progress": False, "checkpoint_dir": str(ckpt_dir), **trainer})
+    return Trainer(model, task, tcfg, cfg.task.history_dropout, cfg.model.user_id_dropout, CPU, on_epoch=on_epoch)
+
+
+def fit(trainer, prepared, resume=False):
+    _, data = prepared
+    return trainer.fit(data.train, data.train, data.val, data.dataset.items.genres, resume=resume)
+
+
+def assert_same_state(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+# -- device ------------------------------------------------------------------------------------
+def test_pick_device_without_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert pick_device("auto") == torch.device("cpu")
+    assert pick_device("cpu") == torch.device("cpu")
+    with pytest.raises(RuntimeError, match="trainer.device=cuda"):
+        pick_device("cuda")
+
+
+def test_pick_device_prefers_cuda_when_present(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # stands in for a GPU
+    assert pick_device("auto") == torch.device("cuda")
+    assert pick_device("cuda") == torch.device("cuda")
+    assert pick_device("cpu") == torch.device("cpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="host has CUDA")
+def test_pick_device_real_host_is_cpu():
+    assert pick_device("auto").type == "cpu"
+    with pytest.raises(RuntimeError):
+        pick_device("cuda")
+
+
+# -- checkpoints ---------------------------------------------------------------------------------
+def test_checkpoint_per_epoch_with_model_optimizer_rng(prepared, tmp_path):
+    seen = []
+    trainer = make_trainer(prepared, tmp_path / "ck", epochs=3, on_epoch=lambda e, m: seen.append((e, dict(m))))
+    result = fit(trainer, prepared)
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["epoch-001.pt", "epoch-002.pt", "epoch-003.pt"]  # no temp files
+    assert trainer.latest_checkpoint().name == "epoch-003.pt"
+    assert [e for e, _ in seen] == [1, 2, 3]
+    assert {"train/loss", "val/ndcg@10", "val/recall@10"} <= set(seen[0][1])
+    assert result.epochs_run == 3 and len(result.history) == 3
+
+    for epoch in (1, 3):
+        payload = torch.load(tmp_path / "ck" / f"epoch-{epoch:03d}.pt", weights_only=False)
+        assert {"epoch", "model", "optimizer", "rng", "best_metric", "best_epoch", "bad_epochs", "best_state", "history", "spec"} <= set(payload)
+        assert payload["epoch"] == epoch
+        assert set(payload["rng"]) == {"numpy_generator", "numpy_global", "python", "torch", "cuda"}
+        assert payload["optimizer"]["param_groups"][0]["lr"] == 0.01
+        assert len(payload["optimizer"]["state"]) == len(list(trainer.model.parameters()))  # Adam moments for every tensor
+        assert [h["epoch"] for h in payload["history"]] == list(range(1, epoch + 1))
+        assert payload["spec"] == asdict(trainer.model.spec)
+        assert set(payload["model"]) == set(trainer.model.state_dict())
+
+    # the trainer ends on the best weights, which the last checkpoint also carries
+    last = torch.load(tmp_path / "ck" / "epoch-003.pt", weights_only=False)
+    ndcg = [h["val/ndcg@10"] for h in result.history]
+    assert result.best_metric == max(ndcg) == last["best_metric"]
+    assert result.best_epoch == 1 + int(np.argmax(ndcg)) == last["best_epoch"]
+    assert_same_state(trainer.model.state_dict(), last["best_state"])
+    # ... while payload["model"] is the last epoch's weights (training moved them)
+    assert any(not torch.equal(last["model"][k], last["best_state"][k]) for k in last["model"]) or result.best_epoch == 3
+    first = torch.load(tmp_path / "ck" / "epoch-001.pt", weights_only=False)
+    assert any(not torch.equal(first["model"][k], last["model"][k]) for k in first["model"])
+
+
+@pytest.mark.parametrize("loss", ["full_softmax", "sampled_softmax"])
+def test_resume_reproduces_an_uninterrupted_run(prepared, tmp_path, loss):
+    """4 epochs in one go == 2 epochs, then a fresh Trainer resumed to 4: same weights, same history.
+
+    Only holds if the checkpoint restores the numpy Generator (masks, id dropout) and the numpy
+    global RNG (sampled positives) as well as model and Adam state: fit() reseeds at its start."""
+    straight = make_trainer(prepared, tmp_path / "a", epochs=4, loss=loss)
+    a = fit(straight, prepared)
+
+    fit(make_trainer(prepared, tmp_path / "b", epochs=2, loss=loss), prepared)
+    assert sorted(p.name for p in (tmp_path / "b").iterdir())[-1] == "epoch-002.pt"
+    resumed = make_trainer(prepared, tmp_path / "b", epochs=4, loss=loss, init_seed=123)  # other init: must be overwritten
+    b = fit(resumed, prepared, resume=True)
+
+    assert b.history == a.history
+    assert (b.best_epoch, b.best_metric, b.epochs_run) == (a.best_epoch, a.best_metric, a.epochs_run) == (a.best_epoch, a.best_metric, 4)
+    assert_same_state(resumed.model.state_dict(), straight.model.state_dict())
+    ca = torch.load(tmp_path / "a" / "epoch-004.pt", weights_only=False)
+    cb = torch.load(tmp_path / "b" / "epoch-004.pt", weights_only=False)
+    assert_same_state(cb["model"], ca["model"])
+    for key, state in ca["optimizer"]["state"].items():
+        assert_same_state(cb["optimizer"]["state"][key], state)
+
+
+def test_resume_without_checkpoint_starts_from_scratch(prepared, tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="training.trainer"):
+        result = fit(make_trainer(prepared, tmp_path / "empty", epochs=1), prepared, resume=True)
+    assert "no checkpoint" in caplog.text
+    assert result.epochs_run == 1 and [h["epoch"] for h in result.history] == [1]
+
+
+# -- early stopping ---------------------------------------------------------------------------------
+def test_early_stopping_when_validation_cannot_improve(prepared, tmp_path):
+    # lr = 1e-12: the weights do not move, so val NDCG stays at its epoch-1 value.
+    # epoch 1 improves on -1 (best, bad = 0); epochs 2 and 3 tie (bad = 1, 2); patience 2 -> stop after 3
+    trainer = make_trainer(prepared, tmp_path / "es", epochs=10, lr=1e-12, patience=2)
+    result = fit(trainer, prepared)
+    assert result.epochs_run == 3 < 10
+    assert result.best_epoch == 1
+    assert len(result.history) == 3
+    assert len({h["val/ndcg@10"] for h in result.history}) == 1
+    assert sorted(p.name for p in (tmp_path / "es").iterdir()) == ["epoch-001.pt", "epoch-002.pt", "epoch-003.pt"]
+    assert torch.load(tmp_path / "es" / "epoch-003.pt", weights_only=False)["bad_epochs"] == 2
+
+    # resuming a run that already stopped trains nothing more and reports the same epochs
+    again = fit(make_trainer(prepared, tmp_path / "es", epochs=10, lr=1e-12, patience=2), prepared, resume=True)
+    assert again.epochs_run == 3 and again.best_epoch == 1 and again.history == result.history
+    assert trainer.latest_checkpoint().name == "epoch-003.pt"
