@@ -14,6 +14,7 @@ import logging
 import shutil
 import tempfile
 import time
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -69,19 +70,24 @@ def flat_inputs(spec: TowerSpec, users: np.ndarray, history: CSR, user_index: np
 
 
 def export_onnx(tower: PlainUserTower, path: Path, example: dict[str, np.ndarray]) -> None:
+    # the exporter narrates every pass at WARNING; keep the console for what matters
+    for name in ("onnxscript", "onnx_ir", "torch.onnx"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     batch, n_history = torch.export.Dim("batch", min=1), torch.export.Dim("n_history", min=0)
     args = tuple(torch.from_numpy(example[k]) for k in ("history", "offsets", "user"))
-    torch.onnx.export(
-        tower.eval(),
-        args,
-        str(path),
-        dynamo=True,
-        input_names=["history", "offsets", "user"],
-        output_names=["user_embedding"],
-        dynamic_shapes={"history": {0: n_history}, "offsets": {0: batch}, "user": {0: batch}},
-        external_data=False,
-        verbose=False,
-    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            tower.eval(),
+            args,
+            str(path),
+            dynamo=True,
+            input_names=["history", "offsets", "user"],
+            output_names=["user_embedding"],
+            dynamic_shapes={"history": {0: n_history}, "offsets": {0: batch}, "user": {0: batch}},
+            external_data=False,
+            verbose=False,
+        )
 
 
 @torch.no_grad()

@@ -27,6 +27,15 @@ def mlflow_key(name: str) -> str:
     return name.replace("@", "_at_")
 
 
+def default_artifact_location(tracking_uri: str) -> str | None:
+    """For a sqlite store, keep artifacts beside the database (`<db dir>/mlartifacts`) instead of
+    MLflow's default `./mlruns` under whatever the current directory happens to be."""
+    prefix = "sqlite:///"
+    if not tracking_uri.startswith(prefix) or ":memory:" in tracking_uri:
+        return None
+    return (Path(tracking_uri[len(prefix) :]).resolve().parent / "mlartifacts").as_uri()
+
+
 class Tracker:
     """Thin wrapper so the pipeline reads the same with tracking on or off."""
 
@@ -38,6 +47,8 @@ class Tracker:
 
             self.mlflow = mlflow
             mlflow.set_tracking_uri(tracking_uri)
+            if mlflow.get_experiment_by_name(experiment) is None:
+                mlflow.create_experiment(experiment, artifact_location=default_artifact_location(tracking_uri))
             mlflow.set_experiment(experiment)
 
     def start(self, run_name: str | None, params: dict[str, Any], tags: dict[str, str]) -> None:
