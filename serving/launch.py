@@ -26,7 +26,7 @@ def absolute_urls(args: AppArgs) -> AppArgs:
     return args.model_copy(update={"tracking_uri": fix_sqlite(args.tracking_uri), "store_url": fix_sqlite(args.store_url), "model_uri": model_uri})
 
 
-def start(config_path: str | Path, model_uri: str | None = None, port: int | None = None, num_cpus: int | None = None) -> str:
+def start(config_path: str | Path, model_uri: str | None = None, port: int | None = None, num_cpus: int | None = None, host: str | None = None) -> str:
     """Start Ray (if needed) and the app; returns the base URL once /healthz answers."""
     import ray
     from ray import serve
@@ -37,14 +37,14 @@ def start(config_path: str | Path, model_uri: str | None = None, port: int | Non
     if model_uri:
         args = args.model_copy(update={"model_uri": model_uri})
     args = absolute_urls(args)
-    port = port or http.port
+    port, host = port or http.port, host or http.host
     if not ray.is_initialized():
         ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=False, configure_logging=False)
-    serve.start(http_options={"host": http.host, "port": port})
+    serve.start(http_options={"host": host, "port": port})
     options = next((dict(d) for d in entry.get("deployments") or [] if d.get("name") == "Recommender"), {})
     options.pop("name", None)
     serve.run(make_app(args.model_dump(), options), name=APP_NAME, route_prefix=entry.get("route_prefix", "/"), blocking=False)
-    url = f"http://{http.host}:{port}"
+    url = f"http://{'127.0.0.1' if host == '0.0.0.0' else host}:{port}"
     _wait_healthy(url)
     return url
 
@@ -73,8 +73,8 @@ def stop() -> None:
         ray.shutdown()
 
 
-def serve_forever(config_path: str | Path, model_uri: str | None = None, port: int | None = None) -> None:
-    url = start(config_path, model_uri, port)
+def serve_forever(config_path: str | Path, model_uri: str | None = None, port: int | None = None, host: str | None = None) -> None:
+    url = start(config_path, model_uri, port, host=host)
     print(f"trustrec serving on {url}  (OpenAPI: {url}/docs; Ctrl-C to stop)", flush=True)
     try:
         while True:

@@ -22,9 +22,11 @@ def _table(metrics: dict[str, float]) -> str:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from training.config import load_config
+
+    cfg = load_config(args.config, args.set)  # fail on a bad key before paying for the torch import
     from training.pipeline import train
 
-    result = train(load_config(args.config, args.set), resume=args.resume)
+    result = train(cfg, resume=args.resume)
     print(f"run {result.run_id}  model version {result.model_version}  artifacts {result.artifact_dir}")
     print(_table(result.metrics))
     return 0
@@ -66,7 +68,7 @@ def cmd_recommend(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from serving.launch import serve_forever
 
-    serve_forever(args.config, model_uri=args.model, port=args.port)
+    serve_forever(args.config, model_uri=args.model, port=args.port, host=args.host)
     return 0
 
 
@@ -108,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--model", help="override the model URI (artifact dir or models:/name@alias)")
         if name == "serve":
             sp.add_argument("--port", type=int, help="override http_options.port")
+            sp.add_argument("--host", help="override http_options.host (default 127.0.0.1; 0.0.0.0 only inside a container)")
         else:
             sp.add_argument("user_id", nargs="+")
             sp.add_argument("-k", type=int, default=10)

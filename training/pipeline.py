@@ -107,7 +107,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> RunResult:
 
         test = {f"test/{k}": v for k, v in task.metrics(model, data.seen, data.test, ds.items.genres, device).items()}
         baseline = {f"baseline/popularity/{k}": v for k, v in popularity_metrics(data, task.k).items()}
-        metrics = {**test, **baseline, "train/best_epoch": float(fit.best_epoch), "train/epochs_run": float(fit.epochs_run)}
+        metrics = {**test, **baseline, "train/best_epoch": float(fit.best_epoch), "train/epochs_run": float(fit.epochs_run), "train/seconds": fit.seconds}
         log.info("test %s", " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
 
         item_vec = task.item_embeddings(model, ds.items.genres, device).float().cpu().numpy()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -41,6 +42,7 @@ class FitResult:
     best_metric: float
     epochs_run: int
     history: list[dict[str, float]] = field(default_factory=list)
+    seconds: float = 0.0  # wall time of fit(), validation included
 
 
 class Trainer:
@@ -101,6 +103,7 @@ class Trainer:
 
     # -- loop ------------------------------------------------------------------------------
     def fit(self, train: CSR, val_history: CSR, val_truth: CSR, item_genres: Sequence[Sequence[int]], resume: bool = False) -> FitResult:
+        started = time.perf_counter()
         rng = seed_everything(self.cfg.seed)
         start, best, best_epoch, bad, best_state, history = 1, -1.0, 0, 0, None, []
         if resume and (path := self.latest_checkpoint()) is not None:
@@ -145,4 +148,4 @@ class Trainer:
 
         if best_state is not None:
             self.model.load_state_dict(best_state)
-        return FitResult(best_epoch=best_epoch, best_metric=best, epochs_run=epoch, history=history)
+        return FitResult(best_epoch, best, epoch, history, time.perf_counter() - started)
