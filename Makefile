@@ -3,10 +3,9 @@ PYTHON ?= python3.11
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-# torch 2.13.0+cpu is not on PyPI: take it from a local wheel dir when one is configured
-# (PIP_FIND_LINKS), else from PyTorch's CPU index. Override e.g. TORCH_INDEX= to skip it.
-TORCH_INDEX ?= $(if $(PIP_FIND_LINKS),,https://download.pytorch.org/whl/cpu)
-PIP_TORCH := $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX),)
+# torch 2.13.0+cpu is not on PyPI: it comes from a local wheel dir when pip is configured with one
+# (find-links), else from PyTorch's CPU index (probed at install time, see below).
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 MLFLOW_PORT ?= 5000
 
 .PHONY: setup demo test test-fast bench mlflow-ui serve clean
@@ -14,9 +13,11 @@ MLFLOW_PORT ?= 5000
 # The stamp is the venv's "done" marker: a half-finished install is redone, a finished one reused.
 $(VENV)/.installed: requirements/cpu.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
-	# step 1: the pinned CPU stack (everything but torchrec)
-	$(PIP) install -q $(PIP_TORCH) -r requirements/cpu.txt
+	# step 1: the pinned CPU stack (everything but torchrec); PyTorch's CPU index only when no
+	# local wheel dir already offers torch 2.13.0+cpu
+	if $(PIP) install -q --dry-run --no-deps --no-index torch==2.13.0+cpu >/dev/null 2>&1; then extra=""; \
+	else extra="--extra-index-url $(TORCH_INDEX)"; fi; \
+	$(PIP) install -q $$extra -r requirements/cpu.txt
 	# step 2: torchrec without its deps (its metadata demands the CUDA fbgemm-gpu), then trustrec itself
 	$(PIP) install -q --no-deps torchrec==1.8.0
 	$(PIP) install -q --no-deps -e .
