@@ -45,40 +45,39 @@ def _table(name: str, rows: int, dim: int, feature: str, pooling: PoolingType) -
     return EmbeddingBagConfig(name=name, embedding_dim=dim, num_embeddings=rows, feature_names=[feature], pooling=pooling)
 
 
-class UserArch(nn.Module):
+class PooledArch(nn.Module):
+    """EmbeddingBagCollection -> concatenated pooled features -> MLP -> unit vector."""
+
+    def __init__(self, tables: list[EmbeddingBagConfig], spec: TowerSpec, device: torch.device | None):
+        super().__init__()
+        self.feature_names = [t.feature_names[0] for t in tables]
+        self.ebc = EmbeddingBagCollection(tables=tables, device=device)
+        self.mlp = mlp(spec.embedding_dim * len(tables), spec.hidden_dim, spec.output_dim)
+
+    def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
+        pooled = self.ebc(features)
+        x = torch.cat([pooled[name] for name in self.feature_names], dim=1)
+        return F.normalize(self.mlp(x), dim=-1)
+
+
+class UserArch(PooledArch):
     """Mean-pooled history bag (+ optional user-id embedding) -> MLP -> unit vector."""
 
     def __init__(self, spec: TowerSpec, device: torch.device | None = None):
-        super().__init__()
         tables = [_table("t_history", spec.n_items, spec.embedding_dim, HISTORY, PoolingType.MEAN)]
         if spec.use_user_id:
             tables.append(_table("t_user_id", spec.n_users + 1, spec.embedding_dim, USER_ID, PoolingType.SUM))
-        self.feature_names = [t.feature_names[0] for t in tables]
-        self.ebc = EmbeddingBagCollection(tables=tables, device=device)
-        self.mlp = mlp(spec.embedding_dim * len(tables), spec.hidden_dim, spec.output_dim)
-
-    def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
-        pooled = self.ebc(features)
-        x = torch.cat([pooled[name] for name in self.feature_names], dim=1)
-        return F.normalize(self.mlp(x), dim=-1)
+        super().__init__(tables, spec, device)
 
 
-class ItemArch(nn.Module):
+class ItemArch(PooledArch):
     """Item-id embedding (+ optional mean genre bag) -> MLP -> unit vector."""
 
     def __init__(self, spec: TowerSpec, device: torch.device | None = None):
-        super().__init__()
         tables = [_table("t_item_id", spec.n_items, spec.embedding_dim, ITEM_ID, PoolingType.SUM)]
         if spec.use_genres:
             tables.append(_table("t_genres", max(spec.n_genres, 1), spec.embedding_dim, GENRES, PoolingType.MEAN))
-        self.feature_names = [t.feature_names[0] for t in tables]
-        self.ebc = EmbeddingBagCollection(tables=tables, device=device)
-        self.mlp = mlp(spec.embedding_dim * len(tables), spec.hidden_dim, spec.output_dim)
-
-    def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
-        pooled = self.ebc(features)
-        x = torch.cat([pooled[name] for name in self.feature_names], dim=1)
-        return F.normalize(self.mlp(x), dim=-1)
+        super().__init__(tables, spec, device)
 
 
 class TwoTower(nn.Module):
