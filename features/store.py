@@ -112,6 +112,25 @@ class FeatureStore:
                 for batch in _chunks(rows):
                     conn.execute(insert(table), batch)
 
+    def upsert_user(
+        self,
+        user_id: str,
+        *,
+        age: int | None = None,
+        gender: str | None = None,
+        occupation: str | None = None,
+        liked_genres: list[str] | tuple[str, ...] = (),
+        avoided_genres: list[str] | tuple[str, ...] = (),
+    ) -> None:
+        """Create or replace one user's profile (demographics + stated genre preferences)."""
+        row = {
+            "user_id": str(user_id), "age": age, "gender": gender or None, "occupation": occupation or None,
+            "liked_genres": "|".join(liked_genres), "avoided_genres": "|".join(avoided_genres),
+        }  # fmt: skip
+        with self.engine.begin() as conn:
+            conn.execute(delete(users_table).where(users_table.c.user_id == row["user_id"]))
+            conn.execute(insert(users_table), [row])
+
     @staticmethod
     def _item_rows(ds: Dataset) -> Iterator[dict]:
         for i, item_id in enumerate(ds.item_vocab.ids):
@@ -160,15 +179,18 @@ class FeatureStore:
     # ---- reads --------------------------------------------------------------------------
     def user_history(self, user_id: str, limit: int | None = None) -> list[str]:
         """Raw item ids the user interacted with, oldest -> newest; `limit` keeps the most recent."""
+        return [item for item, _ in self.user_interactions(user_id, limit)]
+
+    def user_interactions(self, user_id: str, limit: int | None = None) -> list[tuple[str, float]]:
+        """(raw item id, rating) pairs, oldest -> newest; `limit` keeps the most recent."""
         t = interactions_table
-        q = select(t.c.item_id).where(t.c.user_id == str(user_id))
-        if limit is None:
-            with self.engine.connect() as conn:
-                return list(conn.scalars(q.order_by(t.c.ts, t.c.seq)))
-        if limit <= 0:
+        q = select(t.c.item_id, t.c.rating).where(t.c.user_id == str(user_id))
+        if limit is not None and limit <= 0:
             return []
         with self.engine.connect() as conn:
-            newest_first = list(conn.scalars(q.order_by(t.c.ts.desc(), t.c.seq.desc()).limit(limit)))
+            if limit is None:
+                return [(r.item_id, r.rating) for r in conn.execute(q.order_by(t.c.ts, t.c.seq))]
+            newest_first = [(r.item_id, r.rating) for r in conn.execute(q.order_by(t.c.ts.desc(), t.c.seq.desc()).limit(limit))]
         return newest_first[::-1]
 
     def item_metadata(self, item_ids: list[str]) -> dict[str, dict]:

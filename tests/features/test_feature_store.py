@@ -145,3 +145,18 @@ def test_in_memory_sqlite_url_works():
     with FeatureStore("sqlite://") as s:
         s.load_dataset(tiny_dataset())
         assert s.user_history("alice", limit=1) == ["i2"]
+
+
+def test_upsert_user_creates_then_replaces_a_profile(tmp_path):
+    store = FeatureStore(f"sqlite:///{tmp_path}/upsert.db")
+    assert store.user_profile("new") is None
+    store.upsert_user("new", liked_genres=["Comedy", "Horror"], avoided_genres=["Drama"])
+    assert store.user_profile("new") == {
+        "user_id": "new", "age": None, "gender": None, "occupation": None,
+        "liked_genres": ["Comedy", "Horror"], "avoided_genres": ["Drama"],
+    }
+    store.upsert_user("new", age=30, gender="F", liked_genres=["Action"])
+    profile = store.user_profile("new")
+    assert (profile["age"], profile["gender"], profile["liked_genres"], profile["avoided_genres"]) == (30, "F", ["Action"], [])
+    assert store.user_history("new") == []
+    store.close()
