@@ -21,7 +21,7 @@ class _Section(BaseModel):
 
 
 class ModelConfig(_Section):
-    kind: Literal["two_tower"] = "two_tower"
+    kind: Literal["two_tower", "hybrid"] = "two_tower"  # a label: the switches below make the difference
     embedding_dim: int = Field(64, gt=0)
     hidden_dim: int = Field(128, gt=0)
     output_dim: int = Field(64, gt=0)
@@ -29,6 +29,15 @@ class ModelConfig(_Section):
     user_id_dropout: float = Field(0.1, ge=0, le=1)
     use_genres: bool = True
     temperature: float = Field(0.05, gt=0)
+    # hybrid switches
+    use_content: bool = False
+    use_demographics: bool = False
+    use_stated: bool = False
+    rating_weighted: bool = False
+    item_id_dropout: float = Field(0.0, ge=0, lt=1)
+    demographics_dropout: float = Field(0.2, ge=0, le=1)
+    stated_dropout: float = Field(0.5, ge=0, le=1)
+    title_buckets: int = Field(1024, gt=0)
 
 
 class TaskConfig(_Section):

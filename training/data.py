@@ -1,39 +1,79 @@
-"""Turn CSR user->items matrices into TorchRec KeyedJaggedTensors.
+"""Turn CSR user->items matrices and side features into TorchRec KeyedJaggedTensors.
 
 Training examples are users, not (user, item) pairs: each epoch hides a random share of
 every user's training items from the user tower and asks the model to predict them
 (a denoising objective; no item is ever both input and target). One example per user is
 also the privacy unit later DP work needs.
+
+A history CSR is `(indptr, indices)` or `(indptr, indices, ratings)`; ratings (aligned with
+indices) weight the history bag when the model is rating-weighted.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Iterator
 
 import numpy as np
 import torch
 from torchrec import KeyedJaggedTensor
 
-from training.model import GENRES, HISTORY, ITEM_ID, USER_ID, TowerSpec
+from features.content import ItemSide, UserSide, item_side, user_side, user_inputs
+from features.schema import Dataset, Interactions
+from training.model import AVOIDED, GENRES, HISTORY, ITEM_ID, LIKED, TITLE, USER_ID, YEAR, TowerSpec
 
-CSR = tuple[np.ndarray, np.ndarray]  # (indptr, indices)
+CSR = tuple[np.ndarray, ...]  # (indptr, indices[, ratings])
 
 
-def gather_rows(csr: CSR, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(lengths, concatenated values) of the CSR rows `rows`, vectorized."""
-    indptr, indices = csr
+@dataclass(frozen=True)
+class Context:
+    """Side features of the dataset, indexed like the vocabularies."""
+
+    users: UserSide
+    items: ItemSide
+    rating_weighted: bool = False
+
+    @classmethod
+    def from_dataset(cls, ds: Dataset, title_buckets: int = 1024, rating_weighted: bool = False) -> "Context":
+        return cls(user_side(ds), item_side(ds, title_buckets), rating_weighted)
+
+
+def rated_csr(inter: Interactions, n_users: int) -> CSR:
+    """(indptr, indices, ratings): distinct items per user, sorted; the last rating of a pair wins."""
+    key = inter.user.astype(np.int64) * (int(inter.item.max(initial=0)) + 1) + inter.item
+    # reversed + unique(return_index) keeps the LAST occurrence of each pair
+    _, first_rev = np.unique(key[::-1], return_index=True)
+    keep = len(key) - 1 - first_rev
+    order = keep[np.lexsort((inter.item[keep], inter.user[keep]))]
+    counts = np.bincount(inter.user[order], minlength=n_users)
+    indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    return indptr, inter.item[order].astype(np.int64), inter.rating[order].astype(np.float32)
+
+
+def _positions(indptr: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     starts = indptr[rows]
     lengths = indptr[rows + 1] - starts
     shift = np.repeat(starts - np.cumsum(lengths) + lengths, lengths)
-    return lengths, indices[shift + np.arange(lengths.sum())]
+    return lengths, shift + np.arange(lengths.sum())
+
+
+def gather_rows(csr: CSR, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(lengths, concatenated indices) of the CSR rows `rows`, vectorized."""
+    lengths, pos = _positions(csr[0], rows)
+    return lengths, csr[1][pos]
+
+
+def csr_rows(csr: CSR, rows: np.ndarray, column: int = 1) -> list[np.ndarray]:
+    """The rows as a list of arrays (column 1 = indices, 2 = ratings)."""
+    lengths, pos = _positions(csr[0], rows)
+    return np.split(csr[column][pos], np.cumsum(lengths)[:-1]) if len(rows) else []
 
 
 def csr_from_mask(csr: CSR, keep: np.ndarray) -> CSR:
-    """The sub-matrix of the entries where `keep` is True, rows preserved."""
-    indptr, indices = csr
+    """The sub-matrix of the entries where `keep` is True, rows preserved (ratings too)."""
+    indptr = csr[0]
     rows = np.repeat(np.arange(len(indptr) - 1), np.diff(indptr))
     counts = np.bincount(rows[keep], minlength=len(indptr) - 1)
-    return np.concatenate([[0], np.cumsum(counts)]).astype(np.int64), indices[keep]
+    return (np.concatenate([[0], np.cumsum(counts)]).astype(np.int64), *(c[keep] for c in csr[1:]))
 
 
 def csr_union(a: CSR, b: CSR) -> CSR:
@@ -46,57 +86,134 @@ def csr_union(a: CSR, b: CSR) -> CSR:
     return np.concatenate([[0], np.cumsum(counts)]).astype(np.int64), pairs[:, 1].astype(np.int64)
 
 
-def user_features(
-    spec: TowerSpec, users: np.ndarray, history: CSR, device: torch.device, user_index: np.ndarray | None = None
-) -> KeyedJaggedTensor:
-    """KJT with keys [history, (user_id)] for a batch of users; `user_index` overrides the id row (OOV)."""
-    lengths, values = gather_rows(history, users)
-    keys, all_lengths, all_values = [HISTORY], [lengths], [values]
-    if spec.use_user_id:
-        keys.append(USER_ID)
-        all_lengths.append(np.ones(len(users), dtype=np.int64))
-        all_values.append(users if user_index is None else user_index)
-    return KeyedJaggedTensor.from_lengths_sync(
-        keys=keys,
-        values=torch.from_numpy(np.concatenate(all_values).astype(np.int64)).to(device),
-        lengths=torch.from_numpy(np.concatenate(all_lengths).astype(np.int32)).to(device),
+def user_feed(
+    spec: TowerSpec,
+    ctx: Context,
+    users: np.ndarray,
+    history: CSR,
+    user_index: np.ndarray | None = None,
+    demographics: np.ndarray | None = None,
+    liked: list[np.ndarray] | None = None,
+    avoided: list[np.ndarray] | None = None,
+) -> dict[str, np.ndarray]:
+    """The numpy user-tower feed (the ONNX input layout) for a batch of users.
+
+    `demographics` masks users whose demographics must not be used (False -> missing);
+    `liked` / `avoided` override the stated genres (training samples them).
+    """
+    u = ctx.users
+    keep = np.ones(len(users), bool) if demographics is None else np.asarray(demographics, bool)
+    ratings = csr_rows(history, users, 2) if ctx.rating_weighted and len(history) > 2 else None
+    return user_inputs(
+        csr_rows(history, users),
+        ratings,
+        users if user_index is None else user_index,
+        np.where(keep, u.age[users], 0),
+        np.where(keep, u.gender[users], 0),
+        np.where(keep, u.occupation[users], 0),
+        csr_rows(u.liked, users) if liked is None else liked,
+        csr_rows(u.avoided, users) if avoided is None else avoided,
     )
 
 
-def item_features(spec: TowerSpec, item_genres: Sequence[Sequence[int]], device: torch.device, items: np.ndarray | None = None) -> KeyedJaggedTensor:
-    """KJT with keys [item_id, (genres)] for `items` (default: the whole catalog)."""
-    items = np.arange(spec.n_items) if items is None else items
-    keys, lengths, values = [ITEM_ID], [np.ones(len(items), dtype=np.int64)], [items]
-    if spec.use_genres:
-        genre_lists = [item_genres[i] for i in items]
-        keys.append(GENRES)
-        lengths.append(np.fromiter((len(g) for g in genre_lists), dtype=np.int64, count=len(items)))
-        values.append(np.fromiter((g for gs in genre_lists for g in gs), dtype=np.int64))
+def _lengths(offsets: np.ndarray, total: int) -> np.ndarray:
+    return np.diff(np.append(offsets, total))
+
+
+def kjt_from_feed(spec: TowerSpec, feed: dict[str, np.ndarray], device: torch.device) -> KeyedJaggedTensor:
+    """Weighted KJT for the user arch (all tables SUM-pool): history weights as given, stated
+    genre bags 1/len (a mean, as the exported `EmbeddingBag(mode="mean")`), single ids 1."""
+    batch = len(feed["user"])
+    ones = np.ones(batch, np.int64)
+
+    def mean_bag(key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        lengths = _lengths(feed[f"{key}_offsets"], len(feed[key]))
+        return feed[key], lengths, np.repeat(1.0 / np.maximum(lengths, 1), lengths).astype(np.float32)
+
+    parts = {
+        HISTORY: (feed["history"], _lengths(feed["history_offsets"], len(feed["history"])), feed["history_weights"]),
+        USER_ID: (feed["user"], ones, None),
+        LIKED: mean_bag("liked"),
+        AVOIDED: mean_bag("avoided"),
+    }
+    keys = spec.user_features()
+    values, lengths, weights = [], [], []
+    for key in keys:
+        v, n, w = parts.get(key, (feed.get(key), ones, None))
+        values.append(v)
+        lengths.append(n)
+        weights.append(np.ones(len(v), np.float32) if w is None else w)
     return KeyedJaggedTensor.from_lengths_sync(
         keys=keys,
         values=torch.from_numpy(np.concatenate(values).astype(np.int64)).to(device),
         lengths=torch.from_numpy(np.concatenate(lengths).astype(np.int32)).to(device),
+        weights=torch.from_numpy(np.concatenate(weights).astype(np.float32)).to(device),
+    )
+
+
+def user_features(spec: TowerSpec, ctx: Context, users: np.ndarray, history: CSR, device: torch.device, user_index: np.ndarray | None = None, **kw) -> KeyedJaggedTensor:
+    """KJT for a batch of users (see `user_feed` for the optional overrides)."""
+    return kjt_from_feed(spec, user_feed(spec, ctx, users, history, user_index, **kw), device)
+
+
+def item_features(spec: TowerSpec, ctx: Context, device: torch.device, items: np.ndarray | None = None, oov: np.ndarray | None = None) -> KeyedJaggedTensor:
+    """KJT with the item keys for `items` (default: the whole catalog); `oov` marks items whose
+    id row is replaced by the OOV row (id-dropout in training, never-trained items at export)."""
+    items = np.arange(spec.n_items) if items is None else items
+    ids = items if oov is None else np.where(oov, spec.item_oov_index, items)
+    one = np.ones(len(items), np.int64)
+    side = ctx.items
+    parts = {ITEM_ID: (ids, one), GENRES: gather_rows(side.genres, items)[::-1], YEAR: (side.year[items], one), TITLE: gather_rows(side.title, items)[::-1]}
+    keys = spec.item_features()
+    return KeyedJaggedTensor.from_lengths_sync(
+        keys=keys,
+        values=torch.from_numpy(np.concatenate([parts[k][0] for k in keys]).astype(np.int64)).to(device),
+        lengths=torch.from_numpy(np.concatenate([parts[k][1] for k in keys]).astype(np.int32)).to(device),
     )
 
 
 @dataclass
 class UserBatch:
     users: np.ndarray  # user indices
-    features: KeyedJaggedTensor  # history (the non-hidden items) + user id
+    features: KeyedJaggedTensor  # history (the non-hidden items) + side features
     targets: CSR  # hidden items per user of the batch (rows follow `users`)
+
+
+def sample_stated(ctx: Context, histories: list[np.ndarray], rng: np.random.Generator) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Stand-in stated preferences for data that has none: 1-3 genres drawn by their share of the
+    user's (input) history, and one genre absent from it as 'avoided' half of the time."""
+    n_genres = int(ctx.items.genres[1].max(initial=-1)) + 1
+    liked, avoided = [], []
+    for h in histories:
+        counts = np.bincount(gather_rows(ctx.items.genres, h)[1], minlength=n_genres).astype(float)
+        if counts.sum() == 0:
+            liked.append(np.zeros(0, np.int64))
+        else:
+            n = min(int(rng.integers(1, 4)), int((counts > 0).sum()))
+            liked.append(np.sort(rng.choice(n_genres, size=n, replace=False, p=counts / counts.sum())))
+        absent = np.flatnonzero(counts == 0)
+        avoided.append(rng.choice(absent, size=1) if len(absent) and rng.random() < 0.5 else np.zeros(0, np.int64))
+    return liked, avoided
 
 
 def epoch_batches(
     spec: TowerSpec,
+    ctx: Context,
     train: CSR,
     batch_size: int,
     history_dropout: float,
     user_id_dropout: float,
     rng: np.random.Generator,
     device: torch.device,
+    demographics_dropout: float = 0.0,
+    stated_dropout: float = 0.5,
 ) -> Iterator[UserBatch]:
-    """One epoch: shuffle users with training items, hide ~history_dropout of each one's items."""
-    indptr, _ = train
+    """One epoch: shuffle users with training items, hide ~history_dropout of each one's items.
+
+    Side features get dropout too, so the model serves users without them (no consent, no
+    stated preferences) and users with nothing else (stated genres, empty history).
+    """
+    indptr = train[0]
     lengths = np.diff(indptr)
     hide = rng.random(indptr[-1]) < history_dropout
     # every user needs at least one target: hide one random item of users that got none
@@ -109,5 +226,15 @@ def epoch_batches(
     for start in range(0, len(users), batch_size):
         batch = users[start : start + batch_size]
         user_index = np.where(rng.random(len(batch)) < user_id_dropout, spec.user_oov_index, batch)
+        extra: dict = {}
+        if spec.use_demographics:
+            extra["demographics"] = rng.random(len(batch)) >= demographics_dropout
+        if spec.use_stated:
+            liked, avoided = (csr_rows(ctx.users.liked, batch), csr_rows(ctx.users.avoided, batch)) if ctx.users.has_stated else sample_stated(ctx, csr_rows(history, batch), rng)
+            drop = rng.random(len(batch)) < stated_dropout
+            empty = np.zeros(0, np.int64)
+            extra["liked"] = [empty if d else g for d, g in zip(drop, liked)]
+            extra["avoided"] = [empty if d else g for d, g in zip(drop, avoided)]
         t_len, t_val = gather_rows(targets, batch)
-        yield UserBatch(batch, user_features(spec, batch, history, device, user_index), (np.concatenate([[0], np.cumsum(t_len)]), t_val))
+        features = user_features(spec, ctx, batch, history, device, user_index, **extra)
+        yield UserBatch(batch, features, (np.concatenate([[0], np.cumsum(t_len)]), t_val))

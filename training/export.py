@@ -25,8 +25,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from features.schema import Dataset
-from training.data import CSR, user_features
-from training.model import TowerSpec, TwoTower
+from features.content import USER_INPUTS
+from training.data import CSR, Context, kjt_from_feed, user_feed
+from training.model import AGE, AVOIDED, GENDER, HISTORY, LIKED, OCCUPATION, USER_ID, TwoTower
 
 log = logging.getLogger(__name__)
 
@@ -36,45 +37,43 @@ USER_VOCAB_FILE, ITEM_VOCAB_FILE, MANIFEST_FILE = "user_vocab.json", "item_vocab
 
 
 class PlainUserTower(nn.Module):
-    """Same math as `UserArch`, with ONNX-exportable modules.
-
-    Inputs: `history` int64[N] (item indices of all users, concatenated), `offsets` int64[B]
-    (start of each user's slice), `user` int64[B] (user index, or the OOV row).
-    """
+    """Same math as `UserArch`, with ONNX-exportable modules; inputs follow
+    `features.content.USER_INPUTS` (every input always present; unused ones are ignored)."""
 
     def __init__(self, model: TwoTower):
         super().__init__()
         spec, arch = model.spec, model.user_arch
-        weights = {name: bag.weight.detach().float().cpu() for name, bag in arch.ebc.embedding_bags.items()}
-        self.history = nn.EmbeddingBag.from_pretrained(weights["t_history"], freeze=True, mode="mean")
-        self.user = nn.Embedding.from_pretrained(weights["t_user_id"], freeze=True) if spec.use_user_id else None
+        weights = {name.removeprefix("t_"): bag.weight.detach().float().cpu() for name, bag in arch.ebc.embedding_bags.items()}
+        self.features = list(spec.user_features())
+        self.history = nn.EmbeddingBag.from_pretrained(weights["history"], freeze=True, mode="sum")
+        self.single = nn.ModuleDict({f: nn.Embedding.from_pretrained(weights[f], freeze=True) for f in (USER_ID, AGE, GENDER, OCCUPATION) if f in weights})
+        self.bags = nn.ModuleDict({f: nn.EmbeddingBag.from_pretrained(weights[f], freeze=True, mode="mean") for f in (LIKED, AVOIDED) if f in weights})
         self.mlp = copy.deepcopy(arch.mlp).float().cpu()
 
-    def forward(self, history: torch.Tensor, offsets: torch.Tensor, user: torch.Tensor) -> torch.Tensor:
-        x = self.history(history, offsets)
-        if self.user is not None:
-            x = torch.cat([x, self.user(user)], dim=1)
-        return F.normalize(self.mlp(x), dim=-1)
-
-
-def flat_inputs(spec: TowerSpec, users: np.ndarray, history: CSR, user_index: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    """The ONNX feed for a batch of users (the same layout serving builds)."""
-    indptr, indices = history
-    lengths = indptr[users + 1] - indptr[users]
-    parts = [indices[indptr[u] : indptr[u + 1]] for u in users]
-    return {
-        "history": np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64),
-        "offsets": np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64),
-        "user": (users if user_index is None else user_index).astype(np.int64),
-    }
+    def forward(self, history, history_weights, history_offsets, user, age, gender, occupation, liked, liked_offsets, avoided, avoided_offsets):
+        ids = {USER_ID: user, AGE: age, GENDER: gender, OCCUPATION: occupation}
+        bags = {LIKED: (liked, liked_offsets), AVOIDED: (avoided, avoided_offsets)}
+        parts = []
+        for f in self.features:
+            if f == HISTORY:
+                parts.append(self.history(history, history_offsets, per_sample_weights=history_weights))
+            elif f in ids:
+                parts.append(self.single[f](ids[f]))
+            else:
+                parts.append(self.bags[f](*bags[f]))
+        return F.normalize(self.mlp(torch.cat(parts, dim=1)), dim=-1)
 
 
 def export_onnx(tower: PlainUserTower, path: Path, example: dict[str, np.ndarray]) -> None:
+    """Dynamo export with dynamic batch and bag-length axes."""
     # the exporter narrates every pass at WARNING; keep the console for what matters
     for name in ("onnxscript", "onnx_ir", "torch.onnx"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    batch, n_history = torch.export.Dim("batch", min=1), torch.export.Dim("n_history", min=0)
-    args = tuple(torch.from_numpy(example[k]) for k in ("history", "offsets", "user"))
+    batch = torch.export.Dim("batch", min=1)
+    flat = {"history": 0, "history_weights": 0, "liked": 1, "avoided": 2}  # bag values: own lengths
+    lengths = [torch.export.Dim(f"n_{name}", min=0) for name in ("history", "liked", "avoided")]
+    dynamic = {k: {0: lengths[flat[k]] if k in flat else batch} for k in USER_INPUTS}
+    args = tuple(torch.from_numpy(example[k]) for k in USER_INPUTS)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
@@ -82,24 +81,24 @@ def export_onnx(tower: PlainUserTower, path: Path, example: dict[str, np.ndarray
             args,
             str(path),
             dynamo=True,
-            input_names=["history", "offsets", "user"],
+            input_names=list(USER_INPUTS),
             output_names=["user_embedding"],
-            dynamic_shapes={"history": {0: n_history}, "offsets": {0: batch}, "user": {0: batch}},
+            dynamic_shapes=dynamic,
             external_data=False,
             verbose=False,
         )
 
 
 @torch.no_grad()
-def parity(model: TwoTower, tower: PlainUserTower, onnx_path: Path, users: np.ndarray, history: CSR) -> dict[str, float]:
+def parity(model: TwoTower, ctx: Context, tower: PlainUserTower, onnx_path: Path, users: np.ndarray, history: CSR) -> dict[str, float]:
     """Max |difference| of user embeddings: TorchRec vs plain torch vs ONNX Runtime (CPU)."""
     import onnxruntime as ort
 
     model.eval()
     device = next(model.parameters()).device
-    torchrec_out = model.user_arch(user_features(model.spec, users, history, device)).float().cpu().numpy()
-    feed = flat_inputs(model.spec, users, history)
-    plain_out = tower(*(torch.from_numpy(feed[k]) for k in ("history", "offsets", "user"))).numpy()
+    feed = user_feed(model.spec, ctx, users, history)
+    torchrec_out = model.user_arch(kjt_from_feed(model.spec, feed, device)).float().cpu().numpy()
+    plain_out = tower(*(torch.from_numpy(feed[k]) for k in USER_INPUTS)).numpy()
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     onnx_out = session.run(None, feed)[0]
     return {
@@ -110,6 +109,7 @@ def parity(model: TwoTower, tower: PlainUserTower, onnx_path: Path, users: np.nd
 
 def write_artifacts(
     model: TwoTower,
+    ctx: Context,
     item_embeddings: np.ndarray,
     dataset: Dataset,
     history: CSR,
@@ -126,8 +126,8 @@ def write_artifacts(
     try:
         tower = PlainUserTower(model).eval()
         sample = np.arange(min(model.spec.n_users, 64))
-        export_onnx(tower, tmp / USER_TOWER_FILE, flat_inputs(model.spec, sample, history))
-        checks = parity(model, tower, tmp / USER_TOWER_FILE, sample, history)
+        export_onnx(tower, tmp / USER_TOWER_FILE, user_feed(model.spec, ctx, sample, history))
+        checks = parity(model, ctx, tower, tmp / USER_TOWER_FILE, sample, history)
         worst = max(checks.values())
         if worst > parity_atol:
             raise RuntimeError(f"ONNX parity check failed: max abs diff {worst:.3g} > {parity_atol:g} ({checks})")
@@ -141,11 +141,15 @@ def write_artifacts(
         (tmp / ITEMS_FILE).write_text(json.dumps(items))
         manifest = {
             "schema_version": SCHEMA_VERSION,
-            "model": {"kind": "two_tower", "spec": asdict(model.spec)},
-            "inputs": {
-                "history": {"dtype": "int64", "shape": ["n_history"], "doc": "item indices of every user's history, concatenated"},
-                "offsets": {"dtype": "int64", "shape": ["batch"], "doc": "start of each user's slice in history"},
-                "user": {"dtype": "int64", "shape": ["batch"], "doc": "user index; user_oov_index for users the model never saw"},
+            "model": {"kind": "hybrid" if len(model.spec.user_features()) > 1 or model.spec.use_content else "two_tower", "spec": asdict(model.spec)},
+            "inputs": list(USER_INPUTS),
+            "features": {
+                "user": model.spec.user_features(),
+                "item": model.spec.item_features(),
+                "rating_weighted": ctx.rating_weighted,
+                "gender_vocab": ctx.users.gender_vocab,
+                "occupation_vocab": ctx.users.occupation_vocab,
+                "doc": "features.content.user_inputs builds the feed; categorical index 0 = missing",
             },
             "output": {"name": "user_embedding", "dtype": "float32", "shape": ["batch", model.spec.output_dim], "l2_normalized": True},
             "score": "user_embedding @ item_embeddings.T (cosine similarity)",

@@ -3,6 +3,14 @@
 Define only (no loss, no data loading): `UserArch` and `ItemArch` each own one
 EmbeddingBagCollection and an MLP, and emit L2-normalized vectors; `TwoTower` scores
 users against items with cosine / temperature. Feature names double as the KJT keys.
+
+`two_tower` and `hybrid` are one code path: the spec's flags add tables.
+- User side (a weighted KJT): history bag (SUM over per-user normalized weights = a mean,
+  rating-weighted when asked), optional user id, demographics (age bucket, gender, occupation;
+  row 0 = missing), stated liked / avoided genres (mean bags).
+- Item side: item id (last row = OOV: trained by id-dropout, used for never-seen items),
+  genres, release-decade bucket, hashed title tokens (mean bags).
+
 """
 from __future__ import annotations
 
@@ -13,13 +21,14 @@ import torch.nn.functional as F
 from torch import nn
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, PoolingType
 
-HISTORY, USER_ID = "history", "user_id"  # user-side KJT keys
-ITEM_ID, GENRES = "item_id", "genres"  # item-side KJT keys
+HISTORY, USER_ID, AGE, GENDER, OCCUPATION, LIKED, AVOIDED = "history", "user_id", "age", "gender", "occupation", "liked", "avoided"
+ITEM_ID, GENRES, YEAR, TITLE = "item_id", "genres", "year", "title"
+USER_KEYS = (HISTORY, USER_ID, AGE, GENDER, OCCUPATION, LIKED, AVOIDED)
 
 
 @dataclass(frozen=True)
 class TowerSpec:
-    """Sizes that define the network (stored in checkpoints and the manifest)."""
+    """Sizes and switches that define the network (stored in checkpoints and the manifest)."""
 
     n_users: int
     n_items: int
@@ -27,31 +36,55 @@ class TowerSpec:
     embedding_dim: int = 64
     hidden_dim: int = 128
     output_dim: int = 64
-    use_user_id: bool = True
+    use_user_id: bool = False
     use_genres: bool = True
     temperature: float = 0.05
+    # hybrid switches (all off = the ids-only two-tower)
+    use_content: bool = False  # item release decade + hashed title tokens
+    use_demographics: bool = False
+    use_stated: bool = False  # stated liked / avoided genres
+    n_age: int = 8  # rows incl. the missing row 0
+    n_gender: int = 1
+    n_occupation: int = 1
+    n_year: int = 12
+    n_title: int = 1
 
     @property
     def user_oov_index(self) -> int:
         """Row of the user-id table for users the model has not seen (trained via id-dropout)."""
         return self.n_users
 
+    @property
+    def item_oov_index(self) -> int:
+        """Row of the item-id table for items without training data: content carries them."""
+        return self.n_items
+
+    def user_features(self) -> list[str]:
+        keys = [HISTORY]
+        keys += [USER_ID] if self.use_user_id else []
+        keys += [AGE, GENDER, OCCUPATION] if self.use_demographics else []
+        keys += [LIKED, AVOIDED] if self.use_stated else []
+        return keys
+
+    def item_features(self) -> list[str]:
+        return [ITEM_ID] + ([GENRES] if self.use_genres else []) + ([YEAR, TITLE] if self.use_content else [])
+
 
 def mlp(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, out_dim))
 
 
-def _table(name: str, rows: int, dim: int, feature: str, pooling: PoolingType) -> EmbeddingBagConfig:
-    return EmbeddingBagConfig(name=name, embedding_dim=dim, num_embeddings=rows, feature_names=[feature], pooling=pooling)
+def _table(feature: str, rows: int, dim: int, pooling: PoolingType) -> EmbeddingBagConfig:
+    return EmbeddingBagConfig(name=f"t_{feature}", embedding_dim=dim, num_embeddings=max(rows, 1), feature_names=[feature], pooling=pooling)
 
 
 class PooledArch(nn.Module):
     """EmbeddingBagCollection -> concatenated pooled features -> MLP -> unit vector."""
 
-    def __init__(self, tables: list[EmbeddingBagConfig], spec: TowerSpec, device: torch.device | None):
+    def __init__(self, tables: list[EmbeddingBagConfig], spec: TowerSpec, device: torch.device | None, weighted: bool = False):
         super().__init__()
         self.feature_names = [t.feature_names[0] for t in tables]
-        self.ebc = EmbeddingBagCollection(tables=tables, device=device)
+        self.ebc = EmbeddingBagCollection(tables=tables, is_weighted=weighted, device=device)
         self.mlp = mlp(spec.embedding_dim * len(tables), spec.hidden_dim, spec.output_dim)
 
     def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
@@ -61,22 +94,23 @@ class PooledArch(nn.Module):
 
 
 class UserArch(PooledArch):
-    """Mean-pooled history bag (+ optional user-id embedding) -> MLP -> unit vector."""
+    """History bag (+ user id, demographics, stated genres) -> MLP -> unit vector."""
 
     def __init__(self, spec: TowerSpec, device: torch.device | None = None):
-        tables = [_table("t_history", spec.n_items, spec.embedding_dim, HISTORY, PoolingType.MEAN)]
-        if spec.use_user_id:
-            tables.append(_table("t_user_id", spec.n_users + 1, spec.embedding_dim, USER_ID, PoolingType.SUM))
-        super().__init__(tables, spec, device)
+        rows = {HISTORY: spec.n_items, USER_ID: spec.n_users + 1, AGE: spec.n_age, GENDER: spec.n_gender,
+                OCCUPATION: spec.n_occupation, LIKED: spec.n_genres, AVOIDED: spec.n_genres}  # fmt: skip
+        # a weighted EBC pools by SUM only: bags arrive with weights summing to 1 per user (history:
+        # plain or rating-weighted mean; stated genres: 1/len), so every SUM here is a mean
+        tables = [_table(f, rows[f], spec.embedding_dim, PoolingType.SUM) for f in spec.user_features()]
+        super().__init__(tables, spec, device, weighted=True)
 
 
 class ItemArch(PooledArch):
-    """Item-id embedding (+ optional mean genre bag) -> MLP -> unit vector."""
+    """Item id (+ genre, decade and title-token bags) -> MLP -> unit vector."""
 
     def __init__(self, spec: TowerSpec, device: torch.device | None = None):
-        tables = [_table("t_item_id", spec.n_items, spec.embedding_dim, ITEM_ID, PoolingType.SUM)]
-        if spec.use_genres:
-            tables.append(_table("t_genres", max(spec.n_genres, 1), spec.embedding_dim, GENRES, PoolingType.MEAN))
+        rows = {ITEM_ID: spec.n_items + 1, GENRES: spec.n_genres, YEAR: spec.n_year, TITLE: spec.n_title}
+        tables = [_table(f, rows[f], spec.embedding_dim, PoolingType.SUM if f in (ITEM_ID, YEAR) else PoolingType.MEAN) for f in spec.item_features()]
         super().__init__(tables, spec, device)
 
 

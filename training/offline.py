@@ -10,9 +10,10 @@ import torch
 
 from training import evaluation
 from training.config import TrainConfig
-from training.export import flat_inputs, write_artifacts
+from training.data import user_feed
+from training.export import write_artifacts
 from training.model import TowerSpec, TwoTower
-from training.pipeline import item_counts, prepare
+from training.pipeline import context, item_counts, prepare
 from training.task import RetrievalTask
 
 
@@ -30,12 +31,14 @@ def evaluate_bundle(cfg: TrainConfig, model_uri: str) -> dict[str, float]:
     if (spec.n_users, spec.n_items) != (data.dataset.n_users, data.dataset.n_items):
         raise ValueError(f"model has {spec.n_users} users / {spec.n_items} items, config data has {data.dataset.n_users} / {data.dataset.n_items}")
 
+    ctx = context(cfg, data.dataset)
+
     def score(users: np.ndarray) -> np.ndarray:
-        return session.run(None, flat_inputs(spec, users, data.seen))[0] @ item_vec.T
+        return session.run(None, user_feed(spec, ctx, users, data.seen))[0] @ item_vec.T
 
     users = np.flatnonzero(np.diff(data.test[0]) > 0)
     k = cfg.task.eval_k
-    return {f"test/{name}": v for name, v in evaluation.evaluate_scores(score, users, data.seen, data.test, spec.n_items, k=k).items()}
+    return {f"test/{name}": v for name, v in evaluation.evaluate_scores(score, users, data.seen[:2], data.test[:2], spec.n_items, k=k).items()}
 
 
 def export_checkpoint(cfg: TrainConfig, checkpoint: Path, out_dir: Path) -> dict[str, Any]:
@@ -46,9 +49,10 @@ def export_checkpoint(cfg: TrainConfig, checkpoint: Path, out_dir: Path) -> dict
     model.load_state_dict(payload["best_state"] or payload["model"])
     data = prepare(cfg)
     ds = data.dataset
+    ctx = context(cfg, ds)
     task = RetrievalTask(cfg.task, item_counts(data.train, ds.n_items))
-    item_vec = task.item_embeddings(model, ds.items.genres, torch.device("cpu")).numpy()
+    item_vec = task.item_embeddings(model, ctx, torch.device("cpu")).numpy()
     popular = ds.item_vocab.decode(np.argsort(-item_counts(data.seen, ds.n_items), kind="stable")[: cfg.export.popularity_top_n])
     metrics = {f"val/ndcg@{task.k}": float(payload["best_metric"])}
     provenance = {"checkpoint": str(checkpoint), "epoch": payload["epoch"], "dataset": ds.name, "config_digest": cfg.digest()}
-    return write_artifacts(model, item_vec, ds, data.seen, out_dir, metrics, provenance, popular, cfg.export.parity_atol)
+    return write_artifacts(model, ctx, item_vec, ds, data.seen, out_dir, metrics, provenance, popular, cfg.export.parity_atol)

@@ -12,10 +12,11 @@ import torch
 
 from features.datasets import load_dataset
 from features.schema import Dataset, Interactions
-from features.splits import Split, split, user_items_csr
-from training import evaluation
+from features.splits import Split, split
+from training import beyond, evaluation
 from training.config import ConfigError, TrainConfig
-from training.data import CSR, csr_union
+from features.content import YEAR_EDGES
+from training.data import CSR, Context, rated_csr
 from training.export import write_artifacts
 from training.model import TowerSpec, TwoTower
 from training.task import RetrievalTask
@@ -46,12 +47,16 @@ def prepare(cfg: TrainConfig) -> Prepared:
     parts = split(dataset.interactions, cfg.split)
     if parts.val is None or len(parts.val) == 0:
         raise ConfigError("split.val_fraction: must be > 0 (validation drives early stopping)")
-    csr = lambda rows: user_items_csr(rows, dataset.n_users, dataset.n_items)  # noqa: E731
-    train, val = csr(parts.train), csr(parts.val)
-    return Prepared(dataset, parts, train, val, csr_union(train, val), csr(parts.test))
+    csr = lambda rows: rated_csr(rows, dataset.n_users)  # noqa: E731
+    seen = csr(Interactions.concat([parts.train, parts.val]))
+    return Prepared(dataset, parts, csr(parts.train), csr(parts.val), seen, csr(parts.test))
 
 
-def build_model(cfg: TrainConfig, dataset: Dataset, device: torch.device) -> TwoTower:
+def context(cfg: TrainConfig, dataset: Dataset) -> Context:
+    return Context.from_dataset(dataset, cfg.model.title_buckets, cfg.model.rating_weighted)
+
+
+def build_model(cfg: TrainConfig, dataset: Dataset, ctx: Context, device: torch.device) -> TwoTower:
     m = cfg.model
     spec = TowerSpec(
         n_users=dataset.n_users,
@@ -63,6 +68,13 @@ def build_model(cfg: TrainConfig, dataset: Dataset, device: torch.device) -> Two
         use_user_id=m.use_user_id,
         use_genres=m.use_genres,
         temperature=m.temperature,
+        use_content=m.use_content,
+        use_demographics=m.use_demographics,
+        use_stated=m.use_stated,
+        n_gender=len(ctx.users.gender_vocab) + 1,
+        n_occupation=len(ctx.users.occupation_vocab) + 1,
+        n_year=len(YEAR_EDGES) + 2,
+        n_title=m.title_buckets,
     )
     return TwoTower(spec, device=device)
 
@@ -74,7 +86,21 @@ def item_counts(csr: CSR, n_items: int) -> np.ndarray:
 def popularity_metrics(data: Prepared, k: int) -> dict[str, float]:
     counts = item_counts(data.seen, data.dataset.n_items).astype(np.float32)
     users = np.flatnonzero(np.diff(data.test[0]) > 0)
-    return evaluation.evaluate_scores(lambda b: np.broadcast_to(counts, (len(b), len(counts))), users, data.seen, data.test, data.dataset.n_items, k=k)
+    return evaluation.evaluate_scores(lambda b: np.broadcast_to(counts, (len(b), len(counts))), users, data.seen[:2], data.test[:2], data.dataset.n_items, k=k)
+
+
+def beyond_metrics(task: RetrievalTask, model: TwoTower, ctx: Context, data: Prepared, device: torch.device) -> dict[str, float]:
+    """Beyond-accuracy and fairness figures of the test lists (`test/beyond/*`)."""
+    ds = data.dataset
+    users = np.flatnonzero(np.diff(data.test[0]) > 0)
+    topk = task.topk(model, ctx, data.seen, users, device)
+    item_vec = task.item_embeddings(model, ctx, device).float().cpu().numpy()
+    groups = {"gender": np.array([g or "unknown" for g in ds.users.gender]), "age": beyond.age_bucket(ds.users.age)}
+    report = beyond.beyond_accuracy_report(
+        topk, users, data.seen[:2], data.test[:2], task.k, item_counts(data.seen, ds.n_items),
+        beyond.genres_multi_hot(ds.items.genres, len(ds.genre_names)), item_vec, groups,
+    )  # fmt: skip
+    return {f"beyond/{k}": v for k, v in report.items() if np.isfinite(v)}
 
 
 @dataclass
@@ -87,7 +113,7 @@ class RunResult:
     manifest: dict[str, Any]
 
 
-def train(cfg: TrainConfig, resume: bool = False) -> RunResult:
+def train(cfg: TrainConfig, resume: bool = False, tracker: Tracker | None = None) -> RunResult:
     if cfg.trainer.num_threads:
         torch.set_num_threads(cfg.trainer.num_threads)
     device = pick_device(cfg.trainer.device)
@@ -95,25 +121,32 @@ def train(cfg: TrainConfig, resume: bool = False) -> RunResult:
     ds = data.dataset
     log.info("dataset %s: %d users, %d items, %d interactions; device %s", ds.name, ds.n_users, ds.n_items, len(ds.interactions), device)
 
-    tracker = Tracker(cfg.tracking.enabled, cfg.tracking.tracking_uri, cfg.tracking.experiment)
+    if tracker is None:  # `trustrec tune` passes its own, so that each trial logs as a child run
+        tracker = Tracker(cfg.tracking.enabled, cfg.tracking.tracking_uri, cfg.tracking.experiment)
     tags = {"model": cfg.model.kind, "dataset": ds.name, "split": cfg.split.protocol, "git_sha": git_sha(), "device": device.type}
     tracker.start(cfg.tracking.run_name, cfg.flat(), tags)
     try:
         seed_everything(cfg.trainer.seed)  # the initial weights draw from torch's RNG: same seed, same run
-        model = build_model(cfg, ds, device)
-        task = RetrievalTask(cfg.task, item_counts(data.train, ds.n_items))
-        trainer = Trainer(model, task, cfg.trainer, cfg.task.history_dropout, cfg.model.user_id_dropout, device, on_epoch=lambda e, m: tracker.log_metrics(m, step=e))
-        fit = trainer.fit(data.train, data.train, data.val, ds.items.genres, resume=resume)
+        ctx = context(cfg, ds)
+        model = build_model(cfg, ds, ctx, device)
+        task = RetrievalTask(cfg.task, item_counts(data.train, ds.n_items), cfg.model.item_id_dropout)
+        m = cfg.model
+        trainer = Trainer(
+            model, task, cfg.trainer, cfg.task.history_dropout, m.user_id_dropout, device,
+            m.demographics_dropout, m.stated_dropout, on_epoch=lambda e, metrics: tracker.log_metrics(metrics, step=e),
+        )  # fmt: skip
+        fit = trainer.fit(data.train, data.train, data.val, ctx, resume=resume)
 
-        test = {f"test/{k}": v for k, v in task.metrics(model, data.seen, data.test, ds.items.genres, device).items()}
+        test = {f"test/{k}": v for k, v in task.metrics(model, data.seen, data.test, ctx, device).items()}
         baseline = {f"baseline/popularity/{k}": v for k, v in popularity_metrics(data, task.k).items()}
+        test.update(beyond_metrics(task, model, ctx, data, device))
         metrics = {**test, **baseline, "train/best_epoch": float(fit.best_epoch), "train/epochs_run": float(fit.epochs_run), "train/seconds": fit.seconds}
         log.info("test %s", " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
 
-        item_vec = task.item_embeddings(model, ds.items.genres, device).float().cpu().numpy()
+        item_vec = task.item_embeddings(model, ctx, device).float().cpu().numpy()
         popular = ds.item_vocab.decode(np.argsort(-item_counts(data.seen, ds.n_items), kind="stable")[: cfg.export.popularity_top_n])
         provenance = {"run_id": tracker.run_id, "git_sha": tags["git_sha"], "dataset": ds.name, "split": cfg.split.protocol, "config_digest": cfg.digest()}
-        manifest = write_artifacts(model, item_vec, ds, data.seen, cfg.export.output_dir, metrics, provenance, popular, cfg.export.parity_atol)
+        manifest = write_artifacts(model, ctx, item_vec, ds, data.seen, cfg.export.output_dir, metrics, provenance, popular, cfg.export.parity_atol)
         metrics.update(manifest["parity"])
 
         if cfg.store.load:

@@ -6,21 +6,21 @@ correction (Yi et al., 2019) so popular items are not over-penalized as negative
 """
 from __future__ import annotations
 
-from typing import Sequence
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from training import evaluation
 from training.config import TaskConfig
-from training.data import CSR, UserBatch, item_features, user_features
+from training.data import CSR, Context, UserBatch, item_features, user_features
 from training.model import TwoTower
 
 
 class RetrievalTask:
-    def __init__(self, cfg: TaskConfig, item_counts: np.ndarray):
+    def __init__(self, cfg: TaskConfig, item_counts: np.ndarray, item_id_dropout: float = 0.0):
         n_items = len(item_counts)
+        self.item_id_dropout = item_id_dropout
+        self.cold = item_counts == 0  # no training data: served through the OOV id row + content
         if cfg.loss == "auto":
             self.loss_kind = "full_softmax" if n_items <= cfg.full_softmax_max_items else "sampled_softmax"
         else:
@@ -29,13 +29,16 @@ class RetrievalTask:
         q = (item_counts + 1.0) / (item_counts + 1.0).sum()  # +1: never log(0) for unseen items
         self.log_q = torch.from_numpy(np.log(q).astype(np.float32))
 
-    def loss(self, model: TwoTower, batch: UserBatch, item_genres: Sequence[Sequence[int]]) -> torch.Tensor:
+    def _id_dropout(self, n: int) -> np.ndarray | None:
+        return np.random.random(n) < self.item_id_dropout if self.item_id_dropout > 0 else None
+
+    def loss(self, model: TwoTower, batch: UserBatch, ctx: Context) -> torch.Tensor:
         user_vec = model.user_arch(batch.features)
         device = user_vec.device
         indptr, targets = batch.targets
         rows = np.repeat(np.arange(len(batch.users)), np.diff(indptr))
         if self.loss_kind == "full_softmax":
-            item_vec = model.item_arch(item_features(model.spec, item_genres, device))
+            item_vec = model.item_arch(item_features(model.spec, ctx, device, oov=self._id_dropout(model.spec.n_items)))
             log_p = F.log_softmax((user_vec @ item_vec.T).float() / model.spec.temperature, dim=1)
             weight = torch.zeros_like(log_p)
             weight[torch.from_numpy(rows).to(device), torch.from_numpy(targets).to(device)] = 1.0
@@ -44,7 +47,7 @@ class RetrievalTask:
         # sampled softmax: one hidden item per user; the other users' items are the negatives
         lengths = np.diff(indptr)
         pick = targets[indptr[:-1] + (np.random.random(len(lengths)) * lengths).astype(np.int64)]
-        item_vec = model.item_arch(item_features(model.spec, item_genres, device, pick))
+        item_vec = model.item_arch(item_features(model.spec, ctx, device, pick, oov=self._id_dropout(len(pick))))
         pick_t = torch.from_numpy(pick).to(device)
         logits = (user_vec @ item_vec.T).float() / model.spec.temperature - self.log_q.to(device)[pick_t][None, :]
         same = pick_t[:, None] == pick_t[None, :]
@@ -52,12 +55,25 @@ class RetrievalTask:
         return F.cross_entropy(logits, torch.arange(len(pick), device=device))
 
     @torch.no_grad()
-    def item_embeddings(self, model: TwoTower, item_genres: Sequence[Sequence[int]], device: torch.device) -> torch.Tensor:
-        return model.item_arch(item_features(model.spec, item_genres, device))
+    def item_embeddings(self, model: TwoTower, ctx: Context, device: torch.device) -> torch.Tensor:
+        """The whole catalog; items without training data use the OOV id row (content only)."""
+        return model.item_arch(item_features(model.spec, ctx, device, oov=self.cold))
 
     @torch.no_grad()
-    def user_embeddings(self, model: TwoTower, users: np.ndarray, history: CSR, device: torch.device) -> torch.Tensor:
-        return model.user_arch(user_features(model.spec, users, history, device))
+    def user_embeddings(self, model: TwoTower, ctx: Context, users: np.ndarray, history: CSR, device: torch.device) -> torch.Tensor:
+        return model.user_arch(user_features(model.spec, ctx, users, history, device))
+
+    @torch.no_grad()
+    def topk(self, model: TwoTower, ctx: Context, history: CSR, users: np.ndarray, device: torch.device, k: int | None = None, batch_size: int = 1024) -> np.ndarray:
+        """Top-k item indices per user (history items excluded), as served."""
+        model.eval()
+        item_vec = self.item_embeddings(model, ctx, device)
+        out = []
+        for start in range(0, len(users), batch_size):
+            batch = users[start : start + batch_size]
+            scores = (self.user_embeddings(model, ctx, batch, history, device) @ item_vec.T).float().cpu().numpy()
+            out.append(evaluation.topk_from_scores(scores, k or self.k, exclude=history[:2], exclude_rows=batch))
+        return np.concatenate(out) if out else np.zeros((0, k or self.k), np.int64)
 
     @torch.no_grad()
     def metrics(
@@ -65,20 +81,20 @@ class RetrievalTask:
         model: TwoTower,
         history: CSR,
         truth: CSR,
-        item_genres: Sequence[Sequence[int]],
+        ctx: Context,
         device: torch.device,
         users: np.ndarray | None = None,
     ) -> dict[str, float]:
         """Full-ranking metrics: every user with truth items, history items excluded."""
         was_training = model.training
         model.eval()
-        item_vec = self.item_embeddings(model, item_genres, device)
+        item_vec = self.item_embeddings(model, ctx, device)
         if users is None:
             users = np.flatnonzero(np.diff(truth[0]) > 0)
 
         def score(batch: np.ndarray) -> np.ndarray:
-            return (self.user_embeddings(model, batch, history, device) @ item_vec.T).float().cpu().numpy()
+            return (self.user_embeddings(model, ctx, batch, history, device) @ item_vec.T).float().cpu().numpy()
 
-        result = evaluation.evaluate_scores(score, users, history, truth, model.spec.n_items, k=self.k)
+        result = evaluation.evaluate_scores(score, users, history[:2], truth[:2], model.spec.n_items, k=self.k)
         model.train(was_training)
         return result

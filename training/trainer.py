@@ -7,14 +7,14 @@ import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from training.config import TrainerConfig
-from training.data import CSR, epoch_batches
+from training.data import CSR, Context, epoch_batches
 from training.model import TwoTower
 from training.task import RetrievalTask
 
@@ -54,10 +54,13 @@ class Trainer:
         history_dropout: float,
         user_id_dropout: float,
         device: torch.device,
+        demographics_dropout: float = 0.0,
+        stated_dropout: float = 0.5,
         on_epoch: Callable[[int, dict[str, float]], None] | None = None,
     ):
         self.model, self.task, self.cfg, self.device = model, task, cfg, device
         self.history_dropout, self.user_id_dropout = history_dropout, user_id_dropout
+        self.demographics_dropout, self.stated_dropout = demographics_dropout, stated_dropout
         self.on_epoch = on_epoch or (lambda epoch, metrics: None)
         self.optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.ckpt_dir = Path(cfg.checkpoint_dir)
@@ -102,7 +105,7 @@ class Trainer:
         return payload
 
     # -- loop ------------------------------------------------------------------------------
-    def fit(self, train: CSR, val_history: CSR, val_truth: CSR, item_genres: Sequence[Sequence[int]], resume: bool = False) -> FitResult:
+    def fit(self, train: CSR, val_history: CSR, val_truth: CSR, ctx: Context, resume: bool = False) -> FitResult:
         started = time.perf_counter()
         rng = seed_everything(self.cfg.seed)
         start, best, best_epoch, bad, best_state, history = 1, -1.0, 0, 0, None, []
@@ -120,19 +123,22 @@ class Trainer:
                 break
             self.model.train()
             n_batches = -(-int((np.diff(train[0]) > 0).sum()) // self.cfg.batch_size)
-            batches = epoch_batches(self.model.spec, train, self.cfg.batch_size, self.history_dropout, self.user_id_dropout, rng, self.device)
+            batches = epoch_batches(
+                self.model.spec, ctx, train, self.cfg.batch_size, self.history_dropout, self.user_id_dropout, rng, self.device,
+                self.demographics_dropout, self.stated_dropout,
+            )
             total, count = 0.0, 0
             bar = tqdm(batches, total=n_batches, desc=f"epoch {epoch}/{self.cfg.epochs}", disable=not self.cfg.progress, leave=False)
             for batch in bar:
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-                    loss = self.task.loss(self.model, batch, item_genres)
+                    loss = self.task.loss(self.model, batch, ctx)
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 self.optimizer.step()
                 total, count = total + loss.item(), count + 1
                 bar.set_postfix(loss=f"{total / count:.4f}")
             metrics = {"train/loss": total / max(count, 1)}
-            metrics.update({f"val/{k}": v for k, v in self.task.metrics(self.model, val_history, val_truth, item_genres, self.device).items()})
+            metrics.update({f"val/{k}": v for k, v in self.task.metrics(self.model, val_history, val_truth, ctx, self.device).items()})
             history.append({"epoch": epoch, **metrics})
             if metrics[self.monitor] > best:
                 best, best_epoch, bad = metrics[self.monitor], epoch, 0

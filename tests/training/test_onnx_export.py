@@ -10,13 +10,13 @@ import pytest
 import torch
 
 from features.config import SyntheticConfig
-from features.splits import user_items_csr
+from features.content import USER_INPUTS
 from features.synthetic import generate
 from features.vocab import Vocab
 from training import export
-from training.data import user_features
-from training.export import PlainUserTower, export_onnx, flat_inputs, parity, write_artifacts
-from training.model import TowerSpec, TwoTower
+from training.data import Context, rated_csr, user_feed, user_features
+from training.export import PlainUserTower, export_onnx, parity, write_artifacts
+from training.model import GENRES, HISTORY, ITEM_ID, TowerSpec, TwoTower
 
 CPU = torch.device("cpu")
 N_USERS, N_ITEMS = 50, 30
@@ -32,7 +32,13 @@ def random_history(seed: int = 0):
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
+def ctx() -> Context:
+    """Side features for N_USERS users and N_ITEMS items (the ids-only tower reads none of them)."""
+    return Context.from_dataset(generate(SyntheticConfig(n_users=N_USERS, n_items=N_ITEMS, n_genres=4, mean_interactions_per_user=8, seed=9)))
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, ctx):
     spec = TowerSpec(n_users=N_USERS, n_items=N_ITEMS, n_genres=4, embedding_dim=8, hidden_dim=16, output_dim=8, use_user_id=True)
     torch.manual_seed(0)
     model = TwoTower(spec).eval()
@@ -42,15 +48,15 @@ def exported(tmp_path_factory):
     history = random_history()
     tower = PlainUserTower(model).eval()
     path = tmp_path_factory.mktemp("onnx") / "user_tower.onnx"
-    export_onnx(tower, path, flat_inputs(spec, np.arange(1, 17), history))  # example batch of 16 users with history
-    return model, tower, path, history
+    export_onnx(tower, path, user_feed(spec, ctx, np.arange(1, 17), history))  # example batch of 16 users with history
+    return model, tower, path, history, ctx
 
 
-def three_ways(model, tower, path, users, history, user_index=None):
+def three_ways(model, tower, path, users, history, ctx, user_index=None):
     with torch.no_grad():
-        ref = model.user_arch(user_features(model.spec, users, history, CPU, user_index)).numpy()
-        feed = flat_inputs(model.spec, users, history, user_index)
-        plain = tower(*(torch.from_numpy(feed[k]) for k in ("history", "offsets", "user"))).numpy()
+        ref = model.user_arch(user_features(model.spec, ctx, users, history, CPU, user_index)).numpy()
+        feed = user_feed(model.spec, ctx, users, history, user_index)
+        plain = tower(*(torch.from_numpy(feed[k]) for k in USER_INPUTS)).numpy()
     onnx = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feed)[0]
     return ref, plain, onnx
 
@@ -61,8 +67,8 @@ def three_ways(model, tower, path, users, history, user_index=None):
     ids=["batch1", "batch1-empty", "all-empty", "batch37", "everyone"],
 )
 def test_torchrec_plain_onnx_parity(exported, users):
-    model, tower, path, history = exported
-    ref, plain, onnx = three_ways(model, tower, path, users, history)
+    model, tower, path, history, ctx = exported
+    ref, plain, onnx = three_ways(model, tower, path, users, history, ctx)
     assert ref.shape == plain.shape == onnx.shape == (len(users), model.spec.output_dim)
     assert np.abs(ref - plain).max() <= 1e-5
     assert np.abs(ref - onnx).max() <= 1e-5
@@ -70,46 +76,83 @@ def test_torchrec_plain_onnx_parity(exported, users):
 
 
 def test_parity_covers_the_oov_user_row(exported):
-    model, tower, path, history = exported
+    model, tower, path, history, ctx = exported
     users = np.arange(5, 42)  # 37 users
     oov = np.full(len(users), model.spec.user_oov_index)
-    ref, plain, onnx = three_ways(model, tower, path, users, history, user_index=oov)
+    ref, plain, onnx = three_ways(model, tower, path, users, history, ctx, user_index=oov)
     assert np.abs(ref - onnx).max() <= 1e-5 and np.abs(ref - plain).max() <= 1e-5
-    known = three_ways(model, tower, path, users, history)[2]
+    known = three_ways(model, tower, path, users, history, ctx)[2]
     assert np.abs(known - onnx).max() > 1e-3  # the user row really feeds the exported tower
 
 
 def test_onnx_inputs_have_dynamic_axes(exported):
-    _, _, path, _ = exported
+    path = exported[2]
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     inputs = {i.name: i for i in session.get_inputs()}
-    assert list(inputs) == ["history", "offsets", "user"]
-    assert all(i.type == "tensor(int64)" for i in inputs.values())
-    assert all(isinstance(i.shape[0], str) for i in inputs.values())  # symbolic, not the example's 16
-    assert inputs["offsets"].shape[0] == inputs["user"].shape[0]
+    # every input of the contract, in order, even those this ids-only tower ignores (serving sends them all)
+    assert list(inputs) == list(USER_INPUTS) == [
+        "history", "history_weights", "history_offsets", "user", "age", "gender", "occupation",
+        "liked", "liked_offsets", "avoided", "avoided_offsets",
+    ]  # fmt: skip
+    assert inputs["history_weights"].type == "tensor(float)"
+    assert all(i.type == "tensor(int64)" for name, i in inputs.items() if name != "history_weights")
+    assert all(len(i.shape) == 1 and isinstance(i.shape[0], str) for i in inputs.values())  # symbolic, not the example's 16
+    per_user = ["history_offsets", "user", "age", "gender", "occupation", "liked_offsets", "avoided_offsets"]
+    assert {inputs[k].shape[0] for k in per_user} == {inputs["user"].shape[0]}  # one batch axis
+    # bag values have their own length axes (history and its weights share one)
+    assert inputs["history"].shape[0] == inputs["history_weights"].shape[0]
+    assert len({inputs[k].shape[0] for k in ("user", "history", "liked", "avoided")}) == 4
     assert [o.name for o in session.get_outputs()] == ["user_embedding"]
+    assert session.get_outputs()[0].shape[0] == inputs["user"].shape[0]
 
 
 def test_parity_function_reports_both_differences(exported):
-    model, tower, path, history = exported
-    checks = parity(model, tower, path, np.arange(N_USERS), history)
+    model, tower, path, history, ctx = exported
+    checks = parity(model, ctx, tower, path, np.arange(N_USERS), history)
     assert set(checks) == {"parity/torchrec_vs_plain", "parity/torchrec_vs_onnx"}
     assert all(0.0 <= v <= 1e-5 for v in checks.values())
     # a tower with different weights is caught
     other = PlainUserTower(model)
     with torch.no_grad():
         other.mlp[0].bias.add_(1.0)
-    assert parity(model, other, path, np.arange(N_USERS), history)["parity/torchrec_vs_plain"] > 1e-3
+    assert parity(model, ctx, other, path, np.arange(N_USERS), history)["parity/torchrec_vs_plain"] > 1e-3
 
 
-def test_flat_inputs_layout():
-    spec = TowerSpec(n_users=3, n_items=10, n_genres=1)
-    history = (np.array([0, 2, 2, 5]), np.array([4, 9, 1, 2, 3]))
-    feed = flat_inputs(spec, np.array([2, 1, 0]), history)
+def test_user_feed_layout(ctx):
+    spec = TowerSpec(n_users=N_USERS, n_items=10, n_genres=4)
+    history = (np.array([0, 2, 2, 5, *[5] * (N_USERS - 3)]), np.array([4, 9, 1, 2, 3]))
+    feed = user_feed(spec, ctx, np.array([2, 1, 0]), history)
+    assert list(feed) == list(USER_INPUTS)
     assert feed["history"].tolist() == [1, 2, 3, 4, 9]
-    assert feed["offsets"].tolist() == [0, 3, 3]  # user 1 is empty: its slice is [3, 3)
+    assert feed["history_offsets"].tolist() == [0, 3, 3]  # user 1 is empty: its slice is [3, 3)
+    np.testing.assert_allclose(feed["history_weights"], [1 / 3, 1 / 3, 1 / 3, 1 / 2, 1 / 2], rtol=1e-6)  # a mean per user
     assert feed["user"].tolist() == [2, 1, 0]
-    assert all(v.dtype == np.int64 for v in feed.values())
+    u = ctx.users
+    assert feed["age"].tolist() == u.age[[2, 1, 0]].tolist() and feed["gender"].tolist() == u.gender[[2, 1, 0]].tolist()
+    assert feed["occupation"].tolist() == u.occupation[[2, 1, 0]].tolist()
+    assert min(feed["age"].min(), feed["gender"].min(), feed["occupation"].min()) >= 1  # the synthetic users have all three
+    # the stated genres of users 2, 1, 0 (two liked, one avoided each in the synthetic data)
+    liked = [u.liked[1][u.liked[0][x] : u.liked[0][x + 1]].tolist() for x in (2, 1, 0)]
+    assert feed["liked"].tolist() == sum(liked, []) and feed["liked_offsets"].tolist() == [0, 2, 4]
+    assert feed["avoided_offsets"].tolist() == [0, 1, 2] and len(feed["avoided"]) == 3
+    assert feed["history_weights"].dtype == np.float32
+    assert all(v.dtype == np.int64 for k, v in feed.items() if k != "history_weights")
+    # user_index overrides the id; demographics=False blanks them to 0 (missing); liked/avoided override
+    feed = user_feed(spec, ctx, np.array([2, 1]), history, user_index=np.array([N_USERS, 1]), demographics=np.array([False, True]),
+                     liked=[np.array([3]), np.zeros(0, np.int64)], avoided=[np.zeros(0, np.int64), np.array([0, 1])])  # fmt: skip
+    assert feed["user"].tolist() == [N_USERS, 1]
+    assert feed["age"].tolist() == [0, u.age[1]] and feed["gender"].tolist() == [0, u.gender[1]] and feed["occupation"].tolist() == [0, u.occupation[1]]
+    assert feed["liked"].tolist() == [3] and feed["liked_offsets"].tolist() == [0, 1]
+    assert feed["avoided"].tolist() == [0, 1] and feed["avoided_offsets"].tolist() == [0, 0]
+
+
+def test_user_feed_rating_weights(ctx):
+    spec = TowerSpec(n_users=N_USERS, n_items=10, n_genres=4)
+    history = (np.array([0, 2, 2, 5, *[5] * (N_USERS - 3)]), np.array([4, 9, 1, 2, 3]), np.array([3, 1, 5, 4, 1], np.float32))
+    rated = Context(ctx.users, ctx.items, rating_weighted=True)
+    # user 2: ratings [5, 4, 1] -> [0.5, 0.4, 0.1]; user 0: [3, 1] -> [0.75, 0.25]
+    np.testing.assert_allclose(user_feed(spec, rated, np.array([2, 1, 0]), history)["history_weights"], [0.5, 0.4, 0.1, 0.75, 0.25], rtol=1e-6)
+    np.testing.assert_allclose(user_feed(spec, ctx, np.array([2, 1, 0]), history)["history_weights"], [1 / 3, 1 / 3, 1 / 3, 0.5, 0.5], rtol=1e-6)
 
 
 # -- artifact bundle ---------------------------------------------------------------------------------
@@ -119,14 +162,14 @@ def bundle_inputs():
     spec = TowerSpec(n_users=ds.n_users, n_items=ds.n_items, n_genres=4, embedding_dim=8, hidden_dim=16, output_dim=8, use_user_id=False)
     torch.manual_seed(1)
     model = TwoTower(spec).eval()
-    history = user_items_csr(ds.interactions, ds.n_users, ds.n_items)
+    history = rated_csr(ds.interactions, ds.n_users)
     item_vec = np.random.default_rng(0).normal(size=(ds.n_items, 8)).astype(np.float32)
-    return model, item_vec, ds, history
+    return model, Context.from_dataset(ds), item_vec, ds, history
 
 
 def write(bundle_inputs, out_dir, **kw):
-    model, item_vec, ds, history = bundle_inputs
-    return write_artifacts(model, item_vec, ds, history, out_dir, {"test/ndcg@10": 0.5}, {"run_id": "r1"}, ["i3", "i1"], **kw)
+    model, ctx, item_vec, ds, history = bundle_inputs
+    return write_artifacts(model, ctx, item_vec, ds, history, out_dir, {"test/ndcg@10": 0.5}, {"run_id": "r1"}, ["i3", "i1"], **kw)
 
 
 def leftovers(parent, name):
@@ -134,7 +177,7 @@ def leftovers(parent, name):
 
 
 def test_write_artifacts_bundle_and_manifest(bundle_inputs, tmp_path):
-    model, item_vec, ds, history = bundle_inputs
+    model, ctx, item_vec, ds, history = bundle_inputs
     out = tmp_path / "models" / "bundle"  # parent does not exist yet
     manifest = write(bundle_inputs, out)
     on_disk = json.loads((out / "manifest.json").read_text())
@@ -157,16 +200,24 @@ def test_write_artifacts_bundle_and_manifest(bundle_inputs, tmp_path):
     assert on_disk["provenance"]["run_id"] == "r1" and "exported_at" in on_disk["provenance"]
     assert set(on_disk["parity"]) == {"parity/torchrec_vs_plain", "parity/torchrec_vs_onnx"}
     assert max(on_disk["parity"].values()) <= 1e-5
-    # the exported tower has no user-id table but still takes the `user` input serving sends
-    feed = flat_inputs(model.spec, np.array([0]), history)
+    assert on_disk["inputs"] == list(USER_INPUTS)
+    assert on_disk["features"]["user"] == [HISTORY] and on_disk["features"]["item"] == [ITEM_ID, GENRES]
+    assert on_disk["features"]["rating_weighted"] is False
+    assert on_disk["features"]["gender_vocab"] == ctx.users.gender_vocab == ["F", "M"]
+    assert on_disk["features"]["occupation_vocab"] == ctx.users.occupation_vocab == sorted(set(ds.users.occupation))
+    # the exported tower has no user-id (or side-feature) table but still takes every input serving sends
+    feed = user_feed(model.spec, ctx, np.array([0]), history)
     out_vec = ort.InferenceSession(str(out / "user_tower.onnx"), providers=["CPUExecutionProvider"]).run(None, feed)[0]
     assert out_vec.shape == (1, 8)
+    with torch.no_grad():
+        ref = model.user_arch(user_features(model.spec, ctx, np.array([0]), history, CPU)).numpy()
+    assert np.abs(out_vec - ref).max() <= 1e-5
 
 
 def test_returned_manifest_is_what_was_written(bundle_inputs, tmp_path):
-    model, item_vec, ds, history = bundle_inputs
+    model, ctx, item_vec, ds, history = bundle_inputs
     metrics = {"test/ndcg@10": 0.5}
-    manifest = write_artifacts(model, item_vec, ds, history, tmp_path / "b", metrics, {}, [])
+    manifest = write_artifacts(model, ctx, item_vec, ds, history, tmp_path / "b", metrics, {}, [])
     metrics["later"] = 1.0  # the caller keeps using its dict (the pipeline adds the parity numbers)
     assert manifest == json.loads((tmp_path / "b" / "manifest.json").read_text())
     assert manifest["metrics"] == {"test/ndcg@10": 0.5}

@@ -14,11 +14,10 @@ from mlflow import MlflowClient
 from mlflow.artifacts import download_artifacts
 
 from features.store import FeatureStore
-from training.data import user_features
-from training.export import flat_inputs
+from training.data import user_feed, user_features
 from training.model import TowerSpec, TwoTower
 from training.offline import evaluate_bundle, export_checkpoint
-from training.pipeline import item_counts, prepare, train
+from training.pipeline import context, item_counts, prepare, train
 from training.tracking import mlflow_key
 
 CPU = torch.device("cpu")
@@ -152,7 +151,7 @@ def test_feature_store_was_loaded(trained_run, prepared):
         history = store.user_history("u1")
         assert history, "user u1 has no history in the store"
         # the store holds train + val (what serving may use as history), never the test split
-        indptr, indices = prepared.seen
+        indptr, indices = prepared.seen[:2]
         assert set(history) == set(ds.item_vocab.decode(indices[indptr[0] : indptr[1]]))
         assert store.has_user("u1") and not store.has_user("u999999")
         assert len(store.item_metadata(["i1", "i2"])) == 2
@@ -188,14 +187,15 @@ def test_exported_onnx_matches_torchrec_on_trained_weights(trained_run, prepared
     model = TwoTower(TowerSpec(**payload["spec"])).eval()
     model.load_state_dict(payload["best_state"])
     session = ort.InferenceSession(str(trained_run.result.artifact_dir / "user_tower.onnx"), providers=["CPUExecutionProvider"])
-    indptr, indices = prepared.seen
+    ctx = context(trained_run.cfg, prepared.dataset)
+    indptr, indices, ratings = prepared.seen
     # users 0 and 1 lose their history: the tower must give the "no history" vector for them
-    history = (np.concatenate([[0, 0], indptr[2:] - indptr[2]]), indices[indptr[2] :])
+    history = (np.concatenate([[0, 0], indptr[2:] - indptr[2]]), indices[indptr[2] :], ratings[indptr[2] :])
     rng = np.random.default_rng(0)
     for users in (np.array([5]), np.array([0]), np.concatenate([[0, 1], rng.choice(np.arange(2, 1000), 35, replace=False)])):
         with torch.no_grad():
-            ref = model.user_arch(user_features(model.spec, users, history, CPU)).numpy()
-        out = session.run(None, flat_inputs(model.spec, users, history))[0]
+            ref = model.user_arch(user_features(model.spec, ctx, users, history, CPU)).numpy()
+        out = session.run(None, user_feed(model.spec, ctx, users, history))[0]
         assert out.shape == (len(users), model.spec.output_dim)
         assert np.abs(out - ref).max() <= 1e-5
         assert np.isfinite(out).all()

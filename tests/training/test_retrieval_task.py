@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from features.config import SyntheticConfig
-from features.splits import user_items_csr
+from features.content import ItemSide, UserSide, to_csr
 from features.synthetic import generate
 from training.config import TaskConfig
-from training.data import UserBatch, epoch_batches, item_features, user_features
+from training.data import Context, UserBatch, epoch_batches, item_features, rated_csr, user_features
 from training.model import ITEM_ID, TowerSpec, TwoTower
 from training.task import RetrievalTask
 
@@ -20,6 +20,13 @@ CPU = torch.device("cpu")
 
 def csr(rows):
     return np.cumsum([0] + [len(r) for r in rows]).astype(np.int64), np.array([i for r in rows for i in r], dtype=np.int64)
+
+
+def genre_ctx(genres, n_users: int = 3) -> Context:
+    """A Context that only carries item genres (the pinned towers ignore everything else)."""
+    zeros = np.zeros(n_users, np.int64)
+    users = UserSide(zeros, zeros, zeros, to_csr([()] * n_users), to_csr([()] * n_users), [], [])
+    return Context(users, ItemSide(to_csr(genres), np.zeros(len(genres), np.int64), to_csr([()] * len(genres))))
 
 
 def fixed_towers(monkeypatch, model: TwoTower, user_vec, item_vec) -> None:
@@ -54,7 +61,7 @@ def test_full_softmax_hand_computed(monkeypatch):
     # users u0 = (1, 0), u1 = (0, 1); items e0 = (1, 0), e1 = (0, 1), e2 = (-1, 0); T = 0.5
     fixed_towers(monkeypatch, model, [[1, 0], [0, 1]], [[1, 0], [0, 1], [-1, 0]])
     task = RetrievalTask(TaskConfig(loss="full_softmax"), np.ones(3))
-    genres = [(0,)] * 3
+    genres = genre_ctx([(0,)] * 3)
     # logits: u0 -> [2, 0, -2], u1 -> [0, 2, 0]
     # user 0, targets {0}:    lse0 = log(e^2 + 1 + e^-2) = 2.142932; loss0 = lse0 - 2 = 0.142932
     # user 1, targets {1, 2}: lse1 = log(2 + e^2) = 2.239545; loss1 = ((lse1 - 2) + (lse1 - 0)) / 2 = 1.239545
@@ -72,22 +79,22 @@ def test_full_softmax_hand_computed(monkeypatch):
 @pytest.fixture(scope="module")
 def tiny():
     ds = generate(SyntheticConfig(n_users=48, n_items=30, n_genres=4, mean_interactions_per_user=8, seed=2))
-    train = user_items_csr(ds.interactions, ds.n_users, ds.n_items)
+    train = rated_csr(ds.interactions, ds.n_users)
     spec = TowerSpec(n_users=ds.n_users, n_items=ds.n_items, n_genres=4, embedding_dim=16, hidden_dim=16, output_dim=8, use_user_id=True, temperature=0.2)
-    return ds, train, spec
+    return Context.from_dataset(ds), train, spec
 
 
 def test_full_softmax_matches_independent_computation_on_real_towers(tiny):
-    ds, train, spec = tiny
+    ctx, train, spec = tiny
     torch.manual_seed(0)
     model = TwoTower(spec)
     task = RetrievalTask(TaskConfig(loss="full_softmax"), np.bincount(train[1], minlength=spec.n_items).astype(float))
-    b = next(epoch_batches(spec, train, 16, 0.3, 0.0, np.random.default_rng(0), CPU))
-    loss = task.loss(model, b, ds.items.genres)
+    b = next(epoch_batches(spec, ctx, train, 16, 0.3, 0.0, np.random.default_rng(0), CPU))
+    loss = task.loss(model, b, ctx)
     # independent: log p(item | user) from the tower vectors, averaged over each user's targets, then users
     with torch.no_grad():
         u = model.user_arch(b.features)
-        v = model.item_arch(item_features(spec, ds.items.genres, CPU))
+        v = model.item_arch(item_features(spec, ctx, CPU))
         log_p = u @ v.T / spec.temperature
         log_p = log_p - torch.logsumexp(log_p, dim=1, keepdim=True)
     indptr, targets = b.targets
@@ -119,13 +126,13 @@ def test_sampled_softmax_with_log_q_hand_computed(monkeypatch):
     rows = [ce([1 - a, -b, -b], 0), ce([-a, 1 - b], 1), ce([1 - a, -b], 1)]
     expected = sum(rows) / 3
     assert expected == pytest.approx(0.643993, abs=1e-6)
-    assert task.loss(model, batch([0, 1, 2], TARGETS3), [(0,)] * 3).item() == pytest.approx(expected, rel=1e-6)
+    assert task.loss(model, batch([0, 1, 2], TARGETS3), genre_ctx([(0,)] * 3)).item() == pytest.approx(expected, rel=1e-6)
 
 
 def test_log_q_correction_changes_the_loss(monkeypatch):
     model = TwoTower(TowerSpec(n_users=3, n_items=3, n_genres=1, output_dim=2, temperature=1.0))
     fixed_towers(monkeypatch, model, USERS3, ITEMS3)
-    b, genres = batch([0, 1, 2], TARGETS3), [(0,)] * 3
+    b, genres = batch([0, 1, 2], TARGETS3), genre_ctx([(0,)] * 3)
     # uniform counts: log q is a constant shift of every logit, so the loss is the uncorrected one
     #   row0 [1, 0, 0] -> log(e + 2) - 1 = 0.551445
     #   row1 [0, 1, -inf] -> log(1 + e) - 1 = 0.313262
@@ -137,15 +144,16 @@ def test_log_q_correction_changes_the_loss(monkeypatch):
 
 
 def test_sampled_softmax_trains_on_real_towers(tiny):
-    ds, train, spec = tiny
+    ctx, train, spec = tiny
     torch.manual_seed(0)
     model = TwoTower(spec)
     task = RetrievalTask(TaskConfig(loss="sampled_softmax"), np.bincount(train[1], minlength=spec.n_items).astype(float))
-    b = next(epoch_batches(spec, train, 64, 0.3, 0.0, np.random.default_rng(0), CPU))  # all 48 users
+    b = next(epoch_batches(spec, ctx, train, 64, 0.3, 0.0, np.random.default_rng(0), CPU))  # all 48 users
+    assert len(b.users) == 48
 
     def fixed_loss():
         np.random.seed(0)  # the sampled positive per user comes from numpy's global RNG
-        return task.loss(model, b, ds.items.genres)
+        return task.loss(model, b, ctx)
 
     before = fixed_loss()
     assert torch.isfinite(before) and before.item() > 0
@@ -162,25 +170,65 @@ def test_sampled_softmax_trains_on_real_towers(tiny):
 
 
 def test_metrics_keys_range_and_mode_restored(tiny):
-    ds, train, spec = tiny
+    ctx, train, spec = tiny
     torch.manual_seed(0)
     model = TwoTower(spec)
     task = RetrievalTask(TaskConfig(eval_k=5), np.ones(spec.n_items))
     # history = all but the last item of each user, truth = the last
-    indptr, indices = train
+    indptr, indices = train[:2]
     last = np.zeros(len(indices), bool)
     last[indptr[1:] - 1] = True
     hist = (indptr - np.arange(len(indptr)), indices[~last])
     truth = (np.arange(len(indptr)), indices[last])
     model.train()
-    m = task.metrics(model, hist, truth, ds.items.genres, CPU)
+    m = task.metrics(model, hist, truth, ctx, CPU)
     assert model.training  # restored
     assert {"ndcg@5", "precision@5", "recall@5", "map@5", "coverage"} <= set(m)
     assert all(0.0 <= v <= 1.0 for v in m.values())
     model.eval()
-    task.metrics(model, hist, truth, ds.items.genres, CPU)
+    task.metrics(model, hist, truth, ctx, CPU)
     assert not model.training
     # user embeddings come from the history: same as the user tower on user_features
     with torch.no_grad():
-        direct = model.user_arch(user_features(spec, np.array([0, 1]), hist, CPU))
-    torch.testing.assert_close(task.user_embeddings(model, np.array([0, 1]), hist, CPU), direct)
+        direct = model.user_arch(user_features(spec, ctx, np.array([0, 1]), hist, CPU))
+    torch.testing.assert_close(task.user_embeddings(model, ctx, np.array([0, 1]), hist, CPU), direct)
+
+
+# -- item-id dropout ---------------------------------------------------------------------------------
+def recording_towers(monkeypatch, model: TwoTower, n_users: int) -> list[torch.Tensor]:
+    """Pin the towers to constant vectors and record the item ids each item-tower call receives."""
+    seen: list[torch.Tensor] = []
+    monkeypatch.setattr(model.user_arch, "forward", lambda features: torch.ones(n_users, 2) / math.sqrt(2))
+
+    def item_forward(features):
+        seen.append(features[ITEM_ID].values().clone())
+        return torch.ones(len(seen[-1]), 2) / math.sqrt(2)
+
+    monkeypatch.setattr(model.item_arch, "forward", item_forward)
+    return seen
+
+
+@pytest.mark.parametrize("loss", ["full_softmax", "sampled_softmax"])
+def test_item_id_dropout_swaps_item_rows_to_the_oov_row_in_the_loss(monkeypatch, loss):
+    n = 400
+    model = TwoTower(TowerSpec(n_users=n, n_items=n, n_genres=1, output_dim=2))
+    seen = recording_towers(monkeypatch, model, n)
+    ctx = genre_ctx([(0,)] * n, n_users=n)
+    b = batch(np.arange(n), [[i] for i in range(n)])  # one target each: the sampled positive of user i is item i
+    np.random.seed(0)
+    RetrievalTask(TaskConfig(loss=loss), np.ones(n), item_id_dropout=0.3).loss(model, b, ctx)
+    ids = seen[-1].numpy()
+    assert len(ids) == n
+    assert model.spec.item_oov_index == n
+    oov = ids == n
+    assert 0.2 < oov.mean() < 0.4  # ~item_id_dropout of the item rows
+    np.testing.assert_array_equal(ids[~oov], np.arange(n)[~oov])  # the others keep their own row
+    # without dropout every item uses its own row
+    RetrievalTask(TaskConfig(loss=loss), np.ones(n)).loss(model, b, ctx)
+    np.testing.assert_array_equal(seen[-1].numpy(), np.arange(n))
+
+
+def test_cold_items_are_the_zero_count_items():
+    task = RetrievalTask(TaskConfig(), np.array([3.0, 0.0, 1.0, 0.0]), item_id_dropout=0.1)
+    assert task.cold.tolist() == [False, True, False, True]
+    assert task.item_id_dropout == 0.1

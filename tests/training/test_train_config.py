@@ -64,7 +64,10 @@ def test_unknown_nested_key_via_set_names_dotted_key():
 @pytest.mark.parametrize(
     "assignment, key",
     [("trainer.epochs=abc", "trainer.epochs"), ("trainer.epochs=0", "trainer.epochs"), ("model.temperature=-1", "model.temperature"),
-     ("task.loss=hinge", "task.loss"), ("trainer.device=tpu", "trainer.device"), ("split.ratio=1.5", "split.ratio")],
+     ("task.loss=hinge", "task.loss"), ("trainer.device=tpu", "trainer.device"), ("split.ratio=1.5", "split.ratio"),
+     ("model.kind=wide_deep", "model.kind"), ("model.item_id_dropout=1", "model.item_id_dropout"), ("model.stated_dropout=1.5", "model.stated_dropout"),
+     ("model.demographics_dropout=-0.1", "model.demographics_dropout"), ("model.title_buckets=0", "model.title_buckets"),
+     ("model.use_contents=true", "model.use_contents")],
 )
 def test_bad_value_names_its_key(assignment, key):
     with pytest.raises(ConfigError) as e:
@@ -87,6 +90,21 @@ def test_set_parses_yaml_scalars():
     assert cfg.data.synthetic.n_users == 150
     assert cfg.data.synthetic.n_items == 800  # sibling keys of the file survive an override
     assert load_config(None, ["tracking.run_name=null"]).tracking.run_name is None
+
+
+def test_hybrid_switches_default_off_and_parse():
+    default = load_config(CONFIGS / "two_tower.yaml").model
+    assert default.kind == "two_tower"
+    assert (default.use_content, default.use_demographics, default.use_stated, default.rating_weighted) == (False, False, False, False)
+    assert default.item_id_dropout == 0.0 and default.title_buckets == 1024
+    assert (default.demographics_dropout, default.stated_dropout) == (0.2, 0.5)
+    m = load_config(CONFIGS / "two_tower.yaml", [
+        "model.kind=hybrid", "model.use_content=true", "model.use_demographics=true", "model.use_stated=true", "model.rating_weighted=true",
+        "model.item_id_dropout=0.1", "model.demographics_dropout=0", "model.stated_dropout=1", "model.title_buckets=64",
+    ]).model  # fmt: skip
+    assert m.kind == "hybrid"
+    assert (m.use_content, m.use_demographics, m.use_stated, m.rating_weighted) == (True, True, True, True)
+    assert (m.item_id_dropout, m.demographics_dropout, m.stated_dropout, m.title_buckets) == (0.1, 0.0, 1.0, 64)
 
 
 def test_set_needs_key_value_and_a_section():

@@ -1,6 +1,7 @@
 """Trainer: device choice, a checkpoint per epoch, exact resume (RNG restore), early stopping."""
 from __future__ import annotations
 
+import inspect
 import logging
 from dataclasses import asdict
 
@@ -9,33 +10,47 @@ import pytest
 import torch
 
 from training.config import TrainerConfig, load_config
-from training.pipeline import build_model, item_counts, prepare
+from training.pipeline import build_model, context, item_counts, prepare
 from training.task import RetrievalTask
 from training.trainer import Trainer, pick_device
 
 CPU = torch.device("cpu")
 DATA = ["data.synthetic.n_users=80", "data.synthetic.n_items=60", "data.synthetic.n_genres=4", "data.synthetic.mean_interactions_per_user=10"]
 MODEL = ["model.embedding_dim=16", "model.hidden_dim=24", "model.output_dim=16", "model.use_user_id=true", "model.user_id_dropout=0.2"]
+HYBRID = ["model.kind=hybrid", "model.use_content=true", "model.use_demographics=true", "model.use_stated=true", "model.rating_weighted=true",
+          "model.item_id_dropout=0.2", "model.demographics_dropout=0.3", "model.stated_dropout=0.5", "model.title_buckets=32"]  # fmt: skip
+
+
+def _prepare(overrides):
+    cfg = load_config(None, overrides)
+    data = prepare(cfg)
+    return cfg, data, context(cfg, data.dataset)
 
 
 @pytest.fixture(scope="module")
 def prepared():
-    cfg = load_config(None, DATA + MODEL)
-    return cfg, prepare(cfg)
+    return _prepare(DATA + MODEL)
+
+
+@pytest.fixture(scope="module")
+def prepared_hybrid():
+    """Every side feature on, with item-id, demographics and stated-genre dropout (more RNG to restore)."""
+    return _prepare(DATA + MODEL + HYBRID)
 
 
 def make_trainer(prepared, ckpt_dir, init_seed=0, loss="full_softmax", on_epoch=None, **trainer):
-    cfg, data = prepared
+    cfg, data, ctx = prepared
     torch.manual_seed(init_seed)
-    model = build_model(cfg, data.dataset, CPU)
-    task = RetrievalTask(cfg.task.model_copy(update={"loss": loss}), item_counts(data.train, data.dataset.n_items))
+    model = build_model(cfg, data.dataset, ctx, CPU)
+    task = RetrievalTask(cfg.task.model_copy(update={"loss": loss}), item_counts(data.train, data.dataset.n_items), cfg.model.item_id_dropout)
     tcfg = TrainerConfig(**{"batch_size": 32, "lr": 0.01, "seed": 3, "patience": 50, "progress": False, "checkpoint_dir": str(ckpt_dir), **trainer})
-    return Trainer(model, task, tcfg, cfg.task.history_dropout, cfg.model.user_id_dropout, CPU, on_epoch=on_epoch)
+    m = cfg.model
+    return Trainer(model, task, tcfg, cfg.task.history_dropout, m.user_id_dropout, CPU, m.demographics_dropout, m.stated_dropout, on_epoch=on_epoch)
 
 
 def fit(trainer, prepared, resume=False):
-    _, data = prepared
-    return trainer.fit(data.train, data.train, data.val, data.dataset.items.genres, resume=resume)
+    _, data, ctx = prepared
+    return trainer.fit(data.train, data.train, data.val, ctx, resume=resume)
 
 
 def assert_same_state(a: dict, b: dict):
@@ -101,12 +116,14 @@ def test_checkpoint_per_epoch_with_model_optimizer_rng(prepared, tmp_path):
     assert any(not torch.equal(first["model"][k], last["model"][k]) for k in first["model"])
 
 
-@pytest.mark.parametrize("loss", ["full_softmax", "sampled_softmax"])
-def test_resume_reproduces_an_uninterrupted_run(prepared, tmp_path, loss):
+@pytest.mark.parametrize("loss, model", [("full_softmax", "two_tower"), ("sampled_softmax", "two_tower"), ("full_softmax", "hybrid")])
+def test_resume_reproduces_an_uninterrupted_run(request, tmp_path, loss, model):
     """4 epochs in one go == 2 epochs, then a fresh Trainer resumed to 4: same weights, same history.
 
-    Only holds if the checkpoint restores the numpy Generator (masks, id dropout) and the numpy
-    global RNG (sampled positives) as well as model and Adam state: fit() reseeds at its start."""
+    Only holds if the checkpoint restores the numpy Generator (masks, user-id / demographics /
+    stated dropout) and the numpy global RNG (sampled positives, item-id dropout) as well as model
+    and Adam state: fit() reseeds at its start."""
+    prepared = request.getfixturevalue("prepared" if model == "two_tower" else "prepared_hybrid")
     straight = make_trainer(prepared, tmp_path / "a", epochs=4, loss=loss)
     a = fit(straight, prepared)
 
@@ -149,3 +166,25 @@ def test_early_stopping_when_validation_cannot_improve(prepared, tmp_path):
     again = fit(make_trainer(prepared, tmp_path / "es", epochs=10, lr=1e-12, patience=2), prepared, resume=True)
     assert again.epochs_run == 3 and again.best_epoch == 1 and again.history == result.history
     assert trainer.latest_checkpoint().name == "epoch-003.pt"
+
+
+def test_trainer_hands_the_side_feature_dropouts_to_the_batches(prepared_hybrid, tmp_path, monkeypatch):
+    import training.trainer as trainer_module
+
+    calls = []
+    real = trainer_module.epoch_batches
+
+    def spy(*args, **kwargs):
+        calls.append((args, kwargs))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "epoch_batches", spy)
+    cfg, data, ctx = prepared_hybrid
+    trainer = make_trainer(prepared_hybrid, tmp_path / "h", epochs=1)
+    assert (trainer.demographics_dropout, trainer.stated_dropout, trainer.task.item_id_dropout) == (0.3, 0.5, 0.2)
+    fit(trainer, prepared_hybrid)
+    assert len(calls) == 1
+    bound = inspect.signature(real).bind(*calls[0][0], **calls[0][1]).arguments
+    assert bound["spec"].use_content and bound["spec"].use_demographics and bound["spec"].use_stated and bound["ctx"] is ctx
+    assert (bound["batch_size"], bound["history_dropout"], bound["user_id_dropout"]) == (32, cfg.task.history_dropout, 0.2)
+    assert (bound["demographics_dropout"], bound["stated_dropout"]) == (0.3, 0.5)
