@@ -25,6 +25,7 @@ class RecommendRequest(BaseModel):
     user_id: str = Field(min_length=1, max_length=128)
     k: int = Field(10, ge=1, le=MAX_K)
     exclude_seen: bool = True
+    diversity: float | None = Field(None, ge=0, le=1, description="MMR lambda: 1 = by score only, lower = more diverse")
 
 
 class Item(BaseModel):
@@ -61,12 +62,12 @@ class RecommenderService:
 
         cfg = AppArgs.model_validate(args)
         store = FeatureStore(cfg.store_url) if cfg.store_url else None
-        self.recommender = Recommender.from_uri(cfg.model_uri, store, cfg.tracking_uri, cfg.force_cpu)
+        self.recommender = Recommender.from_uri(cfg.model_uri, store, cfg.tracking_uri, cfg.force_cpu, cfg.diversity_lambda)
         log.info("loaded model version %s on %s", self.recommender.model_version, self.recommender.provider)
 
     @api.post("/v1/recommend", response_model=RecommendResponse)
     def recommend(self, request: RecommendRequest) -> dict:
-        return self.recommender.recommend(request.user_id, request.k, request.exclude_seen)
+        return self.recommender.recommend(request.user_id, request.k, request.exclude_seen, request.diversity)
 
     @api.get("/healthz", response_model=Health)
     def healthz(self) -> dict:

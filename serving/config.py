@@ -17,6 +17,7 @@ class AppArgs(BaseModel):
     tracking_uri: str = "sqlite:///mlflow.db"
     store_url: str | None = "sqlite:///data/features.db"
     force_cpu: bool = False
+    diversity_lambda: float = Field(1.0, ge=0, le=1)  # MMR lambda when a request names none; 1 = plain ranking
     max_k: int = Field(100, gt=0)
 
 

@@ -11,21 +11,32 @@ from typing import Any
 
 import numpy as np
 
+from features.content import age_bucket, lookup, user_inputs
+from features.schema import UNKNOWN_AGE
 from features.store import FeatureStore
 from features.vocab import Vocab
+from serving.rerank import mmr
 from serving.runtime import create_session
 from serving.topk import TopK, build_index
 
 log = logging.getLogger(__name__)
 
 SUPPORTED_SCHEMA = 1
+MMR_POOL_FACTOR, MMR_MIN_POOL = 5, 50  # MMR re-ranks the top max(5k, 50) candidates
 
 
 @dataclass(frozen=True)
-class Recommendation:
-    item_id: str
-    title: str
-    score: float
+class UserState:
+    """A user as the model sees them: history item indices (+ ratings) and the stored profile."""
+
+    items: np.ndarray
+    ratings: np.ndarray
+    profile: dict | None
+
+    def has_signal(self, uses_stated: bool) -> bool:
+        """Anything to personalize from: a history, or stated genres when the model reads them."""
+        stated = bool(self.profile and (self.profile.get("liked_genres") or self.profile.get("avoided_genres")))
+        return len(self.items) > 0 or (uses_stated and stated)
 
 
 def find_bundle(root: Path) -> Path:
@@ -54,7 +65,7 @@ def resolve_model_uri(uri: str, tracking_uri: str | None = None) -> tuple[Path, 
 
 
 class Recommender:
-    def __init__(self, bundle: Path, store: FeatureStore | None = None, model_version: str = "local", force_cpu: bool = False):
+    def __init__(self, bundle: Path, store: FeatureStore | None = None, model_version: str = "local", force_cpu: bool = False, diversity: float = 1.0):
         self.manifest: dict[str, Any] = json.loads((bundle / "manifest.json").read_text())
         if self.manifest.get("schema_version") != SUPPORTED_SCHEMA:
             raise ValueError(f"{bundle}/manifest.json: schema_version {self.manifest.get('schema_version')} unsupported (want {SUPPORTED_SCHEMA})")
@@ -69,55 +80,88 @@ class Recommender:
         self.popular = self.item_vocab.encode(self.manifest["popularity"])
         self.store = store
         self.model_version = model_version
+        self.diversity = diversity
+        self.genre_index = {name: i for i, name in enumerate(self.manifest["genres"])}
+        user_features = set(self.manifest["features"]["user"])
+        self.uses_stated = "liked" in user_features
+        self.uses_profile = self.uses_stated or "age" in user_features
 
     @classmethod
-    def from_dir(cls, path: str | Path, store: FeatureStore | None = None, force_cpu: bool = False) -> "Recommender":
-        return cls(find_bundle(Path(path)), store, "local", force_cpu)
+    def from_dir(cls, path: str | Path, store: FeatureStore | None = None, force_cpu: bool = False, diversity: float = 1.0) -> "Recommender":
+        return cls(find_bundle(Path(path)), store, "local", force_cpu, diversity)
 
     @classmethod
-    def from_uri(cls, uri: str, store: FeatureStore | None = None, tracking_uri: str | None = None, force_cpu: bool = False) -> "Recommender":
+    def from_uri(cls, uri: str, store: FeatureStore | None = None, tracking_uri: str | None = None, force_cpu: bool = False, diversity: float = 1.0) -> "Recommender":
         bundle, version = resolve_model_uri(uri, tracking_uri)
-        return cls(bundle, store, version, force_cpu)
+        return cls(bundle, store, version, force_cpu, diversity)
+
+    def user_state(self, user_id: str) -> UserState:
+        """What the store holds about the user, in model indices; items the model never saw are dropped."""
+        if self.store is None:
+            return UserState(np.zeros(0, np.int64), np.zeros(0, np.float32), None)
+        pairs = self.store.user_interactions(user_id)
+        idx = self.item_vocab.encode([item for item, _ in pairs], unknown=-1)
+        ratings = np.array([rating for _, rating in pairs], dtype=np.float32)
+        profile = self.store.user_profile(user_id) if self.uses_profile else None
+        return UserState(idx[idx >= 0], ratings[idx >= 0], profile)
 
     def history(self, user_id: str) -> np.ndarray:
-        """Item indices of the user's stored history; items the model never saw are dropped."""
-        if self.store is None:
-            return np.zeros(0, np.int64)
-        idx = self.item_vocab.encode(self.store.user_history(user_id), unknown=-1)
-        return idx[idx >= 0]
+        return self.user_state(user_id).items
 
-    def user_vectors(self, histories: list[np.ndarray], user_rows: list[int]) -> np.ndarray:
-        lengths = np.array([len(h) for h in histories], dtype=np.int64)
-        feed = {
-            "history": np.concatenate(histories).astype(np.int64) if histories else np.zeros(0, np.int64),
-            "offsets": np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64),
-            "user": np.asarray(user_rows, dtype=np.int64),
-        }
-        return self.session.run(None, feed)[0]
+    def _genres(self, names: list[str]) -> np.ndarray:
+        return np.array([self.genre_index[n] for n in names if n in self.genre_index], dtype=np.int64)
+
+    def feed(self, states: list[UserState], user_rows: list[int]) -> dict[str, np.ndarray]:
+        """The ONNX feed (features.content.USER_INPUTS) for a batch of users."""
+        spec = self.manifest["features"]
+        profiles = [s.profile or {} for s in states]
+        age = np.array([UNKNOWN_AGE if p.get("age") is None else p["age"] for p in profiles])
+        return user_inputs(
+            [s.items for s in states],
+            [s.ratings for s in states] if spec["rating_weighted"] else None,
+            np.asarray(user_rows, np.int64),
+            age_bucket(age),
+            lookup(spec["gender_vocab"], [p.get("gender") or "" for p in profiles]),
+            lookup(spec["occupation_vocab"], [p.get("occupation") or "" for p in profiles]),
+            [self._genres(p.get("liked_genres") or []) for p in profiles],
+            [self._genres(p.get("avoided_genres") or []) for p in profiles],
+        )
+
+    def user_vectors(self, states: list[UserState], user_rows: list[int]) -> np.ndarray:
+        return self.session.run(None, self.feed(states, user_rows))[0]
 
     def _item(self, index: int, score: float) -> dict:
         meta = self.items[index]
         return {"item_id": meta["item_id"], "title": meta["title"], "score": round(float(score), 6)}
 
-    def recommend(self, user_id: str, k: int = 10, exclude_seen: bool = True) -> dict:
-        """Top-k for one user: personalized when the model or the store knows them, popularity otherwise."""
-        return self.recommend_many([user_id], k, exclude_seen)[0]
+    def recommend(self, user_id: str, k: int = 10, exclude_seen: bool = True, diversity: float | None = None) -> dict:
+        """Top-k for one user: personalized when the model or the store knows them, popularity otherwise.
 
-    def recommend_many(self, user_ids: list[str], k: int = 10, exclude_seen: bool = True) -> list[dict]:
-        histories = [self.history(u) for u in user_ids]
+        `diversity` is the MMR lambda (1 = plain ranking by score, lower = more diverse); None
+        takes the recommender's default."""
+        return self.recommend_many([user_id], k, exclude_seen, diversity)[0]
+
+    def recommend_many(self, user_ids: list[str], k: int = 10, exclude_seen: bool = True, diversity: float | None = None) -> list[dict]:
+        lam = self.diversity if diversity is None else diversity
+        states = [self.user_state(u) for u in user_ids]
         rows = [self.user_vocab.get(u) for u in user_ids]
-        known = [i for i, (h, r) in enumerate(zip(histories, rows)) if r is not None or len(h) > 0]
+        known = [i for i, (s, r) in enumerate(zip(states, rows)) if r is not None or s.has_signal(self.uses_stated)]
         results: list[dict | None] = [None] * len(user_ids)
         if known:
-            vectors = self.user_vectors([histories[i] for i in known], [self.user_oov if rows[i] is None else rows[i] for i in known])
-            exclude = [histories[i] if exclude_seen else np.zeros(0, np.int64) for i in known]
-            scores, items = self.index.search(vectors, k, exclude)
+            vectors = self.user_vectors([states[i] for i in known], [self.user_oov if rows[i] is None else rows[i] for i in known])
+            exclude = [states[i].items if exclude_seen else np.zeros(0, np.int64) for i in known]
+            n_candidates = k if lam >= 1 else max(k * MMR_POOL_FACTOR, MMR_MIN_POOL)
+            scores, items = self.index.search(vectors, n_candidates, exclude)
             for j, i in enumerate(known):
                 keep = items[j] >= 0
-                results[i] = self._response([self._item(t, s) for t, s in zip(items[j][keep], scores[j][keep])], True)
+                cand, cand_scores = items[j][keep], scores[j][keep]
+                if lam < 1 and len(cand):
+                    order = mmr(cand_scores, self.item_vectors[cand], k, lam)
+                    cand, cand_scores = cand[order], cand_scores[order]
+                results[i] = self._response([self._item(t, s) for t, s in zip(cand[:k], cand_scores[:k])], True)
         for i, result in enumerate(results):
             if result is None:
-                results[i] = self._response(self._popular(k, histories[i] if exclude_seen else None), False)
+                results[i] = self._response(self._popular(k, states[i].items if exclude_seen else None), False)
         return results  # type: ignore[return-value]
 
     def _popular(self, k: int, exclude: np.ndarray | None) -> list[dict]:

@@ -3,6 +3,7 @@ tags, artifacts, and registration with an alias (MLflow 3: aliases, not stages).
 from __future__ import annotations
 
 import json
+import re
 import logging
 import subprocess
 import tempfile
@@ -23,8 +24,10 @@ def git_sha() -> str:
 
 
 def mlflow_key(name: str) -> str:
-    """MLflow allows alphanumerics, _ - . space / : — map '@' (as in ndcg@10) to '_at_'."""
-    return name.replace("@", "_at_")
+    """MLflow keys allow alphanumerics and `_ - . space / :` only: `ndcg@10` -> `ndcg_at_10`,
+    `gender=F` -> `gender_F`, age `<18` -> `lt18`, `56+` -> `56plus`."""
+    name = name.replace("@", "_at_").replace("<", "lt").replace("+", "plus")
+    return re.sub(r"[^A-Za-z0-9_\-. /:]", "_", name)
 
 
 def default_artifact_location(tracking_uri: str) -> str | None:

@@ -64,6 +64,13 @@ def test_numeric_user_id_is_accepted(server):
     assert recommend(server, user_id=12345, k=2).status_code == 200
 
 
+def test_diversity_request_parameter(server, local):
+    r = recommend(server, user_id="u1", k=10, diversity=0.3)
+    assert r.status_code == 200
+    expected = local.recommend("u1", k=10, diversity=0.3)
+    assert [i["item_id"] for i in r.json()["items"]] == [i["item_id"] for i in expected["items"]]
+
+
 @pytest.mark.parametrize(
     "body, field",
     [
@@ -73,6 +80,8 @@ def test_numeric_user_id_is_accepted(server):
         ({"k": 5}, "user_id"),
         ({"user_id": "", "k": 5}, "user_id"),
         ({"user_id": "u1", "k": 5, "surprise": True}, "surprise"),
+        ({"user_id": "u1", "k": 5, "diversity": 1.5}, "diversity"),
+        ({"user_id": "u1", "k": 5, "diversity": -0.1}, "diversity"),
     ],
 )
 def test_bad_requests_get_422_naming_the_field(server, body, field):

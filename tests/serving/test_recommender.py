@@ -24,8 +24,10 @@ def test_known_user_gets_personalized_scores_that_match_the_bundle(rec, store):
     scores = [it["score"] for it in answer["items"]]
     assert len(scores) == 10 and scores == sorted(scores, reverse=True)
     # the same scores computed by hand: ONNX user vector . item matrix, history excluded
+    state = rec.user_state("u1")
     history = rec.item_vocab.encode(store.user_history("u1"))
-    user_vec = rec.user_vectors([history], [rec.user_oov])[0]
+    assert np.array_equal(state.items, history)
+    user_vec = rec.user_vectors([state], [rec.user_oov])[0]
     manual = rec.item_vectors @ user_vec
     manual[history] = -np.inf
     expected = rec.item_vocab.decode(np.argsort(-manual, kind="stable")[:10])
@@ -91,3 +93,29 @@ def test_unsupported_manifest_schema_is_refused(trained_run, tmp_path):
     (bundle / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match="schema_version 99"):
         Recommender.from_dir(bundle)
+
+
+def _genre_ild(rec, answer):
+    by_id = {it["item_id"]: set(it["genres"]) for it in rec.items}
+    sets = [by_id[it["item_id"]] for it in answer["items"]]
+    pairs = [(a, b) for i, a in enumerate(sets) for b in sets[i + 1 :]]
+    return np.mean([1 - len(a & b) / max(len(a | b), 1) for a, b in pairs])
+
+
+def test_mmr_diversity_parameter(rec, store):
+    plain = rec.recommend("u4", k=10)
+    assert rec.recommend("u4", k=10, diversity=1.0) == plain  # lambda 1 is the plain ranking
+    diverse = rec.recommend("u4", k=10, diversity=0.3)
+    assert len(diverse["items"]) == 10 and diverse["personalized"]
+    assert [i["item_id"] for i in diverse["items"]] != [i["item_id"] for i in plain["items"]]
+    assert _genre_ild(rec, diverse) > _genre_ild(rec, plain)
+    assert not set(store.user_history("u4")) & {i["item_id"] for i in diverse["items"]}
+    # re-ranked from the model's own top candidates, keeping their model scores
+    pool = {i["item_id"]: i["score"] for i in rec.recommend("u4", k=50)["items"]}
+    assert all(pool[i["item_id"]] == i["score"] for i in diverse["items"])
+
+
+def test_default_diversity_comes_from_the_recommender(trained_run, store):
+    diverse_by_default = Recommender.from_dir(trained_run.result.artifact_dir, store=store, diversity=0.3)
+    explicit = Recommender.from_dir(trained_run.result.artifact_dir, store=store)
+    assert diverse_by_default.recommend("u4", k=10) == explicit.recommend("u4", k=10, diversity=0.3)
