@@ -72,10 +72,35 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    from training.tune import format_table, run_tune
+
+    outcome = run_tune(
+        args.config, args.set, trials=args.trials, space_file=args.search_space, out=args.out, metric=args.metric,
+        seed=args.seed, concurrency=args.concurrency, verbose=0 if args.quiet else 1,
+    )  # fmt: skip
+    print(format_table(outcome))
+    best = outcome.best
+    test_key = "test/" + outcome.metric.split("/", 1)[1]
+    print(f"best trial {best.trial_id}: {outcome.metric} {best.objective:.4f} (validation); {test_key} {best.metrics.get(test_key, float('nan')):.4f} (test, for information)")
+    print(f"MLflow parent run {outcome.parent_run_id}; best config written to {outcome.out}")
+    if outcome.failed:
+        print(f"{len(outcome.failed)} of {len(outcome.trials)} trials failed", file=sys.stderr)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from training.demo import run_demo
 
     return run_demo(args.config, args.serve_config, args.set)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from training.report import build_report, parse_lambdas
+
+    report = build_report(args.run_id, args.tracking_uri, out=args.out, lambdas=parse_lambdas(args.lambdas))
+    print(f"report for run {report.run_id} written to {report.html.resolve()}; logged to the run under report/")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -116,10 +141,28 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("-k", type=int, default=10)
         sp.set_defaults(func=func)
 
+    sp = sub.add_parser("tune", help="random hyper-parameter search with Ray Tune; trials are nested MLflow runs")
+    with_config(sp)
+    sp.add_argument("--trials", type=int, default=10, help="number of sampled configs (default 10)")
+    sp.add_argument("--search-space", metavar="FILE", help="YAML {dotted.key: {uniform|loguniform|randint|choice: [...]}} (default: training.tune.DEFAULT_SPACE)")
+    sp.add_argument("--out", help="where to write the best config (default configs/<config name>_tuned.yaml)")
+    sp.add_argument("--metric", default="val/ndcg@10", help="validation metric to maximise, at the early-stopping epoch (default val/ndcg@10)")
+    sp.add_argument("--seed", type=int, default=0, help="random-search seed (default 0)")
+    sp.add_argument("--concurrency", type=int, help="trials at a time (default min(2, CPUs)); CPUs are split evenly between them")
+    sp.add_argument("--quiet", action="store_true", help="no Ray Tune progress output")
+    sp.set_defaults(func=cmd_tune)
+
     sp = sub.add_parser("demo", help="train on synthetic data, serve, query, shut down")
     with_config(sp)
     sp.add_argument("--serve-config", default=DEFAULT_SERVE_CONFIG)
     sp.set_defaults(func=cmd_demo)
+
+    sp = sub.add_parser("report", help="HTML report of a run: recomputed test, fairness and diversity metrics, plots; logged to the run")
+    sp.add_argument("run_id", metavar="RUN_ID", help="MLflow run id of a `trustrec train` run")
+    sp.add_argument("--tracking-uri", default="sqlite:///mlflow.db", help="MLflow tracking URI (default sqlite:///mlflow.db)")
+    sp.add_argument("--out", help="output dir (default reports/RUN_ID)")
+    sp.add_argument("--lambdas", default="0,0.25,0.5,0.75,1", help="MMR trade-offs to evaluate, comma-separated in [0, 1] (default 0,0.25,0.5,0.75,1)")
+    sp.set_defaults(func=cmd_report)
     return p
 
 
