@@ -1,11 +1,12 @@
-"""Offline quality on the Microsoft Recommenders protocol (or temporal leave-last-n).
+"""Offline quality: trustrec (two-tower, hybrid) against peers, same split, same metric code.
 
     python benchmarks/quality.py --data ml100k                 # ../shared/data/ml-100k or $TRUSTREC_ML100K
-    python benchmarks/quality.py --data ml100k:/path/to/ml-100k
-    python benchmarks/quality.py --data synthetic
+    python benchmarks/quality.py --data ml100k:/path/to/ml-100k --protocol leave_last_n
+    python benchmarks/quality.py --data synthetic --peers popularity,ease
 
-Every model is scored by the same metric code on the same split in one run; prints a table
-and writes JSON (default benchmarks/results/quality_<dataset>_<protocol>.json).
+Protocols: `stratified` (Microsoft Recommenders: 75/25 per item, seed 42) and `leave_last_n`.
+Peers (benchmarks/peers.py) are tuned on the validation split and refit on train+val.
+Prints a table and writes JSON (default benchmarks/results/quality_<dataset>_<protocol>.json).
 """
 from __future__ import annotations
 
@@ -22,9 +23,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from training.config import load_config  # noqa: E402
-from training.pipeline import popularity_metrics, prepare, train  # noqa: E402
+from training.pipeline import prepare, train  # noqa: E402
 
-CONFIGS = {"ml100k": REPO / "configs" / "two_tower_ml100k.yaml", "synthetic": REPO / "configs" / "two_tower.yaml"}
+CONFIGS = {
+    "ml100k": {"trustrec-two-tower": "two_tower_ml100k.yaml", "trustrec-hybrid": "hybrid_ml100k.yaml"},
+    "synthetic": {"trustrec-two-tower": "two_tower.yaml", "trustrec-hybrid": "hybrid.yaml"},
+}
+ALL_PEERS = "popularity,ease,bpr,bivae,als"
 
 
 def machine() -> str:
@@ -38,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", default="ml100k", help="ml100k[:PATH] or synthetic")
     p.add_argument("--protocol", choices=["stratified", "leave_last_n"], default="stratified")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra config overrides")
+    p.add_argument("--peers", default=ALL_PEERS, help=f"comma-separated peers, or '' for none (default {ALL_PEERS})")
     p.add_argument("--out", help="JSON output path")
     args = p.parse_args(argv)
 
@@ -54,23 +60,30 @@ def main(argv: list[str] | None = None) -> int:
             print(f"skipped: {e}", file=sys.stderr)
             return 2
 
+    models: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        overrides += ["tracking.enabled=false", "store.load=false", "trainer.progress=false", f"export.output_dir={tmp}/bundle", f"trainer.checkpoint_dir={tmp}/ckpt"]
-        cfg = load_config(CONFIGS[name], overrides)
-        k = cfg.task.eval_k
-        started = time.perf_counter()
-        popularity = popularity_metrics(prepare(cfg), k)
-        popularity["train_s"] = time.perf_counter() - started
-        result = train(cfg)
+        for i, (model, config) in enumerate(CONFIGS[name].items()):
+            cfg = load_config(REPO / "configs" / config, overrides + [
+                "tracking.enabled=false", "store.load=false", "trainer.progress=false",
+                f"export.output_dir={tmp}/bundle{i}", f"trainer.checkpoint_dir={tmp}/ckpt{i}",
+            ])  # fmt: skip
+            result = train(cfg)
+            models[model] = {key.removeprefix("test/"): v for key, v in result.metrics.items() if key.startswith("test/")}
+            models[model]["train_s"] = result.fit.seconds
+    k = cfg.task.eval_k
+    peers = [p for p in args.peers.split(",") if p]
+    if peers:
+        from peers import run_peers  # benchmarks/ is on sys.path (opacus ships a top-level `benchmarks` package)
 
-    ours = {key.removeprefix("test/"): v for key, v in result.metrics.items() if key.startswith("test/")}
-    ours["train_s"] = result.fit.seconds
-    models = {"trustrec-two-tower": ours, "popularity": popularity}
+        for peer, metrics in run_peers(prepare(cfg), k=k, names=peers).items():
+            models[peer] = {key: v for key, v in metrics.items() if isinstance(v, float)}
+            models[peer]["train_s"] = metrics["fit_s"]
+
     report = {
         "dataset": name,
         "protocol": "ms-recommenders stratified per item 75/25 seed 42" if args.protocol == "stratified" else f"leave-last-{cfg.split.n} per user",
         "k": k,
-        "models": {m: {key: round(v, 4) for key, v in metrics.items()} for m, metrics in models.items()},
+        "models": {m: {key: round(float(v), 4) for key, v in metrics.items()} for m, metrics in models.items()},
         "machine": machine(),
         "command": "python benchmarks/quality.py " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
@@ -81,8 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     cols = [f"ndcg@{k}", f"precision@{k}", f"recall@{k}", f"map@{k}", "coverage", "train_s"]
     print(f"\n{name} / {report['protocol']}  ({report['machine']})")
     print(f"{'model':<22}" + "".join(f"{c:>14}" for c in cols))
-    for m, metrics in report["models"].items():
-        print(f"{m:<22}" + "".join(f"{metrics[c]:>14.4f}" for c in cols))
+    for m, metrics in sorted(report["models"].items(), key=lambda kv: -kv[1][f"ndcg@{k}"]):
+        print(f"{m:<22}" + "".join(f"{metrics.get(c, float('nan')):>14.4f}" for c in cols))
     print(f"\nwrote {out}")
     return 0
 

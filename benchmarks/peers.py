@@ -1,0 +1,472 @@
+"""Peer recommenders for the quality benchmark, scored by the same metric code as our model.
+
+    python benchmarks/peers.py                      # all peers on ML-100k, MS Recommenders protocol
+    python benchmarks/peers.py --names ease,als --fast
+
+Every peer implements the tiny `Peer` interface (fit on a CSR over users, return a dense
+(users, n_items) float32 score matrix), so `training.evaluation.evaluate_scores` ranks all
+items, drops the user's history and computes NDCG/P/R/MAP exactly as for the two-tower model.
+
+Protocol (`run_peers`): a peer with a hyper-parameter grid is tuned on validation (fit on
+`prepared.train`, NDCG@k on `prepared.val`, train items excluded), the best point is refitted
+on `prepared.seen` (= train + val, the whole 75 % MS training share) and evaluated once on
+`prepared.test` with `seen` excluded. `fit_s` is the wall time of that final fit only.
+
+Conventions shared by the learned peers:
+
+- users with no training interaction, or outside [0, n_users), score all zeros (cold start);
+- items with no training interaction rank below every item the model saw (row minimum - 1),
+  like Microsoft Recommenders, which only ranks items present in the training data. Models
+  would otherwise give them arbitrary scores (BPR: random init, BiVAE: sigmoid(0) = 0.5).
+
+Numpy / scipy only at import time; cornac, implicit and torch are imported when a peer that
+needs them is fitted. This file does not import `training.pipeline` (torch / torchrec) except
+in `main`, so the tests stay light. NB: opacus installs a top-level package named
+`benchmarks`, which shadows this folder for `import benchmarks.peers`; import it as `peers`
+from a script in this folder, or load it by path (the tests do).
+"""
+from __future__ import annotations
+
+import argparse
+import inspect
+import os
+import sys
+import time
+from collections import OrderedDict
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Protocol, Sequence
+
+import numpy as np
+import scipy.linalg
+import scipy.sparse as sp
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from training.evaluation import as_csr, evaluate_scores  # noqa: E402  (numpy only)
+
+CSR = tuple[np.ndarray, np.ndarray]  # (indptr, indices) over users, like training.evaluation
+
+SEED = 42
+
+
+def pair(csr: Any) -> CSR:
+    """(indptr, indices) of a CSR pair, a rated triple (indptr, indices, ratings) or a scipy CSR.
+
+    Peers are fitted on binary interactions (the MS Recommenders BPR / BiVAE runs treat
+    every rating as a positive; cornac's BiVAE binarizes anyway), so ratings are dropped.
+    """
+    if hasattr(csr, "indptr") and hasattr(csr, "indices"):
+        return as_csr(csr)
+    return as_csr(tuple(csr)[:2])
+
+
+class Peer(Protocol):
+    name: str
+
+    def fit(self, train: CSR, n_users: int, n_items: int) -> None: ...
+
+    def scores(self, users: np.ndarray) -> np.ndarray:
+        """(len(users), n_items) float32."""
+        ...
+
+
+def to_scipy(train: Any, n_users: int, n_items: int, dtype: Any = np.float32) -> sp.csr_matrix:
+    """Binary user x item scipy CSR (ones) from a CSR pair or scipy-like object."""
+    indptr, indices = pair(train)
+    if len(indptr) != n_users + 1:
+        raise ValueError(f"train CSR has {len(indptr) - 1} rows, expected n_users={n_users}")
+    if len(indices) and (indices.min() < 0 or indices.max() >= n_items):
+        raise ValueError(f"item index out of range for n_items={n_items}")
+    return sp.csr_matrix((np.ones(len(indices), dtype=dtype), indices, indptr), shape=(n_users, n_items))
+
+
+class _Base:
+    """Bookkeeping shared by all peers: shapes, cold users, items unseen in training."""
+
+    name = "peer"
+
+    def _remember(self, train: Any, n_users: int, n_items: int) -> sp.csr_matrix:
+        x = to_scipy(train, n_users, n_items)
+        self.n_users, self.n_items = int(n_users), int(n_items)
+        self.known_users = np.diff(x.indptr) > 0
+        self.known_items = np.bincount(x.indices, minlength=n_items) > 0
+        return x
+
+    def _raw(self, users: np.ndarray) -> np.ndarray:
+        """Scores of known, in-range users: (len(users), n_items)."""
+        raise NotImplementedError
+
+    def scores(self, users: np.ndarray) -> np.ndarray:
+        if not hasattr(self, "known_users"):
+            raise RuntimeError(f"{self.name}: call fit() before scores()")
+        users = np.asarray(users, dtype=np.int64).reshape(-1)
+        out = np.zeros((len(users), self.n_items), dtype=np.float32)
+        in_range = (users >= 0) & (users < self.n_users)
+        warm = np.zeros(len(users), dtype=bool)
+        warm[in_range] = self.known_users[users[in_range]]
+        if warm.any():
+            raw = np.asarray(self._raw(users[warm]), dtype=np.float32)
+            if not self.known_items.all() and self.known_items.any():
+                floor = raw[:, self.known_items].min(axis=1, keepdims=True) - 1.0
+                raw = np.where(self.known_items[None, :], raw, floor)
+            out[warm] = raw
+        return out
+
+
+class Popularity(_Base):
+    """Number of training users per item, the same for every user (ties: lower item index)."""
+
+    name = "popularity"
+
+    def fit(self, train: CSR, n_users: int, n_items: int) -> None:
+        x = self._remember(train, n_users, n_items)
+        self.counts = np.bincount(x.indices, minlength=n_items).astype(np.float32)
+
+    def scores(self, users: np.ndarray) -> np.ndarray:
+        # Unlike the learned peers, popularity needs no history: cold users get the same list.
+        if not hasattr(self, "counts"):
+            raise RuntimeError("popularity: call fit() before scores()")
+        users = np.asarray(users).reshape(-1)
+        return np.tile(self.counts, (len(users), 1))
+
+
+class EASE(_Base):
+    """Embarrassingly Shallow Autoencoder (Steck, WWW 2019), closed form.
+
+    G = XᵀX + λI, P = G⁻¹, B = -P / diag(P) (column j divided by P_jj), diag(B) = 0;
+    scores = X_u B. G is symmetric positive definite, so P comes from a Cholesky solve.
+    """
+
+    name = "ease"
+
+    def __init__(self, lam: float = 200.0):
+        if lam <= 0:
+            raise ValueError(f"lam must be > 0, got {lam}")
+        self.lam = float(lam)
+
+    def fit(self, train: CSR, n_users: int, n_items: int) -> None:
+        x = self._remember(train, n_users, n_items).astype(np.float64)
+        g = (x.T @ x).toarray()
+        g[np.diag_indices_from(g)] += self.lam
+        p = scipy.linalg.cho_solve(scipy.linalg.cho_factor(g, lower=True), np.eye(n_items))
+        b = -p / np.diag(p)[None, :]
+        np.fill_diagonal(b, 0.0)
+        self.B = b.astype(np.float32)
+        self.X = x.astype(np.float32).tocsr()
+
+    def _raw(self, users: np.ndarray) -> np.ndarray:
+        return np.asarray(self.X[users] @ self.B)
+
+
+def cornac_dataset(train: Any, n_users: int, n_items: int, seed: int | None = SEED):
+    """cornac Dataset of (user, item, 1.0) triplets whose internal indices ARE our indices.
+
+    Identity global uid/iid maps (pre-filled, so `setdefault` never renumbers) make
+    `model.score(u)` row u and column i mean our user u / item i; the matrix is
+    n_users x n_items even when some users or items have no interaction.
+    """
+    from cornac.data import Dataset
+
+    x = to_scipy(train, n_users, n_items)
+    coo = x.tocoo()
+    triplets = list(zip(coo.row.tolist(), coo.col.tolist(), [1.0] * coo.nnz))
+    uid_map = OrderedDict((u, u) for u in range(n_users))
+    iid_map = OrderedDict((i, i) for i in range(n_items))
+    ds = Dataset.build(triplets, fmt="UIR", global_uid_map=uid_map, global_iid_map=iid_map, seed=seed)
+    assert ds.num_users == n_users and ds.num_items == n_items
+    return ds
+
+
+class _Cornac(_Base):
+    """Wraps a cornac Recommender; scores come from its own `score(user_idx)` (all items)."""
+
+    def _make(self):
+        raise NotImplementedError
+
+    def fit(self, train: CSR, n_users: int, n_items: int) -> None:
+        self._remember(train, n_users, n_items)
+        self.model = self._make()  # fresh model: cornac BPR draws its init from an RNG made in __init__
+        self.model.fit(cornac_dataset(train, n_users, n_items, self.seed))
+
+    def _raw(self, users: np.ndarray) -> np.ndarray:
+        return np.stack([np.asarray(self.model.score(int(u)), dtype=np.float32) for u in users])
+
+
+class CornacBPR(_Cornac):
+    """cornac 3 BPR. Defaults = `bpr_params` of Microsoft Recommenders' benchmark notebook
+    (examples/06_benchmarks/movielens.ipynb), the run behind their published ML-100k row
+    (NDCG@10 0.442): k=200, max_iter=200, learning_rate=0.01, lambda_reg=0.001, seed 42.
+    Their cornac_bpr_deep_dive uses max_iter=100 instead, which here gives NDCG@10 ≈ 0.415.
+    """
+
+    name = "bpr"
+
+    def __init__(self, k: int = 200, max_iter: int = 200, learning_rate: float = 0.01, lambda_reg: float = 0.001, seed: int | None = SEED):
+        self.k, self.max_iter, self.learning_rate, self.lambda_reg, self.seed = k, max_iter, learning_rate, lambda_reg, seed
+
+    def _make(self):
+        from cornac.models import BPR
+
+        # with a seed cornac trains single-threaded (deterministic), whatever num_threads says
+        return BPR(k=self.k, max_iter=self.max_iter, learning_rate=self.learning_rate, lambda_reg=self.lambda_reg, seed=self.seed, verbose=False)
+
+
+class CornacBiVAE(_Cornac):
+    """cornac 3 BiVAECF (torch). Defaults = `bivae_params` of Microsoft Recommenders' benchmark
+    notebook, the run behind their published ML-100k row (NDCG@10 0.475): k=100,
+    encoder_structure=[200], tanh, Poisson likelihood, 500 epochs, batch_size=1024, lr 0.001.
+    Their cornac_bivae_deep_dive uses k=50, [100], batch_size=128 (here: NDCG@10 ≈ 0.485).
+
+    cornac binarizes the training matrix itself; scores are sigmoid(theta_u · beta_i).
+    """
+
+    name = "bivae"
+
+    def __init__(
+        self,
+        k: int = 100,
+        encoder_structure: Sequence[int] = (200,),
+        act_fn: str = "tanh",
+        likelihood: str = "pois",
+        n_epochs: int = 500,
+        batch_size: int = 1024,
+        learning_rate: float = 0.001,
+        seed: int | None = SEED,
+        use_gpu: bool = False,
+        num_threads: int | None = 1,
+    ):
+        self.k, self.encoder_structure, self.act_fn, self.likelihood = k, list(encoder_structure), act_fn, likelihood
+        self.n_epochs, self.batch_size, self.learning_rate, self.seed, self.use_gpu = n_epochs, batch_size, learning_rate, seed, use_gpu
+        # torch intra-op threads during fit / scores (restored after); None: leave torch's setting.
+        # 1 by default: the batches are small, and on a busy 2-core box 2 threads ran ~10x slower.
+        self.num_threads = num_threads
+
+    def fit(self, train: CSR, n_users: int, n_items: int) -> None:
+        with _torch_threads(self.num_threads):
+            super().fit(train, n_users, n_items)
+
+    def _make(self):
+        from cornac.models import BiVAECF
+
+        return BiVAECF(
+            k=self.k,
+            encoder_structure=self.encoder_structure,
+            act_fn=self.act_fn,
+            likelihood=self.likelihood,
+            n_epochs=self.n_epochs,
+            batch_size=self.batch_size,
+            learning_rate=self.learning_rate,
+            seed=self.seed,
+            use_gpu=self.use_gpu,
+            verbose=False,
+        )
+
+    def _raw(self, users: np.ndarray) -> np.ndarray:
+        import torch
+
+        with torch.no_grad(), _torch_threads(self.num_threads):
+            return super()._raw(users)
+
+
+@contextmanager
+def _torch_threads(n: int | None):
+    """Temporarily run torch with n intra-op threads (restored afterwards); None: no change."""
+    if n is None:
+        yield
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+class ImplicitALS(_Base):
+    """implicit 0.7 weighted ALS (Hu, Koren, Volinsky 2008) with confidence 1 + alpha·r, r = 1.
+
+    implicit uses the CSR values as the confidence C_ui itself (and would multiply them by its
+    own `alpha`), so we pass 1 + alpha·r and keep implicit's alpha at 1. Threads: `num_threads`
+    for implicit's solver (default: all cores) and BLAS pinned to 1 thread during the fit.
+    """
+
+    name = "als"
+
+    def __init__(self, factors: int = 128, regularization: float = 0.1, alpha: float = 10.0, iterations: int = 15, seed: int | None = SEED, num_threads: int | None = None):
+        self.factors, self.regularization, self.alpha, self.iterations, self.seed = factors, regularization, alpha, iterations, seed
+        self.num_threads = num_threads if num_threads is not None else (os.cpu_count() or 1)
+
+    def fit(self, train: CSR, n_users: int, n_items: int) -> None:
+        from implicit.cpu.als import AlternatingLeastSquares
+        from threadpoolctl import threadpool_limits
+
+        x = self._remember(train, n_users, n_items)
+        confidence = x.copy()
+        confidence.data = (1.0 + self.alpha * confidence.data).astype(np.float32)
+        with threadpool_limits(limits=1, user_api="blas"):  # implicit checks BLAS threads in __init__
+            model = AlternatingLeastSquares(
+                factors=self.factors,
+                regularization=self.regularization,
+                alpha=1.0,
+                iterations=self.iterations,
+                calculate_training_loss=False,
+                num_threads=self.num_threads,
+                random_state=self.seed,
+            )
+            model.fit(confidence, show_progress=False)
+        self.user_factors = np.asarray(model.user_factors, dtype=np.float32)
+        self.item_factors = np.asarray(model.item_factors, dtype=np.float32)
+
+    def _raw(self, users: np.ndarray) -> np.ndarray:
+        return self.user_factors[users] @ self.item_factors.T
+
+
+# --------------------------------------------------------------------------- tuning / runs
+
+
+def _n(prepared: Any) -> tuple[int, int]:
+    return int(prepared.dataset.n_users), int(prepared.dataset.n_items)
+
+
+def _users_with(truth: Any) -> np.ndarray:
+    indptr, _ = pair(truth)
+    return np.flatnonzero(np.diff(indptr) > 0)
+
+
+def tune(
+    peer_factory: Callable[..., Peer], grid: list[dict[str, Any]], prepared: Any, k: int = 10
+) -> tuple[dict[str, Any], float, list[dict[str, Any]]]:
+    """Grid search on validation: fit on `prepared.train`, NDCG@k on `prepared.val` (train excluded).
+
+    Returns (best_params, best_val_ndcg, table); table has one row per grid point, in grid
+    order: {"params", "ndcg@k", "precision@k", "recall@k", "map@k", "coverage", "fit_s"}.
+    Ties keep the earlier grid point. The caller refits the best on `prepared.seen`.
+    """
+    if not grid:
+        raise ValueError("grid is empty")
+    n_users, n_items = _n(prepared)
+    train, val = pair(prepared.train), pair(prepared.val)
+    users = _users_with(val)
+    table, best = [], None
+    for params in grid:
+        peer = peer_factory(**params)
+        started = time.perf_counter()
+        peer.fit(train, n_users, n_items)
+        fit_s = time.perf_counter() - started
+        metrics = evaluate_scores(peer.scores, users, train, val, n_items, k=k)
+        table.append({"params": dict(params), **metrics, "fit_s": fit_s})
+        if best is None or metrics[f"ndcg@{k}"] > table[best][f"ndcg@{k}"]:
+            best = len(table) - 1
+    return dict(table[best]["params"]), float(table[best][f"ndcg@{k}"]), table
+
+
+def _grid(**axes: Sequence[Any]) -> list[dict[str, Any]]:
+    """Cartesian product of the axes, first axis slowest."""
+    points: list[dict[str, Any]] = [{}]
+    for key, values in axes.items():
+        points = [{**p, key: v} for p in points for v in values]
+    return points
+
+
+EASE_GRID = _grid(lam=[50.0, 100.0, 200.0, 400.0, 800.0])
+ALS_GRID = _grid(factors=[64, 128], regularization=[0.01, 0.1], alpha=[1.0, 10.0], iterations=[15])
+
+# name -> (factory, fixed params, grid or None); fast: small, quick settings for tests
+PEERS: dict[str, tuple[Callable[..., Peer], dict[str, Any], list[dict[str, Any]] | None]] = {
+    "popularity": (Popularity, {}, None),
+    "ease": (EASE, {}, EASE_GRID),
+    "bpr": (CornacBPR, {}, None),  # MS Recommenders hyper-parameters, not tuned
+    "bivae": (CornacBiVAE, {}, None),  # idem
+    "als": (ImplicitALS, {}, ALS_GRID),
+}
+FAST: dict[str, tuple[dict[str, Any], list[dict[str, Any]] | None]] = {
+    "popularity": ({}, None),
+    "ease": ({}, _grid(lam=[10.0, 100.0])),
+    "bpr": ({"k": 32, "max_iter": 30, "learning_rate": 0.05}, None),
+    "bivae": ({"k": 10, "encoder_structure": [20], "n_epochs": 30, "batch_size": 64, "learning_rate": 0.01}, None),
+    "als": ({}, _grid(factors=[16], regularization=[0.1], alpha=[1.0, 10.0], iterations=[5])),
+}
+
+
+def _effective(factory: Callable[..., Peer], params: dict[str, Any]) -> dict[str, Any]:
+    """All constructor arguments, defaults filled in (tuples as lists, JSON-friendly)."""
+    bound = inspect.signature(factory).bind_partial(**params)
+    bound.apply_defaults()
+    return {key: list(v) if isinstance(v, tuple) else v for key, v in bound.arguments.items()}
+
+
+def run_peers(
+    prepared: Any, k: int = 10, names: Sequence[str] = ("popularity", "ease", "bpr", "bivae", "als"), fast: bool = False
+) -> dict[str, dict[str, Any]]:
+    """Tune (if the peer has a grid) on train -> val, refit on seen, evaluate on test.
+
+    `prepared` needs .train, .val, .seen, .test CSRs (pairs or rated triples) and
+    .dataset.n_users / .n_items (training.pipeline.Prepared). Returns {name: {ndcg@k,
+    precision@k, recall@k, map@k, coverage, "fit_s" (final fit on seen), "params" (every
+    constructor argument of the refitted peer, defaults included), and for tuned peers
+    "val_ndcg@k" (the winning validation NDCG)}}.
+    """
+    unknown = [n for n in names if n not in PEERS]
+    if unknown:
+        raise ValueError(f"unknown peers {unknown}; choose from {list(PEERS)}")
+    n_users, n_items = _n(prepared)
+    seen, test = pair(prepared.seen), pair(prepared.test)
+    users = _users_with(test)
+    results: dict[str, dict[str, Any]] = {}
+    for name in names:
+        factory, fixed, grid = PEERS[name]
+        if fast:
+            fixed, grid = FAST[name]
+        params, extra = dict(fixed), {}
+        if grid:
+            best, val_ndcg, _ = tune(lambda **p: factory(**{**fixed, **p}), grid, prepared, k=k)
+            params.update(best)
+            extra[f"val_ndcg@{k}"] = val_ndcg
+        params = _effective(factory, params)
+        peer = factory(**params)
+        started = time.perf_counter()
+        peer.fit(seen, n_users, n_items)
+        fit_s = time.perf_counter() - started
+        metrics = evaluate_scores(peer.scores, users, seen, test, n_items, k=k)
+        results[name] = {**metrics, **extra, "fit_s": fit_s, "params": params}
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default=None, help="ML-100k folder (default: $TRUSTREC_ML100K or ../shared/data/ml-100k)")
+    p.add_argument("--protocol", choices=["stratified", "leave_last_n"], default="stratified")
+    p.add_argument("--names", default=",".join(PEERS), help="comma-separated peers")
+    p.add_argument("--fast", action="store_true", help="small grids / few iterations (smoke run)")
+    args = p.parse_args(argv)
+
+    from features.movielens import resolve_ml100k_path
+    from training.config import load_config
+    from training.pipeline import prepare
+
+    try:
+        path = resolve_ml100k_path(args.data)
+    except FileNotFoundError as e:
+        print(f"skipped: {e}", file=sys.stderr)
+        return 2
+    cfg = load_config(REPO / "configs" / "two_tower_ml100k.yaml", [f"data.path={path}", f"split.protocol={args.protocol}", "tracking.enabled=false", "store.load=false"])
+    k = cfg.task.eval_k
+    prepared = prepare(cfg)
+    names = [n.strip() for n in args.names.split(",") if n.strip()]
+    results = run_peers(prepared, k=k, names=names, fast=args.fast)
+
+    cols = [f"ndcg@{k}", f"precision@{k}", f"recall@{k}", f"map@{k}", "coverage", "fit_s"]
+    print(f"\nml100k / {args.protocol}, {os.cpu_count()} cores" + (" (fast)" if args.fast else ""))
+    print(f"{'peer':<12}" + "".join(f"{c:>14}" for c in cols) + "  params")
+    for name, r in results.items():
+        print(f"{name:<12}" + "".join(f"{r[c]:>14.4f}" for c in cols) + f"  {r['params']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
