@@ -21,12 +21,12 @@ from typing import Any
 
 import numpy as np
 
+from features import content
+from features.content import AGE_LABELS
 from features.schema import UNKNOWN_AGE
 from training.evaluation import _gather_rows, _per_user_metrics, as_csr
 
 N_DECILES = 10
-AGE_EDGES = (18, 25, 35, 45, 50, 56)  # MovieLens-1M age codes: 1, 18, 25, 35, 45, 50, 56
-AGE_LABELS = ("<18", "18-24", "25-34", "35-44", "45-49", "50-55", "56+")
 UNKNOWN_AGE_LABEL = "unknown"
 
 
@@ -327,18 +327,10 @@ def group_ndcg(per_user: np.ndarray, groups: np.ndarray) -> tuple[dict[Any, floa
 
 
 def age_bucket(age: np.ndarray) -> np.ndarray:
-    """MovieLens-1M age bucket labels of ages in years, (U,) str array.
-
-    Buckets "<18", "18-24", "25-34", "35-44", "45-49", "50-55", "56+" (the
-    ML-1M codes 1, 18, 25, ... map to their own bucket, so either raw ages or
-    ML-1M codes work). Negative ages (``features.schema.UNKNOWN_AGE``) give
-    "unknown".
-    """
-    age = np.asarray(age)
-    labels = np.array(AGE_LABELS + (UNKNOWN_AGE_LABEL,))
-    idx = np.digitize(age, AGE_EDGES)  # 0 for < 18, ..., 6 for >= 56
-    idx = np.where((age < 0) | (age == UNKNOWN_AGE), len(AGE_LABELS), idx)
-    return labels[idx]
+    """MovieLens-1M age bucket labels of ages in years, (U,) str array: "<18", "18-24", ...,
+    "56+", and "unknown" for negative ages. The buckets are `features.content`'s, so a
+    report's groups are exactly the ones the model's age feature uses."""
+    return np.array((UNKNOWN_AGE_LABEL, *AGE_LABELS))[content.age_bucket(np.where(np.asarray(age) < 0, UNKNOWN_AGE, age))]
 
 
 # --------------------------------------------------------------------------- report
