@@ -6,6 +6,7 @@ import math
 import numpy as np
 import pytest
 
+from features.content import to_csr
 from training.beyond import (
     age_bucket,
     average_popularity,
@@ -24,13 +25,9 @@ from training.beyond import (
 from training.evaluation import ranking_metrics, topk_from_scores
 
 log2 = math.log2
+csr = to_csr  # CSR (indptr, indices) from a list of item lists, one per user
 
 
-def csr(rows: list[list[int]]):
-    """CSR (indptr, indices) from a list of item lists, one per user."""
-    indptr = np.cumsum([0] + [len(r) for r in rows])
-    indices = np.array([i for r in rows for i in r], dtype=np.int64)
-    return indptr, indices
 
 
 # Five items, two lists of k = 3; the second list has one padded slot.

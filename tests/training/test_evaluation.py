@@ -6,6 +6,7 @@ import math
 import numpy as np
 import pytest
 
+from features.content import to_csr
 from training.evaluation import (
     as_csr,
     csr_from_pairs,
@@ -17,13 +18,9 @@ from training.evaluation import (
 )
 
 log2 = math.log2
+csr = to_csr  # CSR (indptr, indices) from a list of item lists, one per user
 
 
-def csr(rows: list[list[int]]):
-    """CSR (indptr, indices) from a list of item lists, one per user."""
-    indptr = np.cumsum([0] + [len(r) for r in rows])
-    indices = np.array([i for r in rows for i in r], dtype=np.int64)
-    return indptr, indices
 
 
 # Two users, five items, k = 3.
