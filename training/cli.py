@@ -28,7 +28,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     result = train(cfg, resume=args.resume)
     print(f"run {result.run_id}  model version {result.model_version}  artifacts {result.artifact_dir}")
-    print(_table(result.metrics))
+    print(_table({k: v for k, v in result.metrics.items() if not k.startswith("beyond/")}))
+    if any(k.startswith("beyond/") for k in result.metrics):
+        print("  (beyond-accuracy and fairness figures: beyond/* in MLflow; `trustrec report RUN_ID` plots them)")
     return 0
 
 

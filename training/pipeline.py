@@ -141,7 +141,7 @@ def train(cfg: TrainConfig, resume: bool = False, tracker: Tracker | None = None
         baseline = {f"baseline/popularity/{k}": v for k, v in popularity_metrics(data, task.k).items()}
         test.update(beyond_metrics(task, model, ctx, data, device))
         metrics = {**test, **baseline, "train/best_epoch": float(fit.best_epoch), "train/epochs_run": float(fit.epochs_run), "train/seconds": fit.seconds}
-        log.info("test %s", " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+        log.info("test %s", " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if not k.startswith("beyond/")))
 
         item_vec = task.item_embeddings(model, ctx, device).float().cpu().numpy()
         popular = ds.item_vocab.decode(np.argsort(-item_counts(data.seen, ds.n_items), kind="stable")[: cfg.export.popularity_top_n])
