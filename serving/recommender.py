@@ -82,6 +82,9 @@ class Recommender:
         self.model_version = model_version
         self.diversity = diversity
         self.genre_index = {name: i for i, name in enumerate(self.manifest["genres"])}
+        self.genre_mask = np.zeros((len(self.items), len(self.genre_index)), dtype=bool)  # item x genre
+        for i, item in enumerate(self.items):
+            self.genre_mask[i, [self.genre_index[g] for g in item["genres"] if g in self.genre_index]] = True
         user_features = set(self.manifest["features"]["user"])
         self.uses_stated = "liked" in user_features
         self.uses_profile = self.uses_stated or "age" in user_features
@@ -149,23 +152,37 @@ class Recommender:
         results: list[dict | None] = [None] * len(user_ids)
         if known:
             vectors = self.user_vectors([states[i] for i in known], [self.user_oov if rows[i] is None else rows[i] for i in known])
-            exclude = [states[i].items if exclude_seen else np.zeros(0, np.int64) for i in known]
-            n_candidates = k if lam >= 1 else max(k * MMR_POOL_FACTOR, MMR_MIN_POOL)
+            exclude = [self._excluded(states[i], exclude_seen) for i in known]
+            cold = [len(states[i].items) == 0 and self._liked(states[i]).size > 0 for i in known]
+            n_candidates = k if lam >= 1 and not any(cold) else max(k * MMR_POOL_FACTOR, MMR_MIN_POOL)
             scores, items = self.index.search(vectors, n_candidates, exclude)
             for j, i in enumerate(known):
                 keep = items[j] >= 0
                 cand, cand_scores = items[j][keep], scores[j][keep]
+                if cold[j]:  # nothing but stated tastes: items of a liked genre first, model order within
+                    liked = self.genre_mask[cand][:, self._liked(states[i])].any(1)
+                    order = np.argsort(~liked, kind="stable")[: max(int(liked.sum()), k)]
+                    cand, cand_scores = cand[order], cand_scores[order]
                 if lam < 1 and len(cand):
                     order = mmr(cand_scores, self.item_vectors[cand], k, lam)
                     cand, cand_scores = cand[order], cand_scores[order]
                 results[i] = self._response([self._item(t, s) for t, s in zip(cand[:k], cand_scores[:k])], True)
         for i, result in enumerate(results):
             if result is None:
-                results[i] = self._response(self._popular(k, states[i].items if exclude_seen else None), False)
+                results[i] = self._response(self._popular(k, self._excluded(states[i], exclude_seen)), False)
         return results  # type: ignore[return-value]
 
-    def _popular(self, k: int, exclude: np.ndarray | None) -> list[dict]:
-        chosen = self.popular if exclude is None else self.popular[~np.isin(self.popular, exclude)]
+    def _liked(self, state: UserState) -> np.ndarray:
+        return self._genres((state.profile or {}).get("liked_genres") or [])
+
+    def _excluded(self, state: UserState, exclude_seen: bool) -> np.ndarray:
+        """Items never to return: the user's history (when asked) and every item of an avoided genre."""
+        avoided = self._genres((state.profile or {}).get("avoided_genres") or [])
+        banned = np.flatnonzero(self.genre_mask[:, avoided].any(1)) if avoided.size else np.zeros(0, np.int64)
+        return np.union1d(state.items, banned) if exclude_seen else banned
+
+    def _popular(self, k: int, exclude: np.ndarray) -> list[dict]:
+        chosen = self.popular[~np.isin(self.popular, exclude)]
         n = len(chosen)
         # score = rank-based in (0, 1]: clients can sort on it, but it is not a model score
         return [self._item(int(t), 1.0 - r / max(n, 1)) for r, t in enumerate(chosen[:k])]

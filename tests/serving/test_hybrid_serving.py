@@ -73,3 +73,24 @@ def test_served_vectors_match_training_evaluation(hybrid):
         assert rec.recommend(user, k=5)["personalized"] is True
     assert result.manifest["parity"]["parity/torchrec_vs_onnx"] <= 1e-5
     assert set(result.manifest["features"]["user"]) >= {"history", "age", "gender", "occupation", "liked", "avoided"}
+
+
+def test_avoided_genres_never_appear(hybrid):
+    rec, store, _ = hybrid
+    profile = store.user_profile("u5")
+    store.upsert_user("u5", age=profile["age"], gender=profile["gender"], occupation=profile["occupation"],
+                      liked_genres=profile["liked_genres"], avoided_genres=["Horror", "Comedy"])  # fmt: skip
+    for kwargs in ({}, {"diversity": 0.3}):
+        answer = rec.recommend("u5", k=50, **kwargs)
+        assert answer["personalized"] and len(answer["items"]) == 50
+        assert not any(g & {"Horror", "Comedy"} for g in genres_of(rec, answer))
+    store.upsert_user("picky-new", liked_genres=["Drama"], avoided_genres=["Horror"])
+    assert not any("Horror" in g for g in genres_of(rec, rec.recommend("picky-new", k=30)))
+
+
+def test_cold_user_lists_lead_with_liked_genres_even_when_diversified(hybrid):
+    rec, store, _ = hybrid
+    store.upsert_user("fresh-diverse", liked_genres=["Comedy"])
+    for kwargs in ({}, {"diversity": 0.5}):
+        answer = rec.recommend("fresh-diverse", k=10, **kwargs)
+        assert all("Comedy" in g for g in genres_of(rec, answer))
