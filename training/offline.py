@@ -28,6 +28,13 @@ def evaluate_bundle(cfg: TrainConfig, model_uri: str) -> dict[str, float]:
     session, _ = create_session(bundle / manifest["files"]["user_tower"])
     item_vec = np.load(bundle / manifest["files"]["item_embeddings"])
     spec = TowerSpec(**manifest["model"]["spec"])
+    # side features are rebuilt from the config: refuse a config that would feed the bundle differently
+    built = {"model.rating_weighted": (manifest["features"]["rating_weighted"], cfg.model.rating_weighted)}
+    if spec.use_content:
+        built["model.title_buckets"] = (spec.n_title, cfg.model.title_buckets)
+    for key, (bundle_value, config_value) in built.items():
+        if bundle_value != config_value:
+            raise ValueError(f"{key}: the model was exported with {bundle_value!r}, the config says {config_value!r}")
     if (spec.n_users, spec.n_items) != (data.dataset.n_users, data.dataset.n_items):
         raise ValueError(f"model has {spec.n_users} users / {spec.n_items} items, config data has {data.dataset.n_users} / {data.dataset.n_items}")
 

@@ -630,3 +630,12 @@ def test_offline_evaluation_of_the_hybrid_bundle_reproduces_its_test_metrics(hyb
     assert set(offline) == set(test) and "test/ndcg@10" in test
     for k in test:
         assert abs(offline[k] - test[k]) <= 1e-4, (k, offline[k], test[k])
+
+
+@pytest.mark.parametrize("override, key", [({"rating_weighted": False}, "model.rating_weighted"), ({"title_buckets": 7}, "model.title_buckets")])
+def test_offline_evaluation_refuses_a_config_that_feeds_the_bundle_differently(hybrid_run, override, key):
+    from training.offline import evaluate_bundle
+
+    cfg = hybrid_run.cfg.model_copy(update={"model": hybrid_run.cfg.model.model_copy(update=override)})
+    with pytest.raises(ValueError, match=key):
+        evaluate_bundle(cfg, str(hybrid_run.result.artifact_dir))
