@@ -108,9 +108,6 @@ class Recommender:
         profile = self.store.user_profile(user_id) if self.uses_profile else None
         return UserState(idx[idx >= 0], ratings[idx >= 0], profile)
 
-    def history(self, user_id: str) -> np.ndarray:
-        return self.user_state(user_id).items
-
     def _genres(self, names: list[str]) -> np.ndarray:
         return np.array([self.genre_index[n] for n in names if n in self.genre_index], dtype=np.int64)
 
@@ -153,15 +150,16 @@ class Recommender:
         if known:
             vectors = self.user_vectors([states[i] for i in known], [self.user_oov if rows[i] is None else rows[i] for i in known])
             exclude = [self._excluded(states[i], exclude_seen) for i in known]
-            cold = [len(states[i].items) == 0 and self._liked(states[i]).size > 0 for i in known]
+            liked = [self._liked(states[i]) for i in known]
+            cold = [len(states[i].items) == 0 and g.size > 0 for i, g in zip(known, liked)]
             n_candidates = k if lam >= 1 and not any(cold) else max(k * MMR_POOL_FACTOR, MMR_MIN_POOL)
             scores, items = self.index.search(vectors, n_candidates, exclude)
             for j, i in enumerate(known):
                 keep = items[j] >= 0
                 cand, cand_scores = items[j][keep], scores[j][keep]
                 if cold[j]:  # nothing but stated tastes: items of a liked genre first, model order within
-                    liked = self.genre_mask[cand][:, self._liked(states[i])].any(1)
-                    order = np.argsort(~liked, kind="stable")[: max(int(liked.sum()), k)]
+                    match = self.genre_mask[cand][:, liked[j]].any(1)
+                    order = np.argsort(~match, kind="stable")[: max(int(match.sum()), k)]
                     cand, cand_scores = cand[order], cand_scores[order]
                 if lam < 1 and len(cand):
                     order = mmr(cand_scores, self.item_vectors[cand], k, lam)

@@ -76,16 +76,6 @@ def csr_from_mask(csr: CSR, keep: np.ndarray) -> CSR:
     return (np.concatenate([[0], np.cumsum(counts)]).astype(np.int64), *(c[keep] for c in csr[1:]))
 
 
-def csr_union(a: CSR, b: CSR) -> CSR:
-    """Row-wise union of two CSRs with the same number of rows (duplicates kept once)."""
-    n = len(a[0]) - 1
-    rows = np.concatenate([np.repeat(np.arange(n), np.diff(a[0])), np.repeat(np.arange(n), np.diff(b[0]))])
-    cols = np.concatenate([a[1], b[1]])
-    pairs = np.unique(np.stack([rows, cols], 1), axis=0)
-    counts = np.bincount(pairs[:, 0], minlength=n)
-    return np.concatenate([[0], np.cumsum(counts)]).astype(np.int64), pairs[:, 1].astype(np.int64)
-
-
 def user_feed(
     spec: TowerSpec,
     ctx: Context,

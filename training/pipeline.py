@@ -80,27 +80,25 @@ def build_model(cfg: TrainConfig, dataset: Dataset, ctx: Context, device: torch.
 
 
 def item_counts(csr: CSR, n_items: int) -> np.ndarray:
-    return np.bincount(csr[1], minlength=n_items).astype(np.float64)
+    """Training users per item (float64: the task takes logs of it)."""
+    return evaluation.popularity_scores(csr[:2], n_items).astype(np.float64)
 
 
 def popularity_metrics(data: Prepared, k: int) -> dict[str, float]:
-    counts = item_counts(data.seen, data.dataset.n_items).astype(np.float32)
+    counts = evaluation.popularity_scores(data.seen[:2], data.dataset.n_items)
     users = np.flatnonzero(np.diff(data.test[0]) > 0)
     return evaluation.evaluate_scores(lambda b: np.broadcast_to(counts, (len(b), len(counts))), users, data.seen[:2], data.test[:2], data.dataset.n_items, k=k)
 
 
-def beyond_metrics(task: RetrievalTask, model: TwoTower, ctx: Context, data: Prepared, device: torch.device) -> dict[str, float]:
-    """Beyond-accuracy and fairness figures of the test lists (`test/beyond/*`)."""
+def beyond_metrics(topk: np.ndarray, users: np.ndarray, item_vec: np.ndarray, data: Prepared, k: int) -> dict[str, float]:
+    """Beyond-accuracy and fairness figures of the test lists (`beyond/*`)."""
     ds = data.dataset
-    users = np.flatnonzero(np.diff(data.test[0]) > 0)
-    topk = task.topk(model, ctx, data.seen, users, device)
-    item_vec = task.item_embeddings(model, ctx, device).float().cpu().numpy()
     groups = {"gender": np.array([g or "unknown" for g in ds.users.gender]), "age": beyond.age_bucket(ds.users.age)}
     report = beyond.beyond_accuracy_report(
-        topk, users, data.seen[:2], data.test[:2], task.k, item_counts(data.seen, ds.n_items),
+        topk, users, data.seen[:2], data.test[:2], k, item_counts(data.seen, ds.n_items),
         beyond.genres_multi_hot(ds.items.genres, len(ds.genre_names)), item_vec, groups,
     )  # fmt: skip
-    return {f"beyond/{k}": v for k, v in report.items() if np.isfinite(v)}
+    return {f"beyond/{name}": v for name, v in report.items() if np.isfinite(v)}
 
 
 @dataclass
@@ -137,13 +135,15 @@ def train(cfg: TrainConfig, resume: bool = False, tracker: Tracker | None = None
         )  # fmt: skip
         fit = trainer.fit(data.train, data.train, data.val, ctx, resume=resume)
 
-        test = {f"test/{k}": v for k, v in task.metrics(model, data.seen, data.test, ctx, device).items()}
+        users = np.flatnonzero(np.diff(data.test[0]) > 0)
+        topk = task.topk(model, ctx, data.seen, users, device)  # the test lists, scored once
+        item_vec = task.item_embeddings(model, ctx, device).float().cpu().numpy()
+        test = {f"test/{k}": v for k, v in evaluation.ranking_metrics(topk, data.test[:2], users, task.k, ds.n_items).items()}
         baseline = {f"baseline/popularity/{k}": v for k, v in popularity_metrics(data, task.k).items()}
-        test.update(beyond_metrics(task, model, ctx, data, device))
+        test.update(beyond_metrics(topk, users, item_vec, data, task.k))
         metrics = {**test, **baseline, "train/best_epoch": float(fit.best_epoch), "train/epochs_run": float(fit.epochs_run), "train/seconds": fit.seconds}
         log.info("test %s", " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if not k.startswith("beyond/")))
 
-        item_vec = task.item_embeddings(model, ctx, device).float().cpu().numpy()
         popular = ds.item_vocab.decode(np.argsort(-item_counts(data.seen, ds.n_items), kind="stable")[: cfg.export.popularity_top_n])
         provenance = {"run_id": tracker.run_id, "git_sha": tags["git_sha"], "dataset": ds.name, "split": cfg.split.protocol, "config_digest": cfg.digest()}
         manifest = write_artifacts(model, ctx, item_vec, ds, data.seen, cfg.export.output_dir, metrics, provenance, popular, cfg.export.parity_atol)

@@ -36,8 +36,8 @@ class RetrievalTask:
         user_vec = model.user_arch(batch.features)
         device = user_vec.device
         indptr, targets = batch.targets
-        rows = np.repeat(np.arange(len(batch.users)), np.diff(indptr))
         if self.loss_kind == "full_softmax":
+            rows = np.repeat(np.arange(len(batch.users)), np.diff(indptr))
             item_vec = model.item_arch(item_features(model.spec, ctx, device, oov=self._id_dropout(model.spec.n_items)))
             log_p = F.log_softmax((user_vec @ item_vec.T).float() / model.spec.temperature, dim=1)
             weight = torch.zeros_like(log_p)
@@ -64,37 +64,21 @@ class RetrievalTask:
         return model.user_arch(user_features(model.spec, ctx, users, history, device))
 
     @torch.no_grad()
-    def topk(self, model: TwoTower, ctx: Context, history: CSR, users: np.ndarray, device: torch.device, k: int | None = None, batch_size: int = 1024) -> np.ndarray:
-        """Top-k item indices per user (history items excluded), as served."""
-        model.eval()
-        item_vec = self.item_embeddings(model, ctx, device)
-        out = []
-        for start in range(0, len(users), batch_size):
-            batch = users[start : start + batch_size]
-            scores = (self.user_embeddings(model, ctx, batch, history, device) @ item_vec.T).float().cpu().numpy()
-            out.append(evaluation.topk_from_scores(scores, k or self.k, exclude=history[:2], exclude_rows=batch))
-        return np.concatenate(out) if out else np.zeros((0, k or self.k), np.int64)
-
-    @torch.no_grad()
-    def metrics(
-        self,
-        model: TwoTower,
-        history: CSR,
-        truth: CSR,
-        ctx: Context,
-        device: torch.device,
-        users: np.ndarray | None = None,
-    ) -> dict[str, float]:
-        """Full-ranking metrics: every user with truth items, history items excluded."""
+    def topk(self, model: TwoTower, ctx: Context, history: CSR, users: np.ndarray, device: torch.device, batch_size: int = 1024) -> np.ndarray:
+        """Top-k item indices per user (history items excluded), scored as served."""
         was_training = model.training
         model.eval()
         item_vec = self.item_embeddings(model, ctx, device)
+        out = [np.zeros((0, self.k), np.int64)]
+        for start in range(0, len(users), batch_size):
+            batch = users[start : start + batch_size]
+            scores = (self.user_embeddings(model, ctx, batch, history, device) @ item_vec.T).float().cpu().numpy()
+            out.append(evaluation.topk_from_scores(scores, self.k, exclude=history[:2], exclude_rows=batch))
+        model.train(was_training)
+        return np.concatenate(out)
+
+    def metrics(self, model: TwoTower, history: CSR, truth: CSR, ctx: Context, device: torch.device, users: np.ndarray | None = None) -> dict[str, float]:
+        """Full-ranking metrics: every user with truth items, history items excluded."""
         if users is None:
             users = np.flatnonzero(np.diff(truth[0]) > 0)
-
-        def score(batch: np.ndarray) -> np.ndarray:
-            return (self.user_embeddings(model, ctx, batch, history, device) @ item_vec.T).float().cpu().numpy()
-
-        result = evaluation.evaluate_scores(score, users, history[:2], truth[:2], model.spec.n_items, k=self.k)
-        model.train(was_training)
-        return result
+        return evaluation.ranking_metrics(self.topk(model, ctx, history, users, device), truth[:2], users, self.k, model.spec.n_items)

@@ -14,7 +14,6 @@ from training.data import (
     Context,
     csr_from_mask,
     csr_rows,
-    csr_union,
     epoch_batches,
     gather_rows,
     item_features,
@@ -140,22 +139,6 @@ def test_rated_csr_matches_user_items_csr_on_synthetic_data():
     assert [rating[(u, i)] for u, i in zip(users.tolist(), out[1].tolist())] == out[2].tolist()
 
 
-def test_csr_union_rowwise_with_duplicates_once():
-    a = csr([[1, 3], [], [2], []])
-    b = csr([[3, 4], [5], [], []])
-    out = csr_union(a, b)
-    assert out[0].tolist() == [0, 3, 4, 5, 5]
-    assert rows_of(out) == [[1, 3, 4], [5], [2], []]
-    assert out[0].dtype == np.int64 and out[1].dtype == np.int64
-
-
-def test_csr_union_of_empty_matrices():
-    empty = csr([[], []])
-    out = csr_union(empty, empty)
-    assert out[0].tolist() == [0, 0, 0] and out[1].tolist() == []
-
-
-# -- feature KJTs ----------------------------------------------------------------------------
 def test_user_features_layout_and_oov_override():
     spec = TowerSpec(n_users=4, n_items=10, n_genres=2, use_user_id=True)
     ctx = make_ctx(4, [()] * 10)
