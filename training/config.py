@@ -82,6 +82,22 @@ class StoreConfig(_Section):
     load: bool = True
 
 
+class PrivacyConfig(_Section):
+    """How the customers behind the training data are protected (issue 4 fills in the knobs)."""
+
+    # none: central training; dp: user-level DP-SGD (Opacus, training/privacy/);
+    # federated: Flower simulation, data stays with its client (training/federated/)
+    mode: Literal["none", "dp", "federated"] = "none"
+
+
+class FederatedConfig(_Section):
+    """Flower settings, read when privacy.mode is federated."""
+
+
+class DistributedConfig(_Section):
+    """TorchRec sharding across processes, read by `trustrec train --distributed N`."""
+
+
 class TrainConfig(_Section):
     data: DataConfig = DataConfig()
     split: SplitConfig = SplitConfig()
@@ -91,6 +107,9 @@ class TrainConfig(_Section):
     tracking: TrackingConfig = TrackingConfig()
     export: ExportConfig = ExportConfig()
     store: StoreConfig = StoreConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
+    federated: FederatedConfig = FederatedConfig()
+    distributed: DistributedConfig = DistributedConfig()
 
     def flat(self) -> dict[str, Any]:
         """Dotted-key view for MLflow params."""

@@ -101,6 +101,25 @@ def beyond_metrics(topk: np.ndarray, users: np.ndarray, item_vec: np.ndarray, da
     return {f"beyond/{name}": v for name, v in report.items() if np.isfinite(v)}
 
 
+def fit_model(cfg: TrainConfig, model: TwoTower, task: RetrievalTask, data: Prepared, ctx: Context,
+              device: torch.device, tracker: Tracker, resume: bool = False) -> FitResult:
+    """Fit `model` in place the way `privacy.mode` asks; every mode returns a FitResult."""
+    if cfg.privacy.mode == "dp":
+        from training.privacy.dp import fit_dp
+
+        return fit_dp(cfg, model, task, data, ctx, device, tracker)
+    if cfg.privacy.mode == "federated":
+        from training.federated.fit import fit_federated
+
+        return fit_federated(cfg, model, task, data, ctx, device, tracker)
+    m = cfg.model
+    trainer = Trainer(
+        model, task, cfg.trainer, cfg.task.history_dropout, m.user_id_dropout, device,
+        m.demographics_dropout, m.stated_dropout, on_epoch=lambda e, metrics: tracker.log_metrics(metrics, step=e),
+    )  # fmt: skip
+    return trainer.fit(data.train, data.train, data.val, ctx, resume=resume)
+
+
 @dataclass
 class RunResult:
     run_id: str | None
@@ -128,12 +147,7 @@ def train(cfg: TrainConfig, resume: bool = False, tracker: Tracker | None = None
         ctx = context(cfg, ds)
         model = build_model(cfg, ds, ctx, device)
         task = RetrievalTask(cfg.task, item_counts(data.train, ds.n_items), cfg.model.item_id_dropout)
-        m = cfg.model
-        trainer = Trainer(
-            model, task, cfg.trainer, cfg.task.history_dropout, m.user_id_dropout, device,
-            m.demographics_dropout, m.stated_dropout, on_epoch=lambda e, metrics: tracker.log_metrics(metrics, step=e),
-        )  # fmt: skip
-        fit = trainer.fit(data.train, data.train, data.val, ctx, resume=resume)
+        fit = fit_model(cfg, model, task, data, ctx, device, tracker, resume)
 
         users = np.flatnonzero(np.diff(data.test[0]) > 0)
         topk = task.topk(model, ctx, data.seen, users, device)  # the test lists, scored once
@@ -145,7 +159,7 @@ def train(cfg: TrainConfig, resume: bool = False, tracker: Tracker | None = None
         log.info("test %s", " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if not k.startswith("beyond/")))
 
         popular = ds.item_vocab.decode(np.argsort(-item_counts(data.seen, ds.n_items), kind="stable")[: cfg.export.popularity_top_n])
-        provenance = {"run_id": tracker.run_id, "git_sha": tags["git_sha"], "dataset": ds.name, "split": cfg.split.protocol, "config_digest": cfg.digest()}
+        provenance = {"privacy": fit.privacy or {"mode": "none"}, "run_id": tracker.run_id, "git_sha": tags["git_sha"], "dataset": ds.name, "split": cfg.split.protocol, "config_digest": cfg.digest()}
         manifest = write_artifacts(model, ctx, item_vec, ds, data.seen, cfg.export.output_dir, metrics, provenance, popular, cfg.export.parity_atol)
         metrics.update(manifest["parity"])
 

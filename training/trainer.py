@@ -7,7 +7,7 @@ import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -43,6 +43,9 @@ class FitResult:
     epochs_run: int
     history: list[dict[str, float]] = field(default_factory=list)
     seconds: float = 0.0  # wall time of fit(), validation included
+    # what a private fit guarantees (mode, epsilon, delta, accountant, ...): goes into MLflow and the
+    # manifest so serving can show it on the model card; None for ordinary training
+    privacy: dict[str, Any] | None = None
 
 
 class Trainer:
