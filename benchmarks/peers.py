@@ -401,7 +401,8 @@ def _effective(factory: Callable[..., Peer], params: dict[str, Any]) -> dict[str
 
 
 def run_peers(
-    prepared: Any, k: int = 10, names: Sequence[str] = ("popularity", "ease", "bpr", "bivae", "als"), fast: bool = False
+    prepared: Any, k: int = 10, names: Sequence[str] = ("popularity", "ease", "bpr", "bivae", "als"), fast: bool = False,
+    seed: int | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Tune (if the peer has a grid) on train -> val, refit on seen, evaluate on test.
 
@@ -409,7 +410,8 @@ def run_peers(
     .dataset.n_users / .n_items (training.pipeline.Prepared). Returns {name: {ndcg@k,
     precision@k, recall@k, map@k, coverage, "fit_s" (final fit on seen), "params" (every
     constructor argument of the refitted peer, defaults included), and for tuned peers
-    "val_ndcg@k" (the winning validation NDCG)}}.
+    "val_ndcg@k" (the winning validation NDCG)}}. `seed` (when given) replaces the default seed
+    of the peers that take one (bpr, bivae, als), for multi-seed tables; the others are deterministic.
     """
     unknown = [n for n in names if n not in PEERS]
     if unknown:
@@ -422,6 +424,8 @@ def run_peers(
         factory, fixed, grid = PEERS[name]
         if fast:
             fixed, grid = FAST[name]
+        if seed is not None and "seed" in inspect.signature(factory).parameters:
+            fixed = {**fixed, "seed": seed}
         params, extra = dict(fixed), {}
         if grid:
             best, val_ndcg, _ = tune(lambda **p: factory(**{**fixed, **p}), grid, prepared, k=k)

@@ -4,8 +4,13 @@
     python benchmarks/quality.py --data ml100k:/path/to/ml-100k --protocol leave_last_n
     python benchmarks/quality.py --data synthetic --peers popularity,ease
 
+    python benchmarks/quality.py --data ml100k --seeds 0,1,2    # mean ± std over 3 training seeds
+
 Protocols: `stratified` (Microsoft Recommenders: 75/25 per item, seed 42) and `leave_last_n`.
 Peers (benchmarks/peers.py) are tuned on the validation split and refit on train+val.
+`--seeds` varies the model seed only (trainer.seed for trustrec; the seed of BPR, BiVAE and ALS),
+never the split: each cell is the mean over seeds and the JSON keeps every seed's figures
+(`per_seed`) and the standard deviation (`<metric>_std`, population std, ddof=0).
 Prints a table and writes JSON (default benchmarks/results/quality_<dataset>_<protocol>.json).
 """
 from __future__ import annotations
@@ -14,6 +19,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -38,14 +44,34 @@ def machine() -> str:
     return f"{platform.machine()} {os.cpu_count()} cores, {platform.python_version()}, torch {torch.__version__}, {'cuda' if torch.cuda.is_available() else 'cpu'}"
 
 
+def summarize(per_seed: list[dict[str, float]]) -> dict:
+    """Mean of each metric over seeds, `<metric>_std` (population std) and the per-seed figures."""
+    keys = [key for key in per_seed[0] if all(key in r for r in per_seed)]
+    out: dict = {}
+    for key in keys:
+        values = [float(r[key]) for r in per_seed]
+        out[key] = round(statistics.fmean(values), 4)
+        out[f"{key}_std"] = round(statistics.pstdev(values), 4)
+    out["per_seed"] = [{key: round(float(r[key]), 4) for key in keys} for r in per_seed]
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default="ml100k", help="ml100k[:PATH] or synthetic")
     p.add_argument("--protocol", choices=["stratified", "leave_last_n"], default="stratified")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra config overrides")
     p.add_argument("--peers", default=ALL_PEERS, help=f"comma-separated peers, or '' for none (default {ALL_PEERS})")
+    p.add_argument("--models", default=None, help="comma-separated trustrec models to train (default: all of the dataset's)")
+    p.add_argument("--seeds", default="0", help="comma-separated model seeds (default 0); the split stays seed 42")
     p.add_argument("--out", help="JSON output path")
     args = p.parse_args(argv)
+    try:
+        seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
+    except ValueError:
+        p.error(f"--seeds: expected comma-separated integers, got {args.seeds!r}")
+    if not seeds:
+        p.error("--seeds: give at least one seed")
 
     name, _, path = args.data.partition(":")
     if name not in CONFIGS:
@@ -60,30 +86,40 @@ def main(argv: list[str] | None = None) -> int:
             print(f"skipped: {e}", file=sys.stderr)
             return 2
 
-    models: dict[str, dict] = {}
+    runs: dict[str, list[dict[str, float]]] = {}  # model -> one metrics dict per seed
+    unknown = [m for m in (args.models or "").split(",") if m and m not in CONFIGS[name]]
+    if unknown:
+        p.error(f"--models: unknown {unknown}; choose from {list(CONFIGS[name])}")
+    chosen = CONFIGS[name] if args.models is None else {m: CONFIGS[name][m] for m in args.models.split(",") if m}
+    if not chosen:
+        p.error("--models: name at least one model")
     with tempfile.TemporaryDirectory() as tmp:
-        for i, (model, config) in enumerate(CONFIGS[name].items()):
-            cfg = load_config(REPO / "configs" / config, overrides + [
-                "tracking.enabled=false", "store.load=false", "trainer.progress=false",
-                f"export.output_dir={tmp}/bundle{i}", f"trainer.checkpoint_dir={tmp}/ckpt{i}",
-            ])  # fmt: skip
-            result = train(cfg)
-            models[model] = {key.removeprefix("test/"): v for key, v in result.metrics.items() if key.startswith("test/")}
-            models[model]["train_s"] = result.fit.seconds
+        for i, (model, config) in enumerate(chosen.items()):
+            for seed in seeds:
+                cfg = load_config(REPO / "configs" / config, overrides + [
+                    "tracking.enabled=false", "store.load=false", "trainer.progress=false", f"trainer.seed={seed}",
+                    f"export.output_dir={tmp}/bundle{i}_{seed}", f"trainer.checkpoint_dir={tmp}/ckpt{i}_{seed}",
+                ])  # fmt: skip
+                result = train(cfg)
+                metrics = {key.removeprefix("test/"): v for key, v in result.metrics.items() if key.startswith("test/")}
+                runs.setdefault(model, []).append({**metrics, "train_s": result.fit.seconds, "best_epoch": float(result.fit.best_epoch)})
+                print(f"{model} seed {seed}: ndcg@{cfg.task.eval_k} {metrics[f'ndcg@{cfg.task.eval_k}']:.4f} (best epoch {result.fit.best_epoch}, {result.fit.seconds:.0f}s)", flush=True)
     k = cfg.task.eval_k
     peers = [p for p in args.peers.split(",") if p]
     if peers:
         from peers import run_peers  # benchmarks/ is on sys.path (opacus ships a top-level `benchmarks` package)
 
-        for peer, metrics in run_peers(prepare(cfg), k=k, names=peers).items():
-            models[peer] = {key: v for key, v in metrics.items() if isinstance(v, float)}
-            models[peer]["train_s"] = metrics["fit_s"]
+        prepared = prepare(cfg)
+        for seed in seeds:
+            for peer, metrics in run_peers(prepared, k=k, names=peers, seed=seed).items():
+                runs.setdefault(peer, []).append({**{key: v for key, v in metrics.items() if isinstance(v, float)}, "train_s": metrics["fit_s"]})
 
     report = {
         "dataset": name,
         "protocol": "ms-recommenders stratified per item 75/25 seed 42" if args.protocol == "stratified" else f"leave-last-{cfg.split.n} per user",
         "k": k,
-        "models": {m: {key: round(float(v), 4) for key, v in metrics.items()} for m, metrics in models.items()},
+        "seeds": seeds,
+        "models": {m: summarize(per_seed) for m, per_seed in runs.items()},
         "machine": machine(),
         "command": "python benchmarks/quality.py " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
@@ -92,10 +128,11 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(json.dumps(report, indent=2))
 
     cols = [f"ndcg@{k}", f"precision@{k}", f"recall@{k}", f"map@{k}", "coverage", "train_s"]
-    print(f"\n{name} / {report['protocol']}  ({report['machine']})")
-    print(f"{'model':<22}" + "".join(f"{c:>14}" for c in cols))
+    print(f"\n{name} / {report['protocol']}  ({report['machine']}), seeds {seeds}: mean ± std")
+    print(f"{'model':<22}" + "".join(f"{c:>22}" for c in cols))
     for m, metrics in sorted(report["models"].items(), key=lambda kv: -kv[1][f"ndcg@{k}"]):
-        print(f"{m:<22}" + "".join(f"{metrics.get(c, float('nan')):>14.4f}" for c in cols))
+        cells = [f"{metrics.get(c, float('nan')):.4f} ± {metrics.get(c + '_std', 0.0):.4f}" for c in cols]
+        print(f"{m:<22}" + "".join(f" {c:>21}" for c in cells))
     print(f"\nwrote {out}")
     return 0
 

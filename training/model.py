@@ -36,11 +36,13 @@ class TowerSpec:
     embedding_dim: int = 64
     hidden_dim: int = 128
     output_dim: int = 64
+    hidden_layers: int = 1  # ReLU layers of width hidden_dim in each tower's MLP; 0 = one linear map
     use_user_id: bool = False
     use_genres: bool = True
     temperature: float = 0.05
     # hybrid switches (all off = the ids-only two-tower)
     use_content: bool = False  # item release decade + hashed title tokens
+    use_title: bool = True  # with use_content: the title-token bag (off: decade only)
     use_demographics: bool = False
     use_stated: bool = False  # stated liked / avoided genres
     n_age: int = 8  # rows incl. the missing row 0
@@ -67,11 +69,16 @@ class TowerSpec:
         return keys
 
     def item_features(self) -> list[str]:
-        return [ITEM_ID] + ([GENRES] if self.use_genres else []) + ([YEAR, TITLE] if self.use_content else [])
+        content = ([YEAR] + ([TITLE] if self.use_title else [])) if self.use_content else []
+        return [ITEM_ID] + ([GENRES] if self.use_genres else []) + content
 
 
-def mlp(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, out_dim))
+def mlp(in_dim: int, hidden_dim: int, out_dim: int, hidden_layers: int = 1) -> nn.Sequential:
+    """`hidden_layers` x (Linear -> ReLU) of width hidden_dim, then Linear to out_dim (0: one Linear)."""
+    layers: list[nn.Module] = []
+    for i in range(hidden_layers):
+        layers += [nn.Linear(in_dim if i == 0 else hidden_dim, hidden_dim), nn.ReLU()]
+    return nn.Sequential(*layers, nn.Linear(hidden_dim if hidden_layers else in_dim, out_dim))
 
 
 def _table(feature: str, rows: int, dim: int, pooling: PoolingType) -> EmbeddingBagConfig:
@@ -85,7 +92,7 @@ class PooledArch(nn.Module):
         super().__init__()
         self.feature_names = [t.feature_names[0] for t in tables]
         self.ebc = EmbeddingBagCollection(tables=tables, is_weighted=weighted, device=device)
-        self.mlp = mlp(spec.embedding_dim * len(tables), spec.hidden_dim, spec.output_dim)
+        self.mlp = mlp(spec.embedding_dim * len(tables), spec.hidden_dim, spec.output_dim, spec.hidden_layers)
 
     def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
         pooled = self.ebc(features)

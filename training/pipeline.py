@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from features.datasets import load_dataset
+from features.datasets import data_provenance, load_dataset
 from features.schema import Dataset, Interactions
 from features.splits import Split, split
 from training import beyond, evaluation
@@ -45,6 +45,10 @@ class Prepared:
 def prepare(cfg: TrainConfig) -> Prepared:
     dataset = load_dataset(cfg.data)
     parts = split(dataset.interactions, cfg.split)
+    if cfg.privacy.audit_holdout > 0:  # the privacy audit's non-members: never trained on, validated or tested
+        from training.privacy.holdout import holdout_mask, without_users
+
+        parts = without_users(parts, holdout_mask(dataset.n_users, cfg.privacy.audit_holdout, cfg.privacy.audit_seed))
     if parts.val is None or len(parts.val) == 0:
         raise ConfigError("split.val_fraction: must be > 0 (validation drives early stopping)")
     csr = lambda rows: rated_csr(rows, dataset.n_users)  # noqa: E731
@@ -65,10 +69,12 @@ def build_model(cfg: TrainConfig, dataset: Dataset, ctx: Context, device: torch.
         embedding_dim=m.embedding_dim,
         hidden_dim=m.hidden_dim,
         output_dim=m.output_dim,
+        hidden_layers=m.hidden_layers,
         use_user_id=m.use_user_id,
         use_genres=m.use_genres,
         temperature=m.temperature,
         use_content=m.use_content,
+        use_title=m.use_title,
         use_demographics=m.use_demographics,
         use_stated=m.use_stated,
         n_gender=len(ctx.users.gender_vocab) + 1,
@@ -113,11 +119,33 @@ def fit_model(cfg: TrainConfig, model: TwoTower, task: RetrievalTask, data: Prep
 
         return fit_federated(cfg, model, task, data, ctx, device, tracker)
     m = cfg.model
+    init = {k: v.detach().clone() for k, v in model.state_dict().items()}
     trainer = Trainer(
         model, task, cfg.trainer, cfg.task.history_dropout, m.user_id_dropout, device,
         m.demographics_dropout, m.stated_dropout, on_epoch=lambda e, metrics: tracker.log_metrics(metrics, step=e),
     )  # fmt: skip
-    return trainer.fit(data.train, data.train, data.val, ctx, resume=resume)
+    fit = trainer.fit(data.train, data.train, data.val, ctx, resume=resume)
+    if not cfg.trainer.refit:
+        return fit
+    return refit(cfg, model, task, data, ctx, device, tracker, fit, init, resume)
+
+
+def refit(cfg: TrainConfig, model: TwoTower, task: RetrievalTask, data: Prepared, ctx: Context, device: torch.device,
+          tracker: Tracker, fit: FitResult, init: dict[str, torch.Tensor], resume: bool = False) -> FitResult:
+    """Retrain from the same initial weights on train + val for the epoch count validation chose
+    (`trainer.refit`): validation picks the epochs, then the model sees all of the 75 % share the
+    peers are refitted on too. The returned FitResult keeps the selection run's validation history."""
+    m = cfg.model
+    model.load_state_dict(init)
+    task.set_item_counts(item_counts(data.seen, data.dataset.n_items))
+    tcfg = cfg.trainer.model_copy(update={"checkpoint_dir": str(Path(cfg.trainer.checkpoint_dir) / "refit")})
+    trainer = Trainer(
+        model, task, tcfg, cfg.task.history_dropout, m.user_id_dropout, device, m.demographics_dropout, m.stated_dropout,
+        on_epoch=lambda e, metrics: tracker.log_metrics({f"refit/{k}": v for k, v in metrics.items()}, step=e),
+    )  # fmt: skip
+    again = trainer.fit(data.seen, None, None, ctx, resume=resume, epochs=max(fit.best_epoch, 1))
+    log.info("refit on train+val for %d epochs (%.1fs)", again.epochs_run, again.seconds)
+    return FitResult(fit.best_epoch, fit.best_metric, fit.epochs_run, fit.history, fit.seconds + again.seconds, fit.privacy)
 
 
 @dataclass
@@ -140,7 +168,8 @@ def train(cfg: TrainConfig, resume: bool = False, tracker: Tracker | None = None
 
     if tracker is None:  # `trustrec tune` passes its own, so that each trial logs as a child run
         tracker = Tracker(cfg.tracking.enabled, cfg.tracking.tracking_uri, cfg.tracking.experiment)
-    tags = {"model": cfg.model.kind, "dataset": ds.name, "split": cfg.split.protocol, "git_sha": git_sha(), "device": device.type}
+    data_prov = data_provenance(ds)  # snapshot hash + sizes of the training data, no ids
+    tags = {"model": cfg.model.kind, "dataset": ds.name, "split": cfg.split.protocol, "git_sha": git_sha(), "device": device.type, "data_snapshot": data_prov["snapshot"]}
     tracker.start(cfg.tracking.run_name, cfg.flat(), tags)
     try:
         seed_everything(cfg.trainer.seed)  # the initial weights draw from torch's RNG: same seed, same run
@@ -159,7 +188,7 @@ def train(cfg: TrainConfig, resume: bool = False, tracker: Tracker | None = None
         log.info("test %s", " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if not k.startswith("beyond/")))
 
         popular = ds.item_vocab.decode(np.argsort(-item_counts(data.seen, ds.n_items), kind="stable")[: cfg.export.popularity_top_n])
-        provenance = {"privacy": fit.privacy or {"mode": "none"}, "run_id": tracker.run_id, "git_sha": tags["git_sha"], "dataset": ds.name, "split": cfg.split.protocol, "config_digest": cfg.digest()}
+        provenance = {"privacy": fit.privacy or {"mode": "none"}, "run_id": tracker.run_id, "git_sha": tags["git_sha"], "dataset": ds.name, "split": cfg.split.protocol, "config_digest": cfg.digest(), "data": data_prov}
         manifest = write_artifacts(model, ctx, item_vec, ds, data.seen, cfg.export.output_dir, metrics, provenance, popular, cfg.export.parity_atol)
         metrics.update(manifest["parity"])
 

@@ -1,7 +1,9 @@
 """Retrieval task: owns the loss and the evaluation metrics (TF Recommenders style).
 
 Loss: full softmax over the catalog when it is small enough to score every step
-(exact, no sampling bias); otherwise sampled softmax over in-batch items with the logQ
+(exact, no sampling bias; `loss_weighting` "user" averages each user's hidden items then the
+users, "item" averages over every hidden item of the batch, so heavy users weigh more, as in
+Mult-VAE's multinomial likelihood); otherwise sampled softmax over in-batch items with the logQ
 correction (Yi et al., 2019) so popular items are not over-penalized as negatives.
 """
 from __future__ import annotations
@@ -20,12 +22,17 @@ class RetrievalTask:
     def __init__(self, cfg: TaskConfig, item_counts: np.ndarray, item_id_dropout: float = 0.0):
         n_items = len(item_counts)
         self.item_id_dropout = item_id_dropout
-        self.cold = item_counts == 0  # no training data: served through the OOV id row + content
         if cfg.loss == "auto":
             self.loss_kind = "full_softmax" if n_items <= cfg.full_softmax_max_items else "sampled_softmax"
         else:
             self.loss_kind = cfg.loss
         self.k = cfg.eval_k
+        self.weighting = cfg.loss_weighting
+        self.set_item_counts(item_counts)
+
+    def set_item_counts(self, item_counts: np.ndarray) -> None:
+        """The training data's item counts (the refit on train + val calls it again)."""
+        self.cold = item_counts == 0  # no training data: served through the OOV id row + content
         q = (item_counts + 1.0) / (item_counts + 1.0).sum()  # +1: never log(0) for unseen items
         self.log_q = torch.from_numpy(np.log(q).astype(np.float32))
 
@@ -42,8 +49,10 @@ class RetrievalTask:
             log_p = F.log_softmax((user_vec @ item_vec.T).float() / model.spec.temperature, dim=1)
             weight = torch.zeros_like(log_p)
             weight[torch.from_numpy(rows).to(device), torch.from_numpy(targets).to(device)] = 1.0
-            weight = weight / weight.sum(1, keepdim=True)  # each user counts once, whatever their size
-            return -(log_p * weight).sum(1).mean()
+            if self.weighting == "user":
+                weight = weight / weight.sum(1, keepdim=True)  # each user counts once, whatever their size
+                return -(log_p * weight).sum(1).mean()
+            return -(log_p * weight).sum() / weight.sum()  # "item": every hidden item counts once (Mult-VAE)
         # sampled softmax: one hidden item per user; the other users' items are the negatives
         lengths = np.diff(indptr)
         pick = targets[indptr[:-1] + (np.random.random(len(lengths)) * lengths).astype(np.int64)]

@@ -3,6 +3,7 @@ stopping, a checkpoint per epoch (model, optimizer, RNG state) and resume."""
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -34,6 +35,15 @@ def seed_everything(seed: int) -> np.random.Generator:
     np.random.seed(seed)
     torch.manual_seed(seed)  # also seeds every CUDA device
     return np.random.default_rng(seed)
+
+
+def lr_at(lr: float, schedule: str, epoch: int, epochs: int) -> float:
+    """Learning rate of 1-based `epoch` of `epochs`: constant, or cosine from lr (epoch 1) towards 0
+    (the last epoch gets lr * (1 - cos(pi / epochs)) / 2, never exactly 0). A pure function of the
+    epoch, so resume needs no scheduler state."""
+    if schedule == "constant":
+        return lr
+    return lr * 0.5 * (1.0 + math.cos(math.pi * (epoch - 1) / epochs))
 
 
 @dataclass
@@ -108,8 +118,15 @@ class Trainer:
         return payload
 
     # -- loop ------------------------------------------------------------------------------
-    def fit(self, train: CSR, val_history: CSR, val_truth: CSR, ctx: Context, resume: bool = False) -> FitResult:
+    def fit(self, train: CSR, val_history: CSR | None, val_truth: CSR | None, ctx: Context, resume: bool = False, epochs: int | None = None) -> FitResult:
+        """Train; with validation data, keep the best-validation epoch's weights (early stopping).
+
+        Without it (`val_truth=None`: the refit on train + val, whose epoch count validation
+        already chose), run exactly `epochs` epochs (default `cfg.epochs`) and keep the last.
+        """
         started = time.perf_counter()
+        validate = val_truth is not None
+        epochs = self.cfg.epochs if epochs is None else epochs
         rng = seed_everything(self.cfg.seed)
         start, best, best_epoch, bad, best_state, history = 1, -1.0, 0, 0, None, []
         if resume and (path := self.latest_checkpoint()) is not None:
@@ -120,18 +137,22 @@ class Trainer:
             log.warning("--resume: no checkpoint in %s, starting from scratch", self.ckpt_dir)
 
         epoch = start - 1
-        for epoch in range(start, self.cfg.epochs + 1):
-            if bad >= self.cfg.patience:
+        for epoch in range(start, epochs + 1):
+            if validate and bad >= self.cfg.patience:
                 epoch = start - 1  # resumed from a run that had already stopped early: nothing ran now
                 break
             self.model.train()
+            for group in self.optimizer.param_groups:
+                # the schedule always spans cfg.epochs: a refit stopping at the chosen epoch replays the
+                # selection run's learning rates exactly
+                group["lr"] = lr_at(self.cfg.lr, self.cfg.lr_schedule, epoch, self.cfg.epochs)
             n_batches = -(-int((np.diff(train[0]) > 0).sum()) // self.cfg.batch_size)
             batches = epoch_batches(
                 self.model.spec, ctx, train, self.cfg.batch_size, self.history_dropout, self.user_id_dropout, rng, self.device,
                 self.demographics_dropout, self.stated_dropout,
             )
             total, count = 0.0, 0
-            bar = tqdm(batches, total=n_batches, desc=f"epoch {epoch}/{self.cfg.epochs}", disable=not self.cfg.progress, leave=False)
+            bar = tqdm(batches, total=n_batches, desc=f"epoch {epoch}/{epochs}", disable=not self.cfg.progress, leave=False)
             for batch in bar:
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
                     loss = self.task.loss(self.model, batch, ctx)
@@ -141,9 +162,12 @@ class Trainer:
                 total, count = total + loss.item(), count + 1
                 bar.set_postfix(loss=f"{total / count:.4f}")
             metrics = {"train/loss": total / max(count, 1)}
-            metrics.update({f"val/{k}": v for k, v in self.task.metrics(self.model, val_history, val_truth, ctx, self.device).items()})
+            if validate:
+                metrics.update({f"val/{k}": v for k, v in self.task.metrics(self.model, val_history, val_truth, ctx, self.device).items()})
             history.append({"epoch": epoch, **metrics})
-            if metrics[self.monitor] > best:
+            if not validate:  # refit: the last epoch is the model
+                best, best_epoch, best_state = float("nan"), epoch, None
+            elif metrics[self.monitor] > best:
                 best, best_epoch, bad = metrics[self.monitor], epoch, 0
                 best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
             else:
@@ -151,7 +175,7 @@ class Trainer:
             log.info("epoch %d %s", epoch, " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
             self.on_epoch(epoch, metrics)
             self._save(epoch, rng, {"best_metric": best, "best_epoch": best_epoch, "bad_epochs": bad, "best_state": best_state, "history": history, "spec": asdict(self.model.spec)})
-            if bad >= self.cfg.patience:
+            if validate and bad >= self.cfg.patience:
                 log.info("early stop at epoch %d: no %s gain for %d epochs", epoch, self.monitor, bad)
                 break
 

@@ -267,3 +267,12 @@ def test_cornac_indices_are_our_indices(tiny):
     u = 11
     expected = bpr.model.u_factors[u] @ bpr.model.i_factors.T + bpr.model.i_biases
     np.testing.assert_allclose(bpr.scores(np.array([u]))[0], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_run_peers_seed_reaches_seeded_peers_only(tiny):
+    """`seed` replaces the default seed of peers that take one; deterministic peers ignore it."""
+    out = peers.run_peers(tiny, k=K, names=["popularity", "als"], fast=True, seed=7)
+    assert out["als"]["params"]["seed"] == 7
+    assert "seed" not in out["popularity"]["params"]
+    default = peers.run_peers(tiny, k=K, names=["als"], fast=True)
+    assert default["als"]["params"]["seed"] == peers.SEED

@@ -262,3 +262,18 @@ def test_write_artifacts_tolerance_is_enforced(bundle_inputs, tmp_path, monkeypa
     write(bundle_inputs, tmp_path / "bundle", parity_atol=1e-6)
     assert not (tmp_path / "bundle" / "old.txt").exists() and (tmp_path / "bundle" / "manifest.json").exists()
     assert leftovers(tmp_path, "bundle") == []
+
+
+@pytest.mark.parametrize("layers", [0, 2])
+def test_parity_with_linear_and_deeper_towers(tmp_path, ctx, layers):
+    """model.hidden_layers changes only the layers inside `mlp`: the export keeps parity (0 = one Linear)."""
+    spec = TowerSpec(n_users=N_USERS, n_items=N_ITEMS, n_genres=4, embedding_dim=8, hidden_dim=16, output_dim=8, hidden_layers=layers)
+    torch.manual_seed(1)
+    model = TwoTower(spec).eval()
+    assert sum(isinstance(m, torch.nn.Linear) for m in model.user_arch.mlp) == layers + 1
+    history = random_history(3)
+    tower = PlainUserTower(model).eval()
+    path = tmp_path / "user_tower.onnx"
+    export_onnx(tower, path, user_feed(spec, ctx, np.arange(1, 17), history))
+    ref, plain, onnx = three_ways(model, tower, path, np.arange(N_USERS), history, ctx)
+    assert np.abs(ref - plain).max() <= 1e-5 and np.abs(ref - onnx).max() <= 1e-5

@@ -76,6 +76,25 @@ def test_full_softmax_hand_computed(monkeypatch):
     assert task.loss(model, batch([1, 0], [[1, 2], [0]]), genres).item() == pytest.approx(expected, rel=1e-6)
 
 
+def test_full_softmax_item_weighting_hand_computed(monkeypatch):
+    """loss_weighting="item": the three hidden items of the same batch weigh equally, so the
+    two-item user counts twice: (loss(u0, 0) + loss(u1, 1) + loss(u1, 2)) / 3."""
+    model = TwoTower(TowerSpec(n_users=2, n_items=3, n_genres=1, output_dim=2, temperature=0.5))
+    fixed_towers(monkeypatch, model, [[1, 0], [0, 1]], [[1, 0], [0, 1], [-1, 0]])
+    task = RetrievalTask(TaskConfig(loss="full_softmax", loss_weighting="item"), np.ones(3))
+    lse0, lse1 = math.log(math.e**2 + 1 + math.e**-2), math.log(2 + math.e**2)
+    expected = ((lse0 - 2) + (lse1 - 2) + lse1) / 3  # = (0.142932 + 0.239545 + 2.239545) / 3 = 0.874007
+    assert expected == pytest.approx(0.874007, abs=1e-6)
+    assert task.loss(model, batch([0, 1], [[0], [1, 2]]), genre_ctx([(0,)] * 3)).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_set_item_counts_moves_cold_items_and_log_q():
+    task = RetrievalTask(TaskConfig(), np.array([3.0, 0.0, 1.0]))
+    task.set_item_counts(np.array([0.0, 2.0, 1.0]))  # the refit sees train + val
+    assert task.cold.tolist() == [True, False, False]
+    np.testing.assert_allclose(task.log_q.numpy(), np.log([1 / 6, 3 / 6, 2 / 6]), rtol=1e-6)
+
+
 @pytest.fixture(scope="module")
 def tiny():
     ds = generate(SyntheticConfig(n_users=48, n_items=30, n_genres=4, mean_interactions_per_user=8, seed=2))

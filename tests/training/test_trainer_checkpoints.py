@@ -188,3 +188,67 @@ def test_trainer_hands_the_side_feature_dropouts_to_the_batches(prepared_hybrid,
     assert bound["spec"].use_content and bound["spec"].use_demographics and bound["spec"].use_stated and bound["ctx"] is ctx
     assert (bound["batch_size"], bound["history_dropout"], bound["user_id_dropout"]) == (32, cfg.task.history_dropout, 0.2)
     assert (bound["demographics_dropout"], bound["stated_dropout"]) == (0.3, 0.5)
+
+
+# -- learning-rate schedule and the refit without validation -------------------------------------------
+def test_lr_at_constant_and_cosine_by_hand():
+    from training.trainer import lr_at
+
+    assert [lr_at(0.01, "constant", e, 4) for e in (1, 4)] == [0.01, 0.01]
+    # cosine over 4 epochs: lr * (1 + cos(pi * (e - 1) / 4)) / 2 -> 1, (1 + 0.70711) / 2, 0.5, (1 - 0.70711) / 2
+    got = [lr_at(0.01, "cosine", e, 4) for e in (1, 2, 3, 4)]
+    np.testing.assert_allclose(got, [0.01, 0.0085355339, 0.005, 0.0014644661], rtol=1e-8)
+
+
+def test_cosine_schedule_sets_each_epochs_lr(prepared, tmp_path):
+    trainer = make_trainer(prepared, tmp_path / "cos", epochs=4, lr_schedule="cosine")
+    fit(trainer, prepared)
+    lrs = [torch.load(tmp_path / "cos" / f"epoch-{e:03d}.pt", weights_only=False)["optimizer"]["param_groups"][0]["lr"] for e in (1, 2, 3, 4)]
+    np.testing.assert_allclose(lrs, [0.01, 0.0085355339, 0.005, 0.0014644661], rtol=1e-8)
+
+
+def test_fit_without_validation_runs_exactly_the_epochs_and_keeps_the_last(prepared, tmp_path):
+    """The refit stage: no val metrics, no early stopping (patience 1 would stop a validated run), last weights kept."""
+    _, data, ctx = prepared
+    seen = []
+    trainer = make_trainer(prepared, tmp_path / "rf", epochs=50, patience=1, on_epoch=lambda e, m: seen.append(dict(m)))
+    result = trainer.fit(data.seen, None, None, ctx, epochs=3)
+    assert result.epochs_run == 3 == result.best_epoch and np.isnan(result.best_metric)
+    assert [set(m) for m in seen] == [{"train/loss"}] * 3
+    last = torch.load(tmp_path / "rf" / "epoch-003.pt", weights_only=False)
+    assert last["best_state"] is None
+    assert_same_state(trainer.model.state_dict(), last["model"])
+    # resuming a finished refit trains nothing more and keeps the restored last weights
+    again = make_trainer(prepared, tmp_path / "rf", epochs=50, patience=1, init_seed=9)
+    out = again.fit(data.seen, None, None, ctx, resume=True, epochs=3)
+    assert (out.epochs_run, out.best_epoch) == (3, 3) and len(out.history) == 3  # nothing ran now
+    assert_same_state(again.model.state_dict(), last["model"])
+
+
+def test_pipeline_refit_retrains_from_init_on_train_plus_val(prepared, tmp_path):
+    """fit_model with trainer.refit: validation picks the epoch count, then the same initial weights
+    are trained on seen (= train + val) for that many epochs; the result equals doing it by hand."""
+    from training.pipeline import fit_model
+    from training.tracking import Tracker
+
+    cfg, data, ctx = prepared
+    cfg = cfg.model_copy(update={"trainer": TrainerConfig(batch_size=32, lr=0.01, seed=3, epochs=4, patience=50, progress=False,
+                                                          refit=True, checkpoint_dir=str(tmp_path / "p"))})  # fmt: skip
+    torch.manual_seed(0)
+    model = build_model(cfg, data.dataset, ctx, CPU)
+    init = {k: v.clone() for k, v in model.state_dict().items()}
+    task = RetrievalTask(cfg.task, item_counts(data.train, data.dataset.n_items), cfg.model.item_id_dropout)
+    result = fit_model(cfg, model, task, data, ctx, CPU, Tracker(False, "", ""))
+    assert len(result.history) == 4 and all("val/ndcg@10" in h for h in result.history)  # the selection run's
+    n = result.best_epoch
+    assert sorted(p.name for p in (tmp_path / "p" / "refit").iterdir()) == [f"epoch-{e:03d}.pt" for e in range(1, n + 1)]
+    # the task now treats as cold only the items seen nowhere in train + val
+    np.testing.assert_array_equal(task.cold, item_counts(data.seen, data.dataset.n_items) == 0)
+
+    by_hand = build_model(cfg, data.dataset, ctx, CPU)
+    by_hand.load_state_dict(init)
+    task2 = RetrievalTask(cfg.task, item_counts(data.seen, data.dataset.n_items), cfg.model.item_id_dropout)
+    m = cfg.model
+    Trainer(by_hand, task2, cfg.trainer.model_copy(update={"checkpoint_dir": str(tmp_path / "hand")}), cfg.task.history_dropout,
+            m.user_id_dropout, CPU, m.demographics_dropout, m.stated_dropout).fit(data.seen, None, None, ctx, epochs=n)  # fmt: skip
+    assert_same_state(model.state_dict(), by_hand.state_dict())

@@ -173,3 +173,51 @@ def test_gradients_reach_embedding_tables(model):
     # item side: rows 0, 3, 6 are used, the OOV row 7 is not
     item_used = model.item_arch.ebc.embedding_bags["t_item_id"].weight.grad.abs().sum(1) > 0
     assert item_used[[0, 3, 6]].all() and not item_used[[1, 2, 4, 5, 7]].any()
+
+
+@pytest.mark.parametrize("layers, shapes", [
+    (0, [(3, 8)]),  # (out, in): one linear map from 4 dims x 2 tables to 3
+    (1, [(6, 8), (3, 6)]),  # today's default
+    (2, [(6, 8), (6, 6), (3, 6)]),
+])  # fmt: skip
+def test_hidden_layers_shape_each_towers_mlp(layers, shapes):
+    torch.manual_seed(0)
+    model = TwoTower(TowerSpec(**{**SPEC.__dict__, "hidden_layers": layers}))
+    for arch in (model.user_arch, model.item_arch):
+        linears = [m for m in arch.mlp if isinstance(m, torch.nn.Linear)]
+        assert [(m.out_features, m.in_features) for m in linears] == shapes
+        assert sum(isinstance(m, torch.nn.ReLU) for m in arch.mlp) == layers
+
+
+def test_linear_user_tower_by_hand():
+    """hidden_layers=0: user vector = normalize(W . concat(mean history bag, id row) + b), W set by hand."""
+    torch.manual_seed(0)
+    model = TwoTower(TowerSpec(**{**SPEC.__dict__, "hidden_layers": 0})).eval()
+    arch = model.user_arch
+    with torch.no_grad():
+        arch.ebc.embedding_bags["t_history"].weight.zero_()
+        arch.ebc.embedding_bags["t_history"].weight[1] = torch.tensor([2.0, 0, 0, 0])
+        arch.ebc.embedding_bags["t_history"].weight[4] = torch.tensor([0.0, 4, 0, 0])
+        arch.ebc.embedding_bags["t_user_id"].weight.zero_()
+        (lin,) = arch.mlp
+        lin.weight.zero_()
+        lin.weight[0, 0], lin.weight[1, 1], lin.weight[2, 0] = 1.0, 1.0, -1.0
+        lin.bias.copy_(torch.tensor([0.0, 1.0, 0.0]))
+    # user 0: bag = ([2,0,0,0] + [0,4,0,0]) / 2 = [1, 2, 0, 0] -> W x + b = [1, 2 + 1, -1] = [1, 3, -1], norm sqrt(11)
+    # user 1: empty bag -> b = [0, 1, 0]
+    out = arch(users_kjt())
+    torch.testing.assert_close(out[0], torch.tensor([1.0, 3.0, -1.0]) / 11**0.5)
+    torch.testing.assert_close(out[1], torch.tensor([0.0, 1.0, 0.0]))
+
+
+def test_use_title_switches_only_the_title_table():
+    from training.model import TITLE, YEAR
+
+    base = dict(n_users=5, n_items=7, n_genres=3, embedding_dim=4, hidden_dim=6, output_dim=3, use_content=True, n_title=9)
+    assert TowerSpec(**base).item_features() == [ITEM_ID, GENRES, YEAR, TITLE]  # default: as before
+    spec = TowerSpec(**base, use_title=False)
+    assert spec.item_features() == [ITEM_ID, GENRES, YEAR]
+    m = TwoTower(spec)
+    assert list(configs(m.item_arch.ebc)) == ["t_item_id", "t_genres", "t_year"]
+    assert m.item_arch.mlp[0].in_features == 3 * 4
+    assert TowerSpec(**{**base, "use_content": False}, use_title=True).item_features() == [ITEM_ID, GENRES]  # needs use_content

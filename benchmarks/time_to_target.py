@@ -1,0 +1,119 @@
+"""Seconds of training until test NDCG@10 first reaches a target (issue 3: >= 0.45 within 60 s on 2 CPU cores).
+
+    python benchmarks/time_to_target.py                                  # two_tower_ml100k.yaml, 2 threads, target 0.45
+    python benchmarks/time_to_target.py --config configs/hybrid_ml100k.yaml --stage refit
+    python benchmarks/time_to_target.py --set trainer.seed=1 --threads 2 --target 0.45
+
+Trains exactly as `trustrec train` does (same data, split, model, Trainer) and, after every
+epoch, scores the test split the way the pipeline does (history = train + val, excluded from
+the ranking). The probe's own time is paused out of the clock, so `seconds` is the wall time
+of training (with the per-epoch validation of the `select` stage) up to the end of the first
+epoch whose test NDCG@k >= target.
+
+Stages: `select` = the validated fit on the train split (what early stopping watches);
+`refit` = the fit on train + val without validation (`trainer.refit`; also what a scheduled
+retrain with a known epoch count runs). Prints a line per epoch and writes JSON
+(default benchmarks/results/time_to_target_<config>_<stage>.json). Timing is only meaningful
+on a quiet machine.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=str(REPO / "configs" / "two_tower_ml100k.yaml"))
+    p.add_argument("--data", default=None, help="ML-100k folder (default: $TRUSTREC_ML100K or ../shared/data/ml-100k)")
+    p.add_argument("--stage", choices=["select", "refit"], default="select")
+    p.add_argument("--target", type=float, default=0.45)
+    p.add_argument("--threads", type=int, default=2, help="torch threads (the goal is stated for 2 CPU cores)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra config overrides")
+    p.add_argument("--out", help="JSON output path")
+    args = p.parse_args(argv)
+
+    import tempfile
+
+    import numpy as np
+    import torch
+
+    from features.movielens import resolve_ml100k_path
+    from training import evaluation
+    from training.config import load_config
+    from training.pipeline import build_model, context, item_counts, prepare
+    from training.task import RetrievalTask
+    from training.trainer import Trainer, pick_device, seed_everything
+
+    torch.set_num_threads(args.threads)
+    overrides = ["tracking.enabled=false", "store.load=false", "trainer.progress=false", *args.set]
+    if "movielens" in Path(args.config).read_text():
+        try:
+            overrides.insert(0, f"data.path={resolve_ml100k_path(args.data)}")
+        except FileNotFoundError as e:
+            print(f"skipped: {e}", file=sys.stderr)
+            return 2
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = load_config(args.config, [*overrides, f"trainer.checkpoint_dir={tmp}"])
+        device = pick_device(cfg.trainer.device)
+        data = prepare(cfg)
+        ds = data.dataset
+        seed_everything(cfg.trainer.seed)
+        ctx = context(cfg, ds)
+        model = build_model(cfg, ds, ctx, device)
+        fit_on = data.train if args.stage == "select" else data.seen
+        task = RetrievalTask(cfg.task, item_counts(fit_on, ds.n_items), cfg.model.item_id_dropout)
+        users = np.flatnonzero(np.diff(data.test[0]) > 0)
+        key = f"ndcg@{task.k}"
+        clock = {"start": time.perf_counter(), "paused": 0.0}
+        curve: list[dict[str, float]] = []
+
+        def probe(epoch: int, metrics: dict[str, float]) -> None:
+            trained_s = time.perf_counter() - clock["start"] - clock["paused"]
+            t0 = time.perf_counter()
+            test = evaluation.ranking_metrics(task.topk(model, ctx, data.seen, users, device), data.test[:2], users, task.k, ds.n_items)[key]
+            clock["paused"] += time.perf_counter() - t0
+            curve.append({"epoch": epoch, "seconds": round(trained_s, 2), f"test/{key}": round(test, 4), **{k: round(v, 4) for k, v in metrics.items()}})
+            print(f"epoch {epoch:3d}  {trained_s:7.1f}s  test/{key}={test:.4f}" + (f"  val/{key}={metrics[f'val/{key}']:.4f}" if f"val/{key}" in metrics else ""), flush=True)
+
+        m = cfg.model
+        trainer = Trainer(model, task, cfg.trainer, cfg.task.history_dropout, m.user_id_dropout, device, m.demographics_dropout, m.stated_dropout, on_epoch=probe)
+        clock["start"] = time.perf_counter()
+        if args.stage == "select":
+            trainer.fit(data.train, data.train, data.val, ctx)
+        else:
+            trainer.fit(data.seen, None, None, ctx)
+
+    hit = next((row for row in curve if row[f"test/{key}"] >= args.target), None)
+    report = {
+        "config": str(args.config),
+        "overrides": args.set,
+        "stage": args.stage,
+        "threads": args.threads,
+        "target": args.target,
+        "reached": hit is not None,
+        "epoch": hit["epoch"] if hit else None,
+        "seconds": hit["seconds"] if hit else None,
+        "best_test": max(row[f"test/{key}"] for row in curve),
+        "curve": curve,
+        "command": "python benchmarks/time_to_target.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+    }
+    out = Path(args.out or REPO / "benchmarks" / "results" / f"time_to_target_{Path(args.config).stem}_{args.stage}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    if hit:
+        print(f"\ntest/{key} >= {args.target} at epoch {hit['epoch']} after {hit['seconds']:.1f}s of training ({args.threads} threads)")
+    else:
+        print(f"\ntest/{key} never reached {args.target} (best {report['best_test']:.4f})")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
