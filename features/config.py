@@ -67,12 +67,36 @@ class TableConfig(_Strict):
     genre_sep: str = "|"
 
 
+class ConsentConfig(_Strict):
+    """How the feature store reads consent; shared by serving (AppArgs.consent) and store exports."""
+
+    # What a user who never answered counts as, for every purpose (personalization, training,
+    # demographics). opt_out keeps what users were already promised when their data was imported
+    # (served personalized, used to train) until they say no, and it is what existing stores were
+    # loaded under. Use opt_in where the law asks for a prior yes (GDPR Art. 6(1)(a) for profiling
+    # and training in most EU deployments): then nobody is personalized or trained on until they agree.
+    regime: Literal["opt_in", "opt_out"] = "opt_out"
+    # Env var holding the salt of erasure tombstones (hash of the user id; the id is never kept).
+    # A salt outside the database means a copy of the store alone cannot test guessed ids against
+    # the tombstones. Unset: a random salt is generated once and kept in the store (logged warning).
+    salt_env: str = "TRUSTREC_ERASURE_SALT"
+
+
+class StoreSourceConfig(_Strict):
+    """`data.source: store`: train on what the feature store holds, as consent and erasure allow."""
+
+    url: str = "sqlite:///data/features.db"  # the serving store, where consent, events and tombstones live
+    consent: ConsentConfig = ConsentConfig()
+
+
 class DataConfig(_Strict):
-    source: Literal["synthetic", "movielens", "table"] = "synthetic"
+    # store: the feature store's consented users (features.consent.export_training_data)
+    source: Literal["synthetic", "movielens", "table", "store"] = "synthetic"
     # MovieLens-100k directory; None -> $TRUSTREC_ML100K, else <repo>/../shared/data/ml-100k.
     path: str | None = None
     synthetic: SyntheticConfig = SyntheticConfig()
     table: TableConfig | None = None
+    store: StoreSourceConfig = StoreSourceConfig()
     on_bad_row: Literal["error", "skip"] = "error"
 
     @model_validator(mode="after")

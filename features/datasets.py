@@ -1,12 +1,17 @@
 """One entry point from a DataConfig to a Dataset, so training and serving never branch on the source."""
 from __future__ import annotations
 
+import hashlib
+import json
+
+import numpy as np
+
 from features.config import DataConfig
 from features.schema import Dataset
 
 
 def load_dataset(cfg: DataConfig) -> Dataset:
-    """Load the configured source (synthetic, MovieLens-100k or a generic table)."""
+    """Load the configured source (synthetic, MovieLens-100k, a generic table, or the feature store)."""
     # Imports are local so a source's dependencies are only touched when it is used.
     if cfg.source == "synthetic":
         from features.synthetic import generate
@@ -21,4 +26,46 @@ def load_dataset(cfg: DataConfig) -> Dataset:
 
         assert cfg.table is not None  # enforced by DataConfig's validator
         return load_table(cfg.table, on_bad_row=cfg.on_bad_row)
+    if cfg.source == "store":
+        from features.consent import export_training_data
+        from features.store import FeatureStore
+
+        with FeatureStore(cfg.store.url, consent=cfg.store.consent) as store:
+            ds, _ = export_training_data(store)
+        if len(ds.interactions) == 0:
+            raise ValueError(f"data.store.url: no user in {cfg.store.url} has training consent and data")
+        return ds
     raise ValueError(f"unknown data source {cfg.source!r}")
+
+
+def snapshot_hash(ds: Dataset) -> str:
+    """sha256 over a dataset's content: which users, their rows, profiles and the catalog.
+
+    Recorded in the manifest and MLflow so a model says exactly which data trained it without
+    listing anyone: equal content gives an equal hash whatever the row order, and any added,
+    removed or changed user or row changes it. The dataset's name is not part of it."""
+    h = hashlib.sha256()
+
+    def part(label: str, payload: object) -> None:
+        blob = payload if isinstance(payload, bytes) else json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
+        h.update(f"{label}:{len(blob)}:".encode())
+        h.update(blob)
+
+    inter = ds.interactions
+    order = np.lexsort((inter.rating, inter.timestamp, inter.item, inter.user))  # canonical row order
+    part("users", ds.user_vocab.ids)
+    part("items", ds.item_vocab.ids)
+    part("genres", ds.genre_names)
+    for name, dtype in (("user", "<i8"), ("item", "<i8"), ("rating", "<f4"), ("timestamp", "<i8")):
+        part(name, np.ascontiguousarray(getattr(inter, name)[order], dtype=dtype).tobytes())
+    u = ds.users
+    part("profiles", [np.asarray(u.age, dtype=np.int64).tolist(), list(u.gender), list(u.occupation),
+                      [list(g) for g in u.liked_genres], [list(g) for g in u.avoided_genres]])  # fmt: skip
+    part("catalog", [list(ds.items.title), [list(g) for g in ds.items.genres], np.asarray(ds.items.year, dtype=np.int64).tolist()])
+    return "sha256:" + h.hexdigest()
+
+
+def data_provenance(ds: Dataset) -> dict:
+    """What the manifest and MLflow record about the training data: no ids, only the snapshot
+    hash and sizes."""
+    return {"snapshot": snapshot_hash(ds), "users": ds.n_users, "items": ds.n_items, "interactions": len(ds.interactions)}

@@ -3,20 +3,39 @@
 SQLAlchemy Core over any URL (SQLite by default, PostgreSQL in production): only portable
 constructs and bound parameters, never SQL built from strings, so ids cannot inject SQL.
 Bulk loads replace everything in one transaction, so readers never see a half-written store.
+
+Customer control lives here too (the logic in features/consent.py): an append-only consent
+ledger, blocked items, events recorded through the API, erasure tombstones (salted hashes, never
+ids) and a change counter. A bulk load replaces the catalog, profiles and histories but keeps
+those, and never brings back a user who was erased.
 """
 from __future__ import annotations
 
+import hashlib
+import hmac
+import json
+import logging
+import os
+import secrets
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 from sqlalchemy import (
-    BigInteger, Column, Float, Index, Integer, MetaData, Table, Text, create_engine, delete, event, insert, select,
+    BigInteger, Boolean, Column, Float, Index, Integer, MetaData, Table, Text, cast, create_engine, delete, event,
+    insert, literal, select, union_all, update,
 )
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.pool import StaticPool
 
 from features.schema import UNKNOWN_AGE, Dataset, Interactions
+
+if TYPE_CHECKING:
+    from features.config import ConsentConfig
+
+log = logging.getLogger(__name__)
 
 _CHUNK = 10_000  # rows per executemany batch
 _IN_CHUNK = 500  # ids per IN (...) list, below every backend's bound-parameter limit
@@ -52,6 +71,44 @@ popularity_table = Table(
     Column("item_id", Text, primary_key=True),
     Column("count", Integer, nullable=False),
 )
+consent_table = Table(  # append-only: a change is a new row; only erasure deletes
+    "consent_ledger", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),  # order of record, tie-break of equal times
+    Column("user_id", Text, nullable=False),
+    Column("purpose", Text, nullable=False),  # features.consent.PURPOSES
+    Column("granted", Boolean, nullable=False),
+    Column("ts_ms", BigInteger, nullable=False),  # unix milliseconds
+    Column("source", Text, nullable=False),  # who recorded it: "api", "cli", a form name, ...
+    Index("ix_consent_user_purpose", "user_id", "purpose", "id"),
+)
+blocked_table = Table(  # stated preference: items a user never wants to see
+    "blocked_items", metadata,
+    Column("user_id", Text, primary_key=True),
+    Column("item_id", Text, primary_key=True),
+)
+events_table = Table(  # interactions recorded through the API after the last bulk load
+    "events", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("user_id", Text, nullable=False),
+    Column("item_id", Text, nullable=False),
+    Column("rating", Float, nullable=False),
+    Column("ts", BigInteger, nullable=False),  # unix seconds, like interactions.ts
+    Column("for_training", Boolean, nullable=False),  # `training` consent held when it was recorded
+    Index("ix_events_user_ts", "user_id", "ts", "id"),
+)
+tombstones_table = Table(  # erased users: a salted hash of the id, never the id
+    "tombstones", metadata,
+    Column("subject_hash", Text, primary_key=True),
+    Column("erased_ms", BigInteger, nullable=False),
+)
+meta_table = Table(  # store id, salt fallback, genre order, change counter
+    "store_meta", metadata,
+    Column("key", Text, primary_key=True),
+    Column("value", Text, nullable=False),
+)
+# every table holding rows keyed by a user id: what erasure empties
+USER_TABLES = (users_table, interactions_table, events_table, consent_table, blocked_table)
+_EVENT_SEQ_OFFSET = 1 << 40  # events sort after bulk-loaded rows of the same timestamp
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
@@ -79,7 +136,11 @@ def _chunks(rows: Iterator[dict], size: int = _CHUNK) -> Iterator[list[dict]]:
 class FeatureStore:
     """Point-query feature store; one instance may be shared by the threads of a web server."""
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, consent: "ConsentConfig | None" = None):
+        from features.config import ConsentConfig
+
+        self.consent = consent or ConsentConfig()
+        self._salt: bytes | None = None
         parsed = make_url(url)
         kwargs: dict[str, Any] = {}
         self.is_sqlite = parsed.get_backend_name() == "sqlite"
@@ -93,24 +154,119 @@ class FeatureStore:
         if self.is_sqlite:
             event.listen(self.engine, "connect", _sqlite_pragmas)
         metadata.create_all(self.engine)
+        self.store_id = self._meta_default("store_id", secrets.token_hex(8))  # tells a store's own exports apart
+        self._meta_default("generation", "0")
+
+    # ---- transactions ---------------------------------------------------------------------------
+    @contextmanager
+    def transaction(self) -> Iterator[Any]:
+        """A write transaction whose reads are isolated too (SQLite: BEGIN IMMEDIATE takes the write
+        lock first, so a count read inside it cannot go stale before the delete that follows)."""
+        with self.engine.begin() as conn:
+            if self.is_sqlite:
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
+            yield conn
+
+    @contextmanager
+    def snapshot(self) -> Iterator[Any]:
+        """A read-only connection that sees one consistent state across several queries."""
+        with self.engine.connect() as conn:
+            if self.is_sqlite:
+                conn.exec_driver_sql("BEGIN")  # pysqlite would otherwise run each SELECT on its own
+            else:
+                conn = conn.execution_options(isolation_level="REPEATABLE READ")
+            yield conn
+
+    # ---- store metadata, change counter, tombstone hashes ------------------------------------
+    def _meta_default(self, key: str, value: str) -> str:
+        """store_meta[key], set to `value` first if absent (safe when several replicas start at once)."""
+        current = self.meta(key)
+        if current is not None:
+            return current
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(insert(meta_table), [{"key": key, "value": value}])
+        except IntegrityError:  # another process won the race; take its value
+            pass
+        return self.meta(key)  # type: ignore[return-value]
+
+    def meta(self, key: str) -> str | None:
+        with self.engine.connect() as conn:
+            return conn.scalar(select(meta_table.c.value).where(meta_table.c.key == key))
+
+    def generation(self) -> int:
+        """Counter bumped by every change to a user's data (consent, preferences, events, erasure,
+        bulk load). A per-replica cache compares it per request to stay correct across replicas."""
+        return int(self.meta("generation") or 0)
+
+    @staticmethod
+    def bump_generation(conn: Any) -> None:
+        """Increment the change counter inside the caller's transaction (one atomic UPDATE)."""
+        t = meta_table
+        conn.execute(update(t).where(t.c.key == "generation").values(value=cast(cast(t.c.value, Integer) + 1, Text)))
+
+    def _erasure_salt(self) -> bytes:
+        if self._salt is None:
+            env = os.environ.get(self.consent.salt_env)
+            if env:
+                self._salt = env.encode()
+            else:
+                log.warning("%s is not set: erasure tombstones use a salt kept in the store itself", self.consent.salt_env)
+                self._salt = self._meta_default("erasure_salt", secrets.token_hex(32)).encode()
+        return self._salt
+
+    def subject_hash(self, user_id: str) -> str:
+        """HMAC-SHA256 of the user id under the erasure salt: the tombstone key, and the only form
+        of an id that may appear in logs."""
+        return hmac.new(self._erasure_salt(), str(user_id).encode(), hashlib.sha256).hexdigest()
+
+    def tombstoned(self, user_ids: list[str]) -> set[str]:
+        """The subset of `user_ids` that were erased."""
+        with self.engine.connect() as conn:
+            if conn.scalar(select(tombstones_table.c.subject_hash).limit(1)) is None:
+                return set()  # nothing erased yet: no hashing
+            by_hash = {self.subject_hash(u): u for u in user_ids}
+            found: set[str] = set()
+            hashes = list(by_hash)
+            for lo in range(0, len(hashes), _IN_CHUNK):
+                part = hashes[lo:lo + _IN_CHUNK]
+                found.update(conn.scalars(select(tombstones_table.c.subject_hash).where(tombstones_table.c.subject_hash.in_(part))))
+        return {by_hash[h] for h in found}
+
+    def is_erased(self, user_id: str) -> bool:
+        return bool(self.tombstoned([str(user_id)]))
 
     # ---- writes -------------------------------------------------------------------------
     def load_dataset(self, ds: Dataset, interactions: Interactions | None = None) -> None:
-        """Replace the whole store with ds (and `interactions`, e.g. the train split) atomically."""
+        """Replace catalog, profiles and histories with ds (and `interactions`, e.g. the train split)
+        atomically. Users erased earlier (tombstones) are left out; the consent ledger, blocked
+        items, events and tombstones are kept. A dataset exported from this very store (training
+        with `data.source: store`) is not loaded back: it is a consent-filtered copy of it."""
+        if ds.name == f"store:{self.store_id}":
+            log.info("dataset %s was exported from this store; not loading it back", ds.name)
+            return
         inter = ds.interactions if interactions is None else interactions
         if len(inter) and (inter.user.min() < 0 or inter.user.max() >= ds.n_users or inter.item.min() < 0 or inter.item.max() >= ds.n_items):
             raise ValueError("interactions reference user/item indices outside the dataset's vocabularies")
+        erased = self.tombstoned(ds.user_vocab.ids)
+        keep_user = np.array([u not in erased for u in ds.user_vocab.ids], dtype=bool)
+        if erased:
+            inter = inter.take(keep_user[inter.user])
+            log.info("left out %d erased user(s) and their rows", len(erased))
         with self.engine.begin() as conn:
             for table in (popularity_table, interactions_table, users_table, items_table):
                 conn.execute(delete(table))
             for table, rows in (
                 (items_table, self._item_rows(ds)),
-                (users_table, self._user_rows(ds)),
+                (users_table, (r for r, keep in zip(self._user_rows(ds), keep_user) if keep)),
                 (interactions_table, self._interaction_rows(ds, inter)),
                 (popularity_table, self._popularity_rows(ds, inter)),
             ):
                 for batch in _chunks(rows):
                     conn.execute(insert(table), batch)
+            conn.execute(delete(meta_table).where(meta_table.c.key == "genre_names"))
+            conn.execute(insert(meta_table), [{"key": "genre_names", "value": json.dumps(ds.genre_names)}])
+            self.bump_generation(conn)
 
     def upsert_user(
         self,
@@ -130,6 +286,7 @@ class FeatureStore:
         with self.engine.begin() as conn:
             conn.execute(delete(users_table).where(users_table.c.user_id == row["user_id"]))
             conn.execute(insert(users_table), [row])
+            self.bump_generation(conn)
 
     @staticmethod
     def _item_rows(ds: Dataset) -> Iterator[dict]:
@@ -182,15 +339,20 @@ class FeatureStore:
         return [item for item, _ in self.user_interactions(user_id, limit)]
 
     def user_interactions(self, user_id: str, limit: int | None = None) -> list[tuple[str, float]]:
-        """(raw item id, rating) pairs, oldest -> newest; `limit` keeps the most recent."""
-        t = interactions_table
-        q = select(t.c.item_id, t.c.rating).where(t.c.user_id == str(user_id))
+        """(raw item id, rating) pairs, oldest -> newest, bulk-loaded rows and recorded events
+        together; `limit` keeps the most recent."""
         if limit is not None and limit <= 0:
             return []
+        t, e = interactions_table, events_table
+        rows = union_all(
+            select(t.c.item_id, t.c.rating, t.c.ts, t.c.seq.label("seq")).where(t.c.user_id == str(user_id)),
+            select(e.c.item_id, e.c.rating, e.c.ts, (e.c.id + literal(_EVENT_SEQ_OFFSET)).label("seq")).where(e.c.user_id == str(user_id)),
+        ).subquery()
+        q = select(rows.c.item_id, rows.c.rating)
         with self.engine.connect() as conn:
             if limit is None:
-                return [(r.item_id, r.rating) for r in conn.execute(q.order_by(t.c.ts, t.c.seq))]
-            newest_first = [(r.item_id, r.rating) for r in conn.execute(q.order_by(t.c.ts.desc(), t.c.seq.desc()).limit(limit))]
+                return [(r.item_id, r.rating) for r in conn.execute(q.order_by(rows.c.ts, rows.c.seq))]
+            newest_first = [(r.item_id, r.rating) for r in conn.execute(q.order_by(rows.c.ts.desc(), rows.c.seq.desc()).limit(limit))]
         return newest_first[::-1]
 
     def item_metadata(self, item_ids: list[str]) -> dict[str, dict]:
@@ -232,6 +394,31 @@ class FeatureStore:
         t = users_table
         with self.engine.connect() as conn:
             return conn.execute(select(t.c.user_id).where(t.c.user_id == str(user_id)).limit(1)).first() is not None
+
+    def holds_user(self, user_id: str) -> bool:
+        """Any row about the user in any table (profile, history, events, consent, blocked items)."""
+        with self.engine.connect() as conn:
+            return any(
+                conn.execute(select(t.c.user_id).where(t.c.user_id == str(user_id)).limit(1)).first() is not None for t in USER_TABLES
+            )
+
+    def genre_names(self) -> list[str]:
+        """The catalog's genres: in the loaded dataset's order, else sorted from the items table."""
+        stored = self.meta("genre_names")
+        if stored is not None:
+            return json.loads(stored)
+        with self.engine.connect() as conn:
+            return sorted({g for text in conn.scalars(select(items_table.c.genres)) for g in _split_genres(text)})
+
+    def known_items(self, item_ids: list[str]) -> set[str]:
+        """The subset of `item_ids` that are in the catalog."""
+        t = items_table
+        ids = list(dict.fromkeys(str(i) for i in item_ids))
+        found: set[str] = set()
+        with self.engine.connect() as conn:
+            for lo in range(0, len(ids), _IN_CHUNK):
+                found.update(conn.scalars(select(t.c.item_id).where(t.c.item_id.in_(ids[lo:lo + _IN_CHUNK]))))
+        return found
 
     def close(self) -> None:
         self.engine.dispose()

@@ -160,3 +160,28 @@ def test_upsert_user_creates_then_replaces_a_profile(tmp_path):
     assert (profile["age"], profile["gender"], profile["liked_genres"], profile["avoided_genres"]) == (30, "F", ["Action"], [])
     assert store.user_history("new") == []
     store.close()
+
+
+def test_reload_keeps_customer_control_tables_and_bumps_the_change_counter(store):
+    from features.consent import consent_history, preferences, record_consent, record_event, set_preferences
+
+    record_consent(store, "alice", {"training": False})
+    set_preferences(store, "alice", blocked_items=["i2"])
+    record_event(store, "alice", "i3", timestamp=400)
+    before = store.generation()
+    store.load_dataset(tiny_dataset(name="again"))  # replaces catalog, profiles, histories...
+    assert store.generation() == before + 1
+    assert [h["granted"] for h in consent_history(store, "alice")] == [False]  # ...but not the ledger,
+    assert preferences(store, "alice")["blocked_items"] == ["i2"]  # blocked items
+    assert store.user_history("alice") == ["i1", "i3", "i2", "i3"]  # or recorded events
+    assert store.holds_user("alice") and not store.holds_user("carol")
+    assert store.genre_names() == ["Comedy", "Drama", "Sci-Fi"] and store.known_items(["i1", "i9", EVIL]) == {"i1"}
+
+
+def test_genre_names_fall_back_to_the_items_table(tmp_path):
+    with FeatureStore(f"sqlite:///{tmp_path / 'fs.db'}") as s:
+        assert s.genre_names() == []
+        s.load_dataset(tiny_dataset())
+        with s.engine.begin() as conn:
+            conn.exec_driver_sql("DELETE FROM store_meta WHERE key = 'genre_names'")  # a store loaded before the key existed
+        assert s.genre_names() == ["Comedy", "Drama", "Sci-Fi"]  # sorted, from items.genres

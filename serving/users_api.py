@@ -1,0 +1,229 @@
+"""The customer-control endpoints behind serving/app.py's thin routes: consent, stated
+preferences, events, access (export), erasure, and the model card.
+
+Requests are pydantic-validated (unknown fields -> 422 naming them); the work is done by
+features/consent.py, the same code `trustrec forget` / `trustrec export-user` run. Store calls
+are blocking SQLite, so they run in a thread off the ingress's event loop. Logs carry at most a
+salted hash of a user id, never the id or a token.
+(No `from __future__ import annotations`: FastAPI must see the real types.)
+"""
+
+import asyncio
+import logging
+from typing import Any, Literal
+
+from fastapi import HTTPException, Path
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, ConfigDict, Field
+
+from serving.auth import Authenticator
+from serving.config import AppArgs
+
+log = logging.getLogger(__name__)
+
+bearer = HTTPBearer(auto_error=False, description="admin token, or the user's own token")
+UserIdPath = Path(min_length=1, max_length=128, description="the user's id")
+AUTH_RESPONSES: dict = {
+    401: {"description": "no or invalid bearer token"},
+    403: {"description": "another user's token"},
+    404: {"description": "no data held for this user (data access, erasure)"},
+    409: {"description": "this user id was erased and cannot be reused (writes)"},
+    503: {"description": "no feature store, or authentication not configured"},
+}
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid", coerce_numbers_to_str=True)
+
+
+class ConsentRequest(_Body):
+    """The purposes to set; the ones left out keep their state. Each becomes a ledger record."""
+
+    personalization: bool | None = None
+    training: bool | None = None
+    demographics: bool | None = None
+    source: str = Field("api", min_length=1, max_length=64, description="who recorded it: a form, an app screen, ...")
+
+
+class ConsentState(BaseModel):
+    granted: bool
+    source: str
+    since: str | None
+
+
+class ConsentResponse(BaseModel):
+    consents: dict[str, ConsentState]
+
+
+class PreferencesRequest(_Body):
+    """Lists to replace; a list left out stays as it is, [] clears it."""
+
+    liked_genres: list[str] | None = Field(None, max_length=1000)
+    avoided_genres: list[str] | None = Field(None, max_length=1000)
+    blocked_items: list[str] | None = Field(None, max_length=1000)
+
+
+class Preferences(BaseModel):
+    liked_genres: list[str]
+    avoided_genres: list[str]
+    blocked_items: list[str]
+
+
+class EventRequest(_Body):
+    user_id: str = Field(min_length=1, max_length=128)
+    item_id: str = Field(min_length=1, max_length=128)
+    rating: float = Field(1.0, ge=-1e6, le=1e6, description="1.0 for implicit feedback")
+    timestamp: int | None = Field(None, ge=0, description="unix seconds; default now")
+
+
+class EventResponse(BaseModel):
+    stored: bool = Field(description="false without personalization or training consent: nothing kept")
+    for_training: bool = Field(description="true only under training consent")
+
+
+class Receipt(BaseModel):
+    erased: bool
+    tombstone: str = Field(description="salted hash of the id that keeps the user out of later imports and trainings")
+    erased_at: str
+    deleted: dict[str, int] = Field(description="rows deleted per table")
+    popularity_adjusted_items: int
+
+
+class UserData(BaseModel):
+    user_id: str
+    profile: dict[str, Any] | None
+    preferences: Preferences
+    consents: dict[str, Any]
+    interactions: list[dict[str, Any]]
+    events: list[dict[str, Any]]
+    exported_at: str
+
+
+class Reason(BaseModel):
+    kind: Literal["similar_to_history", "stated_genre", "stated_profile", "model", "popular"]
+    text: str
+    item_id: str | None = None
+    title: str | None = None
+    similarity: float | None = None
+    genres: list[str] | None = None
+
+
+class PrivacyCard(BaseModel):
+    mode: str
+    epsilon: float | None = None
+    delta: float | None = None
+    details: dict[str, Any] = {}
+
+
+class ModelCard(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+    model_version: str
+    kind: str
+    exported_at: str | None
+    dataset: str | None
+    data_snapshot: str | None = Field(description="hash of the training data snapshot (no ids)")
+    data: dict[str, Any]
+    metrics: dict[str, float]
+    privacy: PrivacyCard
+    user_features: list[str]
+    item_features: list[str]
+    provider: str
+
+
+def _scalar(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def model_card(rec) -> dict:
+    """The model card from the bundle's manifest (run on the model deployment, which holds it)."""
+    m = rec.manifest
+    prov = m.get("provenance") or {}
+    privacy = dict(prov.get("privacy") or {"mode": "none"})
+    data = prov.get("data") or {}
+    def pick(name: str) -> float | None:  # `epsilon` itself first, else e.g. `client_epsilon`
+        keys = sorted((k for k in privacy if name in k and _scalar(privacy[k]) is not None), key=lambda k: k != name)
+        return _scalar(privacy[keys[0]]) if keys else None
+
+    eps, delta = pick("epsilon"), pick("delta")
+    return {
+        "model_version": rec.model_version,
+        "kind": m["model"]["kind"],
+        "exported_at": prov.get("exported_at"),
+        "dataset": prov.get("dataset"),
+        "data_snapshot": data.get("snapshot"),
+        "data": data,
+        "metrics": {k: float(v) for k, v in m.get("metrics", {}).items() if _scalar(v) is not None},
+        "privacy": {"mode": str(privacy.pop("mode", "none")), "epsilon": eps, "delta": delta, "details": privacy},
+        "user_features": list(m["features"]["user"]),
+        "item_features": list(m["features"]["item"]),
+        "provider": rec.provider,
+    }
+
+
+def _token(credentials: HTTPAuthorizationCredentials | None) -> str | None:
+    return credentials.credentials if credentials is not None else None
+
+
+class UsersService:
+    """One per ingress replica: the store, the authenticator, and a handler per endpoint."""
+
+    def __init__(self, cfg: AppArgs):
+        from features.store import FeatureStore
+
+        self.store = FeatureStore(cfg.store_url, consent=cfg.consent) if cfg.store_url else None
+        self.auth = Authenticator(cfg.auth)
+
+    def _subject(self, user_id: str) -> str:
+        """What a log line may say about a user: a short salted hash."""
+        return self.store.subject_hash(user_id)[:12] if self.store else "-"
+
+    async def _run(self, credentials: HTTPAuthorizationCredentials | None, user_id: str, fn, *args):
+        """Authorize for `user_id`, then run fn(store, user_id, *args) in a thread, mapping errors to HTTP."""
+        from features.consent import ConsentError, ErasedUserError, UnknownUserError
+
+        self.auth.check(_token(credentials), user_id)
+        if self.store is None:
+            raise HTTPException(503, "no feature store configured (store_url is null)")
+        try:
+            return await asyncio.to_thread(fn, self.store, user_id, *args)
+        except ConsentError as e:
+            raise HTTPException(422, [{"loc": ["body", e.field], "msg": e.message, "type": "value_error"}]) from None
+        except UnknownUserError:
+            raise HTTPException(404, "no data held for this user") from None
+        except ErasedUserError:
+            raise HTTPException(409, "this user id was erased and cannot be reused") from None
+
+    async def put_consent(self, user_id: str, body: ConsentRequest, credentials) -> dict:
+        from features.consent import PURPOSES, record_consent
+
+        changes = {p: getattr(body, p) for p in PURPOSES if getattr(body, p) is not None}
+        states = await self._run(credentials, user_id, record_consent, changes, body.source)
+        log.info("consent recorded for %s: %s", self._subject(user_id), ",".join(f"{p}={g}" for p, g in changes.items()))
+        return {"consents": {p: s.to_json() for p, s in states.items()}}
+
+    async def put_preferences(self, user_id: str, body: PreferencesRequest, credentials) -> dict:
+        from features.consent import set_preferences
+
+        return await self._run(credentials, user_id, set_preferences, body.liked_genres, body.avoided_genres, body.blocked_items)
+
+    async def post_event(self, body: EventRequest, credentials) -> dict:
+        from features.consent import record_event
+
+        return await self._run(credentials, body.user_id, record_event, body.item_id, body.rating, body.timestamp)
+
+    async def get_data(self, user_id: str, credentials) -> dict:
+        from features.consent import export_user
+
+        return await self._run(credentials, user_id, export_user)
+
+    async def delete_user(self, user_id: str, credentials) -> dict:
+        from features.consent import erase_user
+
+        receipt = await self._run(credentials, user_id, erase_user)
+        log.info("erased user %s: %s", receipt["tombstone"][:12], receipt["deleted"])
+        return receipt
+
+    def authorize_recommend(self, user_id: str, credentials) -> None:
+        """/v1/recommend follows `auth.protect_recommend`: open by default."""
+        if self.auth.protect_recommend:
+            self.auth.check(_token(credentials), user_id)
