@@ -23,8 +23,8 @@ def test_build_index_returns_a_topk():
 
 
 def test_unknown_kind_names_it():
-    with pytest.raises(ValueError, match="'hnsw'"):
-        build_index(ITEMS, kind="hnsw")
+    with pytest.raises(ValueError, match="'annoy'"):
+        build_index(ITEMS, kind="annoy")
 
 
 def test_ordering_and_scores():
