@@ -1,8 +1,17 @@
-# trustrec on a CUDA host. Build: docker build -t trustrec .
-# Run:   docker run --gpus all -p 127.0.0.1:8000:8000 -v $PWD/state:/app/state trustrec serve --config configs/serve.yaml --host 0.0.0.0
-# Install steps mirror `make setup`: the one requirements source (requirements/cpu.txt), with the
-# CPU-only builds of torch / fbgemm / onnxruntime swapped for their CUDA builds.
-FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu22.04
+# trustrec on a CUDA host: training on the GPU, serving with ONNX Runtime's CUDA provider (CPU when
+# the container sees no GPU; /healthz and the trustrec_onnx_provider metric say which).
+#
+# Build: docker build -t trustrec .
+# Run:   docker run --gpus all -p 127.0.0.1:8000:8000 -v $PWD/state:/app/state trustrec \
+#          serve --config configs/serve.yaml --host 0.0.0.0
+#
+# One requirements source: requirements/gpu.txt is generated from requirements/cpu.txt (the stack
+# `make setup` and the tests install) by scripts/gpu_requirements.py, swapping only the CPU builds
+# of torch / fbgemm-gpu / onnxruntime for their CUDA builds; tests/serving/test_dockerfile.py checks
+# the file is current and that the steps below are `make setup`'s steps.
+# CUDA 13 + cuDNN 9: what onnxruntime-gpu 1.31.1 loads (its CUDA provider asks for libcublasLt.so.13)
+# and what PyPI's torch 2.13.0 wheel is built for. The runtime flavour: no compilers in the image.
+FROM nvidia/cuda:13.0.1-cudnn-runtime-ubuntu22.04
 
 ARG DEBIAN_FRONTEND=noninteractive
 RUN apt-get update && apt-get install -y --no-install-recommends software-properties-common curl \
@@ -15,22 +24,22 @@ WORKDIR /app
 COPY requirements/ requirements/
 RUN python3.11 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH PIP_NO_CACHE_DIR=1
-# step 1: the pinned stack minus the CPU-only builds; then the GPU builds (never onnxruntime and
-# onnxruntime-gpu together: they share a module)
-RUN grep -v -E '^(torch|fbgemm_gpu-cpu|onnxruntime)==' requirements/cpu.txt > /tmp/req.txt \
- && pip install -r /tmp/req.txt torch==2.13.0 fbgemm-gpu==1.8.0 torchmetrics==1.0.3 onnxruntime-gpu==1.32.0
-# step 2: torchrec without deps (as in `make setup`)
+# step 1: the pinned stack, CUDA builds (never onnxruntime and onnxruntime-gpu together: one module)
+RUN pip install -r requirements/gpu.txt
+# step 2: torchrec without its deps, as in `make setup`
 RUN pip install --no-deps torchrec==1.8.0
 COPY pyproject.toml README.md ./
 COPY features/ features/
 COPY training/ training/
 COPY serving/ serving/
 COPY configs/ configs/
-RUN pip install --no-deps -e . && chown -R trustrec /app   # the run writes mlflow.db, data/, artifacts/ here
+# step 3: trustrec itself; /app is where a run writes mlflow.db, data/ and artifacts/
+RUN pip install --no-deps -e . && chown -R trustrec /app
 
 USER trustrec
 EXPOSE 8000
-HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
+# /healthz answers 200 only after the model replica ran the ONNX tower and queried the store
+HEALTHCHECK --interval=30s --timeout=5s --start-period=120s --retries=3 \
   CMD curl -fsS http://127.0.0.1:8000/healthz || exit 1
 ENTRYPOINT ["trustrec"]
 CMD ["serve", "--config", "configs/serve.yaml", "--host", "0.0.0.0"]

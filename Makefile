@@ -8,7 +8,7 @@ PIP := $(PY) -m pip
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 MLFLOW_PORT ?= 5000
 
-.PHONY: setup demo test test-fast bench mlflow-ui serve clean
+.PHONY: setup demo test test-fast bench bench-faults check-ort-gpu mlflow-ui serve clean
 
 # The stamp is the venv's "done" marker: a half-finished install is redone, a finished one reused.
 $(VENV)/.installed: requirements/cpu.txt pyproject.toml
@@ -36,6 +36,18 @@ test-fast: setup
 
 bench: setup
 	$(PY) benchmarks/quality.py
+
+# The Docker image's stack: requirements/cpu.txt with the CUDA builds swapped in (scripts/gpu_requirements.py)
+requirements/gpu.txt: requirements/cpu.txt scripts/gpu_requirements.py
+	$(PYTHON) scripts/gpu_requirements.py
+
+# onnxruntime-gpu's CUDA -> CPU fallback, in a throwaway venv under /tmp (never in .venv), on a bundle
+check-ort-gpu: requirements/gpu.txt
+	scripts/check_ort_gpu_fallback.sh $(or $(BUNDLE),artifacts/two_tower)
+
+# kill model replicas under load: failed requests and recovery time (benchmarks/results/serve_faults.json)
+bench-faults: setup
+	$(PY) benchmarks/serve_faults.py
 
 serve: setup
 	$(VENV)/bin/trustrec serve --config configs/serve.yaml

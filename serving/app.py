@@ -1,22 +1,45 @@
-"""Ray Serve application: a FastAPI ingress over one `Recommender` per replica.
+"""Ray Serve application: a FastAPI ingress in front of a batching model deployment.
 
 (No `from __future__ import annotations` here: FastAPI must see the real request types.)
+
+    HTTP -> Ingress (FastAPI: validation, routes, latency metric)
+              -> DeploymentHandle -> Model (@serve.batch over Recommender.recommend_many)
+
+Two deployments because each concern then has one home: the model deployment batches requests
+from every ingress replica into one ONNX call, takes its model URI through `user_config` so a
+new version is swapped in place (`reconfigure`, no restart, no failed request), and its
+`check_health` really runs the ONNX session and queries the feature store. The ingress retries a
+model call once when the replica it went to died, so a crashed replica costs (almost) no request.
 
 Run with `trustrec serve --config configs/serve.yaml` or `serve run configs/serve.yaml`
 (import path `serving.app:build_app`). Binds 127.0.0.1 unless the config says otherwise.
 """
 
+import asyncio
 import logging
+import time
 
-from fastapi import FastAPI
+import numpy as np
+from fastapi import Depends, FastAPI
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
+from ray.exceptions import ActorUnavailableError, RayActorError
+from ray.serve.handle import DeploymentHandle
 
-from serving.config import AppArgs
+from serving.config import MODEL_DEPLOYMENT, AppArgs, ModelConfig
+from serving.metrics import IngressMetrics, ModelMetrics
+from serving.users_api import (
+    AUTH_RESPONSES, ConsentRequest, ConsentResponse, EventRequest, EventResponse, ModelCard, Preferences,
+    PreferencesRequest, Reason, Receipt, UserData, UserIdPath, UsersService, bearer, model_card,
+)
 
 log = logging.getLogger(__name__)
 
 MAX_K = 100
+INGRESS_DEPLOYMENT = "Ingress"
+HEALTH_PROBE_USER = "__trustrec_health_probe__"  # never a real id: the probe reads nothing personal
 
 
 class RecommendRequest(BaseModel):
@@ -26,12 +49,14 @@ class RecommendRequest(BaseModel):
     k: int = Field(10, ge=1, le=MAX_K)
     exclude_seen: bool = True
     diversity: float | None = Field(None, ge=0, le=1, description="MMR lambda: 1 = by score only, lower = more diverse")
+    explain: bool = Field(False, description="give every item its reasons (serving/explain.py)")
 
 
 class Item(BaseModel):
     item_id: str
     title: str
     score: float
+    reasons: list[Reason] | None = None  # only with explain: true
 
 
 class RecommendResponse(BaseModel):
@@ -50,36 +75,186 @@ class Health(BaseModel):
     n_items: int
 
 
-api = FastAPI(title="trustrec", description="Recommendations with consent and control built in", version="0.1.0")
+class Unhealthy(BaseModel):
+    status: str
+    detail: str
 
 
-@serve.deployment(name="Recommender")
-@serve.ingress(api)
-class RecommenderService:
+def probe(recommender, store) -> None:
+    """Raise unless the ONNX session answers (a real run on a history-less user) and the store answers a query."""
+    from serving.recommender import UserState
+
+    empty = UserState(np.zeros(0, np.int64), np.zeros(0, np.float32), None)
+    vectors = recommender.user_vectors([empty], [recommender.user_oov])
+    if vectors.shape != (1, recommender.item_vectors.shape[1]) or not np.isfinite(vectors).all():
+        raise RuntimeError(f"ONNX user tower returned {vectors.shape} / non-finite values")
+    if store is not None:
+        store.has_user(HEALTH_PROBE_USER)  # a real SELECT: raises when the database or its tables are gone
+
+
+def recommend_batch(recommender, requests: list[dict]) -> list[dict]:
+    """Answer a batch of RecommendRequest dicts, in request order, with one recommend_many call per
+    distinct (k, exclude_seen, diversity)."""
+    groups: dict[tuple, list[int]] = {}
+    for i, r in enumerate(requests):
+        groups.setdefault((r["k"], r["exclude_seen"], r["diversity"]), []).append(i)
+    results: list = [None] * len(requests)
+    for (k, exclude_seen, diversity), idx in groups.items():
+        for i, out in zip(idx, recommender.recommend_many([requests[i]["user_id"] for i in idx], k, exclude_seen, diversity)):
+            results[i] = out
+    for i, r in enumerate(requests):
+        if r.get("explain"):
+            from serving.explain import explain
+
+            results[i] = explain(recommender, r["user_id"], results[i])
+    return results
+
+
+@serve.deployment(name=MODEL_DEPLOYMENT)
+class ModelServer:
+    """One Recommender per replica; the model comes from `user_config` (ModelConfig) and can be swapped live."""
+
     def __init__(self, args: dict):
         from features.store import FeatureStore
+
+        self.cfg = AppArgs.model_validate(args)
+        self.store = FeatureStore(self.cfg.store_url, consent=self.cfg.consent) if self.cfg.store_url else None
+        self.recommender = None  # set by reconfigure, which Serve calls right after __init__
+        self.model_uri: str | None = None
+        self.metrics = ModelMetrics()
+        self.recommend.set_max_batch_size(self.cfg.max_batch_size)
+        self.recommend.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
+
+    async def reconfigure(self, user_config: dict) -> None:
+        """Load the model `user_config` names, probe it, then swap it in: requests keep being served
+        by the old model while the new one loads (in a thread), and never see a half-loaded one."""
         from serving.recommender import Recommender
+        from serving.runtime import preferred_providers
 
-        cfg = AppArgs.model_validate(args)
-        store = FeatureStore(cfg.store_url) if cfg.store_url else None
-        self.recommender = Recommender.from_uri(cfg.model_uri, store, cfg.tracking_uri, cfg.force_cpu, cfg.diversity_lambda)
-        log.info("loaded model version %s on %s", self.recommender.model_version, self.recommender.provider)
+        cfg = ModelConfig.model_validate(user_config or {})
+        c = self.cfg
+        new = await asyncio.to_thread(Recommender.from_uri, cfg.model_uri, self.store, c.tracking_uri, c.force_cpu, c.diversity_lambda, c.index.model_dump())
+        await asyncio.to_thread(probe, new, None)
+        old_version = self.recommender.model_version if self.recommender else None
+        self.recommender, self.model_uri = new, cfg.model_uri
+        self.metrics.serving_with(new.provider, new.model_version, (preferred_providers(c.force_cpu) or [None])[0])
+        log.info("model version %s -> %s (%s) on %s", old_version, new.model_version, cfg.model_uri, new.provider)
 
-    @api.post("/v1/recommend", response_model=RecommendResponse)
-    def recommend(self, request: RecommendRequest) -> dict:
-        return self.recommender.recommend(request.user_id, request.k, request.exclude_seen, request.diversity)
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)  # both reset from the app args in __init__
+    async def recommend(self, requests: list[dict]) -> list[dict]:
+        rec = self.recommender  # one model for the whole batch, even if a swap lands meanwhile
+        results = await asyncio.to_thread(recommend_batch, rec, requests)  # the loop keeps queueing the next batch
+        self.metrics.batch_size.observe(len(requests))
+        self.metrics.popularity_fallbacks(sum(not r["personalized"] for r in results))
+        return results
 
-    @api.get("/healthz", response_model=Health)
-    def healthz(self) -> dict:
-        r = self.recommender
-        return {"status": "ok", "model_version": r.model_version, "provider": r.provider, "n_items": len(r.items)}
+    def health(self) -> dict:
+        """What /healthz reports, after a real probe of this replica's model and store."""
+        rec = self.recommender
+        if rec is None:
+            raise RuntimeError("no model loaded")
+        probe(rec, self.store)
+        return {"status": "ok", "model_version": rec.model_version, "provider": rec.provider, "n_items": len(rec.items)}
+
+    def check_health(self) -> None:
+        """Serve calls this every health_check_period_s; raising marks the replica unhealthy and replaces it."""
+        self.health()
+        self.metrics.refresh()
+
+    def model_card(self) -> dict:
+        return model_card(self.recommender)
+
+    def __del__(self) -> None:
+        """Graceful shutdown (after in-flight requests drained): release the store's connections."""
+        store = getattr(self, "store", None)
+        if store is not None:
+            store.close()
 
 
-def make_app(args: dict | None = None, deployment_options: dict | None = None) -> serve.Application:
-    """The bound application; validates args before any replica starts."""
+# a body that is not UTF-8 is refused by FastAPI with 400 before validation: documented, so clients (and the fuzz) expect it
+BODY_UNREADABLE = {400: {"description": "the request body could not be decoded (not UTF-8)"}}
+# what UsersApi._run answers besides 200/401/403/422 (found undocumented by the fuzz: benchmarks/fuzz.py)
+USER_RESPONSES = {
+    **AUTH_RESPONSES,
+    404: {"description": "no data held for this user"},
+    409: {"description": "this user id was erased and cannot be reused"},
+    503: {"description": "authentication or the feature store is not configured"},
+}
+api = FastAPI(title="trustrec", description="Recommendations with consent and control built in", version="0.1.0", responses=BODY_UNREADABLE)
+
+
+@serve.deployment(name=INGRESS_DEPLOYMENT)
+@serve.ingress(api)
+class Ingress:
+    def __init__(self, model: DeploymentHandle, args: dict):
+        self.model = model
+        self.cfg = AppArgs.model_validate(args)
+        self.metrics = IngressMetrics()
+        self.users = UsersService(self.cfg)  # consent, preferences, events, access, erasure (serving/users_api.py)
+
+    async def _call_model(self, method: str, *args):
+        """Call the model deployment; when the replica dies under the request, retry once on another."""
+        try:
+            return await getattr(self.model, method).remote(*args)
+        except (RayActorError, ActorUnavailableError) as e:
+            self.metrics.retries.inc()
+            log.warning("model replica lost during %s (%s); retrying once", method, type(e).__name__)
+            return await getattr(self.model, method).remote(*args)
+
+    @api.post("/v1/recommend", response_model=RecommendResponse, response_model_exclude_none=True)
+    async def recommend(self, request: RecommendRequest, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> dict:
+        self.users.authorize_recommend(request.user_id, credentials)
+        start, status = time.perf_counter(), "error"
+        try:
+            result = await self._call_model("recommend", request.model_dump())
+            status = "ok"
+            return result
+        finally:
+            self.metrics.observe("/v1/recommend", status, time.perf_counter() - start)
+
+    @api.get("/healthz", response_model=Health, responses={503: {"model": Unhealthy, "description": "model or feature store unusable"}})
+    async def healthz(self):
+        start = time.perf_counter()
+        try:
+            body = await self._call_model("health")
+        except Exception as e:  # any failure of the probe is "unhealthy", said plainly, never a 500
+            self.metrics.observe("/healthz", "unhealthy", time.perf_counter() - start)
+            return JSONResponse({"status": "unhealthy", "detail": f"{type(e).__name__}: {e}"[:500]}, status_code=503)
+        self.metrics.observe("/healthz", "ok", time.perf_counter() - start)
+        return body
+
+    # customer control: thin routes, the work is in serving/users_api.py
+    @api.put("/v1/users/{user_id}/consent", response_model=ConsentResponse, responses=USER_RESPONSES)
+    async def put_consent(self, body: ConsentRequest, user_id: str = UserIdPath, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> dict:
+        return await self.users.put_consent(user_id, body, credentials)
+
+    @api.put("/v1/users/{user_id}/preferences", response_model=Preferences, responses=USER_RESPONSES)
+    async def put_preferences(self, body: PreferencesRequest, user_id: str = UserIdPath, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> dict:
+        return await self.users.put_preferences(user_id, body, credentials)
+
+    @api.post("/v1/events", response_model=EventResponse, responses=USER_RESPONSES)
+    async def post_event(self, body: EventRequest, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> dict:
+        return await self.users.post_event(body, credentials)
+
+    @api.get("/v1/users/{user_id}/data", response_model=UserData, responses=USER_RESPONSES)
+    async def get_user_data(self, user_id: str = UserIdPath, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> dict:
+        return await self.users.get_data(user_id, credentials)
+
+    @api.delete("/v1/users/{user_id}", response_model=Receipt, responses=USER_RESPONSES)
+    async def delete_user(self, user_id: str = UserIdPath, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> dict:
+        return await self.users.delete_user(user_id, credentials)
+
+    @api.get("/v1/model", response_model=ModelCard)
+    async def get_model_card(self) -> dict:
+        return await self._call_model("model_card")
+
+
+def make_app(args: dict | None = None) -> serve.Application:
+    """The bound application (ingress -> model); validates args before any replica starts.
+    `args.model_uri` is the model's default `user_config`; a config file's `user_config` wins."""
     cfg = AppArgs.model_validate(args or {})
-    deployment = RecommenderService.options(**deployment_options) if deployment_options else RecommenderService
-    return deployment.bind(cfg.model_dump())
+    model = ModelServer.options(user_config=ModelConfig(model_uri=cfg.model_uri).model_dump()).bind(cfg.model_dump())
+    return Ingress.bind(model, cfg.model_dump())
 
 
 def build_app(args: dict) -> serve.Application:

@@ -3,10 +3,41 @@ it as is); `trustrec serve` reads the same file: http_options + the application'
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from features.config import ConsentConfig
+from serving.topk import ANN_KIND, ANN_MIN_ITEMS, HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH, HNSW_M
+
+MODEL_DEPLOYMENT = "Model"  # the deployment that batches over the Recommender and takes the model URI via user_config
+
+
+class IndexArgs(BaseModel):
+    """How the Recommender searches the item matrix (`serving.topk.build_index`); figures: benchmarks/ann.py."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["auto", "exact", "hnsw", "ivf"] = "auto"  # auto: exact scan below ann_min_items items, ann_kind from there
+    ann_min_items: int = Field(ANN_MIN_ITEMS, ge=1)  # below ~1e5 items the exact scan takes a few ms, is exact, and needs no build
+    ann_kind: Literal["hnsw", "ivf"] = ANN_KIND  # the approximate index "auto" picks (see serving/topk.py for the measured why)
+    hnsw_m: int = Field(HNSW_M, ge=2)  # graph links per node: recall@100 vs memory (M=32: +256 B per item)
+    hnsw_ef_construction: int = Field(HNSW_EF_CONSTRUCTION, ge=1)  # build beam: build time grows linearly with it
+    hnsw_ef_search: int = Field(HNSW_EF_SEARCH, ge=1)  # search beam (raised to k): more = better recall, slower
+    ivf_nlist: int = Field(0, ge=0)  # k-means lists; 0 = ~4 sqrt(items), FAISS's rule of thumb
+    ivf_nprobe: int = Field(0, ge=0)  # lists scanned per query; 0 = nlist/32: recall@100 0.985 on the synthetic 1M catalog
+
+
+class AuthArgs(BaseModel):
+    """Bearer tokens for the user-data endpoints (serving/auth.py). The config names env vars
+    only: a secret in YAML ends up in git and in Ray's stored app config."""
+
+    model_config = ConfigDict(extra="forbid")
+    admin_token_env: str = "TRUSTREC_ADMIN_TOKEN"  # operators: one token that may act for every user
+    user_secret_env: str = "TRUSTREC_TOKEN_SECRET"  # per-user tokens are HMACs of the user id under this secret
+    # /v1/recommend answers a list and reveals no stored data, so it stays open (as /healthz does)
+    # for clients that have no token; true makes it ask for the user's (or the admin) token too.
+    protect_recommend: bool = False
 
 
 class AppArgs(BaseModel):
@@ -19,6 +50,18 @@ class AppArgs(BaseModel):
     force_cpu: bool = False
     diversity_lambda: float = Field(1.0, ge=0, le=1)  # MMR lambda when a request names none; 1 = plain ranking
     max_k: int = Field(100, gt=0)
+    index: IndexArgs = IndexArgs()  # top-k search over the catalog: exact, or a FAISS index (IVF / HNSW) by catalog size
+    max_batch_size: int = Field(16, gt=0)  # requests one ONNX call takes at most (@serve.batch)
+    batch_wait_timeout_s: float = Field(0.002, ge=0)  # how long a batch waits to fill: latency bound at low load
+    consent: ConsentConfig = ConsentConfig()  # opt-in / opt-out regime and the erasure salt's env var
+    auth: AuthArgs = AuthArgs()  # who may read, change or erase a user's data
+
+
+class ModelConfig(BaseModel):
+    """The model deployment's `user_config`: changing it swaps the model in place (`reconfigure`)."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    model_uri: str = "models:/trustrec@champion"
 
 
 class HttpOptions(BaseModel):
@@ -32,8 +75,12 @@ def load_serve_config(path: str | Path) -> tuple[HttpOptions, AppArgs, dict[str,
     raw = yaml.safe_load(Path(path).read_text()) or {}
     apps = raw.get("applications") or [{}]
     app = next((a for a in apps if a.get("name") == "trustrec"), apps[0])
+    model = next((d for d in app.get("deployments") or [] if d.get("name") == MODEL_DEPLOYMENT), {})
+    args = dict(app.get("args") or {})
+    if (model.get("user_config") or {}).get("model_uri"):  # what the model deployment really loads
+        args["model_uri"] = model["user_config"]["model_uri"]
     try:
-        return HttpOptions.model_validate(raw.get("http_options") or {}), AppArgs.model_validate(app.get("args") or {}), app
+        return HttpOptions.model_validate(raw.get("http_options") or {}), AppArgs.model_validate(args), app
     except ValidationError as e:
         bad = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
         raise ValueError(f"{path}: {bad}") from None

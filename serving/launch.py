@@ -1,16 +1,32 @@
-"""Start / stop the Ray Serve app on loopback (used by `trustrec serve`, the demo and tests)."""
+"""Start / reload / stop the Ray Serve app on loopback (used by `trustrec serve`, the demo and tests).
+
+The app is deployed *declaratively* from the config file, exactly as `serve run configs/serve.yaml`
+does, so a later deploy that only changes the model deployment's `user_config` is applied in
+place (`reconfigure` on the running replicas, no restart). `reload` uses that for hot swaps: it
+re-resolves the model alias to a version and pushes `user_config.model_uri = models:/name/<version>`.
+
+Ray Serve has no public Python call for a declarative deploy (the `serve` CLI uses the same
+private client below); it is pinned with ray==2.55.1 in requirements/cpu.txt.
+"""
 from __future__ import annotations
 
+import copy
+import json
 import logging
 import os
+import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
-from serving.config import AppArgs, load_serve_config
+import yaml
+
+from serving.config import MODEL_DEPLOYMENT, AppArgs, load_serve_config
 
 log = logging.getLogger(__name__)
 
 APP_NAME = "trustrec"
+_started: dict[str, Any] = {}  # what this process started: state file to remove on stop()
 
 
 def absolute_urls(args: AppArgs) -> AppArgs:
@@ -26,37 +42,90 @@ def absolute_urls(args: AppArgs) -> AppArgs:
     return args.model_copy(update={"tracking_uri": fix_sqlite(args.tracking_uri), "store_url": fix_sqlite(args.store_url), "model_uri": model_uri})
 
 
-def start(config_path: str | Path, model_uri: str | None = None, port: int | None = None, num_cpus: int | None = None, host: str | None = None) -> str:
-    """Start Ray (if needed) and the app; returns the base URL once /healthz answers."""
-    import ray
-    from ray import serve
-
-    from serving.app import make_app
-
+def deploy_config(config_path: str | Path, model_uri: str | None = None, port: int | None = None, host: str | None = None) -> dict:
+    """The config file as a Ray Serve deploy config, with overrides applied and paths made absolute."""
+    raw = yaml.safe_load(Path(config_path).read_text()) or {}
     http, args, entry = load_serve_config(config_path)
-    if model_uri:
-        args = args.model_copy(update={"model_uri": model_uri})
-    args = absolute_urls(args)
-    port, host = port or http.port, host or http.host
+    args = absolute_urls(args.model_copy(update={"model_uri": model_uri}) if model_uri else args)
+    app = copy.deepcopy(entry)
+    app.setdefault("name", APP_NAME)
+    app["args"] = args.model_dump()
+    deployments = app.setdefault("deployments", [])
+    model = next((d for d in deployments if d.get("name") == MODEL_DEPLOYMENT), None)
+    if model is None:
+        deployments.append(model := {"name": MODEL_DEPLOYMENT})
+    model["user_config"] = {**(model.get("user_config") or {}), "model_uri": args.model_uri}
+    apps = [a for a in raw.get("applications") or [] if a.get("name", APP_NAME) != app["name"]] + [app]
+    http_options = {**(raw.get("http_options") or {}), "host": host or http.host, "port": port or http.port}
+    return {**raw, "http_options": http_options, "applications": apps}
+
+
+def state_file(port: int) -> Path:
+    """Where `trustrec serve` notes its Ray address, so `trustrec serve --reload` finds that cluster
+    (and never another one running on the same machine)."""
+    return Path(tempfile.gettempdir()) / f"trustrec-serve-{port}.json"
+
+
+def start(
+    config_path: str | Path,
+    model_uri: str | None = None,
+    port: int | None = None,
+    num_cpus: float | None = None,
+    host: str | None = None,
+    metrics_port: int | None = None,
+) -> str:
+    """Start Ray (if needed) and deploy the app; returns the base URL once every replica is up and /healthz answers.
+    `metrics_port`: Ray's Prometheus export port (Serve's and trustrec's metrics at /metrics)."""
+    import ray
+    from ray.serve._private.api import serve_start  # the `serve run` CLI's own call (see module doc)
+    from ray.serve.schema import ServeDeploySchema
+
+    config = deploy_config(config_path, model_uri, port, host)
+    schema = ServeDeploySchema.model_validate(config)  # a bad deployments section fails here, by name
+    host, port = config["http_options"]["host"], config["http_options"]["port"]
     if not ray.is_initialized():
-        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=False, configure_logging=False)
-    serve.start(http_options={"host": host, "port": port})
-    options = next((dict(d) for d in entry.get("deployments") or [] if d.get("name") == "Recommender"), {})
-    options.pop("name", None)
-    serve.run(make_app(args.model_dump(), options), name=APP_NAME, route_prefix=entry.get("route_prefix", "/"), blocking=False)
+        init: dict[str, Any] = dict(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=False, configure_logging=False, namespace="serve")
+        if metrics_port:
+            init["_metrics_export_port"] = metrics_port
+        ray.init(**init)
+    http_options = {**config["http_options"], "location": schema.proxy_location.value if schema.proxy_location else "HeadOnly"}
+    client = serve_start(http_options=http_options)
+    client.deploy_apps(schema, _blocking=False)
     url = f"http://{'127.0.0.1' if host == '0.0.0.0' else host}:{port}"
+    wait_running()
     _wait_healthy(url)
+    path = state_file(port)
+    path.write_text(json.dumps({"address": ray.get_runtime_context().gcs_address, "pid": os.getpid(), "url": url}))
+    _started["state_file"] = path
     return url
 
 
-def _wait_healthy(url: str, timeout_s: float = 60.0) -> None:
+def wait_running(timeout_s: float = 180.0) -> None:
+    """Block until the app is RUNNING (all replicas up); a failed deploy raises with Serve's message."""
+    from ray import serve
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        app = serve.status().applications.get(APP_NAME)
+        status = app.status if app else "NOT_STARTED"
+        if status == "RUNNING":
+            return
+        if status == "DEPLOY_FAILED":
+            raise RuntimeError(f"Ray Serve app {APP_NAME} failed to deploy: {app.message}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"Ray Serve app {APP_NAME} is {status} after {timeout_s:.0f}s")
+        time.sleep(0.25)
+
+
+def _wait_healthy(url: str, timeout_s: float = 60.0) -> dict:
     import requests
 
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            if requests.get(f"{url}/healthz", timeout=2).status_code == 200:
-                return
+            r = requests.get(f"{url}/healthz", timeout=5)
+            if r.status_code == 200:
+                return r.json()
         except requests.RequestException:
             pass
         if time.monotonic() > deadline:
@@ -64,18 +133,98 @@ def _wait_healthy(url: str, timeout_s: float = 60.0) -> None:
         time.sleep(0.25)
 
 
+def pin_version(model_uri: str, tracking_uri: str | None) -> str:
+    """`models:/name@alias` -> `models:/name/<version the alias points at now>`; other URIs unchanged."""
+    if not model_uri.startswith("models:/") or "@" not in model_uri:
+        return model_uri
+    import mlflow
+
+    name, _, alias = model_uri[len("models:/") :].partition("@")
+    version = mlflow.MlflowClient(tracking_uri=tracking_uri).get_model_version_by_alias(name, alias).version
+    return f"models:/{name}/{version}"
+
+
+def reload(config_path: str | Path, model_uri: str | None = None, port: int | None = None, address: str | None = None) -> tuple[str | None, str]:
+    """Hot swap: resolve the configured model URI (alias) again and push it to the running app's model
+    deployment as a new `user_config`; replicas load it and swap in place. Returns (old URI, new URI).
+
+    The running app is found through the state file `start` wrote for that port, or `address`
+    (a Ray GCS address, e.g. for an app started with `serve run`)."""
+    import ray
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeDeploySchema
+
+    http, args, _ = load_serve_config(config_path)
+    port = port or http.port
+    args = absolute_urls(args.model_copy(update={"model_uri": model_uri}) if model_uri else args)
+    new_uri = pin_version(args.model_uri, args.tracking_uri)
+    if address is None:
+        path = state_file(port)
+        if not path.exists():
+            raise FileNotFoundError(f"no running `trustrec serve` on port {port} ({path} missing); pass --address RAY_GCS_ADDRESS")
+        address = json.loads(path.read_text())["address"]
+    connected_here = not ray.is_initialized()
+    if connected_here:
+        ray.init(address=address, namespace="serve", log_to_driver=False, configure_logging=False)
+    try:
+        details = _get_global_client().get_serve_details()
+        app = (details.get("applications") or {}).get(APP_NAME)
+        if not app or not app.get("deployed_app_config"):
+            raise ValueError(f"no declaratively deployed app {APP_NAME!r} on Ray cluster {address}")
+        app_config = app["deployed_app_config"]
+        model = next((d for d in app_config.setdefault("deployments", []) if d.get("name") == MODEL_DEPLOYMENT), None)
+        if model is None:
+            app_config["deployments"].append(model := {"name": MODEL_DEPLOYMENT})
+        old_uri = (model.get("user_config") or {}).get("model_uri")
+        if old_uri == new_uri:
+            log.info("model deployment already serves %s; nothing to do", new_uri)
+            return old_uri, new_uri
+        model["user_config"] = {**(model.get("user_config") or {}), "model_uri": new_uri}
+        others = [a["deployed_app_config"] for name, a in details["applications"].items() if name != APP_NAME and a.get("deployed_app_config")]
+        http_options = {k: v for k, v in (details.get("http_options") or {}).items() if k in ("host", "port", "root_path", "request_timeout_s", "keep_alive_timeout_s")}
+        schema = ServeDeploySchema.model_validate({"proxy_location": details.get("proxy_location") or "HeadOnly", "http_options": http_options, "applications": [app_config, *others]})
+        _get_global_client().deploy_apps(schema, _blocking=False)
+        log.info("pushed user_config.model_uri %s -> %s", old_uri, new_uri)
+        _wait_swapped(new_uri)
+        return old_uri, new_uri
+    finally:
+        if connected_here:
+            ray.shutdown()
+
+
+def _wait_swapped(new_uri: str, timeout_s: float = 180.0) -> None:
+    """Wait until the model deployment finished reconfiguring every replica (status HEALTHY again)."""
+    from ray import serve
+
+    time.sleep(1.0)  # the controller applies the new target on its next control-loop pass (0.1 s period)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        app = serve.status().applications.get(APP_NAME)
+        model = app.deployments.get(MODEL_DEPLOYMENT) if app else None
+        if app and app.status == "RUNNING" and model and model.status == "HEALTHY":
+            return
+        if app and app.status == "DEPLOY_FAILED":
+            raise RuntimeError(f"swap to {new_uri} failed: {app.message}")
+        time.sleep(0.25)
+    raise TimeoutError(f"model deployment not healthy {timeout_s:.0f}s after pushing {new_uri}")
+
+
 def stop() -> None:
     import ray
     from ray import serve
 
+    path = _started.pop("state_file", None)
+    if path is not None:
+        path.unlink(missing_ok=True)
     if ray.is_initialized():
         serve.shutdown()
         ray.shutdown()
 
 
-def serve_forever(config_path: str | Path, model_uri: str | None = None, port: int | None = None, host: str | None = None) -> None:
-    url = start(config_path, model_uri, port, host=host)
-    print(f"trustrec serving on {url}  (OpenAPI: {url}/docs; Ctrl-C to stop)", flush=True)
+def serve_forever(config_path: str | Path, model_uri: str | None = None, port: int | None = None, host: str | None = None, metrics_port: int | None = None) -> None:
+    url = start(config_path, model_uri, port, host=host, metrics_port=metrics_port)
+    metrics = f"; Prometheus: http://127.0.0.1:{metrics_port}/metrics" if metrics_port else ""
+    print(f"trustrec serving on {url}  (OpenAPI: {url}/docs{metrics}; Ctrl-C to stop)", flush=True)
     try:
         while True:
             time.sleep(3600)

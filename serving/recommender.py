@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from features.consent import serving_view
 from features.content import age_bucket, lookup, user_inputs
 from features.schema import UNKNOWN_AGE
 from features.store import FeatureStore
@@ -32,6 +33,8 @@ class UserState:
     items: np.ndarray
     ratings: np.ndarray
     profile: dict | None
+    personalize: bool = True  # `personalization` consent; False: popularity, nothing personal read
+    blocked: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # items the user blocked
 
     def has_signal(self, uses_stated: bool) -> bool:
         """Anything to personalize from: a history, or stated genres when the model reads them."""
@@ -58,21 +61,25 @@ def resolve_model_uri(uri: str, tracking_uri: str | None = None) -> tuple[Path, 
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
     name, _, alias = uri[len("models:/") :].partition("@")
-    client = mlflow.MlflowClient()
-    version = client.get_model_version_by_alias(name, alias).version if alias else uri.rsplit("/", 1)[-1]
+    if alias:
+        version = mlflow.MlflowClient().get_model_version_by_alias(name, alias).version
+    else:  # models:/name/version
+        name, _, version = name.partition("/")
+        if not version:
+            raise ValueError(f"{uri}: want models:/name@alias or models:/name/version")
     local = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=tempfile.mkdtemp(prefix="trustrec-model-"))
     return find_bundle(Path(local)), str(version)
 
 
 class Recommender:
-    def __init__(self, bundle: Path, store: FeatureStore | None = None, model_version: str = "local", force_cpu: bool = False, diversity: float = 1.0):
+    def __init__(self, bundle: Path, store: FeatureStore | None = None, model_version: str = "local", force_cpu: bool = False, diversity: float = 1.0, index: dict | None = None):
         self.manifest: dict[str, Any] = json.loads((bundle / "manifest.json").read_text())
         if self.manifest.get("schema_version") != SUPPORTED_SCHEMA:
             raise ValueError(f"{bundle}/manifest.json: schema_version {self.manifest.get('schema_version')} unsupported (want {SUPPORTED_SCHEMA})")
         files = self.manifest["files"]
         self.session, self.provider = create_session(bundle / files["user_tower"], force_cpu=force_cpu)
         self.item_vectors = np.load(bundle / files["item_embeddings"])
-        self.index: TopK = build_index(self.item_vectors)
+        self.index: TopK = build_index(self.item_vectors, **(index or {}))  # `index`: serving.config.IndexArgs fields
         self.items: list[dict] = json.loads((bundle / files["items"]).read_text())
         self.user_vocab = Vocab.load(bundle / files["user_vocab"])
         self.item_vocab = Vocab.load(bundle / files["item_vocab"])
@@ -90,23 +97,33 @@ class Recommender:
         self.uses_profile = self.uses_stated or "age" in user_features
 
     @classmethod
-    def from_dir(cls, path: str | Path, store: FeatureStore | None = None, force_cpu: bool = False, diversity: float = 1.0) -> "Recommender":
-        return cls(find_bundle(Path(path)), store, "local", force_cpu, diversity)
+    def from_dir(cls, path: str | Path, store: FeatureStore | None = None, force_cpu: bool = False, diversity: float = 1.0, index: dict | None = None) -> "Recommender":
+        return cls(find_bundle(Path(path)), store, "local", force_cpu, diversity, index)
 
     @classmethod
-    def from_uri(cls, uri: str, store: FeatureStore | None = None, tracking_uri: str | None = None, force_cpu: bool = False, diversity: float = 1.0) -> "Recommender":
+    def from_uri(cls, uri: str, store: FeatureStore | None = None, tracking_uri: str | None = None, force_cpu: bool = False, diversity: float = 1.0, index: dict | None = None) -> "Recommender":
         bundle, version = resolve_model_uri(uri, tracking_uri)
-        return cls(bundle, store, version, force_cpu, diversity)
+        return cls(bundle, store, version, force_cpu, diversity, index)
 
     def user_state(self, user_id: str) -> UserState:
-        """What the store holds about the user, in model indices; items the model never saw are dropped."""
+        """What the store holds about the user, in model indices, as far as their consent allows
+        (read fresh on every request, so a change applies to the next one); items the model never
+        saw are dropped. Stated preferences are read for every model: avoided genres and blocked
+        items are honoured whatever the model reads and whatever the consent."""
+        empty = np.zeros(0, np.int64)
         if self.store is None:
-            return UserState(np.zeros(0, np.int64), np.zeros(0, np.float32), None)
+            return UserState(empty, np.zeros(0, np.float32), None)
+        view = serving_view(self.store, user_id)
+        blocked = self.item_vocab.encode(view.blocked_items, unknown=-1)
+        profile = self.store.user_profile(user_id)
+        if not view.personalization:  # no history read; stated exclusions still apply
+            return UserState(empty, np.zeros(0, np.float32), profile, False, blocked[blocked >= 0])
+        if profile is not None and not view.demographics:  # the tower gets "missing" for each
+            profile = {**profile, "age": None, "gender": None, "occupation": None}
         pairs = self.store.user_interactions(user_id)
         idx = self.item_vocab.encode([item for item, _ in pairs], unknown=-1)
         ratings = np.array([rating for _, rating in pairs], dtype=np.float32)
-        profile = self.store.user_profile(user_id) if self.uses_profile else None
-        return UserState(idx[idx >= 0], ratings[idx >= 0], profile)
+        return UserState(idx[idx >= 0], ratings[idx >= 0], profile, True, blocked[blocked >= 0])
 
     def _genres(self, names: list[str]) -> np.ndarray:
         return np.array([self.genre_index[n] for n in names if n in self.genre_index], dtype=np.int64)
@@ -145,7 +162,7 @@ class Recommender:
         lam = self.diversity if diversity is None else diversity
         states = [self.user_state(u) for u in user_ids]
         rows = [self.user_vocab.get(u) for u in user_ids]
-        known = [i for i, (s, r) in enumerate(zip(states, rows)) if r is not None or s.has_signal(self.uses_stated)]
+        known = [i for i, (s, r) in enumerate(zip(states, rows)) if s.personalize and (r is not None or s.has_signal(self.uses_stated))]
         results: list[dict | None] = [None] * len(user_ids)
         if known:
             vectors = self.user_vectors([states[i] for i in known], [self.user_oov if rows[i] is None else rows[i] for i in known])
@@ -166,24 +183,36 @@ class Recommender:
                     cand, cand_scores = cand[order], cand_scores[order]
                 results[i] = self._response([self._item(t, s) for t, s in zip(cand[:k], cand_scores[:k])], True)
         for i, result in enumerate(results):
-            if result is None:
-                results[i] = self._response(self._popular(k, self._excluded(states[i], exclude_seen)), False)
+            if result is None:  # stated likes steer the popularity list when personalization is allowed
+                liked = self._liked(states[i]) if states[i].personalize else np.zeros(0, np.int64)
+                results[i] = self._response(self._popular(k, self._excluded(states[i], exclude_seen), lam, liked), liked.size > 0)
         return results  # type: ignore[return-value]
 
     def _liked(self, state: UserState) -> np.ndarray:
         return self._genres((state.profile or {}).get("liked_genres") or [])
 
     def _excluded(self, state: UserState, exclude_seen: bool) -> np.ndarray:
-        """Items never to return: the user's history (when asked) and every item of an avoided genre."""
+        """Items never to return: the user's history (when asked), every item of an avoided genre, blocked items."""
         avoided = self._genres((state.profile or {}).get("avoided_genres") or [])
         banned = np.flatnonzero(self.genre_mask[:, avoided].any(1)) if avoided.size else np.zeros(0, np.int64)
+        banned = np.union1d(banned, state.blocked)
         return np.union1d(state.items, banned) if exclude_seen else banned
 
-    def _popular(self, k: int, exclude: np.ndarray) -> list[dict]:
+    def _popular(self, k: int, exclude: np.ndarray, lam: float = 1.0, liked: np.ndarray | None = None) -> list[dict]:
+        """The popularity list without `exclude`; items of a `liked` genre first (stated tastes steer
+        even a model that does not read them); MMR over the top candidates when lam < 1."""
         chosen = self.popular[~np.isin(self.popular, exclude)]
+        if liked is not None and liked.size and len(chosen):
+            match = self.genre_mask[chosen][:, liked].any(1)
+            chosen = chosen[np.argsort(~match, kind="stable")][: max(int(match.sum()), k)]
         n = len(chosen)
         # score = rank-based in (0, 1]: clients can sort on it, but it is not a model score
-        return [self._item(int(t), 1.0 - r / max(n, 1)) for r, t in enumerate(chosen[:k])]
+        scores = 1.0 - np.arange(n) / max(n, 1)
+        if lam < 1 and n:
+            pool = max(k * MMR_POOL_FACTOR, MMR_MIN_POOL)
+            order = mmr(scores[:pool], self.item_vectors[chosen[:pool]], k, lam)
+            chosen, scores = chosen[:pool][order], scores[:pool][order]
+        return [self._item(int(t), float(s)) for t, s in zip(chosen[:k], scores[:k])]
 
     def _response(self, items: list[dict], personalized: bool) -> dict:
         return {"items": items, "personalized": personalized, "model_version": self.model_version, "provider": self.provider}

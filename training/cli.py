@@ -24,6 +24,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     from training.config import load_config
 
     cfg = load_config(args.config, args.set)  # fail on a bad key before paying for the torch import
+    if args.distributed is not None:
+        from training.distributed import launch  # TorchRec DMP over N workers (torchrun, or Ray Train)
+
+        return launch(args.config, args.set, args.distributed, resume=args.resume)
     from training.pipeline import train
 
     result = train(cfg, resume=args.resume)
@@ -68,9 +72,23 @@ def cmd_recommend(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    if args.reload:
+        from serving.launch import reload
+
+        old, new = reload(args.config, model_uri=args.model, port=args.port, address=args.address)
+        print(f"model {'unchanged: ' + new if old == new else f'{old} -> {new}'}")
+        return 0
     from serving.launch import serve_forever
 
-    serve_forever(args.config, model_uri=args.model, port=args.port, host=args.host)
+    serve_forever(args.config, model_uri=args.model, port=args.port, host=args.host, metrics_port=args.metrics_port)
+    return 0
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    from training.tracking import promote
+
+    version = promote(args.run_id, args.alias, args.name, args.tracking_uri)
+    print(f"{args.name}@{args.alias} -> version {version} (run {args.run_id}); `trustrec serve --reload` swaps a running server to it")
     return 0
 
 
@@ -105,6 +123,42 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_user_data(args: argparse.Namespace) -> int:
+    """`forget` / `export-user`: the code path of DELETE /v1/users/{id} and GET /v1/users/{id}/data."""
+    from features.consent import UnknownUserError, erase_user, export_user
+    from features.store import FeatureStore
+    from serving.config import AppArgs, load_serve_config
+
+    app_args = load_serve_config(args.config)[1] if not args.store_url or Path(args.config).exists() else AppArgs()
+    url = args.store_url or app_args.store_url
+    if not url:
+        raise ValueError(f"{args.config}: store_url is null; pass --store-url")
+    with FeatureStore(url, consent=app_args.consent) as store:
+        try:
+            out = erase_user(store, args.user_id) if args.command == "forget" else export_user(store, args.user_id)
+        except UnknownUserError:
+            print(f"trustrec {args.command}: the store holds no data for this user (never known, or already erased)", file=sys.stderr)
+            return 1
+    text = json.dumps(out, indent=2)
+    if getattr(args, "out", None):  # atomic: a reader never sees half a file
+        tmp = Path(args.out).with_name(Path(args.out).name + ".tmp")
+        tmp.write_text(text + "\n")
+        tmp.replace(args.out)
+        print(f"written to {args.out}")
+    else:
+        print(text)
+    return 0
+
+
+def cmd_audit_privacy(args: argparse.Namespace) -> int:
+    from training.privacy.audit import audit_run, format_table
+
+    result = audit_run(args.run_id, args.tracking_uri, out=args.out, n_boot=args.bootstrap, repeats=args.repeats, seed=args.seed)
+    print(json.dumps(result.summary(), indent=2) if args.json else format_table(result))
+    print(f"ROC plot {result.files['roc'].resolve()}; metrics and files logged to the run under audit/")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="trustrec", description="Train, export and serve trustworthy recommenders.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -117,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("train", help="train, evaluate, export, log to MLflow and register")
     with_config(sp)
     sp.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in trainer.checkpoint_dir")
+    sp.add_argument("--distributed", type=int, metavar="N", help="train with TorchRec sharding over N processes (distributed.* in the config; torchrun or Ray Train)")
     sp.set_defaults(func=cmd_train)
 
     sp = sub.add_parser("evaluate", help="test metrics of an exported model (ONNX) on the config's split")
@@ -138,10 +193,20 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "serve":
             sp.add_argument("--port", type=int, help="override http_options.port")
             sp.add_argument("--host", help="override http_options.host (default 127.0.0.1; 0.0.0.0 only inside a container)")
+            sp.add_argument("--metrics-port", type=int, help="Ray's Prometheus export port (default: Ray picks one)")
+            sp.add_argument("--reload", action="store_true", help="hot swap a running server: re-resolve the model alias and push it to the model deployment")
+            sp.add_argument("--address", help="with --reload: Ray GCS address of the running app (default: the one `trustrec serve` noted for --port)")
         else:
             sp.add_argument("user_id", nargs="+")
             sp.add_argument("-k", type=int, default=10)
         sp.set_defaults(func=func)
+
+    sp = sub.add_parser("promote", help="point a registry alias (default champion) at the model version of a run")
+    sp.add_argument("run_id", metavar="RUN_ID", help="MLflow run id of a `trustrec train` run")
+    sp.add_argument("--alias", default="champion", help="alias to move (default champion, what serving loads)")
+    sp.add_argument("--name", default="trustrec", help="registered model name (default trustrec)")
+    sp.add_argument("--tracking-uri", default="sqlite:///mlflow.db", help="MLflow tracking URI (default sqlite:///mlflow.db)")
+    sp.set_defaults(func=cmd_promote)
 
     sp = sub.add_parser("tune", help="random hyper-parameter search with Ray Tune; trials are nested MLflow runs")
     with_config(sp)
@@ -165,6 +230,30 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", help="output dir (default reports/RUN_ID)")
     sp.add_argument("--lambdas", default="0,0.25,0.5,0.75,1", help="MMR trade-offs to evaluate, comma-separated in [0, 1] (default 0,0.25,0.5,0.75,1)")
     sp.set_defaults(func=cmd_report)
+
+    for name, helptext in (
+        ("forget", "erase a user: every row in every table, plus a tombstone that keeps them out of later imports and trainings; prints the receipt"),
+        ("export-user", "everything the feature store holds about a user, as JSON (the right of access)"),
+    ):
+        sp = sub.add_parser(name, help=helptext)
+        sp.add_argument("user_id", metavar="USER_ID")
+        sp.add_argument("--store-url", help="feature store URL (default: store_url of --config)")
+        sp.add_argument("--config", default=DEFAULT_SERVE_CONFIG, help=f"Ray Serve config YAML for store_url and the consent regime (default {DEFAULT_SERVE_CONFIG})")
+        if name == "export-user":
+            sp.add_argument("--out", help="write the JSON to this file instead of stdout")
+        sp.set_defaults(func=cmd_user_data)
+
+    sp = sub.add_parser("audit", help="audits of a trained run")
+    audits = sp.add_subparsers(dest="audit", required=True)
+    ap = audits.add_parser("privacy", help="membership inference against users (members vs held-out users): ROC AUC with a bootstrap CI, logged to the run")
+    ap.add_argument("run_id", metavar="RUN_ID", help="MLflow run id of a run trained with privacy.audit_holdout > 0")
+    ap.add_argument("--tracking-uri", default="sqlite:///mlflow.db", help="MLflow tracking URI (default sqlite:///mlflow.db)")
+    ap.add_argument("--out", help="output dir (default reports/RUN_ID/audit)")
+    ap.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the AUC confidence interval (default 1000)")
+    ap.add_argument("--repeats", type=int, default=4, help="random hide masks averaged per user (default 4)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", action="store_true")
+    ap.set_defaults(func=cmd_audit_privacy)
     return p
 
 

@@ -39,6 +39,24 @@ def default_artifact_location(tracking_uri: str) -> str | None:
     return (Path(tracking_uri[len(prefix) :]).resolve().parent / "mlartifacts").as_uri()
 
 
+def promote(run_id: str, alias: str, model_name: str, tracking_uri: str) -> str:
+    """Point `alias` of `model_name` at the newest version registered from run `run_id`; returns that version."""
+    if not re.fullmatch(r"[0-9a-f]{32}", run_id):  # MLflow run ids; also keeps the search filter literal
+        raise ValueError(f"run id {run_id!r}: want 32 hex digits, as `trustrec train` prints")
+    if "'" in model_name:
+        raise ValueError(f"model name {model_name!r}: quotes are not allowed")
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+    versions = client.search_model_versions(f"name = '{model_name}' and run_id = '{run_id}'")
+    if not versions:
+        raise ValueError(f"run {run_id} has no registered version of model {model_name!r} in {tracking_uri}")
+    version = str(max(int(v.version) for v in versions))
+    client.set_registered_model_alias(model_name, alias, version)
+    log.info("%s@%s -> version %s (run %s)", model_name, alias, version, run_id)
+    return version
+
+
 class Tracker:
     """Thin wrapper so the pipeline reads the same with tracking on or off."""
 

@@ -2,6 +2,7 @@
 import socket
 from pathlib import Path
 
+import numpy as np
 import pytest
 import requests
 import yaml
@@ -45,6 +46,18 @@ def local(trained_run):
     store.close()
 
 
+def assert_same_ranking(got: list[dict], want: list[dict], atol: float = 1e-5) -> None:
+    """Same scores rank by rank; ids may differ only between items whose scores tie within atol
+    (the ONNX tower's last bits depend on thread count and batch shape)."""
+    assert len(got) == len(want)
+    np.testing.assert_allclose([i["score"] for i in got], [i["score"] for i in want], atol=atol)
+    for a, b in zip(got, want):
+        if a["item_id"] != b["item_id"]:
+            tied = {i["item_id"] for i in want if abs(i["score"] - a["score"]) <= atol}
+            assert a["item_id"] in tied, (got, want)
+    assert {i["item_id"] for i in got} - {i["item_id"] for i in want} <= {i["item_id"] for i in got if abs(i["score"] - got[-1]["score"]) <= atol}
+
+
 def recommend(url, **body):
     return requests.post(f"{url}/v1/recommend", json=body, timeout=30)
 
@@ -54,7 +67,7 @@ def test_http_top_k_equals_in_process(server, local):
         r = recommend(server, user_id=user, k=10)
         assert r.status_code == 200, r.text
         body, expected = r.json(), local.recommend(user, k=10)
-        assert [i["item_id"] for i in body["items"]] == [i["item_id"] for i in expected["items"]]
+        assert_same_ranking(body["items"], expected["items"])
         assert body["personalized"] == expected["personalized"]
         assert body["model_version"] == local.model_version and body["provider"] == "CPUExecutionProvider"
     assert recommend(server, user_id="never-seen", k=3).json()["personalized"] is False
@@ -68,7 +81,7 @@ def test_diversity_request_parameter(server, local):
     r = recommend(server, user_id="u1", k=10, diversity=0.3)
     assert r.status_code == 200
     expected = local.recommend("u1", k=10, diversity=0.3)
-    assert [i["item_id"] for i in r.json()["items"]] == [i["item_id"] for i in expected["items"]]
+    assert_same_ranking(r.json()["items"], expected["items"])
 
 
 @pytest.mark.parametrize(

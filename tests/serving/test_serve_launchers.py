@@ -47,3 +47,31 @@ def test_both_launchers_serve_the_same_config(trained_run, tmp_path, command):
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def test_deploy_config_puts_the_model_uri_in_the_model_user_config(tmp_path):
+    from serving.config import load_serve_config
+    from serving.launch import deploy_config
+
+    config = tmp_path / "serve.yaml"
+    config.write_text((REPO / "configs" / "serve.yaml").read_text())
+    _, args, _ = load_serve_config(config)
+    assert args.model_uri == "models:/trustrec@champion"  # read from the Model deployment's user_config
+    (tmp_path / "bundle").mkdir()
+    out = deploy_config(config, model_uri="bundle", port=1234, host="0.0.0.0")
+    app = out["applications"][0]
+    model = next(d for d in app["deployments"] if d["name"] == "Model")
+    assert model["user_config"] == {"model_uri": str(Path("bundle").resolve())}  # relative dir pinned to the cwd
+    assert app["args"]["tracking_uri"] == "sqlite:///" + str(Path("mlflow.db").resolve())
+    assert out["http_options"]["port"] == 1234 and out["http_options"]["host"] == "0.0.0.0"
+    assert model["num_replicas"] == 2 and model["health_check_period_s"] == 5  # the file's settings travel as they are
+    from ray.serve.schema import ServeDeploySchema
+
+    ServeDeploySchema.model_validate(out)  # what Serve will accept
+
+
+def test_a_typo_in_the_model_user_config_fails_by_name():
+    from serving.config import ModelConfig
+
+    with pytest.raises(ValueError, match="model_url"):
+        ModelConfig.model_validate({"model_url": "models:/trustrec@champion"})
