@@ -77,7 +77,7 @@ class Recommender:
         if self.manifest.get("schema_version") != SUPPORTED_SCHEMA:
             raise ValueError(f"{bundle}/manifest.json: schema_version {self.manifest.get('schema_version')} unsupported (want {SUPPORTED_SCHEMA})")
         files = self.manifest["files"]
-        self.session, self.provider = create_session(bundle / files["user_tower"], force_cpu=force_cpu)
+        self.session, self.provider = create_session(bundle / files["user_tower"], force_cpu=force_cpu, intra_op_threads=1)  # one small user-tower call per batch: scale with replicas, not threads
         self.item_vectors = np.load(bundle / files["item_embeddings"])
         self.index: TopK = build_index(self.item_vectors, **(index or {}))  # `index`: serving.config.IndexArgs fields
         self.items: list[dict] = json.loads((bundle / files["items"]).read_text())

@@ -89,3 +89,12 @@ def test_reports_actual_provider_when_cuda_is_advertised_but_unusable(model_path
     messages = [r.getMessage() for r in caplog.records]
     assert any("CUDAExecutionProvider" in m and "using CPUExecutionProvider" in m for m in messages)
     assert any("fell back" in m for m in messages)
+
+
+def test_idle_threads_do_not_spin_unless_asked(model_path):
+    # spinning ORT threads busy-wait between calls and starve the Serve proxy on small hosts
+    session, _ = create_session(model_path, intra_op_threads=1)
+    assert session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert session.get_session_options().intra_op_num_threads == 1
+    spinning, _ = create_session(model_path, allow_spinning=True)
+    assert spinning.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "1"
