@@ -408,37 +408,11 @@ def check_config(cfg: TrainConfig) -> None:
 
 def _finish(cfg: TrainConfig, model: TwoTower, task: RetrievalTask, data, ctx: Context, fit: FitResult, tracker, device: torch.device, tags: dict):
     """Rank 0, after the fit: the single-process pipeline's test -> export -> store -> MLflow steps."""
-    from training import evaluation
-    from training.export import write_artifacts
-    from training.pipeline import RunResult, beyond_metrics, item_counts, popularity_metrics
+    from features.datasets import data_provenance
+    from training.pipeline import finish
 
-    ds = data.dataset
-    users = np.flatnonzero(np.diff(data.test[0]) > 0)
-    topk = task.topk(model, ctx, data.seen, users, device)
-    item_vec = task.item_embeddings(model, ctx, device).float().cpu().numpy()
-    metrics = {f"test/{k}": v for k, v in evaluation.ranking_metrics(topk, data.test[:2], users, task.k, ds.n_items).items()}
-    metrics.update({f"baseline/popularity/{k}": v for k, v in popularity_metrics(data, task.k).items()})
-    metrics.update(beyond_metrics(topk, users, item_vec, data, task.k))
-    metrics.update({"train/best_epoch": float(fit.best_epoch), "train/epochs_run": float(fit.epochs_run), "train/seconds": fit.seconds})
-    popular = ds.item_vocab.decode(np.argsort(-item_counts(data.seen, ds.n_items), kind="stable")[: cfg.export.popularity_top_n])
-    provenance = {"privacy": {"mode": "none"}, "run_id": tracker.run_id, "git_sha": tags["git_sha"], "dataset": ds.name, "split": cfg.split.protocol,
-                  "config_digest": cfg.digest(), "distributed": {"world_size": tags["world_size"], "plan": tags["plan"]}}  # fmt: skip
-    manifest = write_artifacts(model, ctx, item_vec, ds, data.seen, cfg.export.output_dir, metrics, provenance, popular, cfg.export.parity_atol)
-    metrics.update(manifest["parity"])
-    if cfg.store.load:
-        from features.store import FeatureStore
-
-        store = FeatureStore(cfg.store.url)
-        store.load_dataset(ds, data.seen_interactions)
-        store.close()
-    tracker.log_metrics(metrics)
-    tracker.log_dict(cfg.model_dump(mode="json"), "config.yaml")
-    tracker.log_dict(metrics, "metrics.json")
-    tracker.log_dict(fit.history, "history.json")
-    tracker.log_dict(tags["plan"], "sharding_plan.json")
-    tracker.log_artifacts(cfg.export.output_dir, "bundle")
-    version = tracker.register(cfg.export.output_dir, cfg.tracking.registered_model, cfg.tracking.alias) if cfg.tracking.register_model else None
-    return RunResult(tracker.run_id, version, Path(cfg.export.output_dir), metrics, fit, manifest)
+    provenance = {"data": data_provenance(data.dataset), "distributed": {"world_size": tags["world_size"], "plan": tags["plan"]}}
+    return finish(cfg, model, task, data, ctx, fit, tracker, device, provenance, {"sharding_plan.json": tags["plan"]})
 
 
 def run_worker(cfg: TrainConfig, resume: bool = False):

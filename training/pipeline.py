@@ -178,35 +178,47 @@ def train(cfg: TrainConfig, resume: bool = False, tracker: Tracker | None = None
         task = RetrievalTask(cfg.task, item_counts(data.train, ds.n_items), cfg.model.item_id_dropout)
         fit = fit_model(cfg, model, task, data, ctx, device, tracker, resume)
 
-        users = np.flatnonzero(np.diff(data.test[0]) > 0)
-        topk = task.topk(model, ctx, data.seen, users, device)  # the test lists, scored once
-        item_vec = task.item_embeddings(model, ctx, device).float().cpu().numpy()
-        test = {f"test/{k}": v for k, v in evaluation.ranking_metrics(topk, data.test[:2], users, task.k, ds.n_items).items()}
-        baseline = {f"baseline/popularity/{k}": v for k, v in popularity_metrics(data, task.k).items()}
-        test.update(beyond_metrics(topk, users, item_vec, data, task.k))
-        metrics = {**test, **baseline, "train/best_epoch": float(fit.best_epoch), "train/epochs_run": float(fit.epochs_run), "train/seconds": fit.seconds}
-        log.info("test %s", " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if not k.startswith("beyond/")))
-
-        popular = ds.item_vocab.decode(np.argsort(-item_counts(data.seen, ds.n_items), kind="stable")[: cfg.export.popularity_top_n])
-        provenance = {"privacy": fit.privacy or {"mode": "none"}, "run_id": tracker.run_id, "git_sha": tags["git_sha"], "dataset": ds.name, "split": cfg.split.protocol, "config_digest": cfg.digest(), "data": data_prov}
-        manifest = write_artifacts(model, ctx, item_vec, ds, data.seen, cfg.export.output_dir, metrics, provenance, popular, cfg.export.parity_atol)
-        metrics.update(manifest["parity"])
-
-        if cfg.store.load:
-            from features.store import FeatureStore
-
-            store = FeatureStore(cfg.store.url)
-            store.load_dataset(ds, data.seen_interactions)
-            store.close()
-
-        tracker.log_metrics(metrics)
-        tracker.log_dict(cfg.model_dump(mode="json"), "config.yaml")
-        tracker.log_dict(metrics, "metrics.json")
-        tracker.log_dict(fit.history, "history.json")
-        tracker.log_artifacts(cfg.export.output_dir, "bundle")
-        version = tracker.register(cfg.export.output_dir, cfg.tracking.registered_model, cfg.tracking.alias) if cfg.tracking.register_model else None
+        result = finish(cfg, model, task, data, ctx, fit, tracker, device, {"data": data_prov})
     except BaseException:
         tracker.end("FAILED")
         raise
     tracker.end()
+    return result
+
+
+def finish(cfg: TrainConfig, model: TwoTower, task: RetrievalTask, data: Prepared, ctx: Context, fit: FitResult, tracker: Tracker,
+           device: torch.device, provenance: dict[str, Any] | None = None, artifacts: dict[str, Any] | None = None) -> RunResult:
+    """After any fit (central, private, federated, distributed rank 0): test -> export -> feature
+    store -> MLflow. `provenance` adds to the manifest's provenance, `artifacts` are extra JSON files for the run."""
+    ds = data.dataset
+    users = np.flatnonzero(np.diff(data.test[0]) > 0)
+    topk = task.topk(model, ctx, data.seen, users, device)  # the test lists, scored once
+    item_vec = task.item_embeddings(model, ctx, device).float().cpu().numpy()
+    metrics = {f"test/{k}": v for k, v in evaluation.ranking_metrics(topk, data.test[:2], users, task.k, ds.n_items).items()}
+    metrics.update(beyond_metrics(topk, users, item_vec, data, task.k))
+    metrics.update({f"baseline/popularity/{k}": v for k, v in popularity_metrics(data, task.k).items()})
+    metrics.update({"train/best_epoch": float(fit.best_epoch), "train/epochs_run": float(fit.epochs_run), "train/seconds": fit.seconds})
+    log.info("test %s", " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if not k.startswith("beyond/")))
+
+    popular = ds.item_vocab.decode(np.argsort(-item_counts(data.seen, ds.n_items), kind="stable")[: cfg.export.popularity_top_n])
+    prov = {"privacy": fit.privacy or {"mode": "none"}, "run_id": tracker.run_id, "git_sha": git_sha(), "dataset": ds.name,
+            "split": cfg.split.protocol, "config_digest": cfg.digest(), **(provenance or {})}  # fmt: skip
+    manifest = write_artifacts(model, ctx, item_vec, ds, data.seen, cfg.export.output_dir, metrics, prov, popular, cfg.export.parity_atol)
+    metrics.update(manifest["parity"])
+
+    if cfg.store.load:
+        from features.store import FeatureStore
+
+        store = FeatureStore(cfg.store.url)
+        store.load_dataset(ds, data.seen_interactions)
+        store.close()
+
+    tracker.log_metrics(metrics)
+    tracker.log_dict(cfg.model_dump(mode="json"), "config.yaml")
+    tracker.log_dict(metrics, "metrics.json")
+    tracker.log_dict(fit.history, "history.json")
+    for name, content in (artifacts or {}).items():
+        tracker.log_dict(content, name)
+    tracker.log_artifacts(cfg.export.output_dir, "bundle")
+    version = tracker.register(cfg.export.output_dir, cfg.tracking.registered_model, cfg.tracking.alias) if cfg.tracking.register_model else None
     return RunResult(tracker.run_id, version, Path(cfg.export.output_dir), metrics, fit, manifest)
