@@ -107,7 +107,10 @@ class Trainer:
     def _restore(self, path: Path, rng: np.random.Generator) -> dict:
         payload = torch.load(path, map_location=self.device, weights_only=False)
         self.model.load_state_dict(payload["model"])
-        self.optimizer.load_state_dict(payload["optimizer"])
+        if payload["optimizer"] is not None:
+            self.optimizer.load_state_dict(payload["optimizer"])
+        else:  # a distributed run's checkpoint: its fused optimizers lived in the sharded tables
+            log.warning("checkpoint %s has no optimizer state (written by a distributed run): Adam restarts from zero moments", path.name)
         rng.bit_generator.state = payload["rng"]["numpy_generator"]
         np.random.set_state(payload["rng"]["numpy_global"])
         random.setstate(payload["rng"]["python"])

@@ -149,6 +149,22 @@ def test_resume_without_checkpoint_starts_from_scratch(prepared, tmp_path, caplo
     assert result.epochs_run == 1 and [h["epoch"] for h in result.history] == [1]
 
 
+def test_resume_from_a_checkpoint_without_optimizer_state(prepared, tmp_path, caplog):
+    """A distributed run writes `"optimizer": None` (fused optimizers live in the sharded tables):
+    the plain Trainer resumes its weights and epoch, with fresh Adam moments."""
+    fit(make_trainer(prepared, tmp_path / "d", epochs=2), prepared)
+    path = tmp_path / "d" / "epoch-002.pt"
+    payload = torch.load(path, weights_only=False)
+    payload["optimizer"] = None
+    torch.save(payload, path)
+    resumed = make_trainer(prepared, tmp_path / "d", epochs=3, init_seed=7)
+    with caplog.at_level(logging.WARNING, logger="training.trainer"):
+        result = fit(resumed, prepared, resume=True)
+    assert "no optimizer state" in caplog.text
+    assert [h["epoch"] for h in result.history] == [1, 2, 3] and result.epochs_run == 3
+    assert resumed.optimizer.state_dict()["state"]  # Adam ran epoch 3 from fresh moments
+
+
 # -- early stopping ---------------------------------------------------------------------------------
 def test_early_stopping_when_validation_cannot_improve(prepared, tmp_path):
     # lr = 1e-12: the weights do not move, so val NDCG stays at its epoch-1 value.
