@@ -83,16 +83,20 @@ def _default_states(store: FeatureStore) -> dict[str, ConsentState]:
     return {p: ConsentState(regime == "opt_out", f"default:{regime}", None) for p in PURPOSES}
 
 
+def _ledger_rows(store: FeatureStore, user_id: str, conn: Any = None) -> list:
+    """The user's consent records in ledger order (on `conn` when inside a transaction)."""
+    t = consent_table
+    q = select(t.c.purpose, t.c.granted, t.c.ts_ms, t.c.source).where(t.c.user_id == str(user_id)).order_by(t.c.id)
+    if conn is not None:
+        return conn.execute(q).all()
+    with store.engine.connect() as c:
+        return c.execute(q).all()
+
+
 def current_consents(store: FeatureStore, user_id: str, conn: Any = None) -> dict[str, ConsentState]:
     """The current state of every purpose: the latest ledger record, else the regime's default.
     An erased id has no consent for anything."""
-    t = consent_table
-    q = select(t.c.purpose, t.c.granted, t.c.ts_ms, t.c.source).where(t.c.user_id == str(user_id)).order_by(t.c.id)
-    if conn is None:
-        with store.engine.connect() as c:
-            rows = c.execute(q).all()
-    else:
-        rows = conn.execute(q).all()
+    rows = _ledger_rows(store, user_id, conn)
     states = _default_states(store)
     if not rows and store.is_erased(user_id):
         return {p: ConsentState(False, "erased", None) for p in PURPOSES}
@@ -103,13 +107,7 @@ def current_consents(store: FeatureStore, user_id: str, conn: Any = None) -> dic
 
 
 def consent_history(store: FeatureStore, user_id: str, conn: Any = None) -> list[dict]:
-    t = consent_table
-    q = select(t.c.purpose, t.c.granted, t.c.ts_ms, t.c.source).where(t.c.user_id == str(user_id)).order_by(t.c.id)
-    if conn is None:
-        with store.engine.connect() as c:
-            rows = c.execute(q).all()
-    else:
-        rows = conn.execute(q).all()
+    rows = _ledger_rows(store, user_id, conn)
     return [{"purpose": r.purpose, "granted": bool(r.granted), "at": iso(int(r.ts_ms)), "source": r.source} for r in rows]
 
 
