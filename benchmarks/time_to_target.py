@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             test = evaluation.ranking_metrics(task.topk(model, ctx, data.seen, users, device), data.test[:2], users, task.k, ds.n_items)[key]
             clock["paused"] += time.perf_counter() - t0
-            curve.append({"epoch": epoch, "seconds": round(trained_s, 2), f"test/{key}": round(test, 4), **{k: round(v, 4) for k, v in metrics.items()}})
+            curve.append({"epoch": epoch, "seconds": round(trained_s, 4), f"test/{key}": round(test, 4), **{k: round(v, 4) for k, v in metrics.items()}})
             print(f"epoch {epoch:3d}  {trained_s:7.1f}s  test/{key}={test:.4f}" + (f"  val/{key}={metrics[f'val/{key}']:.4f}" if f"val/{key}" in metrics else ""), flush=True)
 
         m = cfg.model
