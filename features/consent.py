@@ -83,14 +83,16 @@ def _default_states(store: FeatureStore) -> dict[str, ConsentState]:
     return {p: ConsentState(regime == "opt_out", f"default:{regime}", None) for p in PURPOSES}
 
 
+# built once: a per-request read must not pay for composing its statement (see features/store.py)
+_LEDGER = select(consent_table.c.purpose, consent_table.c.granted, consent_table.c.ts_ms, consent_table.c.source).where(
+    consent_table.c.user_id == bindparam("uid")).order_by(consent_table.c.id)
+_BLOCKED = select(blocked_table.c.item_id).where(blocked_table.c.user_id == bindparam("uid"))
+
+
 def _ledger_rows(store: FeatureStore, user_id: str, conn: Any = None) -> list:
     """The user's consent records in ledger order (on `conn` when inside a transaction)."""
-    t = consent_table
-    q = select(t.c.purpose, t.c.granted, t.c.ts_ms, t.c.source).where(t.c.user_id == str(user_id)).order_by(t.c.id)
-    if conn is not None:
-        return conn.execute(q).all()
-    with store.engine.connect() as c:
-        return c.execute(q).all()
+    with store._reading(conn) as c:
+        return c.execute(_LEDGER, {"uid": str(user_id)}).all()
 
 
 def current_consents(store: FeatureStore, user_id: str, conn: Any = None) -> dict[str, ConsentState]:
@@ -98,7 +100,7 @@ def current_consents(store: FeatureStore, user_id: str, conn: Any = None) -> dic
     An erased id has no consent for anything."""
     rows = _ledger_rows(store, user_id, conn)
     states = _default_states(store)
-    if not rows and store.is_erased(user_id):
+    if not rows and store.is_erased(user_id, conn):
         return {p: ConsentState(False, "erased", None) for p in PURPOSES}
     for r in rows:  # ordered by record: the last one per purpose wins
         if r.purpose in states:
@@ -284,13 +286,13 @@ class ServingView:
     erased: bool
 
 
-def serving_view(store: FeatureStore, user_id: str) -> ServingView:
-    states = current_consents(store, user_id)
+def serving_view(store: FeatureStore, user_id: str, conn: Any = None) -> ServingView:
+    """What serving may use for the user (on `conn` when the caller reads several things at once)."""
+    states = current_consents(store, user_id, conn)
     if states["personalization"].source == "erased":
         return ServingView(False, False, [], True)
-    with store.engine.connect() as conn:
-        b = blocked_table
-        blocked = list(conn.scalars(select(b.c.item_id).where(b.c.user_id == str(user_id))))
+    with store._reading(conn) as c:
+        blocked = list(c.scalars(_BLOCKED, {"uid": str(user_id)}))
     return ServingView(states["personalization"].granted, states["demographics"].granted, blocked, False)
 
 

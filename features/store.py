@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 from sqlalchemy import (
-    BigInteger, Boolean, Column, Float, Index, Integer, MetaData, Table, Text, cast, create_engine, delete, event,
-    insert, literal, select, union_all, update,
+    BigInteger, Boolean, Column, Float, Index, Integer, MetaData, Table, Text, bindparam, cast, create_engine, delete,
+    event, insert, literal, select, union_all, update,
 )
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
@@ -109,6 +109,27 @@ meta_table = Table(  # store id, salt fallback, genre order, change counter
 # every table holding rows keyed by a user id: what erasure empties
 USER_TABLES = (users_table, interactions_table, events_table, consent_table, blocked_table)
 _EVENT_SEQ_OFFSET = 1 << 40  # events sort after bulk-loaded rows of the same timestamp
+
+
+# Per-request reads, built once: composing a SQLAlchemy statement (the history's union in
+# particular) cost more than running it, about 1 ms of the 1.4 ms a recommendation took
+# (cProfile over Recommender.recommend, benchmarks/serve_load.py's model). `:uid` is bound per call.
+def _history_rows() -> Any:
+    t, e = interactions_table, events_table
+    uid = bindparam("uid")
+    return union_all(
+        select(t.c.item_id, t.c.rating, t.c.ts, t.c.seq.label("seq")).where(t.c.user_id == uid),
+        select(e.c.item_id, e.c.rating, e.c.ts, (e.c.id + literal(_EVENT_SEQ_OFFSET)).label("seq")).where(e.c.user_id == uid),
+    ).subquery()
+
+
+_rows = _history_rows()
+HISTORY_OLDEST_FIRST = select(_rows.c.item_id, _rows.c.rating).order_by(_rows.c.ts, _rows.c.seq)
+HISTORY_NEWEST_FIRST = select(_rows.c.item_id, _rows.c.rating).order_by(_rows.c.ts.desc(), _rows.c.seq.desc()).limit(bindparam("limit"))
+PROFILE = select(users_table).where(users_table.c.user_id == bindparam("uid"))
+ANY_TOMBSTONE = select(tombstones_table.c.subject_hash).limit(1)
+TOMBSTONE = select(tombstones_table.c.subject_hash).where(tombstones_table.c.subject_hash == bindparam("h"))
+del _rows
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
@@ -233,8 +254,21 @@ class FeatureStore:
                 found.update(conn.scalars(select(tombstones_table.c.subject_hash).where(tombstones_table.c.subject_hash.in_(part))))
         return {by_hash[h] for h in found}
 
-    def is_erased(self, user_id: str) -> bool:
-        return bool(self.tombstoned([str(user_id)]))
+    def is_erased(self, user_id: str, conn: Any = None) -> bool:
+        """Whether the id was erased (on `conn` when the caller holds one)."""
+        with self._reading(conn) as c:
+            if c.scalar(ANY_TOMBSTONE) is None:
+                return False  # nothing erased yet: no hashing
+            return c.scalar(TOMBSTONE, {"h": self.subject_hash(user_id)}) is not None
+
+    @contextmanager
+    def _reading(self, conn: Any = None) -> Iterator[Any]:
+        """`conn` when the caller passes one (a snapshot, a transaction), else a pooled connection."""
+        if conn is not None:
+            yield conn
+        else:
+            with self.engine.connect() as c:
+                yield c
 
     # ---- writes -------------------------------------------------------------------------
     def load_dataset(self, ds: Dataset, interactions: Interactions | None = None) -> None:
@@ -338,21 +372,15 @@ class FeatureStore:
         """Raw item ids the user interacted with, oldest -> newest; `limit` keeps the most recent."""
         return [item for item, _ in self.user_interactions(user_id, limit)]
 
-    def user_interactions(self, user_id: str, limit: int | None = None) -> list[tuple[str, float]]:
+    def user_interactions(self, user_id: str, limit: int | None = None, conn: Any = None) -> list[tuple[str, float]]:
         """(raw item id, rating) pairs, oldest -> newest, bulk-loaded rows and recorded events
-        together; `limit` keeps the most recent."""
+        together; `limit` keeps the most recent. On `conn` when the caller holds one."""
         if limit is not None and limit <= 0:
             return []
-        t, e = interactions_table, events_table
-        rows = union_all(
-            select(t.c.item_id, t.c.rating, t.c.ts, t.c.seq.label("seq")).where(t.c.user_id == str(user_id)),
-            select(e.c.item_id, e.c.rating, e.c.ts, (e.c.id + literal(_EVENT_SEQ_OFFSET)).label("seq")).where(e.c.user_id == str(user_id)),
-        ).subquery()
-        q = select(rows.c.item_id, rows.c.rating)
-        with self.engine.connect() as conn:
+        with self._reading(conn) as c:
             if limit is None:
-                return [(r.item_id, r.rating) for r in conn.execute(q.order_by(rows.c.ts, rows.c.seq))]
-            newest_first = [(r.item_id, r.rating) for r in conn.execute(q.order_by(rows.c.ts.desc(), rows.c.seq.desc()).limit(limit))]
+                return [(r.item_id, r.rating) for r in c.execute(HISTORY_OLDEST_FIRST, {"uid": str(user_id)})]
+            newest_first = [(r.item_id, r.rating) for r in c.execute(HISTORY_NEWEST_FIRST, {"uid": str(user_id), "limit": int(limit)})]
         return newest_first[::-1]
 
     def item_metadata(self, item_ids: list[str]) -> dict[str, dict]:
@@ -374,11 +402,10 @@ class FeatureStore:
         with self.engine.connect() as conn:
             return list(conn.scalars(select(t.c.item_id).order_by(t.c["count"].desc(), t.c.item_id).limit(k)))
 
-    def user_profile(self, user_id: str) -> dict | None:
+    def user_profile(self, user_id: str, conn: Any = None) -> dict | None:
         """Demographics and stated preferences (None for unknown fields), or None for an unknown user."""
-        t = users_table
-        with self.engine.connect() as conn:
-            row = conn.execute(select(t).where(t.c.user_id == str(user_id))).first()
+        with self._reading(conn) as c:
+            row = c.execute(PROFILE, {"uid": str(user_id)}).first()
         if row is None:
             return None
         return {

@@ -113,14 +113,15 @@ class Recommender:
         empty = np.zeros(0, np.int64)
         if self.store is None:
             return UserState(empty, np.zeros(0, np.float32), None)
-        view = serving_view(self.store, user_id)
+        with self.store.snapshot() as conn:  # one connection, one consistent state: consent and history agree
+            view = serving_view(self.store, user_id, conn)
+            profile = self.store.user_profile(user_id, conn)
+            pairs = self.store.user_interactions(user_id, conn=conn) if view.personalization else []
         blocked = self.item_vocab.encode(view.blocked_items, unknown=-1)
-        profile = self.store.user_profile(user_id)
         if not view.personalization:  # no history read; stated exclusions still apply
             return UserState(empty, np.zeros(0, np.float32), profile, False, blocked[blocked >= 0])
         if profile is not None and not view.demographics:  # the tower gets "missing" for each
             profile = {**profile, "age": None, "gender": None, "occupation": None}
-        pairs = self.store.user_interactions(user_id)
         idx = self.item_vocab.encode([item for item, _ in pairs], unknown=-1)
         ratings = np.array([rating for _, rating in pairs], dtype=np.float32)
         return UserState(idx[idx >= 0], ratings[idx >= 0], profile, True, blocked[blocked >= 0])
