@@ -6,8 +6,8 @@ time the recovery, on 127.0.0.1.
     python benchmarks/serve_faults.py --model models:/trustrec@champion --tracking-uri sqlite:///mlflow.db \
         --store-url sqlite:///data/features.db
 
-configs/serve.yaml as is (2 model replicas, 0.5 CPU each, the ingress retrying a call whose replica
-died). Load is open loop: request i is sent at t0 + i / rate from a thread pool, whatever happened
+configs/serve.yaml as is (2 replicas of the one `Model` deployment, 0.5 CPU each; a request in flight
+on the killed replica fails, the proxy routes the rest to the live one). Load is open loop: request i is sent at t0 + i / rate from a thread pool, whatever happened
 to earlier ones. Every `--interval` seconds one live model replica actor is killed with `ray.kill`
 (found by name, SERVE_REPLICA::trustrec#Model#...). Per kill:
   failed       non-200 answers or transport errors among the requests sent from the kill until

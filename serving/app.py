@@ -1,18 +1,22 @@
-"""Ray Serve application: a FastAPI ingress in front of a batching model deployment.
+"""Ray Serve application: one deployment that is both the FastAPI ingress and the batching model.
 
 (No `from __future__ import annotations` here: FastAPI must see the real request types.)
 
-    HTTP -> Ingress (FastAPI: validation, routes, latency metric)
-              -> DeploymentHandle -> Model (@serve.batch over Recommender.recommend_many)
+    HTTP proxy -> Model replica (FastAPI routes: validation, auth, latency metric
+                                 -> @serve.batch over Recommender.recommend_many in the same process)
 
-Two deployments because each concern then has one home: the model deployment batches requests
-from every ingress replica into one ONNX call, takes its model URI through `user_config` so a
-new version is swapped in place (`reconfigure`, no restart, no failed request), and its
-`check_health` really runs the ONNX session and queries the feature store. The ingress retries a
-model call once when the replica it went to died, so a crashed replica costs (almost) no request.
+One hop, because every hop is a Ray actor call and on a 2-core host each one cost more than the
+model itself: the earlier Ingress -> Model split answered a lone request in 19.5 ms against
+~3 ms for bare FastAPI + ONNX Runtime (docs/BENCHMARKS.md, "Serving load"). Each replica still
+batches the requests in flight on it into one ONNX call (`@serve.batch`), takes its model URI
+through `user_config` so a new version is swapped in place (`reconfigure`: no restart, no failed
+request), and its `check_health` really runs the ONNX session and queries the feature store.
+Two or more replicas keep the app answering when one dies: the proxy routes around it.
 
-Run with `trustrec serve --config configs/serve.yaml` or `serve run configs/serve.yaml`
-(import path `serving.app:build_app`). Binds 127.0.0.1 unless the config says otherwise.
+`ModelServer` is the model half as a plain class (unit-tested without Ray); `Model` adds the routes
+and is the deployment. Run with `trustrec serve --config configs/serve.yaml` or
+`serve run configs/serve.yaml` (import path `serving.app:build_app`). Binds 127.0.0.1 unless the
+config says otherwise.
 """
 
 import asyncio
@@ -25,11 +29,9 @@ from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
-from ray.exceptions import ActorUnavailableError, RayActorError
-from ray.serve.handle import DeploymentHandle
 
 from serving.config import MODEL_DEPLOYMENT, AppArgs, ModelConfig
-from serving.metrics import IngressMetrics, ModelMetrics
+from serving.metrics import ModelMetrics, RouteMetrics
 from serving.users_api import (
     AUTH_RESPONSES, ConsentRequest, ConsentResponse, EventRequest, EventResponse, ModelCard, Preferences,
     PreferencesRequest, Reason, Receipt, UserData, UserIdPath, UsersService, bearer, model_card,
@@ -38,7 +40,6 @@ from serving.users_api import (
 log = logging.getLogger(__name__)
 
 MAX_K = 100
-INGRESS_DEPLOYMENT = "Ingress"
 HEALTH_PROBE_USER = "__trustrec_health_probe__"  # never a real id: the probe reads nothing personal
 
 
@@ -110,9 +111,9 @@ def recommend_batch(recommender, requests: list[dict]) -> list[dict]:
     return results
 
 
-@serve.deployment(name=MODEL_DEPLOYMENT)
 class ModelServer:
-    """One Recommender per replica; the model comes from `user_config` (ModelConfig) and can be swapped live."""
+    """One Recommender per replica; the model comes from `user_config` (ModelConfig) and can be swapped live.
+    A plain class (the deployment `Model` below adds the HTTP routes), so it is tested without Ray."""
 
     def __init__(self, args: dict):
         from features.store import FeatureStore
@@ -183,44 +184,36 @@ USER_RESPONSES = {
 api = FastAPI(title="trustrec", description="Recommendations with consent and control built in", version="0.1.0", responses=BODY_UNREADABLE)
 
 
-@serve.deployment(name=INGRESS_DEPLOYMENT)
+@serve.deployment(name=MODEL_DEPLOYMENT)
 @serve.ingress(api)
-class Ingress:
-    def __init__(self, model: DeploymentHandle, args: dict):
-        self.model = model
-        self.cfg = AppArgs.model_validate(args)
-        self.metrics = IngressMetrics()
-        self.users = UsersService(self.cfg)  # consent, preferences, events, access, erasure (serving/users_api.py)
+class Model(ModelServer):
+    """The deployment: ModelServer plus the HTTP routes, in one replica (one hop per request)."""
 
-    async def _call_model(self, method: str, *args):
-        """Call the model deployment; when the replica dies under the request, retry once on another."""
-        try:
-            return await getattr(self.model, method).remote(*args)
-        except (RayActorError, ActorUnavailableError) as e:
-            self.metrics.retries.inc()
-            log.warning("model replica lost during %s (%s); retrying once", method, type(e).__name__)
-            return await getattr(self.model, method).remote(*args)
+    def __init__(self, args: dict):
+        super().__init__(args)
+        self.routes = RouteMetrics()
+        self.users = UsersService(self.cfg, self.store)  # consent, preferences, events, access, erasure (serving/users_api.py)
 
     @api.post("/v1/recommend", response_model=RecommendResponse, response_model_exclude_none=True)
-    async def recommend(self, request: RecommendRequest, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> dict:
+    async def post_recommend(self, request: RecommendRequest, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> dict:
         self.users.authorize_recommend(request.user_id, credentials)
         start, status = time.perf_counter(), "error"
         try:
-            result = await self._call_model("recommend", request.model_dump())
+            result = await self.recommend(request.model_dump())  # joins this replica's next batch
             status = "ok"
             return result
         finally:
-            self.metrics.observe("/v1/recommend", status, time.perf_counter() - start)
+            self.routes.observe("/v1/recommend", status, time.perf_counter() - start)
 
     @api.get("/healthz", response_model=Health, responses={503: {"model": Unhealthy, "description": "model or feature store unusable"}})
     async def healthz(self):
         start = time.perf_counter()
         try:
-            body = await self._call_model("health")
+            body = await asyncio.to_thread(self.health)
         except Exception as e:  # any failure of the probe is "unhealthy", said plainly, never a 500
-            self.metrics.observe("/healthz", "unhealthy", time.perf_counter() - start)
+            self.routes.observe("/healthz", "unhealthy", time.perf_counter() - start)
             return JSONResponse({"status": "unhealthy", "detail": f"{type(e).__name__}: {e}"[:500]}, status_code=503)
-        self.metrics.observe("/healthz", "ok", time.perf_counter() - start)
+        self.routes.observe("/healthz", "ok", time.perf_counter() - start)
         return body
 
     # customer control: thin routes, the work is in serving/users_api.py
@@ -246,15 +239,14 @@ class Ingress:
 
     @api.get("/v1/model", response_model=ModelCard)
     async def get_model_card(self) -> dict:
-        return await self._call_model("model_card")
+        return self.model_card()
 
 
 def make_app(args: dict | None = None) -> serve.Application:
-    """The bound application (ingress -> model); validates args before any replica starts.
+    """The bound application (one deployment); validates args before any replica starts.
     `args.model_uri` is the model's default `user_config`; a config file's `user_config` wins."""
     cfg = AppArgs.model_validate(args or {})
-    model = ModelServer.options(user_config=ModelConfig(model_uri=cfg.model_uri).model_dump()).bind(cfg.model_dump())
-    return Ingress.bind(model, cfg.model_dump())
+    return Model.options(user_config=ModelConfig(model_uri=cfg.model_uri).model_dump()).bind(cfg.model_dump())
 
 
 def build_app(args: dict) -> serve.Application:

@@ -12,19 +12,15 @@ from ray.serve import metrics
 LATENCY_BOUNDARIES_MS = [1, 2, 3, 5, 7.5, 10, 15, 20, 30, 50, 100, 250, 500, 1000, 2500]
 
 
-class IngressMetrics:
-    """What the HTTP ingress sees: end-to-end latency per route (model hop included)."""
+class RouteMetrics:
+    """What the HTTP routes see: latency per route inside the replica, model call included."""
 
     def __init__(self) -> None:
         self.latency = metrics.Histogram(
             "trustrec_request_latency_ms",
-            description="Latency of trustrec HTTP routes inside the ingress replica (ms), model call included.",
+            description="Latency of trustrec HTTP routes inside the replica (ms), batching and model call included.",
             boundaries=LATENCY_BOUNDARIES_MS,
             tag_keys=("route", "status"),
-        )
-        self.retries = metrics.Counter(
-            "trustrec_model_retries",
-            description="Model calls retried on another replica after the first replica died.",
         )
 
     def observe(self, route: str, status: str, seconds: float) -> None:

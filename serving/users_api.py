@@ -165,12 +165,15 @@ def _token(credentials: HTTPAuthorizationCredentials | None) -> str | None:
 
 
 class UsersService:
-    """One per ingress replica: the store, the authenticator, and a handler per endpoint."""
+    """One per replica: the store, the authenticator, and a handler per endpoint."""
 
-    def __init__(self, cfg: AppArgs):
+    def __init__(self, cfg: AppArgs, store=None):
+        """`store`: the replica's FeatureStore when it has one already (None opens one from cfg.store_url)."""
         from features.store import FeatureStore
 
-        self.store = FeatureStore(cfg.store_url, consent=cfg.consent) if cfg.store_url else None
+        if store is None and cfg.store_url:
+            store = FeatureStore(cfg.store_url, consent=cfg.consent)
+        self.store = store
         self.auth = Authenticator(cfg.auth)
 
     def _subject(self, user_id: str) -> str:

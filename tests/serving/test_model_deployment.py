@@ -12,7 +12,7 @@ from onnx import TensorProto, helper
 from serving.app import ModelServer, recommend_batch
 from serving.recommender import Recommender
 
-Model = ModelServer.func_or_class  # the plain class under @serve.deployment
+Model = ModelServer  # the model half of the deployment, a plain class
 
 
 def make_server(trained_run, **args) -> object:
