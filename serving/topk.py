@@ -133,7 +133,24 @@ class ExactTopK:
         scores[rows, cols] = -np.inf
 
 
-class HnswTopK:
+class _FaissTopK:
+    """What the FAISS indexes share: `len`, and `search` through `_faiss_search` with the
+    per-search parameters the subclass gives (`_params(k)`)."""
+
+    n_items: int
+    dim: int
+
+    def __len__(self) -> int:
+        return self.n_items
+
+    def search(
+        self, queries: np.ndarray, k: int, exclude: list[np.ndarray] | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        queries = _check_query(queries, k, self.dim)
+        return _faiss_search(self._faiss, self.index, queries, k, exclude, lambda: self._params(k))
+
+
+class HnswTopK(_FaissTopK):
     """FAISS `IndexHNSWFlat` with inner product: approximate, ~1 ms per query on 1M items.
 
     Vectors are stored uncompressed (flat), so the scores of the items found are exact
@@ -167,18 +184,11 @@ class HnswTopK:
         finally:
             faiss.omp_set_num_threads(threads)
 
-    def __len__(self) -> int:
-        return self.n_items
-
-    def search(
-        self, queries: np.ndarray, k: int, exclude: list[np.ndarray] | None = None
-    ) -> tuple[np.ndarray, np.ndarray]:
-        queries = _check_query(queries, k, self.dim)
-        ef = max(self.ef_search, k)  # the beam must hold at least k results
-        return _faiss_search(self._faiss, self.index, queries, k, exclude, lambda: self._faiss.SearchParametersHNSW(efSearch=ef))
+    def _params(self, k: int):
+        return self._faiss.SearchParametersHNSW(efSearch=max(self.ef_search, k))  # the beam must hold at least k results
 
 
-class IvfTopK:
+class IvfTopK(_FaissTopK):
     """FAISS `IndexIVFFlat` with inner product: k-means splits the catalog into `nlist` lists,
     a query scans the `nprobe` lists whose centroids score best. Approximate in which items
     are found (an item in an unscanned list is missed), exact in their scores (flat storage).
@@ -211,15 +221,8 @@ class IvfTopK:
         self.index.add(items)
         self.index.nprobe = self.nprobe
 
-    def __len__(self) -> int:
-        return self.n_items
-
-    def search(
-        self, queries: np.ndarray, k: int, exclude: list[np.ndarray] | None = None
-    ) -> tuple[np.ndarray, np.ndarray]:
-        queries = _check_query(queries, k, self.dim)
-        nprobe = self.nprobe
-        return _faiss_search(self._faiss, self.index, queries, k, exclude, lambda: self._faiss.SearchParametersIVF(nprobe=nprobe))
+    def _params(self, k: int):
+        return self._faiss.SearchParametersIVF(nprobe=self.nprobe)
 
 
 def _check_int(name: str, value: object, low: int) -> None:
