@@ -79,6 +79,9 @@ class Recommender:
         files = self.manifest["files"]
         self.session, self.provider = create_session(bundle / files["user_tower"], force_cpu=force_cpu, intra_op_threads=1)  # one small user-tower call per batch: scale with replicas, not threads
         self.item_vectors = np.load(bundle / files["item_embeddings"])
+        # what item-to-item similarity (MMR, explanations) compares: a learned item bias (the last
+        # coordinate, model.item_bias) is a popularity prior for scoring, not a likeness between items
+        self.similarity_vectors = self.item_vectors[:, :-1] if self.manifest["output"].get("item_bias") else self.item_vectors
         self.index: TopK = build_index(self.item_vectors, **(index or {}))  # `index`: serving.config.IndexArgs fields
         self.items: list[dict] = json.loads((bundle / files["items"]).read_text())
         self.user_vocab = Vocab.load(bundle / files["user_vocab"])
@@ -180,7 +183,7 @@ class Recommender:
                     order = np.argsort(~match, kind="stable")[: max(int(match.sum()), k)]
                     cand, cand_scores = cand[order], cand_scores[order]
                 if lam < 1 and len(cand):
-                    order = mmr(cand_scores, self.item_vectors[cand], k, lam)
+                    order = mmr(cand_scores, self.similarity_vectors[cand], k, lam)
                     cand, cand_scores = cand[order], cand_scores[order]
                 results[i] = self._response([self._item(t, s) for t, s in zip(cand[:k], cand_scores[:k])], True)
         for i, result in enumerate(results):
@@ -211,7 +214,7 @@ class Recommender:
         scores = 1.0 - np.arange(n) / max(n, 1)
         if lam < 1 and n:
             pool = max(k * MMR_POOL_FACTOR, MMR_MIN_POOL)
-            order = mmr(scores[:pool], self.item_vectors[chosen[:pool]], k, lam)
+            order = mmr(scores[:pool], self.similarity_vectors[chosen[:pool]], k, lam)
             chosen, scores = chosen[:pool][order], scores[:pool][order]
         return [self._item(int(t), float(s)) for t, s in zip(chosen[:k], scores[:k])]
 

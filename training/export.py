@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from features.schema import Dataset
-from features.content import USER_INPUTS
+from features.content import USER_INPUTS, user_inputs
 from training.data import CSR, Context, kjt_from_feed, user_feed
 from training.model import AGE, AVOIDED, GENDER, HISTORY, LIKED, OCCUPATION, USER_ID, TwoTower
 
@@ -49,6 +49,7 @@ class PlainUserTower(nn.Module):
         self.single = nn.ModuleDict({f: nn.Embedding.from_pretrained(weights[f], freeze=True) for f in (USER_ID, AGE, GENDER, OCCUPATION) if f in weights})
         self.bags = nn.ModuleDict({f: nn.EmbeddingBag.from_pretrained(weights[f], freeze=True, mode="mean") for f in (LIKED, AVOIDED) if f in weights})
         self.mlp = copy.deepcopy(arch.mlp).float().cpu()
+        self.item_bias = spec.item_bias
 
     def forward(self, history, history_weights, history_offsets, user, age, gender, occupation, liked, liked_offsets, avoided, avoided_offsets):
         ids = {USER_ID: user, AGE: age, GENDER: gender, OCCUPATION: occupation}
@@ -61,7 +62,25 @@ class PlainUserTower(nn.Module):
                 parts.append(self.single[f](ids[f]))
             else:
                 parts.append(self.bags[f](*bags[f]))
-        return F.normalize(self.mlp(torch.cat(parts, dim=1)), dim=-1)
+        vectors = F.normalize(self.mlp(torch.cat(parts, dim=1)), dim=-1)
+        if self.item_bias:  # the constant coordinate that meets each item's bias (model.item_bias)
+            vectors = torch.cat([vectors, torch.ones_like(vectors[:, :1])], dim=1)
+        return vectors
+
+
+def cold_user_ranking(model: TwoTower, item_embeddings: np.ndarray, n: int) -> np.ndarray:
+    """Item indices in the order the model ranks them for a user it knows nothing about (empty
+    history, no user row, no demographics, no stated genres): the fallback list for private
+    models. Counting the training interactions would release raw data outside the DP accountant
+    (and outside the clients, for federated runs); this is post-processing of the model only."""
+    spec = model.spec
+    empty = [np.zeros(0, np.int64)]
+    zero = np.zeros(1, np.int64)
+    feed = user_inputs(empty, None, np.array([spec.user_oov_index]), zero, zero, zero, empty, empty)
+    with torch.no_grad():
+        vector = PlainUserTower(model).eval()(*(torch.from_numpy(feed[k]) for k in USER_INPUTS)).numpy()
+    scores = (np.asarray(item_embeddings, np.float32) @ vector[0]).astype(np.float64)
+    return np.argsort(-scores, kind="stable")[:n]
 
 
 def export_onnx(tower: PlainUserTower, path: Path, example: dict[str, np.ndarray]) -> None:
@@ -151,8 +170,8 @@ def write_artifacts(
                 "occupation_vocab": ctx.users.occupation_vocab,
                 "doc": "features.content.user_inputs builds the feed; categorical index 0 = missing",
             },
-            "output": {"name": "user_embedding", "dtype": "float32", "shape": ["batch", model.spec.output_dim], "l2_normalized": True},
-            "score": "user_embedding @ item_embeddings.T (cosine similarity)",
+            "output": {"name": "user_embedding", "dtype": "float32", "shape": ["batch", model.spec.vector_dim], "l2_normalized": not model.spec.item_bias, "item_bias": model.spec.item_bias},
+            "score": "user_embedding @ item_embeddings.T (cosine similarity" + (" + item bias: the last coordinate is 1 for users, the bias for items)" if model.spec.item_bias else ")"),
             "user_oov_index": model.spec.user_oov_index,
             "genres": dataset.genre_names,
             "files": {

@@ -50,6 +50,15 @@ class TowerSpec:
     n_occupation: int = 1
     n_year: int = 12
     n_title: int = 1
+    # a learned per-item logit bias (a popularity prior the towers need not spend directions on),
+    # folded into the vectors so serving's user @ items.T still ranks exactly: the user vector gets
+    # one more coordinate, a constant 1, the item vector the item's bias b (logit = (cos + b) / T)
+    item_bias: bool = False
+
+    @property
+    def vector_dim(self) -> int:
+        """Width of the user and item vectors: output_dim, + 1 with item_bias."""
+        return self.output_dim + int(self.item_bias)
 
     @property
     def user_oov_index(self) -> int:
@@ -100,8 +109,13 @@ class PooledArch(nn.Module):
         return F.normalize(self.mlp(x), dim=-1)
 
 
+def with_bias_coordinate(vectors: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """[..., D] vectors with one more coordinate appended (item_bias: 1 for users, b for items)."""
+    return torch.cat([vectors, bias.to(vectors.dtype).expand(*vectors.shape[:-1], 1)], dim=-1)
+
+
 class UserArch(PooledArch):
-    """History bag (+ user id, demographics, stated genres) -> MLP -> unit vector."""
+    """History bag (+ user id, demographics, stated genres) -> MLP -> unit vector (item_bias: then a 1)."""
 
     def __init__(self, spec: TowerSpec, device: torch.device | None = None):
         rows = {HISTORY: spec.n_items, USER_ID: spec.n_users + 1, AGE: spec.n_age, GENDER: spec.n_gender,
@@ -110,15 +124,28 @@ class UserArch(PooledArch):
         # plain or rating-weighted mean; stated genres: 1/len), so every SUM here is a mean
         tables = [_table(f, rows[f], spec.embedding_dim, PoolingType.SUM) for f in spec.user_features()]
         super().__init__(tables, spec, device, weighted=True)
+        self.item_bias = spec.item_bias
+
+    def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
+        vectors = super().forward(features)
+        return with_bias_coordinate(vectors, vectors.new_ones(1)) if self.item_bias else vectors
 
 
 class ItemArch(PooledArch):
-    """Item id (+ genre, decade and title-token bags) -> MLP -> unit vector."""
+    """Item id (+ genre, decade and title-token bags) -> MLP -> unit vector (item_bias: then the
+    item's bias, one row per item id, the OOV row included)."""
 
     def __init__(self, spec: TowerSpec, device: torch.device | None = None):
         rows = {ITEM_ID: spec.n_items + 1, GENRES: spec.n_genres, YEAR: spec.n_year, TITLE: spec.n_title}
         tables = [_table(f, rows[f], spec.embedding_dim, PoolingType.SUM if f in (ITEM_ID, YEAR) else PoolingType.MEAN) for f in spec.item_features()]
         super().__init__(tables, spec, device)
+        self.bias = nn.Parameter(torch.zeros(spec.n_items + 1, 1, device=device)) if spec.item_bias else None
+
+    def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
+        vectors = super().forward(features)
+        if self.bias is None:
+            return vectors
+        return with_bias_coordinate(vectors, self.bias[features[ITEM_ID].values()])  # one id per item row
 
 
 class TwoTower(nn.Module):
@@ -129,5 +156,5 @@ class TwoTower(nn.Module):
         self.item_arch = ItemArch(spec, device)
 
     def forward(self, user_features: KeyedJaggedTensor, item_features: KeyedJaggedTensor) -> torch.Tensor:
-        """Logits (B_users, B_items) = cosine / temperature."""
+        """Logits (B_users, B_items) = cosine / temperature (item_bias: (cosine + b) / temperature)."""
         return self.user_arch(user_features) @ self.item_arch(item_features).T / self.spec.temperature

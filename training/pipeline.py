@@ -17,7 +17,7 @@ from training import beyond, evaluation
 from training.config import ConfigError, TrainConfig
 from features.content import YEAR_EDGES
 from training.data import CSR, Context, rated_csr
-from training.export import write_artifacts
+from training.export import cold_user_ranking, write_artifacts
 from training.model import TowerSpec, TwoTower
 from training.task import RetrievalTask
 from training.tracking import Tracker, git_sha
@@ -81,6 +81,7 @@ def build_model(cfg: TrainConfig, dataset: Dataset, ctx: Context, device: torch.
         n_occupation=len(ctx.users.occupation_vocab) + 1,
         n_year=len(YEAR_EDGES) + 2,
         n_title=m.title_buckets,
+        item_bias=m.item_bias,
     )
     return TwoTower(spec, device=device)
 
@@ -195,12 +196,15 @@ def finish(cfg: TrainConfig, model: TwoTower, task: RetrievalTask, data: Prepare
     topk = task.topk(model, ctx, data.seen, users, device)  # the test lists, scored once
     item_vec = task.item_embeddings(model, ctx, device).float().cpu().numpy()
     metrics = {f"test/{k}": v for k, v in evaluation.ranking_metrics(topk, data.test[:2], users, task.k, ds.n_items).items()}
-    metrics.update(beyond_metrics(topk, users, item_vec, data, task.k))
+    metrics.update(beyond_metrics(topk, users, item_vec[:, : model.spec.output_dim], data, task.k))  # likeness: no bias coordinate
     metrics.update({f"baseline/popularity/{k}": v for k, v in popularity_metrics(data, task.k).items()})
     metrics.update({"train/best_epoch": float(fit.best_epoch), "train/epochs_run": float(fit.epochs_run), "train/seconds": fit.seconds})
     log.info("test %s", " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if not k.startswith("beyond/")))
 
-    popular = ds.item_vocab.decode(np.argsort(-item_counts(data.seen, ds.n_items), kind="stable")[: cfg.export.popularity_top_n])
+    if cfg.privacy.mode == "none":
+        popular = ds.item_vocab.decode(np.argsort(-item_counts(data.seen, ds.n_items), kind="stable")[: cfg.export.popularity_top_n])
+    else:  # raw counts would leave the privacy guarantee: the private model's own cold-user ranking instead
+        popular = ds.item_vocab.decode(cold_user_ranking(model, item_vec, cfg.export.popularity_top_n))
     prov = {"privacy": fit.privacy or {"mode": "none"}, "run_id": tracker.run_id, "git_sha": git_sha(), "dataset": ds.name,
             "split": cfg.split.protocol, "config_digest": cfg.digest(), **(provenance or {})}  # fmt: skip
     manifest = write_artifacts(model, ctx, item_vec, ds, data.seen, cfg.export.output_dir, metrics, prov, popular, cfg.export.parity_atol)

@@ -121,3 +121,31 @@ def test_default_diversity_comes_from_the_recommender(trained_run, store):
     diverse_by_default = Recommender.from_dir(trained_run.result.artifact_dir, store=store, diversity=0.3)
     explicit = Recommender.from_dir(trained_run.result.artifact_dir, store=store)
     assert diverse_by_default.recommend("u4", k=10) == explicit.recommend("u4", k=10, diversity=0.3)
+
+
+def test_an_item_bias_bundle_scores_with_the_bias_and_compares_items_without_it(tmp_path):
+    """model.item_bias exports one more coordinate (user 1, item b): scores use it, item-to-item
+    likeness (MMR, explanations) must not, or two popular items would look alike."""
+    from tests.conftest import REPO, tiny_overrides
+    from training.config import load_config
+    from training.pipeline import train
+
+    cfg = load_config(REPO / "configs" / "two_tower.yaml", tiny_overrides(tmp_path) + [
+        "trainer.epochs=3", "model.item_bias=true", "tracking.register_model=false",
+        "data.synthetic.n_users=150", "data.synthetic.n_items=60"])  # fmt: skip
+    result = train(cfg)
+    store = FeatureStore(f"sqlite:///{tmp_path}/features.db")
+    try:
+        rec = Recommender.from_dir(result.artifact_dir, store=store)
+        d = cfg.model.output_dim
+        assert rec.item_vectors.shape[1] == d + 1 and rec.manifest["output"]["item_bias"] is True
+        assert np.array_equal(rec.similarity_vectors, rec.item_vectors[:, :d])
+        state = rec.user_state("u1")
+        user_vec = rec.user_vectors([state], [rec.user_oov])[0]
+        assert user_vec[-1] == pytest.approx(1.0)  # the constant coordinate that meets each bias
+        answer = rec.recommend("u1", k=5, diversity=0.5)
+        by_hand = rec.item_vectors @ user_vec  # cosine part + bias, as trained
+        ids = [rec.item_vocab.ids.index(it["item_id"]) for it in answer["items"]]
+        assert [it["score"] for it in answer["items"]] == pytest.approx(by_hand[ids].tolist(), abs=1e-5)
+    finally:
+        store.close()

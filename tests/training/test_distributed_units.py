@@ -88,6 +88,8 @@ def test_config_checks_name_the_key():
         D.check_config(load_config(None, ["distributed.data=shards"]))
     with pytest.raises(ConfigError, match="trainer.refit"):
         D.check_config(load_config(None, ["trainer.refit=true"]))
+    with pytest.raises(ConfigError, match="model.item_bias"):
+        D.check_config(load_config(None, ["model.item_bias=true"]))
     with pytest.raises(ConfigError, match="distributed.launch"):
         load_config(None, ["distributed.launch=torchrun"])  # typo: unknown key
 

@@ -41,8 +41,9 @@ def setup(tmp_path, extra=()):
     return cfg, data, ctx, model, task
 
 
-def test_dp_twin_computes_what_the_torchrec_towers_compute(tmp_path):
-    cfg, data, ctx, model, _ = setup(tmp_path, HYBRID)
+@pytest.mark.parametrize("extra", [[], ["model.item_bias=true"]], ids=["plain", "item_bias"])
+def test_dp_twin_computes_what_the_torchrec_towers_compute(tmp_path, extra):
+    cfg, data, ctx, model, _ = setup(tmp_path, HYBRID + extra)
     dp = DPTwoTower(model)
     users = np.arange(20)
     kjt = user_features(model.spec, ctx, users, data.train, CPU)
@@ -54,12 +55,13 @@ def test_dp_twin_computes_what_the_torchrec_towers_compute(tmp_path):
     assert set(dp.user_arch.feature_names) == {"history", "age", "gender", "occupation", "liked", "avoided"}
     assert set(dp.item_arch.feature_names) == {"item_id", "genres", "year", "title"}
     torch.testing.assert_close(got_user, expected_user, atol=1e-6, rtol=1e-5)
-    assert got_items.shape == (2, model.spec.n_items, model.spec.output_dim)  # one copy per user
+    assert got_items.shape == (2, model.spec.n_items, model.spec.vector_dim)  # one copy per user
     torch.testing.assert_close(got_items[1], expected_items, atol=1e-6, rtol=1e-5)
 
 
-def test_per_sample_gradients_equal_per_user_autograd(tmp_path):
-    cfg, data, ctx, model, _ = setup(tmp_path, HYBRID)
+@pytest.mark.parametrize("extra", [[], ["model.item_bias=true"]], ids=["plain", "item_bias"])
+def test_per_sample_gradients_equal_per_user_autograd(tmp_path, extra):
+    cfg, data, ctx, model, _ = setup(tmp_path, HYBRID + extra)
     torch.manual_seed(1)
     with torch.no_grad():  # away from the init, so every parameter gets a non-trivial gradient
         for p in model.parameters():
@@ -89,8 +91,9 @@ def test_per_sample_gradients_equal_per_user_autograd(tmp_path):
     assert torch.count_nonzero(hist[0, untouched]) == 0 and torch.count_nonzero(hist[0]) > 0
 
 
-def test_exported_onnx_equals_the_dp_user_tower(tmp_path):
-    cfg, data, ctx, model, task = setup(tmp_path, HYBRID)
+@pytest.mark.parametrize("extra", [[], ["model.item_bias=true"]], ids=["plain", "item_bias"])
+def test_exported_onnx_equals_the_dp_user_tower(tmp_path, extra):
+    cfg, data, ctx, model, task = setup(tmp_path, HYBRID + extra)
     dp = DPTwoTower(model)
     opt = torch.optim.Adam(dp.parameters(), lr=0.05)
     rng = np.random.default_rng(0)
@@ -115,6 +118,42 @@ def test_exported_onnx_equals_the_dp_user_tower(tmp_path):
 def _fit(tmp_path, extra):
     cfg, data, ctx, model, task = setup(tmp_path, ["privacy.mode=dp", "trainer.epochs=4", "trainer.batch_size=32", "privacy.target_epsilon=null", *extra])
     return fit_dp(cfg, model, task, data, ctx, CPU, Tracker(False, "", ""))
+
+
+def test_item_bias_is_one_more_coordinate_by_hand(tmp_path):
+    cfg, data, ctx, model, _ = setup(tmp_path, ["model.item_bias=true", "model.hidden_layers=0"])
+    n, d = model.spec.n_items, model.spec.output_dim
+    with torch.no_grad():
+        model.item_arch.bias.copy_(torch.arange(n + 1, dtype=torch.float32).unsqueeze(1) / 10)  # item i: b = i / 10
+    users, items = user_features(model.spec, ctx, np.arange(3), data.train, CPU), item_features(model.spec, ctx, CPU)
+    oov = item_features(model.spec, ctx, CPU, oov=np.ones(n, bool))
+    with torch.no_grad():
+        u, v, logits = model.user_arch(users), model.item_arch(items), model(users, items)
+        v_oov = model.item_arch(oov)
+    assert u.shape == (3, d + 1) and v.shape == (n, d + 1) and model.spec.vector_dim == d + 1
+    assert torch.equal(u[:, d], torch.ones(3)) and torch.allclose(u[:, :d].norm(dim=1), torch.ones(3))  # unit cosine part, then 1
+    torch.testing.assert_close(v[:, d], torch.arange(n, dtype=torch.float32) / 10)  # the item's own bias
+    torch.testing.assert_close(v_oov[:, d], torch.full((n,), n / 10))  # OOV items: the OOV row's bias
+    # logit(user, item 2) = (cos + 0.2) / T; item 2 vs item 1 with equal cosines: +0.1 / T apart
+    cos = u[:, :d] @ v[:, :d].T
+    torch.testing.assert_close(logits, (cos + torch.arange(n) / 10) / model.spec.temperature)
+    torch.testing.assert_close(logits[:, 2] - logits[:, 1], (cos[:, 2] - cos[:, 1] + 0.1) / model.spec.temperature)
+    assert cfg.model.item_bias and not load_config(None, []).model.item_bias  # off by default
+
+
+def test_dp_follows_the_cosine_lr_schedule(tmp_path, monkeypatch):
+    seen = []
+    step = torch.optim.Adam.step
+
+    def spy(self, *a, **k):
+        seen.append(self.param_groups[0]["lr"])
+        return step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", spy)
+    fit = _fit(tmp_path, ["privacy.noise_multiplier=1.0", "trainer.lr=0.1", "trainer.lr_schedule=cosine", "trainer.batch_size=1000"])
+    # sample rate 1: one step per epoch; cosine over 4 epochs: lr * (1 + cos(pi (e - 1) / 4)) / 2
+    assert fit.privacy["steps"] == 4
+    assert seen == pytest.approx([0.1, 0.1 * (1 + math.sqrt(0.5)) / 2, 0.05, 0.1 * (1 - math.sqrt(0.5)) / 2])
 
 
 def test_more_noise_gives_higher_loss_on_a_fixed_seed(tmp_path):
@@ -152,6 +191,22 @@ def test_dp_run_records_its_guarantee_in_manifest_and_mlflow(dp_run):
     assert run.data.metrics["privacy/noise_multiplier"] == pytest.approx(privacy["noise_multiplier"])
     assert run.data.metrics["privacy/steps"] == 3 and run.data.metrics["privacy/sample_rate"] == 1.0
     assert run.data.tags["privacy.mode"] == "dp" and run.data.tags["privacy.accountant"] == "rdp"
+
+
+def test_dp_bundle_fallback_list_comes_from_the_model_not_raw_counts(dp_run):
+    """Counting interactions would release raw data outside the accountant: the bundle's
+    popularity list is the DP model's own ranking for a user it knows nothing about, recomputed
+    here through the exported ONNX tower as serving runs it."""
+    from serving.recommender import Recommender, UserState
+
+    cfg, result = dp_run
+    manifest = json.loads((result.artifact_dir / "manifest.json").read_text())
+    rec = Recommender.from_dir(result.artifact_dir)
+    empty = UserState(np.zeros(0, np.int64), np.zeros(0, np.float32), None)
+    scores = rec.item_vectors @ rec.user_vectors([empty], [rec.user_oov])[0]
+    want = [rec.item_vocab.ids[i] for i in np.argsort(-scores, kind="stable")[: len(manifest["popularity"])]]
+    assert manifest["popularity"] == want
+    assert len(want) == min(cfg.export.popularity_top_n, len(rec.items))
 
 
 def test_epsilon_is_opacus_accountant_and_the_closed_form(dp_run):

@@ -15,6 +15,8 @@ ignored and repeated ids are counted once), so training runs on `DPTwoTower`, a 
   parameter flows through the full softmax of that user only (a registered grad sampler gives
   Opacus the per-user gradient A^T G_u). All trainable parameters, item side included, are under
   the DP optimizer: the item tower's gradients depend on users' data through the loss.
+With `model.item_bias` the bias table is one more CatalogBag (pooled by the item-id pool), so its
+per-user gradient is noised like every other item parameter.
 After training the weights are copied back into the TwoTower, so export (PlainUserTower -> ONNX,
 parity-checked) is the ordinary path.
 
@@ -42,8 +44,8 @@ from tqdm.auto import tqdm
 
 from training.config import ConfigError, TrainConfig
 from training.data import CSR, Context, UserBatch, csr_from_mask, epoch_batches, item_features
-from training.model import PooledArch, TwoTower
-from training.trainer import FitResult, seed_everything
+from training.model import ITEM_ID, PooledArch, TwoTower, with_bias_coordinate
+from training.trainer import FitResult, lr_at, seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -95,10 +97,12 @@ class UserTowerDP(nn.Module):
         self.feature_names = list(arch.feature_names)
         self.tables = nn.ModuleDict({f: nn.Embedding.from_pretrained(w.detach().clone().float(), freeze=False) for f, (w, _) in _tables(arch).items()})
         self.mlp = copy.deepcopy(arch.mlp).float()
+        self.item_bias = arch.item_bias
 
     def forward(self, bags: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         pooled = [(self.tables[f](ids) * w.unsqueeze(-1)).sum(1) for f, (ids, w) in zip(self.feature_names, bags)]
-        return F.normalize(self.mlp(torch.cat(pooled, dim=1)), dim=-1)
+        vectors = F.normalize(self.mlp(torch.cat(pooled, dim=1)), dim=-1)
+        return with_bias_coordinate(vectors, vectors.new_ones(1)) if self.item_bias else vectors
 
 
 class CatalogBag(nn.Module):
@@ -132,13 +136,18 @@ class ItemTowerDP(nn.Module):
         self.mean = {f: mean for f, (_, mean) in tables.items()}
         self.tables = nn.ModuleDict({f: CatalogBag(w) for f, (w, _) in tables.items()})
         self.mlp = copy.deepcopy(arch.mlp).float()
+        # model.item_bias: the [n_items + 1, 1] bias table pooled by the item-id pool (one id per item)
+        self.bias = CatalogBag(arch.bias) if arch.bias is not None else None
 
     def pools(self, kjt: KeyedJaggedTensor) -> list[torch.Tensor]:
         return [pool_matrix(kjt, f, self.tables[f].weight.shape[0], self.mean[f]) for f in self.feature_names]
 
     def forward(self, pools: list[torch.Tensor], batch: torch.Tensor) -> torch.Tensor:
         pooled = [self.tables[f](a, batch) for f, a in zip(self.feature_names, pools)]
-        return F.normalize(self.mlp(torch.cat(pooled, dim=-1)), dim=-1)
+        vectors = F.normalize(self.mlp(torch.cat(pooled, dim=-1)), dim=-1)
+        if self.bias is None:
+            return vectors
+        return torch.cat([vectors, self.bias(pools[self.feature_names.index(ITEM_ID)], batch)], dim=-1)
 
 
 class DPTwoTower(nn.Module):
@@ -166,6 +175,8 @@ class DPTwoTower(nn.Module):
                 target = arch.ebc.embedding_bags[f"t_{f}"].weight
                 target.copy_(mine.tables[f].weight.to(target.dtype))
             arch.mlp.load_state_dict(mine.mlp.state_dict())
+        if self.item_arch.bias is not None:
+            model.item_arch.bias.copy_(self.item_arch.bias.weight.to(model.item_arch.bias.dtype))
 
 
 def per_user_loss(logits: torch.Tensor, targets: CSR) -> torch.Tensor:
@@ -238,6 +249,8 @@ def fit_dp(cfg: TrainConfig, model: TwoTower, task, data, ctx: Context, device: 
     history: list[dict[str, float]] = []
     steps, monitor, last = 0, f"val/ndcg@{task.k}", float("nan")
     for epoch in range(1, t.epochs + 1):
+        for group in dp_opt.param_groups:  # trainer.lr_schedule, as the ordinary trainer applies it (a public schedule: no privacy cost)
+            group["lr"] = lr_at(t.lr, t.lr_schedule, epoch, t.epochs)
         total, count = 0.0, 0
         bar = tqdm(dp_loader, desc=f"dp epoch {epoch}/{t.epochs}", disable=not t.progress, leave=False)
         for (batch_users,) in bar:
