@@ -220,28 +220,29 @@ async def open_loop(url: str, users: list[str], k: int, rate: float, duration: f
     lat: list[float] = []
     errors: dict[str, int] = {}
     lag: list[float] = []
-    loop = asyncio.get_running_loop()
     conn = aiohttp.TCPConnector(limit=1024, force_close=False)
     client_timeout = aiohttp.ClientTimeout(total=timeout)
 
     async with aiohttp.ClientSession(connector=conn, timeout=client_timeout, headers={"content-type": "application/json"}) as session:
         async def one(i: int, scheduled: float) -> None:
-            lag.append(loop.time() - scheduled)
+            lag.append(time.perf_counter() - scheduled)
             try:
                 async with session.post(f"{url}/v1/recommend", data=body[i]) as r:
                     await r.read()
                     if r.status == 200:
-                        lat.append((loop.time() - scheduled) * 1e3)
+                        lat.append((time.perf_counter() - scheduled) * 1e3)
                     else:
                         errors[f"HTTP {r.status}"] = errors.get(f"HTTP {r.status}", 0) + 1
             except Exception as e:  # timeouts, resets: all count as errors, by kind
                 errors[type(e).__name__] = errors.get(type(e).__name__, 0) + 1
 
-        t0 = loop.time() + 0.05
+        # times from perf_counter: uvloop's loop.time() is libuv's cached millisecond clock, which
+        # rounded every latency to whole milliseconds (and to the loop's last wake-up)
+        t0 = time.perf_counter() + 0.05
         tasks = []
         for i in range(n):
             scheduled = t0 + i / rate
-            delay = scheduled - loop.time()
+            delay = scheduled - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
             tasks.append(asyncio.create_task(one(i, scheduled)))
@@ -250,7 +251,7 @@ async def open_loop(url: str, users: list[str], k: int, rate: float, duration: f
             t.cancel()
         if pending:
             errors["unfinished"] = errors.get("unfinished", 0) + len(pending)
-        elapsed = loop.time() - t0
+        elapsed = time.perf_counter() - t0
     out = summarize(lat, sum(errors.values()), n, elapsed)
     out["target_rps"] = rate
     out["error_kinds"] = errors

@@ -89,7 +89,7 @@ def start(
             init["_metrics_export_port"] = metrics_port
         ray.init(**init)
     http_options = {**config["http_options"], "location": schema.proxy_location.value if schema.proxy_location else "HeadOnly"}
-    client = serve_start(http_options=http_options)
+    client = serve_start(http_options=http_options, global_logging_config=config.get("logging_config"))  # the proxy's logging too
     client.deploy_apps(schema, _blocking=False)
     url = f"http://{'127.0.0.1' if host == '0.0.0.0' else host}:{port}"
     wait_running()
