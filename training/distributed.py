@@ -41,7 +41,7 @@ from training.config import ConfigError, DistributedConfig, TrainConfig, load_co
 from training.data import CSR, Context, UserBatch, epoch_batches
 from training.model import TwoTower
 from training.task import RetrievalTask
-from training.trainer import FitResult, lr_at, pick_device, seed_everything
+from training.trainer import FitResult, lr_at, pick_device, resume_point, seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -336,13 +336,7 @@ class DistributedTrainer:
         t = self.cfg.trainer
         validate = val_truth is not None
         rng = seed_everything(t.seed)
-        start, best, best_epoch, bad, best_state, history = 1, -1.0, 0, 0, None, []
-        if resume and (path := self.latest_checkpoint()) is not None:
-            payload = self._restore(path, rng)
-            start, best, best_epoch, bad = payload["epoch"] + 1, payload["best_metric"], payload["best_epoch"], payload["bad_epochs"]
-            best_state, history = payload["best_state"], payload["history"]
-        elif resume:
-            log.warning("--resume: no checkpoint in %s, starting from scratch", self.ckpt_dir)
+        start, best, best_epoch, bad, best_state, history = resume_point(self, resume, rng)
         batches = batches or (lambda epoch, rng: self._memory_batches(train, ctx, rng))
         epoch = start - 1
         for epoch in range(start, t.epochs + 1):

@@ -58,6 +58,18 @@ class FitResult:
     privacy: dict[str, Any] | None = None
 
 
+def resume_point(trainer: Any, resume: bool, rng: np.random.Generator) -> tuple[int, float, int, int, dict | None, list]:
+    """(first epoch, best metric, best epoch, bad epochs, best state, history) a fit starts from:
+    the latest checkpoint's when resuming (`trainer.latest_checkpoint()` / `trainer._restore`, which
+    also restores the RNGs), else a fresh start. Shared by Trainer and the distributed trainer."""
+    if resume and (path := trainer.latest_checkpoint()) is not None:
+        p = trainer._restore(path, rng)
+        return p["epoch"] + 1, p["best_metric"], p["best_epoch"], p["bad_epochs"], p["best_state"], p["history"]
+    if resume:
+        log.warning("--resume: no checkpoint in %s, starting from scratch", trainer.ckpt_dir)
+    return 1, -1.0, 0, 0, None, []
+
+
 class Trainer:
     def __init__(
         self,
@@ -131,13 +143,7 @@ class Trainer:
         validate = val_truth is not None
         epochs = self.cfg.epochs if epochs is None else epochs
         rng = seed_everything(self.cfg.seed)
-        start, best, best_epoch, bad, best_state, history = 1, -1.0, 0, 0, None, []
-        if resume and (path := self.latest_checkpoint()) is not None:
-            payload = self._restore(path, rng)
-            start, best, best_epoch, bad = payload["epoch"] + 1, payload["best_metric"], payload["best_epoch"], payload["bad_epochs"]
-            best_state, history = payload["best_state"], payload["history"]
-        elif resume:
-            log.warning("--resume: no checkpoint in %s, starting from scratch", self.ckpt_dir)
+        start, best, best_epoch, bad, best_state, history = resume_point(self, resume, rng)
 
         epoch = start - 1
         for epoch in range(start, epochs + 1):
