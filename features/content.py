@@ -18,6 +18,18 @@ MISSING = 0
 AGE_EDGES = (18, 25, 35, 45, 50, 56)  # MovieLens-1M buckets: <18, 18-24, 25-34, 35-44, 45-49, 50-55, 56+
 AGE_LABELS = ("<18", "18-24", "25-34", "35-44", "45-49", "50-55", "56+")
 YEAR_EDGES = tuple(range(1930, 2030, 10))  # decades; older titles share the first bucket
+# one bucket per year (model.year_buckets="year"): 80 % of ML-100k's films are from the 1990s,
+# where decades put them in one bucket; older titles share the first bucket here too
+YEARLY_EDGES = tuple(range(1930, 2030))
+
+
+def year_edges(resolution: str = "decade") -> tuple[int, ...]:
+    """The bucket edges of `model.year_buckets`: "decade" (YEAR_EDGES) or "year" (YEARLY_EDGES)."""
+    if resolution not in ("decade", "year"):
+        raise ValueError(f"year bucket resolution must be 'decade' or 'year', got {resolution!r}")
+    return YEAR_EDGES if resolution == "decade" else YEARLY_EDGES
+
+
 _TOKEN = re.compile(r"[a-z0-9]+")
 
 
@@ -27,10 +39,10 @@ def age_bucket(age: np.ndarray | int) -> np.ndarray:
     return np.where(age == UNKNOWN_AGE, MISSING, 1 + np.searchsorted(AGE_EDGES, age, side="right")).astype(np.int64)
 
 
-def year_bucket(year: np.ndarray | int) -> np.ndarray:
-    """1 + decade bucket; 0 for unknown (year 0)."""
+def year_bucket(year: np.ndarray | int, edges: tuple[int, ...] = YEAR_EDGES) -> np.ndarray:
+    """1 + bucket between `edges` (default decades); 0 for unknown (year 0). len(edges) + 2 rows."""
     year = np.asarray(year)
-    return np.where(year <= 0, MISSING, 1 + np.searchsorted(YEAR_EDGES, year, side="right")).astype(np.int64)
+    return np.where(year <= 0, MISSING, 1 + np.searchsorted(edges, year, side="right")).astype(np.int64)
 
 
 def title_tokens(title: str, n_buckets: int) -> list[int]:
@@ -93,10 +105,10 @@ def user_side(ds: Dataset) -> UserSide:
     )
 
 
-def item_side(ds: Dataset, title_buckets: int) -> ItemSide:
+def item_side(ds: Dataset, title_buckets: int, year_edges: tuple[int, ...] = YEAR_EDGES) -> ItemSide:
     return ItemSide(
         genres=to_csr(ds.items.genres),
-        year=year_bucket(ds.items.year),
+        year=year_bucket(ds.items.year, year_edges),
         title=to_csr([title_tokens(t, title_buckets) for t in ds.items.title]),
     )
 

@@ -43,6 +43,9 @@ class ModelConfig(_Section):
     demographics_dropout: float = Field(0.2, ge=0, le=1)
     stated_dropout: float = Field(0.5, ge=0, le=1)
     title_buckets: int = Field(1024, gt=0)
+    # release-year buckets of the content path: "decade" or "year" (one per year). ML-100k's films
+    # are 80 % 1990s, one decade bucket: item cold start NDCG@10 0.2663 (year) vs 0.2087 (decade)
+    year_buckets: Literal["decade", "year"] = "decade"
     # a learned per-item logit bias, exported as one more vector coordinate (user 1, item b); off by
     # default (the non-private recipes were measured without); on in the DP recipe: eps 1 0.1785 vs 0.1367
     item_bias: bool = False

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torchrec import KeyedJaggedTensor
 
-from features.content import ItemSide, UserSide, item_side, user_side, user_inputs
+from features.content import ItemSide, UserSide, item_side, user_side, user_inputs, year_edges
 from features.schema import Dataset, Interactions
 from training.model import AVOIDED, GENRES, HISTORY, ITEM_ID, LIKED, TITLE, USER_ID, YEAR, TowerSpec
 
@@ -33,8 +33,8 @@ class Context:
     rating_weighted: bool = False
 
     @classmethod
-    def from_dataset(cls, ds: Dataset, title_buckets: int = 1024, rating_weighted: bool = False) -> "Context":
-        return cls(user_side(ds), item_side(ds, title_buckets), rating_weighted)
+    def from_dataset(cls, ds: Dataset, title_buckets: int = 1024, rating_weighted: bool = False, year_resolution: str = "decade") -> "Context":
+        return cls(user_side(ds), item_side(ds, title_buckets, year_edges(year_resolution)), rating_weighted)
 
 
 def rated_csr(inter: Interactions, n_users: int) -> CSR:

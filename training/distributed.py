@@ -396,6 +396,8 @@ def check_config(cfg: TrainConfig) -> None:
         raise ConfigError(f"privacy.mode: {cfg.privacy.mode} has its own training loop; --distributed trains centrally (mode none)")
     if cfg.trainer.refit:
         raise ConfigError("trainer.refit: not supported with --distributed")
+    if cfg.model.year_buckets != "decade":
+        raise ConfigError("model.year_buckets: only 'decade' with --distributed (the shard reader buckets release years by decade)")
     if cfg.model.item_bias:
         raise ConfigError("model.item_bias: not supported with --distributed (its bias table sits outside the sharded EmbeddingBagCollections)")
     if cfg.distributed.data == "shards" and not cfg.distributed.shards_path:

@@ -15,7 +15,7 @@ from features.schema import Dataset, Interactions
 from features.splits import Split, split
 from training import beyond, evaluation
 from training.config import ConfigError, TrainConfig
-from features.content import YEAR_EDGES
+from features.content import year_edges
 from training.data import CSR, Context, rated_csr
 from training.export import cold_user_ranking, write_artifacts
 from training.model import TowerSpec, TwoTower
@@ -57,7 +57,7 @@ def prepare(cfg: TrainConfig) -> Prepared:
 
 
 def context(cfg: TrainConfig, dataset: Dataset) -> Context:
-    return Context.from_dataset(dataset, cfg.model.title_buckets, cfg.model.rating_weighted)
+    return Context.from_dataset(dataset, cfg.model.title_buckets, cfg.model.rating_weighted, cfg.model.year_buckets)
 
 
 def build_model(cfg: TrainConfig, dataset: Dataset, ctx: Context, device: torch.device) -> TwoTower:
@@ -79,7 +79,7 @@ def build_model(cfg: TrainConfig, dataset: Dataset, ctx: Context, device: torch.
         use_stated=m.use_stated,
         n_gender=len(ctx.users.gender_vocab) + 1,
         n_occupation=len(ctx.users.occupation_vocab) + 1,
-        n_year=len(YEAR_EDGES) + 2,
+        n_year=len(year_edges(m.year_buckets)) + 2,
         n_title=m.title_buckets,
         item_bias=m.item_bias,
     )

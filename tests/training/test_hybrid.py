@@ -93,6 +93,25 @@ def test_year_bucket_decades():
     assert out.max() == len(YEAR_EDGES) + 1 and TowerSpec(n_users=1, n_items=1, n_genres=1).n_year == len(YEAR_EDGES) + 2 == 12
 
 
+def test_year_bucket_yearly_resolution():
+    from features.content import YEARLY_EDGES, year_edges
+    from training.pipeline import build_model, context
+
+    assert year_edges("decade") == YEAR_EDGES and year_edges("year") == YEARLY_EDGES
+    with pytest.raises(ValueError):
+        year_edges("month")
+    out = year_bucket(np.array([0, 1895, 1929, 1930, 1994, 1995, 1998, 2029, 2031]), YEARLY_EDGES)
+    assert out.tolist() == [0, 1, 1, 2, 66, 67, 70, 101, 101]  # one bucket per year from 1930
+    # the config switch reaches the context and the year table size
+    cfg = load_config(None, ["data.source=synthetic", "model.use_content=true", "model.year_buckets=year"])
+    ds = generate(SyntheticConfig(n_users=20, n_items=15, n_genres=4, mean_interactions_per_user=5, seed=0))
+    ctx = context(cfg, ds)
+    assert ctx.items.year.tolist() == year_bucket(ds.items.year, YEARLY_EDGES).tolist()
+    model = build_model(cfg, ds, ctx, torch.device("cpu"))
+    assert model.spec.n_year == len(YEARLY_EDGES) + 2
+    model.item_arch(item_features(model.spec, ctx, torch.device("cpu")))  # every bucket is a valid row
+
+
 def test_title_tokens_are_stable_crc32_buckets():
     # crc32 (not Python's salted hash): the same buckets in every process, so training and serving agree.
     # crc32("toy") = 1728423790, crc32("story") = 3948282936, crc32("schindler") = 2481652792,
