@@ -10,6 +10,20 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+def load_script(relpath: str):
+    """A repo script (benchmarks/x.py, scripts/y.py) as a module, loaded by path: `import
+    benchmarks.x` would find the top-level `benchmarks` package opacus installs instead."""
+    import importlib.util
+    import sys
+
+    name = "trustrec_" + relpath.removesuffix(".py").replace("/", "_")
+    spec = importlib.util.spec_from_file_location(name, REPO / relpath)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
 def tiny_overrides(root: Path) -> list[str]:
     """Overrides that point every output of a run into `root`."""
     return [

@@ -2,10 +2,7 @@
 closed form against hand arithmetic, the validation tuner, and cold users."""
 from __future__ import annotations
 
-import importlib.util
-import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,18 +12,12 @@ from features.schema import Dataset, Interactions
 from features.splits import split, user_items_csr
 from features.synthetic import generate
 from training.evaluation import evaluate_scores
+from tests.conftest import load_script
 
-REPO = Path(__file__).resolve().parents[2]
 
 
 def _load_peers():
-    # Not `import benchmarks.peers`: opacus installs a top-level `benchmarks` package that wins
-    # over this repo's namespace folder, so load the file by path.
-    spec = importlib.util.spec_from_file_location("trustrec_benchmarks_peers", REPO / "benchmarks" / "peers.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/peers.py")
 
 
 peers = _load_peers()

@@ -2,22 +2,17 @@
 --seeds argument, checked by hand; the full ML-100k table stays a benchmark."""
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import load_script
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def _load(name: str):
-    # by path: opacus ships a top-level `benchmarks` package that shadows this folder
-    spec = importlib.util.spec_from_file_location(f"trustrec_benchmarks_{name}", REPO / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script(f"benchmarks/{name}.py")
 
 
 quality = _load("quality")

@@ -4,25 +4,17 @@ latencies are timed with a sub-millisecond clock (uvloop's loop.time() rounded t
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
-import sys
 import threading
 import time
-from pathlib import Path
 
+from tests.conftest import load_script
 
-REPO = Path(__file__).resolve().parents[2]
 DELAY_S = 0.004
 
 
 def _load_serve_load():
-    # by path: opacus installs a top-level `benchmarks` package (see test_peers.py)
-    spec = importlib.util.spec_from_file_location("trustrec_benchmarks_serve_load", REPO / "benchmarks" / "serve_load.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/serve_load.py")
 
 
 def _serve(port_box: list, stop: threading.Event) -> None:

@@ -1,16 +1,15 @@
 """The Dockerfile, parsed (no Docker engine here): CUDA runtime base, the GPU stack from the one
 requirements source the tests' install uses, non-root user, HEALTHCHECK on /healthz, ENTRYPOINT trustrec."""
-import importlib.util
 import json
 import re
 import shlex
-import sys
 import tomllib
 
 import pytest
 import yaml
 
 from tests.serving.test_ray_serve_http import REPO
+from tests.conftest import load_script
 
 
 def instructions(text: str) -> list[tuple[str, str]]:
@@ -39,11 +38,7 @@ def runs(docker) -> list[str]:
 
 
 def load_gpu_requirements():
-    spec = importlib.util.spec_from_file_location("trustrec_scripts_gpu_requirements", REPO / "scripts" / "gpu_requirements.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("scripts/gpu_requirements.py")
 
 
 def test_parser_joins_continuations_and_drops_comments():

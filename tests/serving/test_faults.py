@@ -2,30 +2,24 @@
 the app keeps answering, and failed requests stay bounded. The procedure is benchmarks/serve_faults.py's
 own (loaded by path); figures against the goals (<= 1 % failed, recovery <= 10 s) come from that script,
 so nothing here asserts a duration."""
-import importlib.util
-import sys
 
 import pytest
 import requests
 import yaml
 
 from tests.serving.test_ray_serve_http import REPO, free_port, serve_yaml
+from tests.conftest import load_script
 
 pytestmark = pytest.mark.ray
 
 
-def load_script():
-    # not `import benchmarks.serve_faults`: opacus installs a top-level `benchmarks` package
-    spec = importlib.util.spec_from_file_location("trustrec_benchmarks_serve_faults", REPO / "benchmarks" / "serve_faults.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+def load_faults_script():
+    return load_script("benchmarks/serve_faults.py")
 
 
 @pytest.fixture(scope="module")
 def faults():
-    return load_script()
+    return load_faults_script()
 
 
 @pytest.fixture(scope="module")
