@@ -59,6 +59,10 @@ def server(trained_run, store_url, env, tmp_path_factory):
     cfg = yaml.safe_load((REPO / "configs" / "serve.yaml").read_text())
     cfg["http_options"]["port"] = free_port()
     cfg["applications"][0]["args"].update(tracking_uri=trained_run.tracking_uri, store_url=store_url)
+    # access logs on (configs/serve.yaml turns them off for speed): an operator may turn them on,
+    # and test_tokens_and_user_ids_never_reach_the_logs checks that they still carry no id or token
+    for section in (cfg, cfg["applications"][0]):
+        section["logging_config"]["enable_access_log"] = True
     path = tmp_path_factory.mktemp("serve") / "serve.yaml"
     path.write_text(yaml.safe_dump(cfg))
     url = start(path, num_cpus=2)
@@ -364,6 +368,6 @@ def test_tokens_and_user_ids_never_reach_the_logs(server, local, trained_run, st
     # every Ray log file of this session: replicas, proxy, controller, workers
     logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
     text = "\n".join(p.read_text(errors="replace") for p in logs.rglob("*") if p.is_file() and p.suffix in (".log", ".out", ".err", ".txt", ""))
-    assert " -- PUT / 200 " in text and " -- DELETE / 200 " in text  # Serve's access log: method and route prefix...
+    assert " -- PUT / 200 " in text and " -- DELETE / 200 " in text  # Serve's access log (on in this fixture): method and route prefix...
     for secret in (CANARY, token, ADMIN, SECRET):
         assert secret not in text  # ...never the id or a token
