@@ -7,7 +7,7 @@ import pytest
 import requests
 import yaml
 
-from tests.serving.test_ray_serve_http import REPO, free_port, serve_yaml
+from tests.serving.test_ray_serve_http import free_port, serve_yaml
 from tests.conftest import load_script
 
 pytestmark = pytest.mark.ray
