@@ -6,10 +6,11 @@ time the recovery, on 127.0.0.1.
     python benchmarks/serve_faults.py --model models:/trustrec@champion --tracking-uri sqlite:///mlflow.db \
         --store-url sqlite:///data/features.db
 
-configs/serve.yaml as is (2 replicas of the one `Model` deployment, 0.5 CPU each; a request in flight
-on the killed replica fails, the proxy routes the rest to the live one). Load is open loop: request i is sent at t0 + i / rate from a thread pool, whatever happened
-to earlier ones. Every `--interval` seconds one live model replica actor is killed with `ray.kill`
-(found by name, SERVE_REPLICA::trustrec#Model#...). Per kill:
+configs/serve.yaml as is (2 replicas of the one `Model` deployment, 0.5 CPU each; a request in
+flight on the killed replica fails, the proxy routes the rest to the live one). Load is open loop:
+request i is sent at t0 + i / rate from a thread pool, whatever happened to earlier ones. Every
+`--interval` seconds one live model replica actor is killed with `ray.kill` (found by name,
+SERVE_REPLICA::trustrec#Model#...). Per kill:
   failed       non-200 answers or transport errors among the requests sent from the kill until
                recovery + 1 s (and over the whole run)
   recovery_s   from the kill until Serve reports the model deployment HEALTHY with all its

@@ -91,7 +91,7 @@ _BLOCKED = select(blocked_table.c.item_id).where(blocked_table.c.user_id == bind
 
 def _ledger_rows(store: FeatureStore, user_id: str, conn: Any = None) -> list:
     """The user's consent records in ledger order (on `conn` when inside a transaction)."""
-    with store._reading(conn) as c:
+    with store.reading(conn) as c:
         return c.execute(_LEDGER, {"uid": str(user_id)}).all()
 
 
@@ -291,7 +291,7 @@ def serving_view(store: FeatureStore, user_id: str, conn: Any = None) -> Serving
     states = current_consents(store, user_id, conn)
     if states["personalization"].source == "erased":
         return ServingView(False, False, [], True)
-    with store._reading(conn) as c:
+    with store.reading(conn) as c:
         blocked = list(c.scalars(_BLOCKED, {"uid": str(user_id)}))
     return ServingView(states["personalization"].granted, states["demographics"].granted, blocked, False)
 

@@ -256,13 +256,13 @@ class FeatureStore:
 
     def is_erased(self, user_id: str, conn: Any = None) -> bool:
         """Whether the id was erased (on `conn` when the caller holds one)."""
-        with self._reading(conn) as c:
+        with self.reading(conn) as c:
             if c.scalar(ANY_TOMBSTONE) is None:
                 return False  # nothing erased yet: no hashing
             return c.scalar(TOMBSTONE, {"h": self.subject_hash(user_id)}) is not None
 
     @contextmanager
-    def _reading(self, conn: Any = None) -> Iterator[Any]:
+    def reading(self, conn: Any = None) -> Iterator[Any]:
         """`conn` when the caller passes one (a snapshot, a transaction), else a pooled connection."""
         if conn is not None:
             yield conn
@@ -377,7 +377,7 @@ class FeatureStore:
         together; `limit` keeps the most recent. On `conn` when the caller holds one."""
         if limit is not None and limit <= 0:
             return []
-        with self._reading(conn) as c:
+        with self.reading(conn) as c:
             if limit is None:
                 return [(r.item_id, r.rating) for r in c.execute(HISTORY_OLDEST_FIRST, {"uid": str(user_id)})]
             newest_first = [(r.item_id, r.rating) for r in c.execute(HISTORY_NEWEST_FIRST, {"uid": str(user_id), "limit": int(limit)})]
@@ -404,7 +404,7 @@ class FeatureStore:
 
     def user_profile(self, user_id: str, conn: Any = None) -> dict | None:
         """Demographics and stated preferences (None for unknown fields), or None for an unknown user."""
-        with self._reading(conn) as c:
+        with self.reading(conn) as c:
             row = c.execute(PROFILE, {"uid": str(user_id)}).first()
         if row is None:
             return None

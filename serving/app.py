@@ -7,7 +7,7 @@
 
 One hop, because every hop is a Ray actor call and on a 2-core host each one cost more than the
 model itself: the earlier Ingress -> Model split answered a lone request in 19.5 ms against
-~3 ms for bare FastAPI + ONNX Runtime (docs/BENCHMARKS.md, "Serving load"). Each replica still
+~3 ms for bare FastAPI + ONNX Runtime (docs/BENCHMARKS.md, "Load"). Each replica still
 batches the requests in flight on it into one ONNX call (`@serve.batch`), takes its model URI
 through `user_config` so a new version is swapped in place (`reconfigure`: no restart, no failed
 request), and its `check_health` really runs the ONNX session and queries the feature store.
@@ -123,8 +123,8 @@ class ModelServer:
         self.recommender = None  # set by reconfigure, which Serve calls right after __init__
         self.model_uri: str | None = None
         self.metrics = ModelMetrics()
-        self.recommend.set_max_batch_size(self.cfg.max_batch_size)
-        self.recommend.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
+        self.batched_recommend.set_max_batch_size(self.cfg.max_batch_size)
+        self.batched_recommend.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
 
     async def reconfigure(self, user_config: dict) -> None:
         """Load the model `user_config` names, probe it, then swap it in: requests keep being served
@@ -142,7 +142,7 @@ class ModelServer:
         log.info("model version %s -> %s (%s) on %s", old_version, new.model_version, cfg.model_uri, new.provider)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)  # both reset from the app args in __init__
-    async def recommend(self, requests: list[dict]) -> list[dict]:
+    async def batched_recommend(self, requests: list[dict]) -> list[dict]:
         rec = self.recommender  # one model for the whole batch, even if a swap lands meanwhile
         results = await asyncio.to_thread(recommend_batch, rec, requests)  # the loop keeps queueing the next batch
         self.metrics.batch_size.observe(len(requests))
@@ -195,11 +195,11 @@ class Model(ModelServer):
         self.users = UsersService(self.cfg, self.store)  # consent, preferences, events, access, erasure (serving/users_api.py)
 
     @api.post("/v1/recommend", response_model=RecommendResponse, response_model_exclude_none=True)
-    async def post_recommend(self, request: RecommendRequest, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> dict:
+    async def recommend(self, request: RecommendRequest, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> dict:
         self.users.authorize_recommend(request.user_id, credentials)
         start, status = time.perf_counter(), "error"
         try:
-            result = await self.recommend(request.model_dump())  # joins this replica's next batch
+            result = await self.batched_recommend(request.model_dump())  # joins this replica's next batch
             status = "ok"
             return result
         finally:

@@ -468,7 +468,7 @@ def build_report(
     item_pop = item_counts(data.seen, n_items)
     multi_hot = beyond.genres_multi_hot(ds.items.genres, len(ds.genre_names))
     groups = user_groups(ds.users)
-    likeness = item_vec[:, :-1] if spec.item_bias else item_vec  # a bias coordinate is no likeness
+    likeness = item_vec[:, : spec.output_dim]  # a model.item_bias coordinate is no likeness (as in pipeline.finish)
     beyond_metrics = beyond.beyond_accuracy_report(topk, users, history, truth, k, item_pop, multi_hot, likeness, groups)
     curve = mmr_curve(cand[:, :n_candidates], cand_scores[:, :n_candidates], likeness, lambdas, users, truth, k, n_items, multi_hot)
     catalog = catalog_decile_shares(item_pop)
