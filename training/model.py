@@ -101,7 +101,7 @@ class PooledArch(nn.Module):
         super().__init__()
         self.feature_names = [t.feature_names[0] for t in tables]
         self.ebc = EmbeddingBagCollection(tables=tables, is_weighted=weighted, device=device)
-        self.mlp = mlp(spec.embedding_dim * len(tables), spec.hidden_dim, spec.output_dim, spec.hidden_layers)
+        self.mlp = mlp(spec.embedding_dim * len(tables), spec.hidden_dim, spec.output_dim, spec.hidden_layers).to(device)  # with the tables (CUDA runs)
 
     def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
         pooled = self.ebc(features)

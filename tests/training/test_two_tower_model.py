@@ -221,3 +221,13 @@ def test_use_title_switches_only_the_title_table():
     assert list(configs(m.item_arch.ebc)) == ["t_item_id", "t_genres", "t_year"]
     assert m.item_arch.mlp[0].in_features == 3 * 4
     assert TowerSpec(**{**base, "use_content": False}, use_title=True).item_features() == [ITEM_ID, GENRES]  # needs use_content
+
+
+@pytest.mark.parametrize("item_bias", [False, True])
+def test_every_parameter_is_built_on_the_requested_device(item_bias):
+    # the MLPs once stayed on the CPU while the tables went to CUDA (found on a GPU run); the meta
+    # device stands in for CUDA here
+    spec = TowerSpec(n_users=5, n_items=7, n_genres=3, embedding_dim=4, hidden_dim=6, output_dim=4, item_bias=item_bias)
+    model = TwoTower(spec, device=torch.device("meta"))
+    where = {name: p.device.type for name, p in model.named_parameters()}
+    assert any(".mlp." in name for name in where) and set(where.values()) == {"meta"}, where
