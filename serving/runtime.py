@@ -7,6 +7,7 @@ returns it, and logs requested vs actual. Serving never imports torch.
 """
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 
@@ -31,6 +32,21 @@ def preferred_providers(force_cpu: bool = False) -> list[str]:
     return [p for p in _PREFERENCE if p in available]
 
 
+@functools.cache
+def load_cuda_libraries() -> None:
+    """Load CUDA / cuDNN from the nvidia-* pip packages (what `onnxruntime-gpu[cuda,cudnn]` and a
+    CUDA torch install) before the first CUDA session. ORT does not search them by itself: without
+    this its CUDA provider fails to load unless torch was imported first, and the session falls back
+    to the CPU. Once per process; a build without `preload_dlls` (ORT < 1.21) is left as it is."""
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is None:
+        return
+    try:
+        preload()
+    except Exception as e:  # noqa: BLE001 - a failed preload is reported by the fallback check below
+        logger.warning("onnxruntime.preload_dlls failed: %s", e)
+
+
 def create_session(
     model_path: str | Path, force_cpu: bool = False, intra_op_threads: int | None = None, allow_spinning: bool = False
 ) -> tuple[ort.InferenceSession, str]:
@@ -50,6 +66,8 @@ def create_session(
         options.intra_op_num_threads = intra_op_threads
     options.add_session_config_entry("session.intra_op.allow_spinning", "1" if allow_spinning else "0")
     requested = preferred_providers(force_cpu)
+    if CUDA in requested:
+        load_cuda_libraries()
     session = ort.InferenceSession(str(path), sess_options=options, providers=requested)
     actual = session.get_providers()[0]
     logger.info("ONNX Runtime session for %s: requested providers %s, using %s", path, requested, actual)

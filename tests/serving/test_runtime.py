@@ -98,3 +98,22 @@ def test_idle_threads_do_not_spin_unless_asked(model_path):
     assert session.get_session_options().intra_op_num_threads == 1
     spinning, _ = create_session(model_path, allow_spinning=True)
     assert spinning.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "1"
+
+
+def test_cuda_libraries_are_loaded_once_before_a_cuda_session(model_path, monkeypatch):
+    # onnxruntime-gpu does not look in the nvidia-* pip packages unless preload_dlls runs (the
+    # lent H200 served on CUDA with it); a CPU build never asks for CUDA, so stand one in
+    from serving import runtime
+
+    calls = []
+    monkeypatch.setattr(runtime, "preferred_providers", lambda force_cpu=False: [runtime.CPU] if force_cpu else [runtime.CUDA, runtime.CPU])
+    monkeypatch.setattr(runtime.ort, "preload_dlls", lambda *a, **k: calls.append(1), raising=False)
+    runtime.load_cuda_libraries.cache_clear()
+    model = model_path
+    runtime.create_session(model, force_cpu=True)
+    assert calls == []
+    for _ in range(2):
+        session, provider = runtime.create_session(model)
+        assert provider == runtime.CPU  # no CUDA in this build: it falls back, and says so
+    assert calls == [1]
+    runtime.load_cuda_libraries.cache_clear()
