@@ -141,7 +141,8 @@ def run_mode(mode: str, args, workdir: Path) -> dict:
             "device_name": torch.cuda.get_device_name(0) if cuda else cpu_name()}  # fmt: skip
     spec_path = workdir / f"{mode}.spec.json"
     spec_path.write_text(json.dumps(spec))
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(threads)}
+    pythonpath = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))  # keep the caller's (a private site dir)
+    env = {**os.environ, "PYTHONPATH": pythonpath, "OMP_NUM_THREADS": str(threads)}
     if "dmp" in mode:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}", __file__, "--child", str(spec_path)]
     else:

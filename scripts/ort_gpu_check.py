@@ -4,13 +4,19 @@ serving's Recommender and report the provider really in use. Prints one JSON lin
 Exit 0 when the result is right for this machine: with no CUDA device, CUDA was offered by the
 build, asked for first, and the session fell back to CPUExecutionProvider (reported as such);
 with a CUDA device, it runs on CUDAExecutionProvider.
+
+`--bench` (on a GPU host) also serves the bundle on the CPU provider and reports the largest score
+difference between the two and the p50 / p99 latency of one `recommend` call and of one
+256-user user-tower batch on each provider.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 import subprocess
 import sys
+import time
 from importlib import metadata
 
 
@@ -22,7 +28,44 @@ def has_cuda_device() -> bool:
     return out.returncode == 0 and "GPU" in out.stdout
 
 
-def main(bundle: str) -> int:
+def timed(fn, n: int) -> dict[str, float]:
+    """p50 / p99 milliseconds of `fn()` over n calls, after 20 warm-up calls."""
+    for _ in range(20):
+        fn()
+    ms = []
+    for _ in range(n):
+        t = time.perf_counter()
+        fn()
+        ms.append((time.perf_counter() - t) * 1e3)
+    ms.sort()
+    return {"p50_ms": round(ms[len(ms) // 2], 4), "p99_ms": round(ms[int(len(ms) * 0.99) - 1], 4), "calls": n}
+
+
+def bench(rec, bundle: str) -> dict:
+    """CUDA vs CPU provider on the same bundle: user vectors for 256 users with 20-item histories,
+    top-10 lists, and latency."""
+    import numpy as np
+
+    from serving.recommender import Recommender, UserState
+
+    cpu = Recommender.from_dir(bundle, force_cpu=True)
+    rng = np.random.default_rng(0)
+    n_items = len(rec.items)
+    states = [UserState(rng.choice(n_items, 20, replace=False).astype(np.int64), np.full(20, 4.0, np.float32), None) for _ in range(256)]
+    rows = [rec.user_oov] * len(states)
+    gpu_vec, cpu_vec = rec.user_vectors(states, rows), cpu.user_vectors(states, rows)
+    out = {"max_abs_user_vector_diff": float(np.abs(gpu_vec - cpu_vec).max()), "users_compared": len(states)}
+    top = lambda v: np.argsort(-(v @ rec.item_vectors.T), axis=1, kind="stable")[:, :10]  # noqa: E731
+    out["same_top10_lists"] = f"{int((top(gpu_vec) == top(cpu_vec)).all(1).sum())}/{len(states)}"
+    user = rec.user_vocab.ids[0]
+    for name, r in (("cuda", rec), ("cpu", cpu)):
+        out[f"{name}_recommend_1_user"] = timed(lambda r=r: r.recommend(user, k=10), 300)
+        out[f"{name}_user_tower_1_user"] = timed(lambda r=r: r.user_vectors(states[:1], rows[:1]), 300)
+        out[f"{name}_user_tower_256_users"] = timed(lambda r=r: r.user_vectors(states, rows), 100)
+    return out
+
+
+def main(bundle: str, with_bench: bool = False) -> int:
     import onnxruntime as ort
 
     from serving.recommender import Recommender
@@ -54,10 +97,17 @@ def main(bundle: str) -> int:
         and report["reported_in_responses"] == [rec.provider]
         and (rec.provider == "CUDAExecutionProvider" if device else rec.provider == "CPUExecutionProvider" and report["fell_back"])
     )
+    if with_bench and rec.provider == "CUDAExecutionProvider":
+        report["bench"] = bench(rec, bundle)
+        ok = ok and report["bench"]["max_abs_user_vector_diff"] <= 1e-4
     report["ok"] = ok
     print(json.dumps(report))
     return 0 if ok else 1
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1]))
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("bundle", help="an exported bundle directory (manifest.json inside)")
+    ap.add_argument("--bench", action="store_true", help="on a GPU: compare with the CPU provider (scores, latency)")
+    args = ap.parse_args()
+    sys.exit(main(args.bundle, args.bench))
