@@ -38,10 +38,13 @@ USER_VOCAB_FILE, ITEM_VOCAB_FILE, MANIFEST_FILE = "user_vocab.json", "item_vocab
 
 class SegmentBag(nn.Module):
     """`nn.EmbeddingBag` (mode sum or mean, 1-D ids + offsets, optional per-sample weights) as
-    gather + scatter-add over each id's bag number. Same numbers; the ONNX graph has no `Loop`: the
-    dynamo exporter lowers EmbeddingBag to one Loop per bag table, which ONNX Runtime's CUDA
-    provider runs with host copies inside the loop body (lent H200: 536 ms for 256 users vs 10 ms on
-    the CPU provider)."""
+    differences of a running sum: bag b = prefix[end_b] - prefix[start_b] over the gathered rows.
+    Same numbers (the running sum is float64), and an ONNX graph of gathers and one CumSum, with
+    no `Loop` and no scatter. The dynamo exporter lowers EmbeddingBag to a `Loop` per table, which
+    ONNX Runtime's CUDA provider runs with host copies in the loop body (lent H200: 536 ms for 256
+    users vs 10 ms on the CPU provider). A scatter-add bag is fast but races in ORT's multi-threaded
+    CPU ScatterND (runs of one input differed by 0.016 on 4 threads); a bags x ids membership
+    matmul is exact but as slow as the loop."""
 
     def __init__(self, weight: torch.Tensor, mode: str):
         super().__init__()
@@ -51,19 +54,15 @@ class SegmentBag(nn.Module):
         self.mode = mode
 
     def forward(self, ids: torch.Tensor, offsets: torch.Tensor, per_sample_weights: torch.Tensor | None = None) -> torch.Tensor:
-        n, bags = ids.shape[0], offsets.shape[0]
-        # bag number of each id: count the bags starting at each position, then a running sum (an
-        # empty bag adds a start without ids; index n holds the empty bags at the end)
-        starts = torch.zeros(n + 1, dtype=offsets.dtype).scatter_add(0, offsets, torch.ones_like(offsets))
-        bag = torch.cumsum(starts[:n], 0) - 1
-        rows = self.weight[ids]
+        rows = self.weight[ids].double()
         if per_sample_weights is not None:
-            rows = rows * per_sample_weights.unsqueeze(1)
-        out = torch.zeros(bags, self.weight.shape[1], dtype=rows.dtype).index_add(0, bag, rows)
+            rows = rows * per_sample_weights.double().unsqueeze(1)
+        prefix = torch.cat([rows.new_zeros(1, rows.shape[1]), torch.cumsum(rows, 0)])  # (ids + 1, dim)
+        ends = torch.cat([offsets[1:], torch.ones_like(offsets[:1]) * ids.shape[0]])
+        out = prefix[ends] - prefix[offsets]
         if self.mode == "mean":  # an empty bag stays 0, as in nn.EmbeddingBag
-            count = torch.zeros(bags, dtype=rows.dtype).index_add(0, bag, torch.ones_like(rows[:, 0]))
-            out = out / count.clamp(min=1).unsqueeze(1)
-        return out
+            out = out / (ends - offsets).clamp(min=1).unsqueeze(1).double()
+        return out.to(self.weight.dtype)
 
 
 class PlainUserTower(nn.Module):
