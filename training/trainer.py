@@ -87,8 +87,8 @@ class Trainer:
         self.history_dropout, self.user_id_dropout = history_dropout, user_id_dropout
         self.demographics_dropout, self.stated_dropout = demographics_dropout, stated_dropout
         self.on_epoch = on_epoch or (lambda epoch, metrics: None)
-        # fused on CUDA: one kernel per step instead of several per parameter (the H200 step was
-        # launch-bound: 84 MB of GPU memory in use, 8 ms per 256-user batch)
+        # fused on CUDA (PyTorch's advice: one kernel per step, not several per parameter); on the
+        # H200 at 10k users x 3k items no change showed through the noise (0.28-0.39 vs 0.33-0.40 s/epoch)
         fused = True if device.type == "cuda" else None
         self.optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
         self.ckpt_dir = Path(cfg.checkpoint_dir)
