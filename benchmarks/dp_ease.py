@@ -1,0 +1,311 @@
+"""DP-EASE: one Gaussian release of the item-item Gram matrix, then EASE on it (post-processing).
+
+    python benchmarks/dp_ease.py --data ml100k                          # eps 8,1,inf; noise seeds 0,1,2
+    python benchmarks/dp_ease.py --data ml100k --epsilons 8 --noise-seeds 0
+
+Split: the one of benchmarks/privacy.py (configs/two_tower_ml100k.yaml, MS stratified protocol,
+privacy.audit_holdout=0.2: a seeded 20 % of the users kept out as the audit's non-members).
+Neighbouring datasets: add / remove one training user, delta = 1 / (training users), as DP-SGD.
+
+Mechanism (user level):
+  1. each member's binary train history x_u is scaled to unit L2 norm, x^_u = x_u / |x_u|, so that
+     one user's contribution x^_u x^_uᵀ to G = Σ_u x^_u x^_uᵀ has Frobenius norm exactly 1;
+  2. G is released once with Gaussian noise: N(0, σ²) on the diagonal, N(0, σ²/2) on each entry
+     of the strict upper triangle, mirrored. The vector (diag G, √2 · upper G) has the same L2 norm
+     as G in Frobenius norm, so its L2 sensitivity is 1 and σ is that of the analytic Gaussian
+     mechanism (Balle & Wang 2018) for (ε, δ) at sensitivity 1 (`gaussian_sigma`);
+  3. post-processing (free under DP): projection onto the PSD cone, optionally truncated to the
+     top-k eigenpairs (`psd_project`), then EASE B = I − P·diag(1/diag P), P = (G~ + λI)⁻¹
+     (`ease_weights`). A user scores items locally with their own binary history: x_u B
+     (x_u = train for validation, train + val for test; neither is released).
+
+Hyper-parameters and the privacy accounting. The (ε, δ) of the release covers the Gram matrix only.
+Choosing (k, λ) on validation NDCG reads the members' validation interactions once per grid
+point: that selection is OUTSIDE the accountant (the same holds for DP-SGD's early stopping on
+validation in benchmarks/privacy.py). The "fixed" row uses no validation data: full rank (PSD
+projection only) and λ = σ·√(2·n_items), the expected operator norm of the noise matrix (a
+Wigner matrix with off-diagonal std σ/√2 has spectral norm ≈ 2·(σ/√2)·√n), i.e. regularise at the
+noise level. The rule depends only on σ and n_items; it was fixed in this script before its first
+run (it was not tuned on this script's outputs; the exploratory runs that led to the script had
+shown the validation-tuned curves, not this rule's figure). It needs σ > 0: no fixed row at ε = inf.
+
+Noise seed s draws the noise from np.random.default_rng(1000 + s) (the offset of the exploratory
+runs, kept so that their figures are reproduced). Prints a table and writes JSON (default
+benchmarks/results/dp_ease.json). Exit status 2 when ML-100k is asked for but absent.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import scipy.linalg
+from scipy.stats import norm
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+NOISE_SEED_OFFSET = 1000
+RANKS = [16, 32, 64, 128, 256, None]  # None: all items (PSD projection only)
+LAMS = [4.0, 16.0, 64.0, 256.0, 1024.0, 4096.0, 16384.0]
+ACCOUNTANT_NOTE = ("(k, lambda) chosen on validation NDCG: that selection reads the members' validation interactions "
+                   "and is outside the (eps, delta) accountant, which covers the Gram release only; the fixed row "
+                   "(full rank, lambda = sigma*sqrt(2*n_items)) uses no validation data")
+
+
+def _load(relpath: str):
+    """A sibling script as a module, loaded by path (opacus installs a top-level `benchmarks` package)."""
+    name = "trustrec_" + relpath.removesuffix(".py").replace("/", "_")
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, REPO / relpath)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+# ---------------------------------------------------------------- the mechanism (pure numpy / scipy)
+
+
+def gaussian_delta(sigma: float, eps: float, sensitivity: float = 1.0) -> float:
+    """The δ(ε) the Gaussian mechanism N(0, σ²) with L2 sensitivity Δ achieves (exact, Balle & Wang 2018, Thm 8):
+    δ = Φ(Δ/(2σ) − εσ/Δ) − e^ε · Φ(−Δ/(2σ) − εσ/Δ). Decreasing in σ."""
+    a, b = sensitivity / (2.0 * sigma), eps * sigma / sensitivity
+    # e^eps * Phi(x) as exp(eps + logPhi(x)): no overflow at large eps
+    return float(norm.cdf(a - b) - math.exp(eps + norm.logcdf(-a - b)))
+
+
+def gaussian_sigma(eps: float, delta: float, sensitivity: float = 1.0, tol: float = 1e-12) -> float:
+    """Smallest σ for which N(0, σ²) noise on a query of L2 sensitivity `sensitivity` is (ε, δ)-DP.
+
+    Analytic Gaussian mechanism (Balle & Wang, ICML 2018): the exact condition
+    Φ(Δ/(2σ) − εσ/Δ) − e^ε Φ(−Δ/(2σ) − εσ/Δ) ≤ δ, solved for σ by bisection (the left side
+    decreases in σ). Returns the upper end of the final bracket, so the condition holds at the
+    returned σ. Valid for any ε > 0 (unlike the classical σ = Δ√(2 ln(1.25/δ))/ε, which needs ε < 1).
+    """
+    if not (eps > 0 and math.isfinite(eps)):
+        raise ValueError(f"eps must be finite and > 0, got {eps}")
+    if not 0 < delta < 1:
+        raise ValueError(f"delta must be in (0, 1), got {delta}")
+    if sensitivity <= 0:
+        raise ValueError(f"sensitivity must be > 0, got {sensitivity}")
+    lo, hi = 1e-6 * sensitivity, sensitivity
+    while gaussian_delta(hi, eps, sensitivity) > delta:  # grow the bracket until the condition holds
+        lo, hi = hi, 2.0 * hi
+    while gaussian_delta(lo, eps, sensitivity) <= delta:  # ... and shrink its lower end until it fails
+        hi, lo = lo, lo / 2.0
+    while hi - lo > tol * hi:
+        mid = 0.5 * (lo + hi)
+        if gaussian_delta(mid, eps, sensitivity) <= delta:
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
+def unit_rows(histories: np.ndarray) -> np.ndarray:
+    """Each row scaled to unit L2 norm (all-zero rows stay zero): one user's x^ x^ᵀ then has Frobenius norm 1."""
+    x = np.asarray(histories, dtype=np.float64)
+    n = np.sqrt((x * x).sum(axis=1, keepdims=True))
+    return np.divide(x, n, out=np.zeros_like(x), where=n > 0)
+
+
+def noisy_gram(histories: np.ndarray, sigma: float, rng: np.random.Generator) -> np.ndarray:
+    """Σ_u x^_u x^_uᵀ of the unit-norm rows of `histories` (users x items), plus symmetric Gaussian noise.
+
+    Noise: N(0, σ²) on the diagonal, N(0, σ²/2) on each strict-upper entry, mirrored to the lower
+    triangle. (diag, √2·upper) of one user's x^ x^ᵀ has L2 norm ‖x^ x^ᵀ‖_F = ‖x^‖² = 1, so this is
+    the Gaussian mechanism with noise σ at L2 sensitivity 1 (add / remove one user). σ = 0: no noise.
+    The draw is one (n_items, n_items) standard-normal matrix from `rng` (its diagonal and upper triangle used).
+    """
+    x = unit_rows(histories)
+    g = x.T @ x
+    if sigma == 0:
+        return g
+    n = g.shape[0]
+    z = rng.standard_normal((n, n))
+    upper = np.triu(z, 1)
+    return g + (sigma / math.sqrt(2.0)) * (upper + upper.T) + np.diag(sigma * np.diag(z))
+
+
+def eig_desc(gram: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Eigenvalues (descending) and eigenvectors (columns) of a symmetric matrix."""
+    w, q = np.linalg.eigh(gram)
+    order = np.argsort(-w, kind="stable")
+    return w[order], q[:, order]
+
+
+def psd_project(gram: np.ndarray, rank: int | None = None, eig: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+    """Nearest (Frobenius) positive semi-definite matrix to the symmetric `gram`: negative eigenvalues
+    set to 0; with `rank`, only the `rank` largest eigenpairs are kept (best PSD approximation of that
+    rank). `eig` = eig_desc(gram) when already computed. Post-processing: costs no privacy."""
+    w, q = eig if eig is not None else eig_desc(gram)
+    if rank is not None:
+        w, q = w[:rank], q[:, :rank]
+    w = np.clip(w, 0.0, None)
+    out = (q * w) @ q.T
+    return 0.5 * (out + out.T)
+
+
+def ease_weights(gram: np.ndarray, lam: float) -> np.ndarray:
+    """EASE (Steck 2019) item-item weights from a Gram matrix: P = (gram + λI)⁻¹, B = I − P·diag(1/diag P),
+    i.e. B_ij = −P_ij / P_jj off the diagonal and B_jj = 0. `gram` must be PSD (λ > 0 then makes the
+    system positive definite; see psd_project). Scores of a user with history row x: x @ B."""
+    if lam <= 0:
+        raise ValueError(f"lam must be > 0, got {lam}")
+    a = np.array(gram, dtype=np.float64, copy=True)
+    a[np.diag_indices_from(a)] += lam
+    p = scipy.linalg.cho_solve(scipy.linalg.cho_factor(a, lower=True), np.eye(len(a)))
+    b = -p / np.diag(p)[None, :]
+    np.fill_diagonal(b, 0.0)
+    return b
+
+
+def fixed_lambda(sigma: float, n_items: int) -> float:
+    """The validation-free λ of the fixed row: σ·√(2·n_items), the noise matrix's expected spectral norm."""
+    return sigma * math.sqrt(2.0 * n_items)
+
+
+# ---------------------------------------------------------------- the benchmark
+
+
+def dense(csr, n_users: int, n_items: int) -> np.ndarray:
+    """Binary users x items matrix of a (indptr, indices, ...) CSR."""
+    indptr, indices = csr[0], csr[1]
+    x = np.zeros((n_users, n_items))
+    x[np.repeat(np.arange(n_users), np.diff(indptr)), indices] = 1.0
+    return x
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default="ml100k", help="ml100k[:PATH] or synthetic")
+    p.add_argument("--epsilons", default="8,1,inf", help="comma-separated epsilons; inf = no noise (default 8,1,inf)")
+    p.add_argument("--noise-seeds", default="0,1,2", help="comma-separated noise seeds (default 0,1,2)")
+    p.add_argument("--audit-holdout", type=float, default=0.2, help="users held out as in benchmarks/privacy.py (default 0.2)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra config overrides")
+    p.add_argument("--out", help="JSON output path")
+    args = p.parse_args(argv)
+    try:
+        epsilons = list(dict.fromkeys(float(e) for e in args.epsilons.split(",") if e.strip()))
+        seeds = [int(s) for s in args.noise_seeds.split(",") if s.strip()]
+    except ValueError:
+        p.error("--epsilons / --noise-seeds: comma-separated numbers")
+    if not epsilons or not seeds or any(e <= 0 for e in epsilons):
+        p.error("give at least one epsilon (> 0) and one noise seed")
+
+    privacy = _load("benchmarks/privacy.py")
+    quality = _load("benchmarks/quality.py")
+    from training.config import load_config
+    from training.evaluation import evaluate_scores
+    from training.pipeline import popularity_metrics, prepare
+
+    name, _, path = args.data.partition(":")
+    if name not in privacy.CONFIGS:
+        p.error(f"--data: unknown dataset {name!r} (ml100k or synthetic)")
+    overrides = ["tracking.enabled=false", "store.load=false", f"privacy.audit_holdout={args.audit_holdout}", *args.set]
+    if name == "ml100k":
+        from features.movielens import resolve_ml100k_path
+
+        try:
+            overrides.append(f"data.path={resolve_ml100k_path(path or None)}")
+        except FileNotFoundError as e:
+            print(f"skipped: {e}", file=sys.stderr)
+            return 2
+    cfg = load_config(privacy.CONFIGS[name][0], overrides)  # the non-private config: the split is the same for both
+    k = cfg.task.eval_k
+    started = time.perf_counter()
+    data = prepare(cfg)
+    n_users, n_items = data.dataset.n_users, data.dataset.n_items
+    x_train, x_seen = dense(data.train, n_users, n_items), dense(data.seen, n_users, n_items)
+    members = np.flatnonzero(x_train.sum(axis=1) > 0)
+    delta = cfg.privacy.delta if cfg.privacy.delta is not None else 1.0 / len(members)
+    val_users = np.flatnonzero(np.diff(data.val[0]) > 0)
+    test_users = np.flatnonzero(np.diff(data.test[0]) > 0)
+
+    def val_metrics(b: np.ndarray) -> dict[str, float]:
+        return evaluate_scores(lambda u: x_train[u] @ b, val_users, data.train[:2], data.val[:2], n_items, k=k)
+
+    def test_metrics(b: np.ndarray) -> dict[str, float]:
+        return evaluate_scores(lambda u: x_seen[u] @ b, test_users, data.seen[:2], data.test[:2], n_items, k=k)
+
+    pop = popularity_metrics(data, k)[f"ndcg@{k}"]
+    print(f"{name}: {len(members)} training users (members), {n_items} items, delta {delta:.4g}; "
+          f"popularity (non-private) test ndcg@{k} {pop:.4f}", flush=True)  # fmt: skip
+
+    results = []
+    for eps in epsilons:
+        sigma = 0.0 if math.isinf(eps) else gaussian_sigma(eps, delta)
+        runs = []
+        for seed in seeds if sigma > 0 else seeds[:1]:  # no noise: every seed is the same release
+            t0 = time.perf_counter()
+            gram = noisy_gram(x_train[members], sigma, np.random.default_rng(NOISE_SEED_OFFSET + seed))
+            eig = eig_desc(gram)
+            grid = []
+            for rank in RANKS:
+                g = psd_project(gram, rank, eig)
+                for lam in LAMS:
+                    grid.append({"rank": rank or n_items, "lam": lam, "val_ndcg": val_metrics(ease_weights(g, lam))[f"ndcg@{k}"]})
+            best = max(grid, key=lambda r: r["val_ndcg"])  # ties: the earlier grid point
+            b = ease_weights(psd_project(gram, None if best["rank"] == n_items else best["rank"], eig), best["lam"])
+            run = {"seed": seed, "rank": best["rank"], "lam": best["lam"], "val_ndcg": best["val_ndcg"], "test": test_metrics(b), "grid": grid}
+            if sigma > 0:
+                lam_fixed = fixed_lambda(sigma, n_items)
+                run["fixed"] = {"rank": n_items, "lam": lam_fixed, "test": test_metrics(ease_weights(psd_project(gram, None, eig), lam_fixed))}
+            run["seconds"] = time.perf_counter() - t0
+            runs.append(run)
+            line = f"  eps={eps:g} seed {seed}: val-tuned k={best['rank']} lam={best['lam']:g} (val {best['val_ndcg']:.4f}) -> test ndcg@{k} {run['test'][f'ndcg@{k}']:.4f}"
+            if "fixed" in run:
+                line += f"; fixed lam={run['fixed']['lam']:.1f} -> {run['fixed']['test'][f'ndcg@{k}']:.4f}"
+            print(line + f" ({run['seconds']:.0f}s)", flush=True)
+        row = {"epsilon": eps, "delta": delta, "sigma": sigma, "noise_seeds": [r["seed"] for r in runs],
+               "val_tuned": quality.summarize([r["test"] for r in runs]), "runs": runs}  # fmt: skip
+        if sigma > 0:
+            row["fixed"] = {"rank": n_items, "lam": fixed_lambda(sigma, n_items), **quality.summarize([r["fixed"]["test"] for r in runs])}
+        results.append(row)
+
+    report = {
+        "dataset": name,
+        "split": f"{privacy.CONFIGS[name][0].relative_to(REPO)}, ms-recommenders stratified, privacy.audit_holdout={args.audit_holdout}",
+        "k": k,
+        "n_members": int(len(members)),
+        "delta": delta,
+        "mechanism": "unit-L2 rows; Gram + N(0, s^2) diagonal, N(0, s^2/2) strict upper (mirrored); s = analytic Gaussian mechanism at L2 sensitivity 1",
+        "grid": {"ranks": [r or n_items for r in RANKS], "lams": LAMS},
+        "accounting": ACCOUNTANT_NOTE,
+        "popularity_ndcg": pop,
+        "results": results,
+        "seconds": round(time.perf_counter() - started, 1),
+        "machine": quality.machine(),
+        "command": "python benchmarks/dp_ease.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+    }
+    out = Path(args.out or REPO / "benchmarks" / "results" / "dp_ease.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2, default=float) + "\n")
+
+    cols = [f"ndcg@{k}", f"precision@{k}", f"recall@{k}", f"map@{k}"]
+    print(f"\n{name}: DP-EASE, {len(members)} members, delta {delta:.3g}  ({report['machine']}, {report['seconds']:.0f} s); mean ± std over noise seeds")
+    print(f"{'eps':>5}{'sigma':>8}  {'row':<24}" + "".join(f"{c:>18}" for c in cols) + "   (k, lambda) per seed")
+    for row in results:
+        cells = lambda m: "".join(f"  {m[c]:.4f} ± {m[c + '_std']:.4f}" for c in cols)  # noqa: E731
+        picks = ", ".join(f"({r['rank']}, {r['lam']:g})" for r in row["runs"])
+        print(f"{row['epsilon']:>5g}{row['sigma']:>8.3f}  {'val-tuned':<24}" + cells(row["val_tuned"]) + f"   {picks}")
+        if "fixed" in row:
+            label = f"fixed (lam={row['fixed']['lam']:.1f})"
+            print(f"{'':>13}  {label:<24}" + cells(row["fixed"]) + f"   (all, {row['fixed']['lam']:.1f})")
+    print(f"  popularity (non-private) ndcg@{k}: {pop:.4f}")
+    print(f"  note: {ACCOUNTANT_NOTE}")
+    print(f"\nwrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
