@@ -39,7 +39,6 @@ import argparse
 import importlib.util
 import json
 import math
-import statistics
 import sys
 import time
 from pathlib import Path
