@@ -80,8 +80,11 @@ class Recommender:
         self.session, self.provider = create_session(bundle / files["user_tower"], force_cpu=force_cpu, intra_op_threads=1)  # one small user-tower call per batch: scale with replicas, not threads
         self.item_vectors = np.load(bundle / files["item_embeddings"])
         # what item-to-item similarity (MMR, explanations) compares: a learned item bias (the last
-        # coordinate, model.item_bias) is a popularity prior for scoring, not a likeness between items
-        self.similarity_vectors = self.item_vectors[:, :-1] if self.manifest["output"].get("item_bias") else self.item_vectors
+        # coordinate, model.item_bias) and an EASE half (blend.ease) are for scoring, not a likeness
+        # between items; the manifest names the leading coordinates that are (older bundles: all but a bias)
+        output = self.manifest["output"]
+        dims = output.get("similarity_dims") or (self.item_vectors.shape[1] - 1 if output.get("item_bias") else self.item_vectors.shape[1])
+        self.similarity_vectors = self.item_vectors[:, :dims]
         self.index: TopK = build_index(self.item_vectors, **(index or {}))  # `index`: serving.config.IndexArgs fields
         self.items: list[dict] = json.loads((bundle / files["items"]).read_text())
         self.user_vocab = Vocab.load(bundle / files["user_vocab"])

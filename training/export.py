@@ -26,6 +26,7 @@ from torch import nn
 
 from features.schema import Dataset
 from features.content import USER_INPUTS, user_inputs
+from training.blend import SD_FLOOR, EaseBlend
 from training.data import CSR, Context, kjt_from_feed, user_feed
 from training.model import AGE, AVOIDED, GENDER, HISTORY, LIKED, OCCUPATION, USER_ID, TwoTower
 
@@ -65,11 +66,32 @@ class SegmentBag(nn.Module):
         return out.to(self.weight.dtype)
 
 
+class EaseBlendArch(nn.Module):
+    """The user half of the blend in torch (exported to ONNX with the user tower): the tower's vector
+    and the binary history bag z = x P_k, each scaled by its weight / its per-user score std."""
+
+    def __init__(self, blend: EaseBlend):
+        super().__init__()
+        self.bag = SegmentBag(torch.from_numpy(blend.user_factors).float(), "sum")
+        self.register_buffer("tower_cov", torch.from_numpy(blend.tower_cov).float())
+        self.register_buffer("ease_cov", torch.from_numpy(blend.ease_cov).float())
+        self.weight = float(blend.weight)
+
+    @staticmethod
+    def _scaled(v: torch.Tensor, cov: torch.Tensor, weight: float) -> torch.Tensor:
+        sd = ((v @ cov) * v).sum(1, keepdim=True).clamp(min=0).sqrt()
+        return weight * v / torch.where(sd > SD_FLOOR, sd, torch.full_like(sd, float("inf")))
+
+    def forward(self, tower: torch.Tensor, history: torch.Tensor, history_offsets: torch.Tensor) -> torch.Tensor:
+        z = self.bag(history, history_offsets)  # binary: every history item once, whatever its rating
+        return torch.cat([self._scaled(tower, self.tower_cov, self.weight), self._scaled(z, self.ease_cov, 1 - self.weight)], dim=1)
+
+
 class PlainUserTower(nn.Module):
     """Same math as `UserArch`, with ONNX-exportable modules (bags: `SegmentBag`); inputs follow
     `features.content.USER_INPUTS` (every input always present; unused ones are ignored)."""
 
-    def __init__(self, model: TwoTower):
+    def __init__(self, model: TwoTower, blend: EaseBlend | None = None):
         super().__init__()
         spec, arch = model.spec, model.user_arch
         weights = {name.removeprefix("t_"): bag.weight.detach().float().cpu() for name, bag in arch.ebc.embedding_bags.items()}
@@ -79,6 +101,7 @@ class PlainUserTower(nn.Module):
         self.bags = nn.ModuleDict({f: SegmentBag(weights[f], "mean") for f in (LIKED, AVOIDED) if f in weights})
         self.mlp = copy.deepcopy(arch.mlp).float().cpu()
         self.item_bias = spec.item_bias
+        self.blend = EaseBlendArch(blend) if blend is not None else None  # blend.ease: EASE's half of the vector
 
     def forward(self, history, history_weights, history_offsets, user, age, gender, occupation, liked, liked_offsets, avoided, avoided_offsets):
         ids = {USER_ID: user, AGE: age, GENDER: gender, OCCUPATION: occupation}
@@ -94,6 +117,8 @@ class PlainUserTower(nn.Module):
         vectors = F.normalize(self.mlp(torch.cat(parts, dim=1)), dim=-1)
         if self.item_bias:  # the constant coordinate that meets each item's bias (model.item_bias)
             vectors = torch.cat([vectors, torch.ones_like(vectors[:, :1])], dim=1)
+        if self.blend is not None:
+            vectors = self.blend(vectors, history, history_offsets)
         return vectors
 
 
@@ -145,7 +170,10 @@ def parity(model: TwoTower, ctx: Context, tower: PlainUserTower, onnx_path: Path
     model.eval()
     device = next(model.parameters()).device
     feed = user_feed(model.spec, ctx, users, history)
-    torchrec_out = model.user_arch(kjt_from_feed(model.spec, feed, device)).float().cpu().numpy()
+    torchrec_out = model.user_arch(kjt_from_feed(model.spec, feed, device)).float().cpu()
+    if tower.blend is not None:  # the same EASE half on top of the TorchRec tower's vectors
+        torchrec_out = tower.blend(torchrec_out, torch.from_numpy(feed["history"]), torch.from_numpy(feed["history_offsets"]))
+    torchrec_out = torchrec_out.numpy()
     plain_out = tower(*(torch.from_numpy(feed[k]) for k in USER_INPUTS)).numpy()
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     onnx_out = session.run(None, feed)[0]
@@ -166,13 +194,17 @@ def write_artifacts(
     provenance: dict[str, Any],
     popularity: list[str],
     parity_atol: float = 1e-5,
+    blend: EaseBlend | None = None,
 ) -> dict[str, Any]:
-    """Write the artifact directory atomically (temp dir, then rename) and return the manifest."""
+    """Write the artifact directory atomically (temp dir, then rename) and return the manifest.
+    With `blend` (blend.ease) the user tower and the item vectors carry EASE's half as well."""
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
     try:
-        tower = PlainUserTower(model).eval()
+        tower = PlainUserTower(model, blend).eval()
+        if blend is not None:
+            item_embeddings = blend.item_vectors(item_embeddings)
         sample = np.arange(min(model.spec.n_users, 64))
         export_onnx(tower, tmp / USER_TOWER_FILE, user_feed(model.spec, ctx, sample, history))
         checks = parity(model, ctx, tower, tmp / USER_TOWER_FILE, sample, history)
@@ -199,8 +231,18 @@ def write_artifacts(
                 "occupation_vocab": ctx.users.occupation_vocab,
                 "doc": "features.content.user_inputs builds the feed; categorical index 0 = missing",
             },
-            "output": {"name": "user_embedding", "dtype": "float32", "shape": ["batch", model.spec.vector_dim], "l2_normalized": not model.spec.item_bias, "item_bias": model.spec.item_bias},
-            "score": "user_embedding @ item_embeddings.T (cosine similarity" + (" + item bias: the last coordinate is 1 for users, the bias for items)" if model.spec.item_bias else ")"),
+            "output": {
+                "name": "user_embedding", "dtype": "float32", "shape": ["batch", item_embeddings.shape[1]],
+                "l2_normalized": not model.spec.item_bias and blend is None, "item_bias": model.spec.item_bias,
+                # the leading coordinates that say how alike two items are (MMR, explanations): the
+                # towers' unit vectors, without an item bias or the EASE half
+                "similarity_dims": model.spec.output_dim,
+            },  # fmt: skip
+            "score": "user_embedding @ item_embeddings.T ("
+            + ("two-tower and EASE blend, each scaled per user: training/blend.py" if blend is not None
+               else "cosine similarity" + (" + item bias: the last coordinate is 1 for users, the bias for items" if model.spec.item_bias else ""))
+            + ")",
+            "blend": blend.describe() if blend is not None else None,
             "user_oov_index": model.spec.user_oov_index,
             "genres": dataset.genre_names,
             "files": {

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,8 @@ from training.export import write_artifacts
 from training.model import TowerSpec, TwoTower
 from training.pipeline import context, item_counts, prepare
 from training.task import RetrievalTask
+
+log = logging.getLogger(__name__)
 
 
 def evaluate_bundle(cfg: TrainConfig, model_uri: str) -> dict[str, float]:
@@ -50,6 +53,8 @@ def evaluate_bundle(cfg: TrainConfig, model_uri: str) -> dict[str, float]:
 
 def export_checkpoint(cfg: TrainConfig, checkpoint: Path, out_dir: Path) -> dict[str, Any]:
     """Rebuild the model from a trainer checkpoint (its best weights) and write the bundle."""
+    if cfg.blend.ease:
+        log.warning("blend.ease: a checkpoint holds the two-tower only; this bundle has no EASE half (train again to get the blend)")
     payload = torch.load(checkpoint, map_location="cpu", weights_only=False)
     spec = TowerSpec(**payload["spec"])
     model = TwoTower(spec)

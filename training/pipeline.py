@@ -13,7 +13,7 @@ import torch
 from features.datasets import data_provenance, load_dataset
 from features.schema import Dataset, Interactions
 from features.splits import Split, split
-from training import beyond, evaluation
+from training import beyond, blend, evaluation
 from training.config import ConfigError, TrainConfig
 from features.content import year_edges
 from training.data import CSR, Context, rated_csr
@@ -126,6 +126,8 @@ def fit_model(cfg: TrainConfig, model: TwoTower, task: RetrievalTask, data: Prep
         m.demographics_dropout, m.stated_dropout, on_epoch=lambda e, metrics: tracker.log_metrics(metrics, step=e),
     )  # fmt: skip
     fit = trainer.fit(data.train, data.train, data.val, ctx, resume=resume)
+    if cfg.blend.ease:  # chosen now, with the model that has not seen validation
+        fit.blend = choose_blend(cfg, model, task, data, ctx, device)
     if not cfg.trainer.refit:
         return fit
     return refit(cfg, model, task, data, ctx, device, tracker, fit, init, resume)
@@ -146,7 +148,29 @@ def refit(cfg: TrainConfig, model: TwoTower, task: RetrievalTask, data: Prepared
     )  # fmt: skip
     again = trainer.fit(data.seen, None, None, ctx, resume=resume, epochs=max(fit.best_epoch, 1))
     log.info("refit on train+val for %d epochs (%.1fs)", again.epochs_run, again.seconds)
-    return FitResult(fit.best_epoch, fit.best_metric, fit.epochs_run, fit.history, fit.seconds + again.seconds, fit.privacy)
+    return FitResult(fit.best_epoch, fit.best_metric, fit.epochs_run, fit.history, fit.seconds + again.seconds, fit.privacy, fit.blend)
+
+
+def choose_blend(cfg: TrainConfig, model: TwoTower, task: RetrievalTask, data: Prepared, ctx: Context, device: torch.device) -> dict[str, float]:
+    """blend.ease's (two-tower weight, EASE lambda) with the best validation NDCG (training/blend.py)."""
+    users = np.flatnonzero(np.diff(data.val[0]) > 0)
+    user_vec = task.user_embeddings(model, ctx, users, data.train, device).float().cpu().numpy()
+    item_vec = task.item_embeddings(model, ctx, device).float().cpu().numpy()
+    a, lam, ndcg = blend.choose(cfg.blend.lambdas, cfg.blend.weights, task.k, user_vec, item_vec, data.train, data.val, users)
+    return {"weight": a, "lambda": lam, f"val_ndcg@{task.k}": ndcg}
+
+
+def blended_topk(fitted: blend.EaseBlend, task: RetrievalTask, model: TwoTower, ctx: Context, data: Prepared, item_vec: np.ndarray,
+                 users: np.ndarray, device: torch.device, batch_size: int = 1024) -> np.ndarray:
+    """Test lists of the blend, scored exactly as served: blended user vectors · blended item vectors."""
+    items = fitted.item_vectors(item_vec)
+    out = [np.zeros((0, task.k), np.int64)]
+    for start in range(0, len(users), batch_size):
+        batch = users[start : start + batch_size]
+        tower = task.user_embeddings(model, ctx, batch, data.seen, device).float().cpu().numpy()
+        scores = fitted.user_vectors(tower, blend.binary_rows(data.seen, batch, len(item_vec))) @ items.T
+        out.append(evaluation.topk_from_scores(scores, task.k, exclude=data.seen[:2], exclude_rows=batch))
+    return np.concatenate(out)
 
 
 @dataclass
@@ -193,12 +217,18 @@ def finish(cfg: TrainConfig, model: TwoTower, task: RetrievalTask, data: Prepare
     store -> MLflow. `provenance` adds to the manifest's provenance, `artifacts` are extra JSON files for the run."""
     ds = data.dataset
     users = np.flatnonzero(np.diff(data.test[0]) > 0)
-    topk = task.topk(model, ctx, data.seen, users, device)  # the test lists, scored once
     item_vec = task.item_embeddings(model, ctx, device).float().cpu().numpy()
+    fitted = None
+    if fit.blend is not None:  # EASE refitted on train + val with the chosen (weight, lambda)
+        fitted = blend.fit(fit.blend["weight"], fit.blend["lambda"], cfg.blend.rank, data.seen, item_vec)
+        topk = blended_topk(fitted, task, model, ctx, data, item_vec, users, device)
+    else:
+        topk = task.topk(model, ctx, data.seen, users, device)  # the test lists, scored once
     metrics = {f"test/{k}": v for k, v in evaluation.ranking_metrics(topk, data.test[:2], users, task.k, ds.n_items).items()}
     metrics.update(beyond_metrics(topk, users, item_vec[:, : model.spec.output_dim], data, task.k))  # likeness: no bias coordinate
     metrics.update({f"baseline/popularity/{k}": v for k, v in popularity_metrics(data, task.k).items()})
     metrics.update({"train/best_epoch": float(fit.best_epoch), "train/epochs_run": float(fit.epochs_run), "train/seconds": fit.seconds})
+    metrics.update({f"blend/{k}": float(v) for k, v in (fit.blend or {}).items()})
     log.info("test %s", " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if not k.startswith("beyond/")))
 
     if cfg.privacy.mode == "none":
@@ -207,7 +237,7 @@ def finish(cfg: TrainConfig, model: TwoTower, task: RetrievalTask, data: Prepare
         popular = ds.item_vocab.decode(cold_user_ranking(model, item_vec, cfg.export.popularity_top_n))
     prov = {"privacy": fit.privacy or {"mode": "none"}, "run_id": tracker.run_id, "git_sha": git_sha(), "dataset": ds.name,
             "split": cfg.split.protocol, "config_digest": cfg.digest(), **(provenance or {})}  # fmt: skip
-    manifest = write_artifacts(model, ctx, item_vec, ds, data.seen, cfg.export.output_dir, metrics, prov, popular, cfg.export.parity_atol)
+    manifest = write_artifacts(model, ctx, item_vec, ds, data.seen, cfg.export.output_dir, metrics, prov, popular, cfg.export.parity_atol, fitted)
     metrics.update(manifest["parity"])
 
     if cfg.store.load:

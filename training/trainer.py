@@ -56,6 +56,8 @@ class FitResult:
     # what a private fit guarantees (mode, epsilon, delta, accountant, ...): goes into MLflow and the
     # manifest so serving can show it on the model card; None for ordinary training
     privacy: dict[str, Any] | None = None
+    # blend.ease: the (weight, lambda, validation NDCG) chosen with the train-fitted model; None: no blend
+    blend: dict[str, float] | None = None
 
 
 def resume_point(trainer: Any, resume: bool, rng: np.random.Generator) -> tuple[int, float, int, int, dict | None, list]:
