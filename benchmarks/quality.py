@@ -32,7 +32,7 @@ from training.config import load_config  # noqa: E402
 from training.pipeline import prepare, train  # noqa: E402
 
 CONFIGS = {
-    "ml100k": {"trustrec-two-tower": "two_tower_ml100k.yaml", "trustrec-hybrid": "hybrid_ml100k.yaml"},
+    "ml100k": {"trustrec-two-tower": "two_tower_ml100k.yaml", "trustrec-hybrid": "hybrid_ml100k.yaml", "trustrec-two-tower-ease": "two_tower_ease_ml100k.yaml"},
     "synthetic": {"trustrec-two-tower": "two_tower.yaml", "trustrec-hybrid": "hybrid.yaml"},
 }
 ALL_PEERS = "popularity,ease,bpr,bivae,als"
