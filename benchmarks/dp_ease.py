@@ -36,7 +36,6 @@ benchmarks/results/dp_ease.json). Exit status 2 when ML-100k is asked for but ab
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import sys
@@ -50,6 +49,7 @@ from scipy.stats import norm
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 NOISE_SEED_OFFSET = 1000
 RANKS = [16, 32, 64, 128, 256, None]  # None: all items (PSD projection only)
@@ -57,18 +57,6 @@ LAMS = [4.0, 16.0, 64.0, 256.0, 1024.0, 4096.0, 16384.0]
 ACCOUNTANT_NOTE = ("(k, lambda) chosen on validation NDCG: that selection reads the members' validation interactions "
                    "and is outside the (eps, delta) accountant, which covers the Gram release only; the fixed row "
                    "(full rank, lambda = sigma*sqrt(2*n_items)) uses no validation data")
-
-
-def _load(relpath: str):
-    """A sibling script as a module, loaded by path (opacus installs a top-level `benchmarks` package)."""
-    name = "trustrec_" + relpath.removesuffix(".py").replace("/", "_")
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, REPO / relpath)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 # ---------------------------------------------------------------- the mechanism (pure numpy / scipy)
@@ -201,8 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     if not epsilons or not seeds or any(e <= 0 for e in epsilons):
         p.error("give at least one epsilon (> 0) and one noise seed")
 
-    privacy = _load("benchmarks/privacy.py")
-    quality = _load("benchmarks/quality.py")
+    import privacy  # siblings by name: benchmarks/ is on sys.path (opacus ships a top-level `benchmarks` package)
+    import quality
+
     from training.config import load_config
     from training.evaluation import evaluate_scores
     from training.pipeline import popularity_metrics, prepare

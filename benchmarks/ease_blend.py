@@ -24,7 +24,6 @@ JSON (default benchmarks/results/ease_blend.json); every seed's figures and the 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
 import tempfile
@@ -36,23 +35,12 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 # peers.EASE_GRID (50-800) plus 300 and 600: 600 is EASE's best validation λ on ML-100k (0.1800 vs 0.1784 at 800)
 LAMS = [50.0, 100.0, 200.0, 300.0, 400.0, 600.0, 800.0]
 ALPHAS = [round(0.05 * i, 2) for i in range(21)]  # 0 = EASE alone, 1 = two-tower alone
 CONFIGS = {"ml100k": "two_tower_ml100k.yaml", "synthetic": "two_tower.yaml"}
-
-
-def _load(relpath: str):
-    """A sibling script as a module, loaded by path (opacus installs a top-level `benchmarks` package)."""
-    name = "trustrec_" + relpath.removesuffix(".py").replace("/", "_")
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, REPO / relpath)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 # ---------------------------------------------------------------- the blend (numpy only)
@@ -155,7 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     if name not in CONFIGS:
         p.error(f"--data: unknown dataset {name!r} (ml100k or synthetic)")
 
-    quality, peers = _load("benchmarks/quality.py"), _load("benchmarks/peers.py")
+    import peers  # siblings by name: benchmarks/ is on sys.path (opacus ships a top-level `benchmarks` package)
+    import quality
+
     from training.config import load_config
     from training.evaluation import evaluate_scores
 
