@@ -17,7 +17,7 @@ serving needs no change but the wider vectors. (a, λ) are chosen on validation 
 on train (`choose`); B is then refitted on train + val (`build`).
 
 ML-100k, MS protocol: 0.4960 ± 0.0010 full rank (`benchmarks/ease_blend.py`) vs 0.4737 for the
-two-tower alone. B is n_items x n_items: meant for catalogs of thousands of items, not millions.
+two-tower alone. B is n_items x n_items: meant for catalogs of thousands of items (MAX_ITEMS), not millions.
 """
 from __future__ import annotations
 
@@ -33,16 +33,17 @@ from training.data import CSR
 
 log = logging.getLogger(__name__)
 
-MAX_ITEMS = 20_000  # B is dense n_items²: 20k items = 1.6 GB of float32 while fitting
+MAX_ITEMS = 10_000  # B is dense n_items², its inverse and SVD O(n_items³): 10k items = 0.8 GB and minutes
 SD_FLOOR = 1e-6  # a per-user score std below this: the user gets 0 from that model (e.g. no history)
 
 
 def binary_rows(csr: CSR, rows: np.ndarray, n_items: int) -> np.ndarray:
     """Dense 0/1 rows (users x items) of a CSR for the given users."""
     indptr, indices = csr[0], csr[1]
+    lengths = indptr[rows + 1] - indptr[rows]
+    cols = indices[np.concatenate([np.arange(indptr[r], indptr[r + 1]) for r in rows])] if len(rows) else np.zeros(0, np.int64)
     x = np.zeros((len(rows), n_items), np.float64)
-    for j, r in enumerate(rows):
-        x[j, indices[indptr[r] : indptr[r + 1]]] = 1.0
+    x[np.repeat(np.arange(len(rows)), lengths), cols] = 1.0
     return x
 
 
@@ -125,19 +126,23 @@ def check_size(n_items: int) -> None:
 
 
 def choose(lambdas: list[float], weights: list[float], k: int, user_vec: np.ndarray, item_vec: np.ndarray,
-           train: CSR, val: CSR, users: np.ndarray) -> tuple[float, float, float]:
+           train: CSR, val: CSR, users: np.ndarray, batch_size: int = 1024) -> tuple[float, float, float]:
     """(a, λ, its NDCG@k) with the best validation NDCG@k: both models fitted on train, train items
     excluded. `user_vec` holds the two-tower vectors of `users` (those with validation items)."""
     n_items = len(item_vec)
     check_size(n_items)
-    g, x = gram(train, n_items), binary_rows(train, users, n_items)
-    tower = user_vec @ item_vec.T
+    g = gram(train, n_items)
     best = (-1.0, weights[0], lambdas[0])
     for lam in lambdas:
-        ease = x @ ease_matrix(g, lam)
+        b = ease_matrix(g, lam)
+        tops: dict[float, list[np.ndarray]] = {a: [] for a in weights}
+        for start in range(0, len(users), batch_size):  # users x items score blocks, not all at once
+            batch = users[start : start + batch_size]
+            tower, ease = user_vec[start : start + batch_size] @ item_vec.T, binary_rows(train, batch, n_items) @ b
+            for a in weights:
+                tops[a].append(evaluation.topk_from_scores(blend_scores(tower, ease, a), k, exclude=train[:2], exclude_rows=batch))
         for a in weights:
-            top = evaluation.topk_from_scores(blend_scores(tower, ease, a), k, exclude=train[:2], exclude_rows=users)
-            ndcg = evaluation.ranking_metrics(top, val[:2], users, k, n_items)[f"ndcg@{k}"]
+            ndcg = evaluation.ranking_metrics(np.concatenate(tops[a]), val[:2], users, k, n_items)[f"ndcg@{k}"]
             if ndcg > best[0]:
                 best = (ndcg, a, lam)
     log.info("blend.ease: validation NDCG@%d %.4f at a=%g, lambda=%g", k, *best)

@@ -21,6 +21,11 @@ def test_gram_counts_co_occurrences_once():
     np.testing.assert_array_equal(blend.gram(dup, 2), [[1, 1], [1, 1]])
 
 
+def test_binary_rows_picks_the_asked_users():
+    np.testing.assert_array_equal(blend.binary_rows(TRAIN, np.array([2, 0]), 3), [[1, 0, 0], [1, 1, 0]])
+    assert blend.binary_rows(TRAIN, np.zeros(0, np.int64), 3).shape == (0, 3)
+
+
 def test_ease_matrix_by_hand():
     g = blend.gram(TRAIN, 3).astype(float)
     lam = 1.0
@@ -71,6 +76,7 @@ def test_choose_picks_the_validation_best():
         return evaluation.ranking_metrics(top, val, users, 3, n_items)["ndcg@3"]
 
     assert ndcg == pytest.approx(score(a, lam))
+    assert blend.choose([1.0, 50.0], [0.0, 0.5, 1.0], 3, user_vec, item_vec, train, val, users, batch_size=3) == (a, lam, ndcg)  # blocks of users
     assert ndcg == pytest.approx(max(score(x, y) for x in (0.0, 0.5, 1.0) for y in (1.0, 50.0)))
 
 
