@@ -11,13 +11,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from opacus import GradSampleModule
 
 from tests.conftest import REPO
+from tests.training.dp_grads import assert_per_sample_gradients_are_per_user
 from training.config import load_config
 from training.data import item_features, user_features
 from training.pipeline import build_model, context, item_counts, prepare, train
-from training.privacy.dp import DPTwoTower, per_user_loss, user_batch
 from training.task import RetrievalTask
 from training.trainer import seed_everything
 
@@ -79,21 +78,7 @@ def test_per_sample_gradients_on_cuda_equal_per_user_autograd(tmp_path, extra):
         for p in model.parameters():
             p.add_(0.1 * torch.randn_like(p))
     model.to(CUDA)
-    batch = user_batch(cfg, model, ctx, data.train, np.array([3, 7, 11, 19]), np.random.default_rng(0), CUDA)
-    dp = DPTwoTower(model)
-    pools = dp.item_arch.pools(item_features(model.spec, ctx, CUDA))
-    gsm = GradSampleModule(dp, loss_reduction="sum")
-    bags = dp.user_bags(batch.features)
-    per_user_loss(gsm(bags, pools), batch.targets).sum().backward()
-    indptr, items = batch.targets
-    for i in range(len(batch.users)):
-        alone = DPTwoTower(model)
-        one_bags = [(ids[i : i + 1], w[i : i + 1]) for ids, w in bags]
-        target = (np.array([0, indptr[i + 1] - indptr[i]]), items[indptr[i] : indptr[i + 1]])
-        per_user_loss(alone(one_bags, pools), target).sum().backward()
-        for (name, p), (_, q) in zip(dp.named_parameters(), alone.named_parameters()):
-            assert p.grad_sample.is_cuda, name
-            torch.testing.assert_close(p.grad_sample[i], q.grad, atol=1e-5, rtol=1e-4, msg=f"{name}, user {i}")
+    assert_per_sample_gradients_are_per_user(cfg, model, ctx, data.train, CUDA, atol=1e-5)
 
 
 def test_private_cuda_run_spends_the_cpu_runs_epsilon(tmp_path):

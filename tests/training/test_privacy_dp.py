@@ -11,10 +11,10 @@ import onnxruntime as ort
 import pytest
 import torch
 from mlflow import MlflowClient
-from opacus import GradSampleModule
 from opacus.accountants import RDPAccountant
 
 from tests.conftest import REPO, tiny_overrides
+from tests.training.dp_grads import assert_per_sample_gradients_are_per_user
 from training.config import ConfigError, load_config
 from training.data import item_features, user_feed, user_features
 from training.export import write_artifacts
@@ -66,24 +66,7 @@ def test_per_sample_gradients_equal_per_user_autograd(tmp_path, extra):
     with torch.no_grad():  # away from the init, so every parameter gets a non-trivial gradient
         for p in model.parameters():
             p.add_(0.1 * torch.randn_like(p))
-    rng = np.random.default_rng(0)
-    batch = user_batch(cfg, model, ctx, data.train, np.array([3, 7, 11, 19]), rng, CPU)
-    pools = DPTwoTower(model).item_arch.pools(item_features(model.spec, ctx, CPU))
-
-    dp = DPTwoTower(model)
-    gsm = GradSampleModule(dp, loss_reduction="sum")
-    bags = dp.user_bags(batch.features)
-    per_user_loss(gsm(bags, pools), batch.targets).sum().backward()
-
-    indptr, items = batch.targets
-    for i in range(len(batch.users)):
-        alone = DPTwoTower(model)
-        one_bags = [(ids[i : i + 1], w[i : i + 1]) for ids, w in bags]
-        target = (np.array([0, indptr[i + 1] - indptr[i]]), items[indptr[i] : indptr[i + 1]])
-        per_user_loss(alone(one_bags, pools), target).sum().backward()
-        for (name, p), (_, q) in zip(dp.named_parameters(), alone.named_parameters()):
-            assert p.grad_sample.shape[0] == len(batch.users), name
-            torch.testing.assert_close(p.grad_sample[i], q.grad, atol=1e-6, rtol=1e-4, msg=f"{name}, user {i}")
+    dp, bags = assert_per_sample_gradients_are_per_user(cfg, model, ctx, data.train, CPU)
     # the history table's gradient really is per user: rows of items outside the user's bag stay 0
     hist = dict(dp.named_parameters())["user_arch.tables.history.weight"].grad_sample
     seen = set(bags[0][0][0][bags[0][1][0] > 0].tolist())
