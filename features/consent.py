@@ -25,6 +25,7 @@ from typing import Any, Mapping
 import numpy as np
 from sqlalchemy import bindparam, delete, func, insert, select, update
 
+from features.audit import AuditLog
 from features.schema import UNKNOWN_AGE, Dataset, Interactions, Items, Users
 from features.store import (
     USER_TABLES, FeatureStore, _split_genres, blocked_table, consent_table, events_table, interactions_table,
@@ -113,13 +114,22 @@ def consent_history(store: FeatureStore, user_id: str, conn: Any = None) -> list
     return [{"purpose": r.purpose, "granted": bool(r.granted), "at": iso(int(r.ts_ms)), "source": r.source} for r in rows]
 
 
+def _audit(audit: AuditLog | None, conn: Any, action: str, subject: str, actor: str, detail: dict) -> dict | None:
+    """The audit entry of a change, written inside the change's transaction (`conn`); the caller
+    hands it to `audit.committed` after the commit (the file sink). None without an audit log."""
+    return audit.record(action, subject, actor, detail, conn=conn) if audit is not None else None
+
+
 def _refuse_erased(store: FeatureStore, user_id: str) -> None:
     if store.is_erased(user_id):
         raise ErasedUserError("this user id was erased and cannot be reused")
 
 
-def record_consent(store: FeatureStore, user_id: str, changes: Mapping[str, bool], source: str = "api") -> dict[str, ConsentState]:
-    """Append one ledger record per purpose in `changes`; returns the new current state."""
+def record_consent(
+    store: FeatureStore, user_id: str, changes: Mapping[str, bool], source: str = "api", *, audit: AuditLog | None = None, actor: str = "cli",
+) -> dict[str, ConsentState]:
+    """Append one ledger record per purpose in `changes`; returns the new current state.
+    `audit`/`actor` (here and below): the entry is written in the change's own transaction."""
     if not changes:
         raise ConsentError("consents", "name at least one purpose")
     _check_purposes(changes)
@@ -131,6 +141,9 @@ def record_consent(store: FeatureStore, user_id: str, changes: Mapping[str, bool
     with store.transaction() as conn:
         conn.execute(insert(consent_table), rows)
         store.bump_generation(conn)
+        entry = _audit(audit, conn, "consent", store.subject_hash(user_id), actor, {"purposes": {p: bool(g) for p, g in changes.items()}})
+    if audit is not None:
+        audit.committed(entry)
     return current_consents(store, user_id)
 
 
@@ -168,6 +181,9 @@ def set_preferences(
     liked_genres: list[str] | None = None,
     avoided_genres: list[str] | None = None,
     blocked_items: list[str] | None = None,
+    *,
+    audit: AuditLog | None = None,
+    actor: str = "cli",
 ) -> dict:
     """Replace the given lists (None leaves a list as it is); returns the stored preferences.
     Genres must be in the catalog, blocked items in the items table, and no genre both liked and avoided."""
@@ -188,20 +204,31 @@ def set_preferences(
             raise ConsentError("blocked_items", f"unknown item id {unknown[0]!r}")
     u = users_table
     with store.transaction() as conn:
+        # stated_ms: the store owns these lists from now on; a dataset import keeps them (FeatureStore.load_dataset)
         values = {"liked_genres": "|".join(liked), "avoided_genres": "|".join(avoided)}
+        if liked_genres is not None or avoided_genres is not None:
+            values["stated_ms"] = now_ms()
         if conn.execute(update(u).where(u.c.user_id == str(user_id)).values(**values)).rowcount == 0:
-            conn.execute(insert(u), [{"user_id": str(user_id), "age": None, "gender": None, "occupation": None, **values}])
+            conn.execute(insert(u), [{"user_id": str(user_id), "age": None, "gender": None, "occupation": None, "origin": "api", **values}])
         if blocked_items is not None:
             conn.execute(delete(blocked_table).where(blocked_table.c.user_id == str(user_id)))
             if blocked_items:
                 conn.execute(insert(blocked_table), [{"user_id": str(user_id), "item_id": i} for i in blocked_items])
         store.bump_generation(conn)
+        stored = (("liked_genres", liked_genres, liked), ("avoided_genres", avoided_genres, avoided), ("blocked_items", blocked_items, blocked_items))
+        counts = {f: len(kept) for f, given, kept in stored if given is not None}  # which lists, how long: never the genres or items
+        entry = _audit(audit, conn, "preferences", store.subject_hash(user_id), actor, {"replaced": counts})
+    if audit is not None:
+        audit.committed(entry)
     return preferences(store, user_id)
 
 
-def record_event(store: FeatureStore, user_id: str, item_id: str, rating: float = 1.0, timestamp: int | None = None) -> dict:
+def record_event(
+    store: FeatureStore, user_id: str, item_id: str, rating: float = 1.0, timestamp: int | None = None, *,
+    audit: AuditLog | None = None, actor: str = "cli",
+) -> dict:
     """Record an interaction. Kept only under personalization or training consent; marked for
-    training only under training consent. Returns {"stored", "for_training"}."""
+    training only under training consent. Returns {"stored", "for_training"}; audited only when stored."""
     if not store.known_items([str(item_id)]):
         raise ConsentError("item_id", f"unknown item id {str(item_id)!r}")
     _refuse_erased(store, user_id)
@@ -216,12 +243,15 @@ def record_event(store: FeatureStore, user_id: str, item_id: str, rating: float 
     with store.transaction() as conn:
         conn.execute(insert(events_table), [row])
         store.bump_generation(conn)
+        entry = _audit(audit, conn, "event", store.subject_hash(user_id), actor, {"for_training": bool(training)})  # no item id
+    if audit is not None:
+        audit.committed(entry)
     return {"stored": True, "for_training": training}
 
 
-def export_user(store: FeatureStore, user_id: str) -> dict:
+def export_user(store: FeatureStore, user_id: str, *, audit: AuditLog | None = None, actor: str = "cli") -> dict:
     """Everything the store holds about one user, as JSON-ready data (the right of access).
-    Raises UnknownUserError when it holds nothing."""
+    Raises UnknownUserError when it holds nothing. Audited (after the read) before it is returned."""
     uid = str(user_id)
     with store.snapshot() as conn:
         if not any(conn.execute(select(t.c.user_id).where(t.c.user_id == uid).limit(1)).first() for t in USER_TABLES):
@@ -230,7 +260,7 @@ def export_user(store: FeatureStore, user_id: str) -> dict:
         i, e = interactions_table, events_table
         interactions = conn.execute(select(i.c.item_id, i.c.rating, i.c.ts).where(i.c.user_id == uid).order_by(i.c.ts, i.c.seq)).all()
         events = conn.execute(select(e.c.item_id, e.c.rating, e.c.ts, e.c.for_training).where(e.c.user_id == uid).order_by(e.c.ts, e.c.id)).all()
-        return {
+        out = {
             "user_id": uid,
             "profile": None if profile is None else {"age": profile.age, "gender": profile.gender, "occupation": profile.occupation},
             "preferences": preferences(store, uid, conn),
@@ -243,12 +273,17 @@ def export_user(store: FeatureStore, user_id: str) -> dict:
             "events": [{"item_id": r.item_id, "rating": r.rating, "timestamp": int(r.ts), "for_training": bool(r.for_training)} for r in events],
             "exported_at": iso(now_ms()),
         }
+    if audit is not None:  # its own transaction: an export changes nothing in the store
+        counts = {"interactions": len(out["interactions"]), "events": len(out["events"]), "consent_records": len(out["consents"]["history"])}
+        audit.record("export", store.subject_hash(uid), actor, counts)
+    return out
 
 
-def erase_user(store: FeatureStore, user_id: str) -> dict:
+def erase_user(store: FeatureStore, user_id: str, *, audit: AuditLog | None = None, actor: str = "cli") -> dict:
     """Delete every row about the user from every table, adjust item popularity, and write a
-    tombstone, all in one transaction. Returns the receipt; raises UnknownUserError when the store
-    holds nothing about the user (never known, or already erased)."""
+    tombstone (and the audit entry), all in one transaction; then checkpoint the WAL so the deleted
+    rows leave the disk too (secure_delete zeroes them in the database file). Returns the receipt;
+    raises UnknownUserError when the store holds nothing about the user (never known, or already erased)."""
     uid = str(user_id)
     subject = store.subject_hash(uid)
     ts = now_ms()
@@ -266,7 +301,12 @@ def erase_user(store: FeatureStore, user_id: str) -> dict:
             )
         if conn.execute(select(tombstones_table.c.subject_hash).where(tombstones_table.c.subject_hash == subject)).first() is None:
             conn.execute(insert(tombstones_table), [{"subject_hash": subject, "erased_ms": ts}])
+        store.record_salt_fingerprint(conn)  # later imports and trainings refuse any other salt
         store.bump_generation(conn)
+        entry = _audit(audit, conn, "erasure", subject, actor, {"deleted": deleted, "popularity_adjusted_items": len(per_item)})
+    if audit is not None:
+        audit.committed(entry)
+    store.checkpoint()  # the WAL still holds the pre-erasure pages until checkpointed
     return {
         "erased": True,
         "tombstone": subject,

@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 
 import numpy as np
 
-from features.config import DataConfig
-from features.schema import Dataset
+from features.config import ConsentConfig, DataConfig
+from features.schema import Dataset, Users
+from features.vocab import Vocab
 
 
 def load_dataset(cfg: DataConfig) -> Dataset:
@@ -69,3 +71,45 @@ def data_provenance(ds: Dataset) -> dict:
     """What the manifest and MLflow record about the training data: no ids, only the snapshot
     hash and sizes."""
     return {"snapshot": snapshot_hash(ds), "users": ds.n_users, "items": ds.n_items, "interactions": len(ds.interactions)}
+
+
+def drop_users(ds: Dataset, user_ids: set[str]) -> Dataset:
+    """The dataset without these users: their rows, their profiles and their vocabulary entries
+    (indices of the others are renumbered, so the ids leave no trace in a model trained on it)."""
+    keep = np.array([u not in user_ids for u in ds.user_vocab.ids], dtype=bool)
+    if keep.all():
+        return ds
+    new_index = np.cumsum(keep) - 1
+    rows = keep[ds.interactions.user]
+    inter = ds.interactions.take(rows)
+    inter = type(inter)(new_index[inter.user].astype(np.int64), inter.item, inter.rating, inter.timestamp)
+    u, idx = ds.users, np.flatnonzero(keep)
+    pick = lambda seq: [seq[i] for i in idx] if len(seq) else []  # noqa: E731  (stated lists may be absent)
+    users = Users(np.asarray(u.age)[idx], pick(u.gender), pick(u.occupation), pick(u.liked_genres), pick(u.avoided_genres))
+    vocab = Vocab([ds.user_vocab.ids[i] for i in idx], kind=ds.user_vocab.kind)
+    return Dataset(ds.name, inter, ds.items, users, ds.genre_names, vocab, ds.item_vocab, ds.skipped_rows)
+
+
+def apply_erasures(ds: Dataset, store_url: str | None, consent: ConsentConfig | None = None) -> tuple[Dataset, dict]:
+    """Every data source, not only the store, leaves out users erased from the feature store at
+    `store_url` (matched through its tombstones). Returns the dataset and what was applied, for the
+    manifest and model card: {"erasures_applied": users left out, "tombstones": erasures the store holds}.
+
+    Raises ErasureSaltError (a ValueError) when the store holds tombstones and the salt at hand
+    cannot match them: training on would bring erased users back. A store file that does not exist
+    holds no erasures and is not created."""
+    from sqlalchemy.engine import make_url
+
+    from features.store import FeatureStore
+
+    if not store_url:
+        return ds, {"erasures_applied": 0, "tombstones": 0}
+    parsed = make_url(store_url)
+    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+        if not Path(parsed.database).expanduser().exists():
+            return ds, {"erasures_applied": 0, "tombstones": 0}
+    with FeatureStore(store_url, consent=consent) as store:
+        store.check_erasure_salt()
+        erased = store.tombstoned(ds.user_vocab.ids)
+        total = store.tombstone_count()
+    return drop_users(ds, erased), {"erasures_applied": len(erased), "tombstones": total}

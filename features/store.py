@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import secrets
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
@@ -24,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 import numpy as np
 from sqlalchemy import (
     BigInteger, Boolean, Column, Float, Index, Integer, MetaData, Table, Text, bindparam, cast, create_engine, delete,
-    event, insert, literal, select, union_all, update,
+    event, func, insert, literal, select, union_all, update,
 )
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
@@ -56,6 +57,13 @@ users_table = Table(
     Column("occupation", Text),
     Column("liked_genres", Text, nullable=False),  # stated preferences, "|"-joined names
     Column("avoided_genres", Text, nullable=False),
+    # Who owns the row (see FeatureStore.load_dataset): "import" rows come from a dataset load and
+    # may be replaced by the next one; "api" rows were created by the user (or an operator) through
+    # the API or CLI and no import deletes them. NULL: a row written before the column existed (import).
+    Column("origin", Text),
+    # When the user last stated liked/avoided genres through the API (unix ms); set, the store owns
+    # those two columns and imports keep them. NULL: the dataset's values, which the next import replaces.
+    Column("stated_ms", BigInteger),
 )
 interactions_table = Table(
     "interactions", metadata,
@@ -106,6 +114,16 @@ meta_table = Table(  # store id, salt fallback, genre order, change counter
     Column("key", Text, primary_key=True),
     Column("value", Text, nullable=False),
 )
+audit_table = Table(  # append-only (features/audit.py): keyed by a hash of the id, so erasure keeps it
+    "audit_log", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),  # order of record, tie-break of equal times
+    Column("ts_ms", BigInteger, nullable=False),  # unix milliseconds
+    Column("action", Text, nullable=False),  # features.audit.ACTIONS
+    Column("subject", Text),  # FeatureStore.subject_hash(user id), never the id; NULL: about no user (model swap)
+    Column("actor", Text, nullable=False),  # admin / user / anonymous / cli / replica:<id>; never a token
+    Column("detail", Text, nullable=False),  # JSON object: counts, purposes, versions; no ids
+    Index("ix_audit_subject_ts", "subject", "ts_ms"),
+)
 # every table holding rows keyed by a user id: what erasure empties
 USER_TABLES = (users_table, interactions_table, events_table, consent_table, blocked_table)
 _EVENT_SEQ_OFFSET = 1 << 40  # events sort after bulk-loaded rows of the same timestamp
@@ -133,10 +151,23 @@ del _rows
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
-    """WAL lets web-server readers proceed while a bulk load writes."""
+    """WAL lets web-server readers proceed while a bulk load writes. secure_delete overwrites deleted
+    rows with zeros (in their page and in freed pages): without it an erased user's id and history
+    stay readable in the file's free space until SQLite happens to reuse it (FeatureStore.checkpoint
+    then clears the WAL; tests/features/test_erasure_hygiene.py scans the raw bytes)."""
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA secure_delete=ON")
     cur.close()
+
+
+class ErasureSaltError(ValueError):
+    """The erasure salt at hand cannot match the store's tombstones (missing or different)."""
+
+
+def salt_fingerprint(salt: bytes) -> str:
+    """What the store keeps to recognise its erasure salt: an HMAC of a fixed text, not the salt."""
+    return hmac.new(salt, b"trustrec-erasure-salt-fingerprint", hashlib.sha256).hexdigest()
 
 
 def _split_genres(text: str | None) -> list[str]:
@@ -175,8 +206,28 @@ class FeatureStore:
         if self.is_sqlite:
             event.listen(self.engine, "connect", _sqlite_pragmas)
         metadata.create_all(self.engine)
+        self._add_missing_columns()
         self.store_id = self._meta_default("store_id", secrets.token_hex(8))  # tells a store's own exports apart
         self._meta_default("generation", "0")
+        if not os.environ.get(self.consent.salt_env) and not self._has_tombstones():
+            # the fallback salt is written now, not on first use: first use may be inside a write
+            # transaction (an audit entry, an erasure), where a second writer would wait on it
+            self._meta_default("erasure_salt", secrets.token_hex(32))
+
+    def _add_missing_columns(self) -> None:
+        """Bring a store created by an older trustrec up to this schema: create_all makes missing
+        tables, not missing columns. Only nullable columns are ever added, so old rows stay valid."""
+        from sqlalchemy import inspect
+
+        with self.engine.begin() as conn:
+            insp = inspect(conn)
+            for table in metadata.sorted_tables:
+                have = {c["name"] for c in insp.get_columns(table.name)}
+                for col in table.columns:
+                    if col.name not in have:
+                        assert col.nullable, f"{table.name}.{col.name}: only nullable columns can be added to an existing store"
+                        type_sql = col.type.compile(dialect=self.engine.dialect)
+                        conn.exec_driver_sql(f'ALTER TABLE {table.name} ADD COLUMN "{col.name}" {type_sql}')  # names from our own schema, never input
 
     # ---- transactions ---------------------------------------------------------------------------
     @contextmanager
@@ -227,14 +278,58 @@ class FeatureStore:
         conn.execute(update(t).where(t.c.key == "generation").values(value=cast(cast(t.c.value, Integer) + 1, Text)))
 
     def _erasure_salt(self) -> bytes:
-        if self._salt is None:
-            env = os.environ.get(self.consent.salt_env)
-            if env:
-                self._salt = env.encode()
-            else:
-                log.warning("%s is not set: erasure tombstones use a salt kept in the store itself", self.consent.salt_env)
-                self._salt = self._meta_default("erasure_salt", secrets.token_hex(32)).encode()
-        return self._salt
+        """The salt of tombstone hashes: $salt_env, else a random one kept in the store.
+
+        A tombstone can only be matched with the salt it was written under, so a wrong salt would
+        silently let an erased user back in (an import, a training run). The store keeps a
+        fingerprint of the salt its tombstones use (`erasure_salt_fingerprint`, an HMAC of a fixed
+        text: it does not reveal the salt) and refuses any other salt while tombstones exist."""
+        if self._salt is not None:
+            return self._salt
+        env = os.environ.get(self.consent.salt_env) or None
+        expected = self.meta("erasure_salt_fingerprint")
+        stored = self.meta("erasure_salt")
+        if env is not None:
+            salt = env.encode()
+        elif stored is not None:
+            salt = stored.encode()
+        elif expected is not None or self._has_tombstones():
+            raise ErasureSaltError(
+                f"{self.consent.salt_env} is not set, and this store holds erasure tombstones written under it: without that "
+                f"salt, erased users cannot be recognised and would come back. Set {self.consent.salt_env} to the salt used at erasure."
+            )
+        else:
+            salt = self._meta_default("erasure_salt", secrets.token_hex(32)).encode()  # normally written in __init__
+        if env is None:
+            log.warning("%s is not set: erasure tombstones use a salt kept in the store itself", self.consent.salt_env)
+        if expected is not None and not hmac.compare_digest(expected, salt_fingerprint(salt)):
+            where = f"{self.consent.salt_env} differs from" if env is not None else f"{self.consent.salt_env} is not set, and the store's own salt is not"
+            raise ErasureSaltError(
+                f"{where} the salt this store's erasure tombstones were written with: erased users would not be recognised "
+                f"and would come back. Set {self.consent.salt_env} to the salt used at erasure (the store keeps its fingerprint)."
+            )
+        self._salt = salt
+        return salt
+
+    def _has_tombstones(self, conn: Any = None) -> bool:
+        with self.reading(conn) as c:
+            return c.scalar(ANY_TOMBSTONE) is not None
+
+    def check_erasure_salt(self) -> None:
+        """Raise ErasureSaltError now (at start-up, before any import, training or request) when the
+        salt cannot match this store's tombstones; no-op for a store without erasures."""
+        if self._has_tombstones() or self.meta("erasure_salt_fingerprint") is not None:
+            self._erasure_salt()
+
+    def record_salt_fingerprint(self, conn: Any) -> None:
+        """Inside an erasure's transaction: remember which salt the store's tombstones use."""
+        t = meta_table
+        if conn.scalar(select(t.c.value).where(t.c.key == "erasure_salt_fingerprint")) is None:
+            conn.execute(insert(t), [{"key": "erasure_salt_fingerprint", "value": salt_fingerprint(self._erasure_salt())}])
+
+    def tombstone_count(self) -> int:
+        with self.engine.connect() as conn:
+            return int(conn.scalar(select(func.count()).select_from(tombstones_table)) or 0)
 
     def subject_hash(self, user_id: str) -> str:
         """HMAC-SHA256 of the user id under the erasure salt: the tombstone key, and the only form
@@ -272,9 +367,16 @@ class FeatureStore:
 
     # ---- writes -------------------------------------------------------------------------
     def load_dataset(self, ds: Dataset, interactions: Interactions | None = None) -> None:
-        """Replace catalog, profiles and histories with ds (and `interactions`, e.g. the train split)
-        atomically. Users erased earlier (tombstones) are left out; the consent ledger, blocked
-        items, events and tombstones are kept. A dataset exported from this very store (training
+        """Import a dataset (and `interactions`, e.g. the train split) atomically, merging it with what
+        customers told the store. Who owns what:
+
+        - the dataset: the catalog (items, genres), bulk-loaded histories and popularity, and the
+          demographics and default genre preferences of the users it holds; these are replaced;
+        - the store (what users said through the API or CLI): the consent ledger, blocked items,
+          recorded events, tombstones, genre preferences once stated (`users.stated_ms`), and users
+          the API created (`users.origin = 'api'`), which no import deletes.
+
+        Erased users (tombstones) are left out. A dataset exported from this very store (training
         with `data.source: store`) is not loaded back: it is a consent-filtered copy of it."""
         if ds.name == f"store:{self.store_id}":
             log.info("dataset %s was exported from this store; not loading it back", ds.name)
@@ -287,20 +389,36 @@ class FeatureStore:
         if erased:
             inter = inter.take(keep_user[inter.user])
             log.info("left out %d erased user(s) and their rows", len(erased))
-        with self.engine.begin() as conn:
+        u = users_table
+        with self.transaction() as conn:
+            owned = {r.user_id: r for r in conn.execute(select(u).where((u.c.origin == "api") | u.c.stated_ms.is_not(None)))}
             for table in (popularity_table, interactions_table, users_table, items_table):
                 conn.execute(delete(table))
+            imported = (self._merged(r, owned.pop(r["user_id"], None)) for r, keep in zip(self._user_rows(ds), keep_user) if keep)
             for table, rows in (
                 (items_table, self._item_rows(ds)),
-                (users_table, (r for r, keep in zip(self._user_rows(ds), keep_user) if keep)),
+                (users_table, imported),
                 (interactions_table, self._interaction_rows(ds, inter)),
                 (popularity_table, self._popularity_rows(ds, inter)),
             ):
                 for batch in _chunks(rows):
                     conn.execute(insert(table), batch)
+            kept = [dict(r._mapping) for r in owned.values() if r.origin == "api"]  # API users the dataset does not hold
+            if kept:
+                conn.execute(insert(users_table), kept)
             conn.execute(delete(meta_table).where(meta_table.c.key == "genre_names"))
             conn.execute(insert(meta_table), [{"key": "genre_names", "value": json.dumps(ds.genre_names)}])
             self.bump_generation(conn)
+
+    @staticmethod
+    def _merged(row: dict, owned: Any) -> dict:
+        """A dataset user row merged with the store's row for the same id, where the store owns parts of it."""
+        if owned is None:
+            return row
+        merged = {**row, "origin": owned.origin or "import"}
+        if owned.stated_ms is not None:  # the user stated genres: theirs, not the dataset's
+            merged.update(liked_genres=owned.liked_genres, avoided_genres=owned.avoided_genres, stated_ms=owned.stated_ms)
+        return merged
 
     def upsert_user(
         self,
@@ -312,10 +430,12 @@ class FeatureStore:
         liked_genres: list[str] | tuple[str, ...] = (),
         avoided_genres: list[str] | tuple[str, ...] = (),
     ) -> None:
-        """Create or replace one user's profile (demographics + stated genre preferences)."""
+        """Create or replace one user's profile (demographics + stated genre preferences) as the
+        user's own statement: the store owns the row from now on (no import replaces or deletes it)."""
         row = {
             "user_id": str(user_id), "age": age, "gender": gender or None, "occupation": occupation or None,
             "liked_genres": "|".join(liked_genres), "avoided_genres": "|".join(avoided_genres),
+            "origin": "api", "stated_ms": time.time_ns() // 1_000_000,
         }  # fmt: skip
         with self.engine.begin() as conn:
             conn.execute(delete(users_table).where(users_table.c.user_id == row["user_id"]))
@@ -346,6 +466,8 @@ class FeatureStore:
                 "occupation": u.occupation[i] or None,
                 "liked_genres": "|".join(ds.genre_names[g] for g in liked),
                 "avoided_genres": "|".join(ds.genre_names[g] for g in avoided),
+                "origin": "import",
+                "stated_ms": None,
             }
 
     @staticmethod
@@ -446,6 +568,19 @@ class FeatureStore:
             for lo in range(0, len(ids), _IN_CHUNK):
                 found.update(conn.scalars(select(t.c.item_id).where(t.c.item_id.in_(ids[lo:lo + _IN_CHUNK]))))
         return found
+
+    def checkpoint(self) -> bool:
+        """SQLite: copy the WAL into the database file and truncate the WAL to zero bytes, so the
+        pre-change pages it still holds (an erased user's rows) are gone from disk too; waits for
+        readers up to the busy timeout. True when done (always on other backends, a no-op there);
+        False, with a warning, when a reader kept it from completing (the next checkpoint finishes it)."""
+        if not self.is_sqlite:
+            return True
+        with self.engine.connect() as conn:  # outside any transaction: a checkpoint cannot run inside one
+            busy, _log_frames, _done = conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)").one()
+        if busy:
+            log.warning("WAL checkpoint incomplete: a reader held the log; erased rows remain in the WAL until the next checkpoint")
+        return not busy
 
     def close(self) -> None:
         self.engine.dispose()

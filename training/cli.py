@@ -80,7 +80,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 0
     from serving.launch import serve_forever
 
-    serve_forever(args.config, model_uri=args.model, port=args.port, host=args.host, metrics_port=args.metrics_port)
+    serve_forever(args.config, model_uri=args.model, port=args.port, host=args.host, metrics_port=args.metrics_port, metrics_host=args.metrics_host)
     return 0
 
 
@@ -127,6 +127,7 @@ def cmd_user_data(args: argparse.Namespace) -> int:
     """`forget` / `export-user`: the code path of DELETE /v1/users/{id} and GET /v1/users/{id}/data."""
     from features.consent import UnknownUserError, erase_user, export_user
     from features.store import FeatureStore
+    from serving.audit import audit_log
     from serving.config import AppArgs, load_serve_config
 
     app_args = load_serve_config(args.config)[1] if not args.store_url or Path(args.config).exists() else AppArgs()
@@ -134,11 +135,15 @@ def cmd_user_data(args: argparse.Namespace) -> int:
     if not url:
         raise ValueError(f"{args.config}: store_url is null; pass --store-url")
     with FeatureStore(url, consent=app_args.consent) as store:
+        audit = audit_log(app_args.audit, store)  # the serve config's audit settings: the CLI writes where serving does
         try:
-            out = erase_user(store, args.user_id) if args.command == "forget" else export_user(store, args.user_id)
+            fn = erase_user if args.command == "forget" else export_user
+            out = fn(store, args.user_id, audit=audit, actor="cli")
         except UnknownUserError:
             print(f"trustrec {args.command}: the store holds no data for this user (never known, or already erased)", file=sys.stderr)
             return 1
+    if args.command == "forget":  # the erasure is done; now say which served models still learned from the user
+        out["model_versions_trained_on_user"] = _versions_holding(args.user_id, app_args)
     text = json.dumps(out, indent=2)
     if getattr(args, "out", None):  # atomic: a reader never sees half a file
         tmp = Path(args.out).with_name(Path(args.out).name + ".tmp")
@@ -147,6 +152,66 @@ def cmd_user_data(args: argparse.Namespace) -> int:
         print(f"written to {args.out}")
     else:
         print(text)
+    return 0
+
+
+def _versions_holding(user_id: str, app_args) -> list[dict] | dict:
+    """Registered versions (of the served model's name) trained on data that held the user: retrain
+    or retire them. An unreachable registry is said in the receipt, never hidden."""
+    from training.tracking import versions_holding_user
+
+    uri = app_args.model_uri
+    name = uri[len("models:/"):].split("@")[0].split("/")[0] if uri.startswith("models:/") else "trustrec"
+    try:
+        return versions_holding_user(user_id, name, app_args.tracking_uri)
+    except Exception as e:  # noqa: BLE001 - the erasure already happened; report, don't fail it
+        return {"error": f"could not read the model registry at {app_args.tracking_uri}: {type(e).__name__}"}
+
+
+def cmd_audit_log(args: argparse.Namespace) -> int:
+    """`audit-log`: the audit log (features/audit.py), oldest first. Reads the store table when the
+    serve config's `audit.table` is on, else its `audit.path` file (or --file). --user hashes the id
+    under the store's erasure salt, as every entry does, so it also finds the entries of an erased user."""
+    from datetime import datetime, timezone
+
+    from features.audit import ACTIONS, AuditLog
+    from features.store import FeatureStore
+    from serving.config import AppArgs, load_serve_config
+
+    app_args = load_serve_config(args.config)[1] if not args.store_url or Path(args.config).exists() else AppArgs()
+    if args.action is not None and args.action not in ACTIONS:
+        raise ValueError(f"--action {args.action!r}: one of {', '.join(ACTIONS)}")
+    since_ms = None
+    if args.since:
+        try:
+            since = datetime.fromisoformat(args.since)
+        except ValueError:
+            raise ValueError(f"--since {args.since!r}: not an ISO 8601 date or time (e.g. 2026-01-31 or 2026-01-31T12:00:00Z)") from None
+        since_ms = int((since if since.tzinfo else since.replace(tzinfo=timezone.utc)).timestamp() * 1000)  # naive = UTC
+    url = args.store_url or app_args.store_url
+    use_table = app_args.audit.table and not args.file
+    path = args.file or app_args.audit.path
+    if use_table and not url:
+        raise ValueError(f"{args.config}: store_url is null; pass --store-url (or --file for a JSON-lines audit file)")
+    if not use_table and not path:
+        raise ValueError(f"{args.config}: audit.table is off and audit.path is null; pass --file")
+    if args.user is not None and not url:
+        raise ValueError("--user needs the feature store (its erasure salt hashes the id): pass --store-url")
+    store = FeatureStore(url, consent=app_args.consent) if url else None
+    try:
+        audit = AuditLog(store, table=use_table, path=path)
+        subject = audit.subject(args.user) if args.user is not None else None
+        entries = audit.entries(subject=subject, action=args.action, since_ms=since_ms)
+    finally:
+        if store is not None:
+            store.close()
+    for e in entries:
+        if args.json:
+            print(json.dumps(e, sort_keys=True))
+        else:
+            print(f"{e['at']}  {e['action']:<12}  {(e['subject'] or '-')[:12]:<12}  {e['actor']:<16}  {json.dumps(e['detail'], sort_keys=True)}")
+    if not entries:
+        print("trustrec audit-log: no entries", file=sys.stderr)
     return 0
 
 
@@ -194,6 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--port", type=int, help="override http_options.port")
             sp.add_argument("--host", help="override http_options.host (default 127.0.0.1; 0.0.0.0 only inside a container)")
             sp.add_argument("--metrics-port", type=int, help="Ray's Prometheus export port (default: Ray picks one)")
+            sp.add_argument("--metrics-host", choices=["127.0.0.1", "0.0.0.0"], default="127.0.0.1",
+                            help="where the metrics port listens (default loopback; 0.0.0.0 for a scraper on another host, e.g. in a container)")
             sp.add_argument("--reload", action="store_true", help="hot swap a running server: re-resolve the model alias and push it to the model deployment")
             sp.add_argument("--address", help="with --reload: Ray GCS address of the running app (default: the one `trustrec serve` noted for --port)")
         else:
@@ -242,6 +309,16 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "export-user":
             sp.add_argument("--out", help="write the JSON to this file instead of stdout")
         sp.set_defaults(func=cmd_user_data)
+
+    sp = sub.add_parser("audit-log", help="the audit log, oldest first: consent, preferences, events, exports, erasures, model swaps, auth failures")
+    sp.add_argument("--user", metavar="ID", help="only this user's entries (the id is hashed with the store's erasure salt; works after an erasure)")
+    sp.add_argument("--action", help="only this action: consent, preferences, event, export, erasure, model_swap, auth_failure")
+    sp.add_argument("--since", metavar="ISO", help="only entries at or after this time (ISO 8601; without a zone: UTC)")
+    sp.add_argument("--config", default=DEFAULT_SERVE_CONFIG, help=f"Ray Serve config YAML for store_url and args.audit (default {DEFAULT_SERVE_CONFIG})")
+    sp.add_argument("--store-url", help="feature store URL (default: store_url of --config)")
+    sp.add_argument("--file", help="read this JSON-lines audit file instead of the store table")
+    sp.add_argument("--json", action="store_true", help="one JSON object per line")
+    sp.set_defaults(func=cmd_audit_log)
 
     sp = sub.add_parser("audit", help="audits of a trained run")
     audits = sp.add_subparsers(dest="audit", required=True)

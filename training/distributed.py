@@ -408,10 +408,9 @@ def check_config(cfg: TrainConfig) -> None:
 
 def _finish(cfg: TrainConfig, model: TwoTower, task: RetrievalTask, data, ctx: Context, fit: FitResult, tracker, device: torch.device, tags: dict):
     """Rank 0, after the fit: the single-process pipeline's test -> export -> store -> MLflow steps."""
-    from features.datasets import data_provenance
     from training.pipeline import finish
 
-    provenance = {"data": data_provenance(data.dataset), "distributed": {"world_size": tags["world_size"], "plan": tags["plan"]}}
+    provenance = {"data": data.provenance(), "distributed": {"world_size": tags["world_size"], "plan": tags["plan"]}}
     return finish(cfg, model, task, data, ctx, fit, tracker, device, provenance, {"sharding_plan.json": tags["plan"]})
 
 

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from features.datasets import data_provenance, load_dataset
+from features.datasets import apply_erasures, data_provenance, load_dataset
 from features.schema import Dataset, Interactions
 from features.splits import Split, split
 from training import beyond, blend, evaluation
@@ -36,6 +36,11 @@ class Prepared:
     val: CSR  # early-stopping truth (history = train)
     seen: CSR  # train + val: the history at test time, excluded from test rankings
     test: CSR
+    erasures: dict[str, int] | None = None  # features.datasets.apply_erasures: what the store's tombstones removed
+
+    def provenance(self) -> dict[str, Any]:
+        """The manifest's `provenance.data`: snapshot hash, sizes and erasures applied (no ids)."""
+        return {**data_provenance(self.dataset), **(self.erasures or {"erasures_applied": 0, "tombstones": 0})}
 
     @property
     def seen_interactions(self) -> Interactions:
@@ -43,7 +48,8 @@ class Prepared:
 
 
 def prepare(cfg: TrainConfig) -> Prepared:
-    dataset = load_dataset(cfg.data)
+    # erased users never train, validate or test, whatever the source (synthetic and files included)
+    dataset, erasures = apply_erasures(load_dataset(cfg.data), cfg.store.url, cfg.data.store.consent)
     parts = split(dataset.interactions, cfg.split)
     if cfg.privacy.audit_holdout > 0:  # the privacy audit's non-members: never trained on, validated or tested
         from training.privacy.holdout import holdout_mask, without_users
@@ -53,7 +59,7 @@ def prepare(cfg: TrainConfig) -> Prepared:
         raise ConfigError("split.val_fraction: must be > 0 (validation drives early stopping)")
     csr = lambda rows: rated_csr(rows, dataset.n_users)  # noqa: E731
     seen = csr(Interactions.concat([parts.train, parts.val]))
-    return Prepared(dataset, parts, csr(parts.train), csr(parts.val), seen, csr(parts.test))
+    return Prepared(dataset, parts, csr(parts.train), csr(parts.val), seen, csr(parts.test), erasures)
 
 
 def context(cfg: TrainConfig, dataset: Dataset) -> Context:
@@ -193,8 +199,9 @@ def train(cfg: TrainConfig, resume: bool = False, tracker: Tracker | None = None
 
     if tracker is None:  # `trustrec tune` passes its own, so that each trial logs as a child run
         tracker = Tracker(cfg.tracking.enabled, cfg.tracking.tracking_uri, cfg.tracking.experiment)
-    data_prov = data_provenance(ds)  # snapshot hash + sizes of the training data, no ids
-    tags = {"model": cfg.model.kind, "dataset": ds.name, "split": cfg.split.protocol, "git_sha": git_sha(), "device": device.type, "data_snapshot": data_prov["snapshot"]}
+    data_prov = data.provenance()  # snapshot hash + sizes of the training data + erasures applied, no ids
+    tags = {"model": cfg.model.kind, "dataset": ds.name, "split": cfg.split.protocol, "git_sha": git_sha(), "device": device.type, "data_snapshot": data_prov["snapshot"],
+            "erasures_applied": str(data_prov["erasures_applied"])}  # fmt: skip
     tracker.start(cfg.tracking.run_name, cfg.flat(), tags)
     try:
         seed_everything(cfg.trainer.seed)  # the initial weights draw from torch's RNG: same seed, same run

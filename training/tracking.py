@@ -110,3 +110,31 @@ class Tracker:
     def end(self, status: str = "FINISHED") -> None:
         if self.enabled and self.run_id:
             self.mlflow.end_run(status=status)
+
+
+def versions_holding_user(user_id: str, model_name: str, tracking_uri: str) -> list[dict[str, Any]]:
+    """Registered versions of `model_name` whose training data held `user_id` (the id is in the
+    bundle's user vocabulary, which lists every user of the run's dataset): what an operator must
+    retrain or retire after an erasure. Reads each version's run artifact `bundle/user_vocab.json`."""
+    if "'" in model_name:
+        raise ValueError(f"model name {model_name!r}: quotes are not allowed")
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+    aliases: dict[str, list[str]] = {}
+    try:
+        for alias, version in (client.get_registered_model(model_name).aliases or {}).items():
+            aliases.setdefault(str(version), []).append(alias)
+    except mlflow.exceptions.MlflowException:
+        return []  # no such registered model: nothing was trained on anyone
+    found = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for v in client.search_model_versions(f"name = '{model_name}'"):
+            try:
+                path = mlflow.artifacts.download_artifacts(run_id=v.run_id, artifact_path="bundle/user_vocab.json", dst_path=f"{tmp}/{v.version}", tracking_uri=tracking_uri)
+            except (mlflow.exceptions.MlflowException, OSError):
+                found.append({"version": str(v.version), "run_id": v.run_id, "aliases": aliases.get(str(v.version), []), "held_user": None})
+                continue  # vocabulary unreadable: listed as unknown, never silently left out
+            if str(user_id) in json.loads(Path(path).read_text()).get("ids", []):
+                found.append({"version": str(v.version), "run_id": v.run_id, "aliases": aliases.get(str(v.version), []), "held_user": True})
+    return sorted(found, key=lambda r: int(r["version"]))
