@@ -24,13 +24,15 @@ import logging
 import time
 
 import numpy as np
-from fastapi import Depends, FastAPI
+from fastapi import Depends
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
+from serving.audit import audit_log, record_model_swap
 from serving.config import MODEL_DEPLOYMENT, AppArgs, ModelConfig
+from serving.http import CleanStr, FiniteFloat, StrictBool, StrictInt, TrustrecAPI, configure_http
 from serving.metrics import ModelMetrics, RouteMetrics
 from serving.users_api import (
     AUTH_RESPONSES, ConsentRequest, ConsentResponse, EventRequest, EventResponse, ModelCard, Preferences,
@@ -44,13 +46,14 @@ HEALTH_PROBE_USER = "__trustrec_health_probe__"  # never a real id: the probe re
 
 
 class RecommendRequest(BaseModel):
-    # numbers are accepted as ids ("user_id": 196) since many catalogs use numeric ids
+    # numbers are accepted as ids ("user_id": 196) since many catalogs use numeric ids; every other
+    # field is strict (no "5" or true for k, no 1 / 0 for a boolean, no NaN): serving/http.py
     model_config = ConfigDict(extra="forbid", coerce_numbers_to_str=True)
-    user_id: str = Field(min_length=1, max_length=128)
-    k: int = Field(10, ge=1, le=MAX_K)
-    exclude_seen: bool = True
-    diversity: float | None = Field(None, ge=0, le=1, description="MMR lambda: 1 = by score only, lower = more diverse")
-    explain: bool = Field(False, description="give every item its reasons (serving/explain.py)")
+    user_id: CleanStr = Field(min_length=1, max_length=128)
+    k: StrictInt = Field(10, ge=1, le=MAX_K)
+    exclude_seen: StrictBool = True
+    diversity: FiniteFloat | None = Field(None, ge=0, le=1, description="MMR lambda: 1 = by score only, lower = more diverse")
+    explain: StrictBool = Field(False, description="give every item its reasons (serving/explain.py)")
 
 
 class Item(BaseModel):
@@ -60,12 +63,20 @@ class Item(BaseModel):
     reasons: list[Reason] | None = None  # only with explain: true
 
 
+class Short(BaseModel):
+    requested: int
+    returned: int
+    reason: str
+
+
 class RecommendResponse(BaseModel):
     model_config = ConfigDict(protected_namespaces=())
     items: list[Item]
     personalized: bool
     model_version: str
     provider: str
+    short: Short | None = Field(None, description="present only when fewer than k items came back, with how many and why")
+    reasons_withheld: bool | None = Field(None, description="explain was asked without the user's own or the admin token: reasons are personal data, so none are given")
 
 
 class Health(BaseModel):
@@ -74,6 +85,7 @@ class Health(BaseModel):
     model_version: str
     provider: str
     n_items: int
+    swap_error: str | None = Field(None, description="the last model swap this replica refused (it kept serving model_version)")
 
 
 class Unhealthy(BaseModel):
@@ -120,8 +132,12 @@ class ModelServer:
 
         self.cfg = AppArgs.model_validate(args)
         self.store = FeatureStore(self.cfg.store_url, consent=self.cfg.consent) if self.cfg.store_url else None
+        if self.store is not None:  # a salt that cannot match the tombstones would personalize erased users: refuse to start
+            self.store.check_erasure_salt()
+        self.audit = audit_log(self.cfg.audit, self.store)  # model swaps here; the user-data routes audit through UsersService
         self.recommender = None  # set by reconfigure, which Serve calls right after __init__
         self.model_uri: str | None = None
+        self.swap_error: str | None = None  # why the last swap was refused (the old model kept serving)
         self.metrics = ModelMetrics()
         self.batched_recommend.set_max_batch_size(self.cfg.max_batch_size)
         self.batched_recommend.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
@@ -134,10 +150,22 @@ class ModelServer:
 
         cfg = ModelConfig.model_validate(user_config or {})
         c = self.cfg
-        new = await asyncio.to_thread(Recommender.from_uri, cfg.model_uri, self.store, c.tracking_uri, c.force_cpu, c.diversity_lambda, c.index.model_dump())
-        await asyncio.to_thread(probe, new, None)
+        try:
+            new = await asyncio.to_thread(Recommender.from_uri, cfg.model_uri, self.store, c.tracking_uri, c.force_cpu, c.diversity_lambda, c.index.model_dump())
+            await asyncio.to_thread(probe, new, self.store)
+        except Exception as e:
+            if self.recommender is None:
+                raise  # a replica with no model must not start
+            # Raising here would make Serve kill this healthy replica and start ones that fail the same
+            # way (a full outage); keep serving the old model and say so in /healthz and the log.
+            self.swap_error = f"{cfg.model_uri}: {type(e).__name__}: {e}"[:500]
+            log.error("model swap refused, still serving version %s: %s", self.recommender.model_version, self.swap_error)
+            await asyncio.to_thread(record_model_swap, self.audit, self.recommender.model_version, None, cfg.model_uri, self.swap_error)
+            return
+        self.swap_error = None
         old_version = self.recommender.model_version if self.recommender else None
         self.recommender, self.model_uri = new, cfg.model_uri
+        await asyncio.to_thread(record_model_swap, self.audit, old_version, new.model_version, cfg.model_uri)
         self.metrics.serving_with(new.provider, new.model_version, (preferred_providers(c.force_cpu) or [None])[0])
         log.info("model version %s -> %s (%s) on %s", old_version, new.model_version, cfg.model_uri, new.provider)
 
@@ -155,7 +183,10 @@ class ModelServer:
         if rec is None:
             raise RuntimeError("no model loaded")
         probe(rec, self.store)
-        return {"status": "ok", "model_version": rec.model_version, "provider": rec.provider, "n_items": len(rec.items)}
+        body = {"status": "ok", "model_version": rec.model_version, "provider": rec.provider, "n_items": len(rec.items)}
+        if self.swap_error:
+            body["swap_error"] = self.swap_error
+        return body
 
     def check_health(self) -> None:
         """Serve calls this every health_check_period_s; raising marks the replica unhealthy and replaces it."""
@@ -172,8 +203,9 @@ class ModelServer:
             store.close()
 
 
-# a body that is not UTF-8 is refused by FastAPI with 400 before validation: documented, so clients (and the fuzz) expect it
-BODY_UNREADABLE = {400: {"description": "the request body could not be decoded (not UTF-8)"}}
+# a body that is not UTF-8 (or not parseable at all, e.g. a number of over 4300 digits) is refused by
+# FastAPI with 400 before validation: documented, so clients (and the fuzz) expect it
+BODY_UNREADABLE = {400: {"description": "the request body could not be decoded (not UTF-8, or not parseable as JSON)"}}
 # what UsersApi._run answers besides 200/401/403/422 (found undocumented by the fuzz: benchmarks/fuzz.py)
 USER_RESPONSES = {
     **AUTH_RESPONSES,
@@ -181,7 +213,12 @@ USER_RESPONSES = {
     409: {"description": "this user id was erased and cannot be reused"},
     503: {"description": "authentication or the feature store is not configured"},
 }
-api = FastAPI(title="trustrec", description="Recommendations with consent and control built in", version="0.1.0", responses=BODY_UNREADABLE)
+# TrustrecAPI (serving/http.py): 413 / 415 before parsing, a bounded 422, offline /docs, and
+# /v1/recommend's bearer token shown as optional unless args.auth.protect_recommend
+api = TrustrecAPI(
+    title="trustrec", description="Recommendations with consent and control built in", version="0.1.0",
+    responses=BODY_UNREADABLE, optional_auth_paths=["/v1/recommend"],
+)
 
 
 @serve.deployment(name=MODEL_DEPLOYMENT)
@@ -191,21 +228,25 @@ class Model(ModelServer):
 
     def __init__(self, args: dict):
         super().__init__(args)
+        configure_http(self.cfg)  # body limit and OpenAPI security of this replica's app (serving/http.py)
         self.routes = RouteMetrics()
-        self.users = UsersService(self.cfg, self.store)  # consent, preferences, events, access, erasure (serving/users_api.py)
+        self.users = UsersService(self.cfg, self.store, self.audit)  # consent, preferences, events, access, erasure (serving/users_api.py)
 
     @api.post("/v1/recommend", response_model=RecommendResponse, response_model_exclude_none=True)
     async def recommend(self, request: RecommendRequest, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> dict:
-        self.users.authorize_recommend(request.user_id, credentials)
+        personal = self.users.authorize_recommend(request.user_id, credentials)
+        query = request.model_dump()
+        withheld = query["explain"] and not personal  # reasons name the user's history and stated genres: owner or admin only
+        query["explain"] = query["explain"] and personal
         start, status = time.perf_counter(), "error"
         try:
-            result = await self.batched_recommend(request.model_dump())  # joins this replica's next batch
+            result = await self.batched_recommend(query)  # joins this replica's next batch
             status = "ok"
-            return result
+            return {**result, "reasons_withheld": True} if withheld else result
         finally:
             self.routes.observe("/v1/recommend", status, time.perf_counter() - start)
 
-    @api.get("/healthz", response_model=Health, responses={503: {"model": Unhealthy, "description": "model or feature store unusable"}})
+    @api.get("/healthz", response_model=Health, response_model_exclude_none=True, responses={503: {"model": Unhealthy, "description": "model or feature store unusable"}})
     async def healthz(self):
         start = time.perf_counter()
         try:

@@ -40,6 +40,22 @@ class AuthArgs(BaseModel):
     protect_recommend: bool = False
 
 
+class AuditArgs(BaseModel):
+    """The audit log (features/audit.py): consent, preferences, events, exports, erasures, model
+    swaps, auth failures, keyed by a salted hash of the user id. `trustrec forget` / `export-user`
+    read these settings from the same file, so the CLI writes where serving does."""
+
+    model_config = ConfigDict(extra="forbid")
+    # The store's `audit_log` table: each entry is written in the same transaction as the change it
+    # records (neither exists without the other), every replica and the CLI share it with no setup,
+    # and erasure keeps it (no raw ids in it). Needs store_url; false only where the file below is the record.
+    table: bool = True
+    # A JSON-lines file as well (append-only, 0600): off by default because each replica process appends
+    # to it, so it must be a path on a disk that every replica and the CLI share; set it to feed a
+    # log collector or keep a copy outside the database. Relative paths are from the working directory.
+    path: str | None = None
+
+
 class AppArgs(BaseModel):
     """The `args` of the trustrec application, validated (a typo fails with its name)."""
 
@@ -55,6 +71,13 @@ class AppArgs(BaseModel):
     batch_wait_timeout_s: float = Field(0.002, ge=0)  # how long a batch waits to fill: latency bound at low load
     consent: ConsentConfig = ConsentConfig()  # opt-in / opt-out regime and the erasure salt's env var
     auth: AuthArgs = AuthArgs()  # who may read, change or erase a user's data
+    # Request bodies over this many bytes get 413 before anything parses them (serving/http.py):
+    # a body is parsed whole into Python objects, so without a bound one client can make a replica
+    # parse megabytes per request. 64 KiB is ~4x the largest realistic request (a preferences PUT
+    # blocking 1000 items of ~10-char ids is ~15 KB); a PUT filling all three lists to their
+    # 1000-entry maximum with long ids needs it raised.
+    max_body_bytes: int = Field(65536, ge=1024)
+    audit: AuditArgs = AuditArgs()  # where the audit log goes: the store table (default) and/or a JSON-lines file
 
 
 class ModelConfig(BaseModel):

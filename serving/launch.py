@@ -73,6 +73,7 @@ def start(
     num_cpus: float | None = None,
     host: str | None = None,
     metrics_port: int | None = None,
+    metrics_host: str = "127.0.0.1",
 ) -> str:
     """Start Ray (if needed) and deploy the app; returns the base URL once every replica is up and /healthz answers.
     `metrics_port`: Ray's Prometheus export port (Serve's and trustrec's metrics at /metrics)."""
@@ -87,6 +88,10 @@ def start(
         init: dict[str, Any] = dict(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=False, configure_logging=False, namespace="serve")
         if metrics_port:
             init["_metrics_export_port"] = metrics_port
+        if metrics_host != "0.0.0.0":
+            # Ray's metrics agent binds every interface unless the node's address is loopback; this
+            # node is this machine alone, so loopback also keeps Ray's own ports off the network
+            init["_node_ip_address"] = "127.0.0.1"
         ray.init(**init)
     http_options = {**config["http_options"], "location": schema.proxy_location.value if schema.proxy_location else "HeadOnly"}
     client = serve_start(http_options=http_options, global_logging_config=config.get("logging_config"))  # the proxy's logging too
@@ -144,6 +149,25 @@ def pin_version(model_uri: str, tracking_uri: str | None) -> str:
     return f"models:/{name}/{version}"
 
 
+def validate_bundle(model_uri: str, args: AppArgs) -> None:
+    """Load the model a swap would push, run its ONNX user tower once and query the feature store,
+    here, before any replica switches (what each replica's `reconfigure` would do). Raises
+    ValueError naming the reason: a missing or broken bundle never reaches the running app."""
+    from features.store import FeatureStore
+    from serving.app import probe
+    from serving.recommender import Recommender
+
+    store = FeatureStore(args.store_url, consent=args.consent) if args.store_url else None
+    try:
+        rec = Recommender.from_uri(model_uri, store, args.tracking_uri, args.force_cpu, args.diversity_lambda, args.index.model_dump())
+        probe(rec, store)
+    except Exception as e:  # noqa: BLE001 - every failure means "do not push"; the reason goes to the operator
+        raise ValueError(f"not swapping to {model_uri}: it does not load ({type(e).__name__}: {e}); the running model keeps serving") from None
+    finally:
+        if store is not None:
+            store.close()
+
+
 def reload(config_path: str | Path, model_uri: str | None = None, port: int | None = None, address: str | None = None) -> tuple[str | None, str]:
     """Hot swap: resolve the configured model URI (alias) again and push it to the running app's model
     deployment as a new `user_config`; replicas load it and swap in place. Returns (old URI, new URI).
@@ -158,6 +182,7 @@ def reload(config_path: str | Path, model_uri: str | None = None, port: int | No
     port = port or http.port
     args = absolute_urls(args.model_copy(update={"model_uri": model_uri}) if model_uri else args)
     new_uri = pin_version(args.model_uri, args.tracking_uri)
+    validate_bundle(new_uri, args)  # before any replica hears of it: a bad URI or bundle changes nothing
     if address is None:
         path = state_file(port)
         if not path.exists():
@@ -182,10 +207,15 @@ def reload(config_path: str | Path, model_uri: str | None = None, port: int | No
         model["user_config"] = {**(model.get("user_config") or {}), "model_uri": new_uri}
         others = [a["deployed_app_config"] for name, a in details["applications"].items() if name != APP_NAME and a.get("deployed_app_config")]
         http_options = {k: v for k, v in (details.get("http_options") or {}).items() if k in ("host", "port", "root_path", "request_timeout_s", "keep_alive_timeout_s")}
-        schema = ServeDeploySchema.model_validate({"proxy_location": details.get("proxy_location") or "HeadOnly", "http_options": http_options, "applications": [app_config, *others]})
-        _get_global_client().deploy_apps(schema, _blocking=False)
+        target = {"proxy_location": details.get("proxy_location") or "HeadOnly", "http_options": http_options, "applications": [app_config, *others]}
+        _get_global_client().deploy_apps(ServeDeploySchema.model_validate(target), _blocking=False)
         log.info("pushed user_config.model_uri %s -> %s", old_uri, new_uri)
-        _wait_swapped(new_uri)
+        try:
+            _wait_swapped(new_uri)
+        except (RuntimeError, TimeoutError) as e:  # replicas refused it after all: put the old target back
+            model["user_config"] = {**model["user_config"], "model_uri": old_uri}
+            _get_global_client().deploy_apps(ServeDeploySchema.model_validate(target), _blocking=False)
+            raise RuntimeError(f"{e}; the deployment's model target was set back to {old_uri}") from None
         return old_uri, new_uri
     finally:
         if connected_here:
@@ -221,9 +251,10 @@ def stop() -> None:
         ray.shutdown()
 
 
-def serve_forever(config_path: str | Path, model_uri: str | None = None, port: int | None = None, host: str | None = None, metrics_port: int | None = None) -> None:
-    url = start(config_path, model_uri, port, host=host, metrics_port=metrics_port)
-    metrics = f"; Prometheus: http://127.0.0.1:{metrics_port}/metrics" if metrics_port else ""
+def serve_forever(config_path: str | Path, model_uri: str | None = None, port: int | None = None, host: str | None = None,
+                  metrics_port: int | None = None, metrics_host: str = "127.0.0.1") -> None:
+    url = start(config_path, model_uri, port, host=host, metrics_port=metrics_port, metrics_host=metrics_host)
+    metrics = f"; Prometheus: http://{metrics_host}:{metrics_port}/metrics" if metrics_port else ""
     print(f"trustrec serving on {url}  (OpenAPI: {url}/docs{metrics}; Ctrl-C to stop)", flush=True)
     try:
         while True:

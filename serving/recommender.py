@@ -193,6 +193,13 @@ class Recommender:
             if result is None:  # stated likes steer the popularity list when personalization is allowed
                 liked = self._liked(states[i]) if states[i].personalize else np.zeros(0, np.int64)
                 results[i] = self._response(self._popular(k, self._excluded(states[i], exclude_seen), lam, liked), liked.size > 0)
+        for i, result in enumerate(results):
+            if len(result["items"]) < k:  # never silently short: say how many and why
+                pool = "the model's catalog" if i in known else f"the bundle's popularity list ({len(self.popular)} items)"
+                result["short"] = {
+                    "requested": k, "returned": len(result["items"]),
+                    "reason": f"only {len(result['items'])} items of {pool} remain after leaving out items already seen, of avoided genres and blocked",
+                }  # fmt: skip
         return results  # type: ignore[return-value]
 
     def _liked(self, state: UserState) -> np.ndarray:

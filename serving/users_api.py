@@ -16,8 +16,10 @@ from fastapi import HTTPException, Path
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 
+from serving.audit import audit_log
 from serving.auth import Authenticator
 from serving.config import AppArgs
+from serving.http import CleanStr, FiniteFloat, StrictBool, Timestamp
 
 log = logging.getLogger(__name__)
 
@@ -33,16 +35,17 @@ AUTH_RESPONSES: dict = {
 
 
 class _Body(BaseModel):
+    # numbers are accepted as ids; otherwise strict: no "true" or 1 for a boolean, no NaN, no lone surrogates (serving/http.py)
     model_config = ConfigDict(extra="forbid", coerce_numbers_to_str=True)
 
 
 class ConsentRequest(_Body):
     """The purposes to set; the ones left out keep their state. Each becomes a ledger record."""
 
-    personalization: bool | None = None
-    training: bool | None = None
-    demographics: bool | None = None
-    source: str = Field("api", min_length=1, max_length=64, description="who recorded it: a form, an app screen, ...")
+    personalization: StrictBool | None = None
+    training: StrictBool | None = None
+    demographics: StrictBool | None = None
+    source: CleanStr = Field("api", min_length=1, max_length=64, description="who recorded it: a form, an app screen, ...")
 
 
 class ConsentState(BaseModel):
@@ -58,9 +61,9 @@ class ConsentResponse(BaseModel):
 class PreferencesRequest(_Body):
     """Lists to replace; a list left out stays as it is, [] clears it."""
 
-    liked_genres: list[str] | None = Field(None, max_length=1000)
-    avoided_genres: list[str] | None = Field(None, max_length=1000)
-    blocked_items: list[str] | None = Field(None, max_length=1000)
+    liked_genres: list[CleanStr] | None = Field(None, max_length=1000)
+    avoided_genres: list[CleanStr] | None = Field(None, max_length=1000)
+    blocked_items: list[CleanStr] | None = Field(None, max_length=1000)
 
 
 class Preferences(BaseModel):
@@ -70,10 +73,10 @@ class Preferences(BaseModel):
 
 
 class EventRequest(_Body):
-    user_id: str = Field(min_length=1, max_length=128)
-    item_id: str = Field(min_length=1, max_length=128)
-    rating: float = Field(1.0, ge=-1e6, le=1e6, description="1.0 for implicit feedback")
-    timestamp: int | None = Field(None, ge=0, description="unix seconds; default now")
+    user_id: CleanStr = Field(min_length=1, max_length=128)
+    item_id: CleanStr = Field(min_length=1, max_length=128)
+    rating: FiniteFloat = Field(1.0, ge=-1e6, le=1e6, description="1.0 for implicit feedback")
+    timestamp: Timestamp | None = Field(None, description="unix seconds, before 2100 (serving/http.py MAX_TIMESTAMP); default now")
 
 
 class EventResponse(BaseModel):
@@ -123,6 +126,7 @@ class ModelCard(BaseModel):
     dataset: str | None
     data_snapshot: str | None = Field(description="hash of the training data snapshot (no ids)")
     data: dict[str, Any]
+    erasures_applied: int | None = Field(None, description="erased users left out of this model's training data (None: a bundle older than the count)")
     metrics: dict[str, float]
     privacy: PrivacyCard
     user_features: list[str]
@@ -152,6 +156,7 @@ def model_card(rec) -> dict:
         "dataset": prov.get("dataset"),
         "data_snapshot": data.get("snapshot"),
         "data": data,
+        "erasures_applied": data.get("erasures_applied"),
         "metrics": {k: float(v) for k, v in m.get("metrics", {}).items() if _scalar(v) is not None},
         "privacy": {"mode": str(privacy.pop("mode", "none")), "epsilon": eps, "delta": delta, "details": privacy},
         "user_features": list(m["features"]["user"]),
@@ -165,16 +170,36 @@ def _token(credentials: HTTPAuthorizationCredentials | None) -> str | None:
 
 
 class UsersService:
-    """One per replica: the store, the authenticator, and a handler per endpoint."""
+    """One per replica: the store, the authenticator, the audit log, and a handler per endpoint."""
 
-    def __init__(self, cfg: AppArgs, store=None):
-        """`store`: the replica's FeatureStore when it has one already (None opens one from cfg.store_url)."""
+    def __init__(self, cfg: AppArgs, store=None, audit=None):
+        """`store`: the replica's FeatureStore when it has one already (None opens one from cfg.store_url);
+        `audit`: the replica's AuditLog (None builds one from cfg.audit)."""
         from features.store import FeatureStore
 
         if store is None and cfg.store_url:
             store = FeatureStore(cfg.store_url, consent=cfg.consent)
         self.store = store
         self.auth = Authenticator(cfg.auth)
+        self.audit = audit if audit is not None else audit_log(cfg.audit, store)
+        self._pending: set = set()  # audit writes of failed /v1/recommend authorizations, in flight
+
+    def _auth_failure(self, err: HTTPException, credentials, user_id: str, operation: str):
+        """For a 401 / 403 from Authenticator.check: a function writing its audit entry (the hash of
+        the requested id, why it failed, which operation; never the token). None for other errors."""
+        if self.audit is None or err.status_code not in (401, 403):
+            return None
+        reason = "missing_token" if not _token(credentials) else "invalid_token" if err.status_code == 401 else "other_users_token"
+        actor = "user" if err.status_code == 403 else "anonymous"  # 403: a genuine token, of another user
+        detail = {"status": err.status_code, "reason": reason, "operation": operation}
+
+        def write() -> None:
+            try:
+                self.audit.record("auth_failure", self.audit.subject(user_id), actor, detail)
+            except Exception:  # the client gets its 401 / 403 either way
+                log.exception("could not write the audit entry of an authentication failure")
+
+        return write
 
     def _subject(self, user_id: str) -> str:
         """What a log line may say about a user: a short salted hash."""
@@ -184,11 +209,17 @@ class UsersService:
         """Authorize for `user_id`, then run fn(store, user_id, *args) in a thread, mapping errors to HTTP."""
         from features.consent import ConsentError, ErasedUserError, UnknownUserError
 
-        self.auth.check(_token(credentials), user_id)
+        try:
+            actor = self.auth.check(_token(credentials), user_id)
+        except HTTPException as e:
+            write = self._auth_failure(e, credentials, user_id, fn.__name__)
+            if write is not None:
+                await asyncio.to_thread(write)
+            raise
         if self.store is None:
             raise HTTPException(503, "no feature store configured (store_url is null)")
         try:
-            return await asyncio.to_thread(fn, self.store, user_id, *args)
+            return await asyncio.to_thread(fn, self.store, user_id, *args, audit=self.audit, actor=actor)
         except ConsentError as e:
             raise HTTPException(422, [{"loc": ["body", e.field], "msg": e.message, "type": "value_error"}]) from None
         except UnknownUserError:
@@ -226,7 +257,26 @@ class UsersService:
         log.info("erased user %s: %s", receipt["tombstone"][:12], receipt["deleted"])
         return receipt
 
-    def authorize_recommend(self, user_id: str, credentials) -> None:
-        """/v1/recommend follows `auth.protect_recommend`: open by default."""
-        if self.auth.protect_recommend:
+    def authorize_recommend(self, user_id: str, credentials) -> bool:
+        """/v1/recommend follows `auth.protect_recommend`: open by default. Returns whether the caller
+        may see the user's personal data in the answer (explanations name history items, stated
+        genres, consent state): only with the user's own token or the admin token. On the open route
+        a caller without a token is anonymous (False); a token that is sent is checked like on the
+        user-data routes (401 / 403). A failure's audit entry is written off the event loop without
+        waiting for it (this check is synchronous)."""
+        if not self.auth.protect_recommend and (not _token(credentials) or not (self.auth.admin or self.auth.secret)):
+            return False
+        try:
             self.auth.check(_token(credentials), user_id)
+        except HTTPException as e:
+            write = self._auth_failure(e, credentials, user_id, "recommend")
+            if write is not None:
+                try:
+                    future = asyncio.get_running_loop().run_in_executor(None, write)
+                except RuntimeError:  # no running event loop (a direct call): write it now
+                    write()
+                else:
+                    self._pending.add(future)  # keep a reference until it is done
+                    future.add_done_callback(self._pending.discard)
+            raise
+        return True

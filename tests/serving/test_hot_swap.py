@@ -1,6 +1,7 @@
 """Hot swap under load: two real registered training runs, `trustrec promote` + `trustrec serve --reload`
 while a thread keeps sending requests -> no failed request, and the served version changes."""
 import os
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -101,6 +102,20 @@ def test_promote_then_reload_swaps_versions_under_load_with_no_failed_request(tr
         n = len(stream.seen)
         while len(stream.seen) < n + 50:  # every replica answers after the swap
             stream.join(0.1)
+
+        # a bad swap changes nothing: a missing path and a bundle whose ONNX file is broken are refused
+        # before any replica hears of them (`--reload` exits 2 naming why), under the same load
+        broken = tmp_path / "broken-bundle"
+        shutil.copytree(second.artifact_dir, broken)
+        (broken / "user_tower.onnx").write_bytes(b"not an onnx model")
+        for bad in ("/does-not-exist", str(broken)):
+            out = subprocess.run([str(BIN / "trustrec"), "serve", "--reload", "--config", str(config), "--port", str(port), "--model", bad],
+                                 cwd=REPO, env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, capture_output=True, text=True, timeout=300)
+            assert out.returncode == 2 and "not swapping" in out.stderr and "keeps serving" in out.stderr, out.stderr[-2000:]
+        n = len(stream.seen)
+        while len(stream.seen) < n + 20:
+            stream.join(0.1)
+        assert model_replicas() == replicas_before  # no replica was killed
     finally:
         stream.stop.set()
         stream.join(60)

@@ -66,3 +66,27 @@ def test_latency_fallbacks_provider_and_serve_builtins_are_exported(served):
     assert total(fallbacks, text) == len(unknown)  # known users are never counted as fallbacks
     # no provider fallback on a CPU-only build (CPU was asked for, CPU was given)
     assert not re.search(r'^ray_trustrec_fallbacks(_total)?\{.*kind="provider".*\} [1-9]', text, re.M)
+
+
+def listening_addresses(port: int) -> set[str]:
+    """Local addresses with a TCP socket LISTENing on `port` (from /proc/net/tcp{,6}, hex as the kernel writes them)."""
+    found = set()
+    for name in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = open(name).read().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            local, state = line.split()[1], line.split()[3]
+            addr, _, hex_port = local.partition(":")
+            if state == "0A" and int(hex_port, 16) == port:
+                found.add(addr)
+    return found
+
+
+def test_the_metrics_port_listens_on_loopback_only(served):
+    _, metrics_url = served
+    port = int(metrics_url.rsplit(":", 1)[1].split("/")[0])
+    assert requests.get(metrics_url, timeout=10).status_code == 200
+    # 0100007F is 127.0.0.1 (little-endian hex); 00000000 would be every interface
+    assert listening_addresses(port) == {"0100007F"}

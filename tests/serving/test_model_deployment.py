@@ -99,12 +99,18 @@ def test_no_model_loaded_is_unhealthy():
 
 def test_reconfigure_swaps_in_place_and_keeps_the_old_model_on_a_bad_uri(trained_run, server, tmp_path):
     old = server.recommender
-    with pytest.raises(FileNotFoundError):
-        asyncio.run(server.reconfigure({"model_uri": str(tmp_path / "nowhere")}))
+    # a replica that serves a model does not raise on a bad one: Serve would kill it and start
+    # replacements that fail the same way (the full outage of issue 13); it keeps the old model and says so
+    asyncio.run(server.reconfigure({"model_uri": str(tmp_path / "nowhere")}))
     assert server.recommender is old  # a failed load never replaces a working model
+    assert "nowhere" in server.health()["swap_error"] and server.health()["model_version"] == old.model_version
+    refused = server.audit.entries(action="model_swap_refused") if server.audit else []
+    assert refused and refused[-1]["detail"]["serving"] == old.model_version and "nowhere" in refused[-1]["detail"]["uri"]
+    with pytest.raises(FileNotFoundError):  # a replica with no model yet must fail to start
+        asyncio.run(Model({"store_url": None}).reconfigure({"model_uri": str(tmp_path / "nowhere")}))
     asyncio.run(server.reconfigure({"model_uri": "models:/trustrec@champion"}))
     assert server.recommender is not old and server.recommender.model_version == trained_run.result.model_version
-    assert server.health()["model_version"] == trained_run.result.model_version
+    assert server.health()["model_version"] == trained_run.result.model_version and "swap_error" not in server.health()
     with pytest.raises(ValueError, match="model_url"):
         asyncio.run(server.reconfigure({"model_url": "typo"}))
 

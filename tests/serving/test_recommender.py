@@ -51,6 +51,21 @@ def test_unknown_user_gets_flagged_popularity_fallback(rec, trained_run):
     assert all(it["title"] for it in answer["items"])
 
 
+def test_a_short_answer_says_so(rec, store):
+    full = rec.recommend("u2", k=10)
+    assert len(full["items"]) == 10 and "short" not in full
+    n_items = len(rec.items)
+    history = rec.item_vocab.encode(store.user_history("u2"))
+    avoided = [rec.genre_index[g] for g in store.user_profile("u2")["avoided_genres"]]
+    left = n_items - len(np.union1d(history, np.flatnonzero(rec.genre_mask[:, avoided].any(1))))
+    whole = rec.recommend("u2", k=n_items)  # the whole catalog: seen items and avoided genres are left out
+    assert len(whole["items"]) == left < n_items
+    assert (whole["short"]["requested"], whole["short"]["returned"]) == (n_items, left) and "model's catalog" in whole["short"]["reason"]
+    n_pop = len(rec.manifest["popularity"])
+    fallback = rec.recommend("nobody-we-know", k=n_pop + 5)  # the fallback holds the bundle's popularity list only
+    assert fallback["short"]["returned"] == len(fallback["items"]) == n_pop and "popularity list" in fallback["short"]["reason"]
+
+
 def test_items_carry_titles_from_the_bundle(rec):
     titles = {it["item_id"]: it["title"] for it in rec.items}
     for item in rec.recommend("u3", k=5)["items"]:

@@ -237,7 +237,7 @@ def test_events_without_training_consent_stay_out_of_training(server, local, sto
 # ---- explanations -----------------------------------------------------------------------------
 def test_every_item_is_explained(server, local, store):
     user = "u14"
-    answer = recommend(server, user_id=user, k=20, explain=True)
+    answer = recommend(server, bearer(user), user_id=user, k=20, explain=True)
     history = np.unique(local.item_vocab.encode(store.user_history(user)))
     assert answer["personalized"] and len(answer["items"]) == 20
     for item in answer["items"]:
@@ -249,17 +249,31 @@ def test_every_item_is_explained(server, local, store):
         assert first["similarity"] == pytest.approx(float(sims.max()), abs=1e-4)
     assert "reasons" not in recommend(server, user_id=user, k=3)["items"][0]  # only when asked
 
-    stranger = recommend(server, user_id="explain-stranger", k=10, explain=True)
+    stranger = recommend(server, bearer("explain-stranger"), user_id="explain-stranger", k=10, explain=True)
     assert all([r["kind"] for r in it["reasons"]] == ["popular"] for it in stranger["items"])
     liked = sorted(genres_of(local, local.manifest["popularity"][0]))[0]
     put(server, "preferences", "explain-cold", {"liked_genres": [liked]}, bearer("explain-cold"))
-    cold = recommend(server, user_id="explain-cold", k=30, explain=True)
+    cold = recommend(server, bearer(token=ADMIN), user_id="explain-cold", k=30, explain=True)  # the admin sees reasons too
     kinds = [[r["kind"] for r in it["reasons"]] for it in cold["items"]]
     assert all(k for k in kinds) and ["stated_genre"] in kinds
     for item, k in zip(cold["items"], kinds):
         assert (k == ["stated_genre"]) == (liked in genres_of(local, item["item_id"]))
         if k == ["stated_genre"]:
             assert item["reasons"][0]["genres"] == [liked]
+
+
+def test_reasons_are_personal_data_an_anonymous_caller_never_gets(server, store):
+    user = "u16"
+    put(server, "preferences", user, {"liked_genres": store.genre_names()[:1]}, bearer(user))
+    put(server, "consent", "u17", {"personalization": False}, bearer("u17"))
+    for who in (user, "u17", "never-seen-user"):  # known, opted out, unknown: the answers look alike
+        answer = recommend(server, user_id=who, k=10, explain=True)
+        assert answer["reasons_withheld"] is True and all("reasons" not in it for it in answer["items"]), who
+    assert all(it["reasons"] for it in recommend(server, bearer(user), user_id=user, k=5, explain=True)["items"])
+    assert "reasons_withheld" not in recommend(server, user_id=user, k=5)  # nothing was asked, nothing withheld
+    wrong = requests.post(f"{server}/v1/recommend", json={"user_id": user, "explain": True}, headers=bearer("u18"), timeout=30)
+    forged = requests.post(f"{server}/v1/recommend", json={"user_id": user, "explain": True}, headers=bearer(token="forged.abc"), timeout=30)
+    assert (wrong.status_code, forged.status_code) == (403, 401)  # a token that is sent is checked
 
 
 # ---- validation, injection ------------------------------------------------------------------
