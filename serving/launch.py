@@ -14,6 +14,7 @@ import copy
 import json
 import logging
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -66,6 +67,19 @@ def state_file(port: int) -> Path:
     return Path(tempfile.gettempdir()) / f"trustrec-serve-{port}.json"
 
 
+def local_only_ray() -> None:
+    """Make the Ray node this process starts use the loopback address, as Ray does by default on
+    macOS / Windows: its metrics agent binds every interface unless the node's address is 127.0.0.1
+    (`ray.init(_node_ip_address="127.0.0.1")` is turned back into the host's address). The node is
+    this machine alone, so loopback also keeps Ray's other ports off the network. The knob is Ray's
+    RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, read when ray is imported (so also set on the imported
+    constant, where this process imported ray already) and inherited by Ray's own processes."""
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    constants = sys.modules.get("ray._private.ray_constants")
+    if constants is not None:
+        constants.ENABLE_RAY_CLUSTER = False
+
+
 def start(
     config_path: str | Path,
     model_uri: str | None = None,
@@ -76,7 +90,10 @@ def start(
     metrics_host: str = "127.0.0.1",
 ) -> str:
     """Start Ray (if needed) and deploy the app; returns the base URL once every replica is up and /healthz answers.
-    `metrics_port`: Ray's Prometheus export port (Serve's and trustrec's metrics at /metrics)."""
+    `metrics_port`: Ray's Prometheus export port (Serve's and trustrec's metrics at /metrics), on
+    `metrics_host`: 127.0.0.1, or 0.0.0.0 for every interface."""
+    if metrics_host != "0.0.0.0":
+        local_only_ray()  # before Ray starts: it reads the knob once
     import ray
     from ray.serve._private.api import serve_start  # the `serve run` CLI's own call (see module doc)
     from ray.serve.schema import ServeDeploySchema
@@ -88,10 +105,6 @@ def start(
         init: dict[str, Any] = dict(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=False, configure_logging=False, namespace="serve")
         if metrics_port:
             init["_metrics_export_port"] = metrics_port
-        if metrics_host != "0.0.0.0":
-            # Ray's metrics agent binds every interface unless the node's address is loopback; this
-            # node is this machine alone, so loopback also keeps Ray's own ports off the network
-            init["_node_ip_address"] = "127.0.0.1"
         ray.init(**init)
     http_options = {**config["http_options"], "location": schema.proxy_location.value if schema.proxy_location else "HeadOnly"}
     client = serve_start(http_options=http_options, global_logging_config=config.get("logging_config"))  # the proxy's logging too
@@ -174,10 +187,6 @@ def reload(config_path: str | Path, model_uri: str | None = None, port: int | No
 
     The running app is found through the state file `start` wrote for that port, or `address`
     (a Ray GCS address, e.g. for an app started with `serve run`)."""
-    import ray
-    from ray.serve.context import _get_global_client
-    from ray.serve.schema import ServeDeploySchema
-
     http, args, _ = load_serve_config(config_path)
     port = port or http.port
     args = absolute_urls(args.model_copy(update={"model_uri": model_uri}) if model_uri else args)
@@ -188,6 +197,12 @@ def reload(config_path: str | Path, model_uri: str | None = None, port: int | No
         if not path.exists():
             raise FileNotFoundError(f"no running `trustrec serve` on port {port} ({path} missing); pass --address RAY_GCS_ADDRESS")
         address = json.loads(path.read_text())["address"]
+    if address.split(":")[0] in ("127.0.0.1", "localhost"):
+        local_only_ray()  # a node on loopback (`trustrec serve`) only takes drivers that are on loopback too
+    import ray
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeDeploySchema
+
     connected_here = not ray.is_initialized()
     if connected_here:
         ray.init(address=address, namespace="serve", log_to_driver=False, configure_logging=False)
