@@ -256,6 +256,12 @@ AUTH_REQUIRED_RESPONSES = {
     "403": {"description": "another user's token"},
     "503": {"description": "authentication is not configured"},
 }
+# while open, a token that is sent is still checked (UsersService.authorize_recommend): found
+# undocumented by benchmarks/fuzz.py's optional_auth probe
+OPTIONAL_AUTH_RESPONSES = {
+    "401": {"description": "an invalid bearer token was sent (without one the route is open)"},
+    "403": {"description": "another user's token was sent"},
+}
 
 
 class TrustrecAPI(FastAPI):
@@ -334,4 +340,6 @@ class TrustrecAPI(FastAPI):
                             op.setdefault("responses", {}).setdefault(code, dict(response))
                     else:
                         op["security"] = [{}, *required]
+                        for code, response in OPTIONAL_AUTH_RESPONSES.items():
+                            op.setdefault("responses", {}).setdefault(code, dict(response))
         return schema
