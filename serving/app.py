@@ -123,6 +123,21 @@ def recommend_batch(recommender, requests: list[dict]) -> list[dict]:
     return results
 
 
+def route_logs_to_serve() -> None:
+    """Send our own loggers (`serving`, `features`: swaps, refusals, erasure receipts by hash) to the
+    replica's log file at Serve's level. Ray Serve writes only the `ray.serve` logger there; ours
+    would otherwise stop at the worker's root logger (WARNING), and the INFO lines never appear."""
+    serve_logger = logging.getLogger("ray.serve")
+    for name in ("serving", "features"):
+        ours = logging.getLogger(name)
+        for handler in serve_logger.handlers:
+            if handler not in ours.handlers:
+                ours.addHandler(handler)
+        if serve_logger.handlers:
+            ours.setLevel(serve_logger.getEffectiveLevel())
+            ours.propagate = False  # once in the replica file, not again through the root logger
+
+
 class ModelServer:
     """One Recommender per replica; the model comes from `user_config` (ModelConfig) and can be swapped live.
     A plain class (the deployment `Model` below adds the HTTP routes), so it is tested without Ray."""
@@ -131,6 +146,7 @@ class ModelServer:
         from features.store import FeatureStore
 
         self.cfg = AppArgs.model_validate(args)
+        route_logs_to_serve()
         self.store = FeatureStore(self.cfg.store_url, consent=self.cfg.consent) if self.cfg.store_url else None
         if self.store is not None:  # a salt that cannot match the tombstones would personalize erased users: refuse to start
             self.store.check_erasure_salt()

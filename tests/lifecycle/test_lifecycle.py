@@ -177,6 +177,8 @@ def test_4_the_erased_id_is_nowhere(world):
     for run in client.search_runs([e.experiment_id for e in client.search_experiments()]):
         assert not any(ERASED_BYTES.search(f"{k}={v}".encode()) for k, v in {**run.data.params, **run.data.tags}.items())
     logs = [world["server"].log, *Path("/tmp/ray/session_latest/logs").rglob("*")]
+    replica_logs = b"".join(p.read_bytes() for p in Path("/tmp/ray/session_latest/logs/serve").glob("replica_*.log"))
+    assert b"model version None -> 1" in replica_logs and b"model version 1 -> 2" in replica_logs  # our INFO lines are there to scan
     for path in logs:
         if path.is_file():
             data = path.read_bytes()
