@@ -167,7 +167,7 @@ class ModelServer:
         cfg = ModelConfig.model_validate(user_config or {})
         c = self.cfg
         try:
-            new = await asyncio.to_thread(Recommender.from_uri, cfg.model_uri, self.store, c.tracking_uri, c.force_cpu, c.diversity_lambda, c.index.model_dump())
+            new = await asyncio.to_thread(Recommender.from_uri, cfg.model_uri, self.store, c.tracking_uri, c.force_cpu, c.diversity_lambda, c.index.model_dump(), c.user_cache_size)
             await asyncio.to_thread(probe, new, self.store)
         except Exception as e:
             if self.recommender is None:

@@ -18,7 +18,7 @@ N_NEIGHBOURS = 2  # history items named per recommended item: enough to recognis
 
 def explain(rec, user_id: str, response: dict, n_neighbours: int = N_NEIGHBOURS) -> dict:
     """`response` (Recommender.recommend's answer for `user_id`) with `reasons` on every item."""
-    state = rec.user_state(user_id)
+    state = rec.user_states([user_id])[0]  # the same (cached) state the ranking read
     personalized = bool(response["personalized"])
     idx = rec.item_vocab.encode([it["item_id"] for it in response["items"]])
     history = np.unique(state.items) if personalized else np.zeros(0, np.int64)

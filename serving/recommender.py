@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,7 +74,8 @@ def resolve_model_uri(uri: str, tracking_uri: str | None = None) -> tuple[Path, 
 
 
 class Recommender:
-    def __init__(self, bundle: Path, store: FeatureStore | None = None, model_version: str = "local", force_cpu: bool = False, diversity: float = 1.0, index: dict | None = None):
+    def __init__(self, bundle: Path, store: FeatureStore | None = None, model_version: str = "local", force_cpu: bool = False,
+                 diversity: float = 1.0, index: dict | None = None, cache_size: int = 10_000):
         self.manifest: dict[str, Any] = json.loads((bundle / "manifest.json").read_text())
         if self.manifest.get("schema_version") != SUPPORTED_SCHEMA:
             raise ValueError(f"{bundle}/manifest.json: schema_version {self.manifest.get('schema_version')} unsupported (want {SUPPORTED_SCHEMA})")
@@ -92,6 +95,11 @@ class Recommender:
         self.user_oov = int(self.manifest["user_oov_index"])
         self.popular = self.item_vocab.encode(self.manifest["popularity"])
         self.store = store
+        # per-replica cache of user states, keyed by the store's change counter (see user_states)
+        self.cache_size = cache_size
+        self._cache: OrderedDict[str, UserState] = OrderedDict()
+        self._cache_generation: int | None = None
+        self._cache_lock = threading.Lock()  # batches and explanations run in worker threads
         self.model_version = model_version
         self.diversity = diversity
         self.genre_index = {name: i for i, name in enumerate(self.manifest["genres"])}
@@ -103,19 +111,49 @@ class Recommender:
         self.uses_profile = self.uses_stated or "age" in user_features
 
     @classmethod
-    def from_dir(cls, path: str | Path, store: FeatureStore | None = None, force_cpu: bool = False, diversity: float = 1.0, index: dict | None = None) -> "Recommender":
-        return cls(find_bundle(Path(path)), store, "local", force_cpu, diversity, index)
+    def from_dir(cls, path: str | Path, store: FeatureStore | None = None, force_cpu: bool = False, diversity: float = 1.0,
+                 index: dict | None = None, cache_size: int = 10_000) -> "Recommender":
+        return cls(find_bundle(Path(path)), store, "local", force_cpu, diversity, index, cache_size)
 
     @classmethod
-    def from_uri(cls, uri: str, store: FeatureStore | None = None, tracking_uri: str | None = None, force_cpu: bool = False, diversity: float = 1.0, index: dict | None = None) -> "Recommender":
+    def from_uri(cls, uri: str, store: FeatureStore | None = None, tracking_uri: str | None = None, force_cpu: bool = False,
+                 diversity: float = 1.0, index: dict | None = None, cache_size: int = 10_000) -> "Recommender":
         bundle, version = resolve_model_uri(uri, tracking_uri)
-        return cls(bundle, store, version, force_cpu, diversity, index)
+        return cls(bundle, store, version, force_cpu, diversity, index, cache_size)
+
+    def user_states(self, user_ids: list[str]) -> list[UserState]:
+        """user_state for each id, through the per-replica cache. The cache is keyed by the store's
+        change counter (`FeatureStore.generation()`, bumped in the same transaction as every consent,
+        preference, event, erasure or import): one read of it per call, and the whole cache is
+        dropped when it moved, so a change shows on the very next request while a request that
+        changes nothing reads a user's rows once. (A state read after the counter was read is at
+        least as new as that counter: it is never served past a change.)"""
+        if self.store is None or self.cache_size == 0:
+            return [self.user_state(u) for u in user_ids]
+        generation = self.store.generation()
+        with self._cache_lock:
+            if generation != self._cache_generation:
+                self._cache.clear()
+                self._cache_generation = generation
+            cached = [self._cache.get(u) for u in user_ids]
+            for u, state in zip(user_ids, cached):
+                if state is not None:
+                    self._cache.move_to_end(u)
+        states = [state if state is not None else self.user_state(u) for u, state in zip(user_ids, cached)]
+        with self._cache_lock:
+            if generation == self._cache_generation:  # not dropped meanwhile by a newer counter
+                for u, state, was in zip(user_ids, states, cached):
+                    if was is None:
+                        self._cache[u] = state
+                while len(self._cache) > self.cache_size:
+                    self._cache.popitem(last=False)  # least recently used
+        return states
 
     def user_state(self, user_id: str) -> UserState:
         """What the store holds about the user, in model indices, as far as their consent allows
-        (read fresh on every request, so a change applies to the next one); items the model never
-        saw are dropped. Stated preferences are read for every model: avoided genres and blocked
-        items are honoured whatever the model reads and whatever the consent."""
+        (read from the store, uncached: `user_states` caches it); items the model never saw are
+        dropped. Stated preferences are read for every model: avoided genres and blocked items are
+        honoured whatever the model reads and whatever the consent."""
         empty = np.zeros(0, np.int64)
         if self.store is None:
             return UserState(empty, np.zeros(0, np.float32), None)
@@ -167,7 +205,7 @@ class Recommender:
 
     def recommend_many(self, user_ids: list[str], k: int = 10, exclude_seen: bool = True, diversity: float | None = None) -> list[dict]:
         lam = self.diversity if diversity is None else diversity
-        states = [self.user_state(u) for u in user_ids]
+        states = self.user_states(user_ids)
         rows = [self.user_vocab.get(u) for u in user_ids]
         known = [i for i, (s, r) in enumerate(zip(states, rows)) if s.personalize and (r is not None or s.has_signal(self.uses_stated))]
         results: list[dict | None] = [None] * len(user_ids)

@@ -164,3 +164,42 @@ def test_an_item_bias_bundle_scores_with_the_bias_and_compares_items_without_it(
         assert [it["score"] for it in answer["items"]] == pytest.approx(by_hand[ids].tolist(), abs=1e-5)
     finally:
         store.close()
+
+
+def test_the_user_cache_reads_nothing_twice_and_never_serves_past_a_change(trained_run, tmp_path):
+    """Per-replica cache keyed by the store's change counter: an unchanged store costs one read
+    (the counter) per request; any change shows on the very next request."""
+    import sqlite3
+
+    from sqlalchemy import event
+
+    from features.consent import record_consent, set_preferences
+
+    path = tmp_path / "features.db"
+    with sqlite3.connect(trained_run.root / "features.db") as src, sqlite3.connect(path) as dst:
+        src.backup(dst)
+    store = FeatureStore(f"sqlite:///{path}")
+    rec = Recommender.from_dir(trained_run.result.artifact_dir, store=store)
+    statements: list[str] = []
+    event.listen(store.engine, "before_cursor_execute", lambda conn, cur, stmt, *a: statements.append(stmt))
+
+    first = rec.recommend("u3", k=10)
+    cold_reads = len(statements)
+    statements.clear()
+    assert rec.recommend("u3", k=10) == first
+    assert len(statements) == 1 and "store_meta" in statements[0]  # the change counter alone
+    assert cold_reads > 1
+
+    record_consent(store, "u3", {"personalization": False})  # another replica's write, say
+    assert rec.recommend("u3", k=10)["personalized"] is False  # the very next request
+    record_consent(store, "u3", {"personalization": True})
+    blocked = first["items"][0]["item_id"]
+    set_preferences(store, "u3", blocked_items=[blocked])
+    again = rec.recommend("u3", k=10)
+    assert again["personalized"] is True and blocked not in [it["item_id"] for it in again["items"]]
+
+    rec.cache_size = 2  # bounded: least recently used users leave first
+    for user in ("u4", "u5", "u6"):
+        rec.recommend(user, k=3)
+    assert list(rec._cache) == ["u5", "u6"]
+    store.close()
