@@ -6,7 +6,13 @@ place (`reconfigure` on the running replicas, no restart). `reload` uses that fo
 re-resolves the model alias to a version and pushes `user_config.model_uri = models:/name/<version>`.
 
 Ray Serve has no public Python call for a declarative deploy (the `serve` CLI uses the same
-private client below); it is pinned with ray==2.55.1 in requirements/cpu.txt.
+private client below); it is pinned with ray==2.60.0 in requirements/cpu.txt.
+
+Ray >= 2.60 turns on token authentication for a new local cluster (RAY_AUTH_MODE unset -> token) and
+would write the token to ~/.ray/auth_token. `start` gives each app its own token in a private 0600 file
+(RAY_AUTH_TOKEN_PATH) and notes that path in the state file, so `reload` -- another process, which Ray
+never auto-enables auth for when it names an address -- can authenticate. A caller's own RAY_AUTH_MODE /
+RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH always win.
 """
 from __future__ import annotations
 
@@ -23,6 +29,8 @@ from typing import Any
 import yaml
 
 from serving.config import MODEL_DEPLOYMENT, AppArgs, load_serve_config
+from serving.ingress import cleanup as cleanup_ingress
+from serving.ingress import configure as configure_ingress
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +75,23 @@ def state_file(port: int) -> Path:
     return Path(tempfile.gettempdir()) / f"trustrec-serve-{port}.json"
 
 
+def ray_token_auth(port: int) -> str | None:
+    """Before `ray.init` starts a node: token auth with a token only this user can read, outside $HOME.
+    Returns the token file to note in the state file (None where the caller chose RAY_AUTH_* itself)."""
+    if any(k in os.environ for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")):
+        return os.environ.get("RAY_AUTH_TOKEN_PATH")
+    import secrets
+
+    path = Path(tempfile.mkdtemp(prefix=f"trustrec-serve-{port}-")) / "ray_auth_token"  # dir 0700
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_hex(32))
+    os.environ["RAY_AUTH_MODE"] = "token"  # inherited by Ray's own processes
+    os.environ["RAY_AUTH_TOKEN_PATH"] = str(path)
+    _started["token_file"] = path
+    return str(path)
+
+
 def local_only_ray() -> None:
     """Make the Ray node this process starts use the loopback address, as Ray does by default on
     macOS / Windows: its metrics agent binds every interface unless the node's address is 127.0.0.1
@@ -88,20 +113,27 @@ def start(
     host: str | None = None,
     metrics_port: int | None = None,
     metrics_host: str = "127.0.0.1",
+    ingress: str = "proxy",
 ) -> str:
     """Start Ray (if needed) and deploy the app; returns the base URL once every replica is up and /healthz answers.
     `metrics_port`: Ray's Prometheus export port (Serve's and trustrec's metrics at /metrics), on
-    `metrics_host`: 127.0.0.1, or 0.0.0.0 for every interface."""
-    if metrics_host != "0.0.0.0":
-        local_only_ray()  # before Ray starts: it reads the knob once
+    `metrics_host`: 127.0.0.1, or 0.0.0.0 for every interface. `ingress`: the HTTP data plane,
+    `proxy` (Ray Serve's proxy actor) or `haproxy` (serving/ingress.py), set before Ray starts."""
+    config = deploy_config(config_path, model_uri, port, host)
+    host, port = config["http_options"]["host"], config["http_options"]["port"]
+    new_node = "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
+    token_path = None
+    if new_node:  # Ray's settings come from the environment, read when ray is imported or its processes start
+        if metrics_host != "0.0.0.0":
+            local_only_ray()
+        token_path = ray_token_auth(port)
+        _started["ingress_dir"] = configure_ingress(ingress)
     import ray
     from ray.serve._private.api import serve_start  # the `serve run` CLI's own call (see module doc)
     from ray.serve.schema import ServeDeploySchema
 
-    config = deploy_config(config_path, model_uri, port, host)
     schema = ServeDeploySchema.model_validate(config)  # a bad deployments section fails here, by name
-    host, port = config["http_options"]["host"], config["http_options"]["port"]
-    if not ray.is_initialized():
+    if new_node:
         init: dict[str, Any] = dict(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=False, configure_logging=False, namespace="serve")
         if metrics_port:
             init["_metrics_export_port"] = metrics_port
@@ -113,7 +145,8 @@ def start(
     wait_running()
     _wait_healthy(url)
     path = state_file(port)
-    path.write_text(json.dumps({"address": ray.get_runtime_context().gcs_address, "pid": os.getpid(), "url": url}))
+    path.write_text(json.dumps({"address": ray.get_runtime_context().gcs_address, "pid": os.getpid(), "url": url,
+                                "auth_token_path": token_path or os.environ.get("RAY_AUTH_TOKEN_PATH")}))
     _started["state_file"] = path
     return url
 
@@ -190,15 +223,22 @@ def reload(config_path: str | Path, model_uri: str | None = None, port: int | No
     http, args, _ = load_serve_config(config_path)
     port = port or http.port
     args = absolute_urls(args.model_copy(update={"model_uri": model_uri}) if model_uri else args)
-    new_uri = pin_version(args.model_uri, args.tracking_uri)
-    validate_bundle(new_uri, args)  # before any replica hears of it: a bad URI or bundle changes nothing
     if address is None:
         path = state_file(port)
         if not path.exists():
             raise FileNotFoundError(f"no running `trustrec serve` on port {port} ({path} missing); pass --address RAY_GCS_ADDRESS")
-        address = json.loads(path.read_text())["address"]
+        state = json.loads(path.read_text())
+        address = state["address"]
+        if state.get("auth_token_path") and not any(k in os.environ for k in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")):
+            os.environ["RAY_AUTH_TOKEN_PATH"] = state["auth_token_path"]
+    if "RAY_AUTH_MODE" not in os.environ and (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")
+                                              or (Path.home() / ".ray" / "auth_token").exists()):
+        os.environ["RAY_AUTH_MODE"] = "token"  # Ray enables it by itself only for address=None/"auto", never for a named one
     if address.split(":")[0] in ("127.0.0.1", "localhost"):
         local_only_ray()  # a node on loopback (`trustrec serve`) only takes drivers that are on loopback too
+    # (all of the above before ray is first imported, which validate_bundle does: Ray reads them then)
+    new_uri = pin_version(args.model_uri, args.tracking_uri)
+    validate_bundle(new_uri, args)  # before any replica hears of it: a bad URI or bundle changes nothing
     import ray
     from ray.serve.context import _get_global_client
     from ray.serve.schema import ServeDeploySchema
@@ -264,13 +304,18 @@ def stop() -> None:
     if ray.is_initialized():
         serve.shutdown()
         ray.shutdown()
+    cleanup_ingress(_started.pop("ingress_dir", None))
+    token = _started.pop("token_file", None)
+    if token is not None:  # after shutdown: Ray's processes are gone
+        token.unlink(missing_ok=True)
+        token.parent.rmdir()
 
 
 def serve_forever(config_path: str | Path, model_uri: str | None = None, port: int | None = None, host: str | None = None,
-                  metrics_port: int | None = None, metrics_host: str = "127.0.0.1") -> None:
-    url = start(config_path, model_uri, port, host=host, metrics_port=metrics_port, metrics_host=metrics_host)
+                  metrics_port: int | None = None, metrics_host: str = "127.0.0.1", ingress: str = "proxy") -> None:
+    url = start(config_path, model_uri, port, host=host, metrics_port=metrics_port, metrics_host=metrics_host, ingress=ingress)
     metrics = f"; Prometheus: http://{metrics_host}:{metrics_port}/metrics" if metrics_port else ""
-    print(f"trustrec serving on {url}  (OpenAPI: {url}/docs{metrics}; Ctrl-C to stop)", flush=True)
+    print(f"trustrec serving on {url} through {ingress}  (OpenAPI: {url}/docs{metrics}; Ctrl-C to stop)", flush=True)
     try:
         while True:
             time.sleep(3600)

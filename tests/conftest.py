@@ -10,6 +10,28 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+def _private_ray_and_flower_state() -> None:
+    """Ray >= 2.60 turns token authentication on for every new local cluster and writes the token
+    to ~/.ray/auth_token; Flower writes ~/.flwr. Tests write neither into a user's home: every Ray
+    the suite starts in this process (Serve, Tune, Train, Flower's simulation) uses one random token
+    in a private 0600 file, and Flower a temporary home. Subprocesses that must find their own way
+    (the CLI tests) strip RAY_AUTH_* from their environment."""
+    import os
+    import secrets
+    import tempfile
+
+    if "RAY_AUTH_TOKEN_PATH" not in os.environ and "RAY_AUTH_MODE" not in os.environ:
+        folder = Path(tempfile.mkdtemp(prefix="trustrec-tests-"))  # 0700
+        token = folder / "ray_auth_token"
+        token.touch(mode=0o600)
+        token.write_text(secrets.token_hex(32))
+        os.environ["RAY_AUTH_MODE"], os.environ["RAY_AUTH_TOKEN_PATH"] = "token", str(token)
+    os.environ.setdefault("FLWR_HOME", tempfile.mkdtemp(prefix="trustrec-flwr-"))
+
+
+_private_ray_and_flower_state()
+
+
 def load_script(relpath: str):
     """A repo script (benchmarks/x.py, scripts/y.py) as a module, loaded by path: `import
     benchmarks.x` would find the top-level `benchmarks` package opacus installs instead."""

@@ -80,7 +80,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 0
     from serving.launch import serve_forever
 
-    serve_forever(args.config, model_uri=args.model, port=args.port, host=args.host, metrics_port=args.metrics_port, metrics_host=args.metrics_host)
+    serve_forever(args.config, model_uri=args.model, port=args.port, host=args.host, metrics_port=args.metrics_port, metrics_host=args.metrics_host, ingress=args.ingress)
     return 0
 
 
@@ -259,6 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--port", type=int, help="override http_options.port")
             sp.add_argument("--host", help="override http_options.host (default 127.0.0.1; 0.0.0.0 only inside a container)")
             sp.add_argument("--metrics-port", type=int, help="Ray's Prometheus export port (default: Ray picks one)")
+            sp.add_argument("--ingress", choices=["proxy", "haproxy"], default=os.environ.get("TRUSTREC_INGRESS", "proxy"),
+                            help="HTTP data plane: Ray Serve's proxy, or its HAProxy ingress (default $TRUSTREC_INGRESS or proxy; see README)")
             sp.add_argument("--metrics-host", choices=["127.0.0.1", "0.0.0.0"], default="127.0.0.1",
                             help="where the metrics port listens (default loopback; 0.0.0.0 for a scraper on another host, e.g. in a container)")
             sp.add_argument("--reload", action="store_true", help="hot swap a running server: re-resolve the model alias and push it to the model deployment")

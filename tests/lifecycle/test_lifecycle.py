@@ -38,7 +38,8 @@ ERASED_BYTES = re.compile(rb"u42(?![0-9])")  # u42 and not u420..u429
 
 
 def environment(with_secrets: bool = True) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in SECRETS and k != "RAY_ADDRESS"}
+    # as a fresh shell: `trustrec serve` makes its own Ray token, `--reload` finds it through the state file
+    env = {k: v for k, v in os.environ.items() if k not in SECRETS and k != "RAY_ADDRESS" and not k.startswith("RAY_AUTH_")}
     return {**env, **SECRETS} if with_secrets else env
 
 

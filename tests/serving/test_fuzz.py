@@ -6,7 +6,6 @@ Authorization header, the open /v1/recommend, another user's token), no read aft
 The server gets a copy of the fixture run's feature store (the fuzz erases and edits users), an
 admin token and a user-token secret, so the user-data endpoints are exercised past authentication."""
 import json
-import os
 import secrets
 import shutil
 import socket
@@ -35,24 +34,16 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def user_secret():
-    secret, before = secrets.token_urlsafe(24), os.environ.get(SECRET_ENV)
-    os.environ[SECRET_ENV] = secret  # per-user tokens: the fuzz's cross-user probe mints them
-    yield secret
-    if before is None:
-        os.environ.pop(SECRET_ENV, None)
-    else:
-        os.environ[SECRET_ENV] = before
+    with pytest.MonkeyPatch.context() as mp:  # per-user tokens: the fuzz's cross-user probe mints them
+        mp.setenv(SECRET_ENV, secret := secrets.token_urlsafe(24))
+        yield secret
 
 
 @pytest.fixture(scope="module")
 def admin_token(user_secret):  # the server, started after both, takes the admin token and the user-token secret
-    token, before = secrets.token_urlsafe(24), os.environ.get(ADMIN_ENV)
-    os.environ[ADMIN_ENV] = token  # Ray's local cluster (started below) inherits the environment
-    yield token
-    if before is None:
-        os.environ.pop(ADMIN_ENV, None)
-    else:
-        os.environ[ADMIN_ENV] = before
+    with pytest.MonkeyPatch.context() as mp:  # Ray's local cluster (started below) inherits the environment
+        mp.setenv(ADMIN_ENV, token := secrets.token_urlsafe(24))
+        yield token
 
 
 @pytest.fixture(scope="module")

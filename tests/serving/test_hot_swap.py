@@ -48,9 +48,13 @@ def model_replicas() -> list[str]:
     return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith("SERVE_REPLICA::trustrec#Model#"))
 
 
+def fresh_env() -> dict[str, str]:
+    """The environment of a fresh shell: --reload finds the cluster and its Ray auth token through the state file."""
+    return {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS" and not k.startswith("RAY_AUTH_")}
+
+
 def cli(*argv: str) -> str:
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # --reload finds the cluster via the state file
-    out = subprocess.run([str(BIN / "trustrec"), *argv], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    out = subprocess.run([str(BIN / "trustrec"), *argv], cwd=REPO, env=fresh_env(), capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     return out.stdout
 
@@ -110,7 +114,7 @@ def test_promote_then_reload_swaps_versions_under_load_with_no_failed_request(tr
         (broken / "user_tower.onnx").write_bytes(b"not an onnx model")
         for bad in ("/does-not-exist", str(broken)):
             out = subprocess.run([str(BIN / "trustrec"), "serve", "--reload", "--config", str(config), "--port", str(port), "--model", bad],
-                                 cwd=REPO, env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, capture_output=True, text=True, timeout=300)
+                                 cwd=REPO, env=fresh_env(), capture_output=True, text=True, timeout=300)
             assert out.returncode == 2 and "not swapping" in out.stderr and "keeps serving" in out.stderr, out.stderr[-2000:]
         n = len(stream.seen)
         while len(stream.seen) < n + 20:
@@ -130,14 +134,14 @@ def test_promote_then_reload_swaps_versions_under_load_with_no_failed_request(tr
     assert health["model_version"] == second.model_version
     assert len(replicas_before) == 2 and replicas_after == replicas_before  # swapped in place (reconfigure), no replica restarted
     # the app is stopped now: its state file is gone, and --reload says which port it looked for
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env = fresh_env()
     again = subprocess.run([str(BIN / "trustrec"), "serve", "--reload", "--config", str(config), "--port", str(port)], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert again.returncode == 2 and f"port {port}" in again.stderr
 
 
 def test_promote_refuses_unknown_runs(registry):
     root, _ = registry
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env = fresh_env()
     for run_id, message in [("0" * 32, "no registered version"), ("not-a-run", "32 hex digits")]:
         out = subprocess.run([str(BIN / "trustrec"), "promote", run_id, "--tracking-uri", f"sqlite:///{root}/mlflow.db"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
         assert out.returncode == 2 and message in out.stderr, out.stderr
