@@ -1,13 +1,18 @@
 """Fault injection on the Ray Serve app: kill a model replica under load, count failed requests and
 time the recovery, on 127.0.0.1.
 
-    python benchmarks/serve_faults.py                          # trains a small model; 50 rps, 3 kills
+    python benchmarks/serve_faults.py                          # trains a small model; 50 rps, 3 kills, HAProxy ingress
     python benchmarks/serve_faults.py --rate 200 --kills 5 --interval 15
+    python benchmarks/serve_faults.py --ingress proxy          # Ray Serve's Python proxy instead
     python benchmarks/serve_faults.py --model models:/trustrec@champion --tracking-uri sqlite:///mlflow.db \
         --store-url sqlite:///data/features.db
 
 configs/serve.yaml as is (2 replicas of the one `Model` deployment, 0.5 CPU each; a request in
-flight on the killed replica fails, the proxy routes the rest to the live one). Load is open loop:
+flight on the killed replica fails, the ingress routes the rest to the live one), behind `--ingress`:
+`haproxy` (default; Ray Serve 2.60's HAProxy straight to the replicas' HTTP ports, serving/ingress.py:
+HAProxy marks a replica down on connection errors and by health check) or `proxy` (Ray's Python
+proxy actor and its router). Ray 2.60 token auth: a private 0600 token for the run unless
+RAY_AUTH_* is set (serve_load.private_ray_token). Load is open loop:
 request i is sent at t0 + i / rate from a thread pool, whatever happened to earlier ones. Every
 `--interval` seconds one live model replica actor is killed with `ray.kill` (found by name,
 SERVE_REPLICA::trustrec#Model#...). Per kill:
@@ -15,7 +20,7 @@ SERVE_REPLICA::trustrec#Model#...). Per kill:
                recovery + 1 s (and over the whole run)
   recovery_s   from the kill until Serve reports the model deployment HEALTHY with all its
                replicas RUNNING again and a replacement actor alive
-Goals (issue 6): <= 1 % failed requests, recovery <= 10 s. Prints a table, writes JSON (default
+Goals (issues 6, 14): <= 1 % failed requests, recovery <= 10 s. Prints a table, writes JSON (default
 benchmarks/results/serve_faults.json). Timings depend on machine load.
 
 tests/serving/test_faults.py runs the same functions (loaded by path) with loose bounds.
@@ -205,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     serve_load.add_model_flags(p)
+    serve_load.add_ingress_flag(p)
     p.add_argument("--rate", type=float, default=50.0, help="requests per second, open loop (default 50: sustainable on 2 busy cores; raise it on a quiet machine)")
     p.add_argument("--kills", type=int, default=3, help="replica kills, one after the other (default 3)")
     p.add_argument("--interval", type=float, default=15.0, help="seconds from one kill to the next (default 15)")
@@ -212,17 +218,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="JSON output (default benchmarks/results/serve_faults.json)")
     args = p.parse_args(argv)
 
-    with serve_load.prepared_model(args) as model, serve_load.ray_serve(args.config, model) as url:
+    with serve_load.private_ray_token(), serve_load.prepared_model(args) as model, serve_load.ray_serve(args.config, model, ingress=args.ingress) as url:
         from serving.recommender import Recommender
 
         rec = Recommender.from_uri(model.uri, None, model.tracking_uri)
         users = list(rec.user_vocab.ids[:500]) + [f"unknown-{i}" for i in range(25)]
-        print(f"{url}: {len(model_replicas())} model replicas; {args.rate:.0f} rps, {args.kills} kills every {args.interval:.0f} s", flush=True)
+        print(f"{url} ({args.ingress}): {len(model_replicas())} model replicas; {args.rate:.0f} rps, {args.kills} kills every {args.interval:.0f} s", flush=True)
         result = run(url, users, args.rate, args.kills, args.interval, args.warmup)
 
     report = {
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(), "load_avg_1_5_15": [round(x, 2) for x in os.getloadavg()]},
         "config": str(args.config),
+        "ingress": args.ingress,
+        "ray": serve_load.ray_version(),
         "goals": {"failed_pct_max": FAILED_GOAL * 100, "recovery_s_max": RECOVERY_GOAL_S},
         "result": result,
         "command": " ".join(["python", "benchmarks/serve_faults.py", *(argv if argv is not None else sys.argv[1:])]),
@@ -234,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     tmp.replace(out)
 
     r = result
-    print()
+    print(f"\nreplica kills, ingress {args.ingress}, ray {report['ray']}")
     print(f"| rate rps | requests | failed | failed % (goal ≤ {FAILED_GOAL * 100:.0f}) | max recovery s (goal ≤ {RECOVERY_GOAL_S:.0f}) | p50 ms | p99 ms |")
     print("|---:|---:|---:|---:|---:|---:|---:|")
     print(f"| {r['rate_rps']:.0f} | {r['requests']} | {r['failed']} | {r['failed_pct']:.2f} | {r['max_recovery_s']} | {r['p50_ms']} | {r['p99_ms']} |")

@@ -309,6 +309,8 @@ def stop() -> None:
     if token is not None:  # after shutdown: Ray's processes are gone
         token.unlink(missing_ok=True)
         token.parent.rmdir()
+        for key in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH"):  # ours: a later start() in this process makes a new one
+            os.environ.pop(key, None)
 
 
 def serve_forever(config_path: str | Path, model_uri: str | None = None, port: int | None = None, host: str | None = None,

@@ -259,8 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--port", type=int, help="override http_options.port")
             sp.add_argument("--host", help="override http_options.host (default 127.0.0.1; 0.0.0.0 only inside a container)")
             sp.add_argument("--metrics-port", type=int, help="Ray's Prometheus export port (default: Ray picks one)")
-            sp.add_argument("--ingress", choices=["proxy", "haproxy"], default=os.environ.get("TRUSTREC_INGRESS", "proxy"),
-                            help="HTTP data plane: Ray Serve's proxy, or its HAProxy ingress (default $TRUSTREC_INGRESS or proxy; see README)")
+            sp.add_argument("--ingress", choices=["proxy", "haproxy"], default=os.environ.get("TRUSTREC_INGRESS", "haproxy"),
+                            help="HTTP data plane: Ray Serve's HAProxy ingress (default: p99 6 ms at 300 rps on 2 cores, "
+                                 "docs/BENCHMARKS.md 'Load') or its Python proxy; $TRUSTREC_INGRESS sets the default")
             sp.add_argument("--metrics-host", choices=["127.0.0.1", "0.0.0.0"], default="127.0.0.1",
                             help="where the metrics port listens (default loopback; 0.0.0.0 for a scraper on another host, e.g. in a container)")
             sp.add_argument("--reload", action="store_true", help="hot swap a running server: re-resolve the model alias and push it to the model deployment")
