@@ -403,7 +403,9 @@ class FeatureStore:
             ):
                 for batch in _chunks(rows):
                     conn.execute(insert(table), batch)
-            kept = [dict(r._mapping) for r in owned.values() if r.origin == "api"]  # API users the dataset does not hold
+            # users the dataset does not hold: API-created rows stay whole; an imported user's stated
+            # genres stay too, without the demographics the dataset no longer vouches for
+            kept = [dict(r._mapping) if r.origin == "api" else {**r._mapping, "age": None, "gender": None, "occupation": None} for r in owned.values()]
             if kept:
                 conn.execute(insert(users_table), kept)
             conn.execute(delete(meta_table).where(meta_table.c.key == "genre_names"))

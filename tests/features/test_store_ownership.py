@@ -38,15 +38,19 @@ def test_an_import_keeps_stated_preferences_and_api_users_and_replaces_the_rest(
 
 
 def test_an_import_still_drops_imported_users_it_no_longer_holds_but_never_api_users(url):
+    from tests.features.test_feature_store import EVIL
     from tests.features.test_feature_store import tiny_dataset as three_users
 
     with FeatureStore(url) as s:
         s.load_dataset(three_users())
         set_preferences(s, "newbie-1", liked_genres=["Comedy"])
         s.upsert_user("operator-made", age=40)
-        s.load_dataset(three_users(user_ids=("dave", "erin", "frank")))
+        set_preferences(s, EVIL, avoided_genres=["Drama"])  # an imported user (age 20) states a preference...
+        s.load_dataset(three_users(user_ids=("dave", "erin", "frank")))  # ...and the next dataset no longer holds them
         assert not s.has_user("alice") and s.has_user("dave")  # imported rows are the dataset's to replace
         assert s.has_user("newbie-1") and s.user_profile("operator-made")["age"] == 40
+        assert preferences(s, EVIL)["avoided_genres"] == ["Drama"]  # what they said stays...
+        assert s.user_profile(EVIL)["age"] is None  # ...the dataset's demographics go with the dataset
 
 
 def test_a_store_from_before_the_ownership_columns_is_migrated(tmp_path, monkeypatch):
