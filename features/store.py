@@ -17,6 +17,8 @@ import json
 import logging
 import os
 import secrets
+import sqlite3
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -147,6 +149,8 @@ HISTORY_NEWEST_FIRST = select(_rows.c.item_id, _rows.c.rating).order_by(_rows.c.
 PROFILE = select(users_table).where(users_table.c.user_id == bindparam("uid"))
 ANY_TOMBSTONE = select(tombstones_table.c.subject_hash).limit(1)
 TOMBSTONE = select(tombstones_table.c.subject_hash).where(tombstones_table.c.subject_hash == bindparam("h"))
+META = select(meta_table.c.value).where(meta_table.c.key == bindparam("key"))
+_GENERATION_SQL = f"SELECT value FROM {meta_table.name} WHERE key = 'generation'"
 del _rows
 
 
@@ -203,6 +207,12 @@ class FeatureStore:
             else:
                 Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
         self.engine = create_engine(parsed, **kwargs)
+        # the change counter is read on every request (serving's user cache): on a SQLite file, through
+        # a plain sqlite3 connection per thread (2 us instead of SQLAlchemy's ~35 us; quiet cpu-2c)
+        self._counter_db = str(Path(parsed.database).expanduser()) if self.is_sqlite and parsed.database not in (None, "", ":memory:") and not parsed.query else None
+        self._counter_local = threading.local()
+        self._counter_conns: list[sqlite3.Connection] = []
+        self._counter_lock = threading.Lock()
         if self.is_sqlite:
             event.listen(self.engine, "connect", _sqlite_pragmas)
         metadata.create_all(self.engine)
@@ -264,12 +274,23 @@ class FeatureStore:
 
     def meta(self, key: str) -> str | None:
         with self.engine.connect() as conn:
-            return conn.scalar(select(meta_table.c.value).where(meta_table.c.key == key))
+            return conn.scalar(META, {"key": key})
 
     def generation(self) -> int:
         """Counter bumped by every change to a user's data (consent, preferences, events, erasure,
         bulk load). A per-replica cache compares it per request to stay correct across replicas."""
-        return int(self.meta("generation") or 0)
+        if self._counter_db is None:
+            return int(self.meta("generation") or 0)
+        conn = getattr(self._counter_local, "conn", None)
+        if conn is None:
+            # autocommit (isolation_level None): each SELECT sees the last committed counter and holds no lock after it
+            conn = sqlite3.connect(self._counter_db, isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA busy_timeout=5000")
+            self._counter_local.conn = conn
+            with self._counter_lock:
+                self._counter_conns.append(conn)
+        row = conn.execute(_GENERATION_SQL).fetchone()
+        return int(row[0]) if row else 0
 
     @staticmethod
     def bump_generation(conn: Any) -> None:
@@ -585,6 +606,11 @@ class FeatureStore:
         return not busy
 
     def close(self) -> None:
+        with self._counter_lock:
+            for conn in self._counter_conns:
+                conn.close()
+            self._counter_conns.clear()
+        self._counter_local = threading.local()
         self.engine.dispose()
 
     def __enter__(self) -> "FeatureStore":

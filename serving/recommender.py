@@ -37,6 +37,10 @@ class UserState:
     profile: dict | None
     personalize: bool = True  # `personalization` consent; False: popularity, nothing personal read
     blocked: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # items the user blocked
+    # what the recommender derives from this state (feed codes, exclusions), computed on first use:
+    # a state is immutable and a cached one belongs to one Recommender, so a repeated user costs
+    # no numpy work beyond the ONNX call and the top-k
+    memo: dict = field(default_factory=dict, compare=False, repr=False)
 
     def has_signal(self, uses_stated: bool) -> bool:
         """Anything to personalize from: a history, or stated genres when the model reads them."""
@@ -173,23 +177,41 @@ class Recommender:
     def _genres(self, names: list[str]) -> np.ndarray:
         return np.array([self.genre_index[n] for n in names if n in self.genre_index], dtype=np.int64)
 
+    def _codes(self, state: UserState) -> tuple[int, int, int, np.ndarray, np.ndarray]:
+        """(age bucket, gender code, occupation code, liked genres, avoided genres) of a user, as the
+        tower reads them (features.content); memoized on the state."""
+        codes = state.memo.get("codes")
+        if codes is None:
+            spec, p = self.manifest["features"], state.profile or {}
+            codes = state.memo["codes"] = (
+                int(age_bucket(UNKNOWN_AGE if p.get("age") is None else p["age"])),
+                int(lookup(spec["gender_vocab"], [p.get("gender") or ""])[0]),
+                int(lookup(spec["occupation_vocab"], [p.get("occupation") or ""])[0]),
+                self._genres(p.get("liked_genres") or []),
+                self._genres(p.get("avoided_genres") or []),
+            )
+        return codes
+
     def feed(self, states: list[UserState], user_rows: list[int]) -> dict[str, np.ndarray]:
         """The ONNX feed (features.content.USER_INPUTS) for a batch of users."""
-        spec = self.manifest["features"]
-        profiles = [s.profile or {} for s in states]
-        age = np.array([UNKNOWN_AGE if p.get("age") is None else p["age"] for p in profiles])
+        codes = [self._codes(s) for s in states]
         return user_inputs(
             [s.items for s in states],
-            [s.ratings for s in states] if spec["rating_weighted"] else None,
+            [s.ratings for s in states] if self.manifest["features"]["rating_weighted"] else None,
             np.asarray(user_rows, np.int64),
-            age_bucket(age),
-            lookup(spec["gender_vocab"], [p.get("gender") or "" for p in profiles]),
-            lookup(spec["occupation_vocab"], [p.get("occupation") or "" for p in profiles]),
-            [self._genres(p.get("liked_genres") or []) for p in profiles],
-            [self._genres(p.get("avoided_genres") or []) for p in profiles],
+            np.array([c[0] for c in codes], np.int64),
+            np.array([c[1] for c in codes], np.int64),
+            np.array([c[2] for c in codes], np.int64),
+            [c[3] for c in codes],
+            [c[4] for c in codes],
         )
 
     def user_vectors(self, states: list[UserState], user_rows: list[int]) -> np.ndarray:
+        if len(states) == 1:  # the usual batch at moderate load: a repeated user's feed is built once
+            feed = states[0].memo.get(("feed", user_rows[0]))
+            if feed is None:
+                feed = states[0].memo[("feed", user_rows[0])] = self.feed(states, user_rows)
+            return self.session.run(None, feed)[0]
         return self.session.run(None, self.feed(states, user_rows))[0]
 
     def _item(self, index: int, score: float) -> dict:
@@ -241,14 +263,21 @@ class Recommender:
         return results  # type: ignore[return-value]
 
     def _liked(self, state: UserState) -> np.ndarray:
-        return self._genres((state.profile or {}).get("liked_genres") or [])
+        return self._codes(state)[3]
 
     def _excluded(self, state: UserState, exclude_seen: bool) -> np.ndarray:
-        """Items never to return: the user's history (when asked), every item of an avoided genre, blocked items."""
-        avoided = self._genres((state.profile or {}).get("avoided_genres") or [])
-        banned = np.flatnonzero(self.genre_mask[:, avoided].any(1)) if avoided.size else np.zeros(0, np.int64)
-        banned = np.union1d(banned, state.blocked)
-        return np.union1d(state.items, banned) if exclude_seen else banned
+        """Items never to return: the user's history (when asked), every item of an avoided genre,
+        blocked items (sorted, unique; memoized on the state)."""
+        key = ("excluded", exclude_seen)
+        found = state.memo.get(key)
+        if found is None:
+            avoided = self._codes(state)[4]
+            banned = np.flatnonzero(self.genre_mask[:, avoided].any(1)) if avoided.size else np.zeros(0, np.int64)
+            banned = np.union1d(banned, state.blocked)
+            found = np.union1d(state.items, banned) if exclude_seen else banned
+            found.flags.writeable = False  # shared by every later request of this user
+            state.memo[key] = found
+        return found
 
     def _popular(self, k: int, exclude: np.ndarray, lam: float = 1.0, liked: np.ndarray | None = None) -> list[dict]:
         """The popularity list without `exclude`; items of a `liked` genre first (stated tastes steer

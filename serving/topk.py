@@ -106,6 +106,12 @@ class ExactTopK:
     ) -> tuple[np.ndarray, np.ndarray]:
         queries = _check_query(queries, k, self.dim)
         n_queries, n_items = len(queries), len(self)
+        if n_queries == 1:
+            return self._search_one(queries[0], k, None if exclude is None else _check_exclude(exclude, 1, n_items)[0])
+        return self._search_many(queries, k, exclude)
+
+    def _search_many(self, queries: np.ndarray, k: int, exclude: list[np.ndarray] | None) -> tuple[np.ndarray, np.ndarray]:
+        n_queries, n_items = len(queries), len(self)
         scores = queries @ self.items.T  # (B, N)
         if exclude is not None:
             self._apply_exclusion(scores, exclude)
@@ -123,6 +129,26 @@ class ExactTopK:
         top[top_scores == -np.inf] = PAD_INDEX  # excluded items filled the list: never return them
         out_scores[:, :kk] = top_scores
         out_items[:, :kk] = top
+        return out_scores, out_items
+
+    def _search_one(self, query: np.ndarray, k: int, exclude: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """`search` for one query, in 1-D (the usual batch at moderate load; the same answer as the
+        batched path, with a third of its numpy calls)."""
+        scores = (query[None, :] @ self.items.T)[0]  # (N,), the same product as the batched path
+        if exclude is not None and len(exclude):
+            scores[exclude] = -np.inf
+        out_scores = np.full((1, k), PAD_SCORE, dtype=np.float32)
+        out_items = np.full((1, k), PAD_INDEX, dtype=np.int64)
+        kk = min(k, len(scores))
+        if kk == 0:
+            return out_scores, out_items
+        cand = np.argpartition(-scores, kk - 1)[:kk]
+        cand_scores = scores[cand]
+        order = np.lexsort((cand, -cand_scores))  # score desc, then index asc
+        top, top_scores = cand[order], cand_scores[order]
+        top[top_scores == -np.inf] = PAD_INDEX  # excluded items filled the list: never return them
+        out_scores[0, :kk] = top_scores
+        out_items[0, :kk] = top
         return out_scores, out_items
 
     def _apply_exclusion(self, scores: np.ndarray, exclude: list[np.ndarray]) -> None:

@@ -186,15 +186,20 @@ def test_the_user_cache_reads_nothing_twice_and_never_serves_past_a_change(train
     first = rec.recommend("u3", k=10)
     cold_reads = len(statements)
     statements.clear()
+    counter_reads: list[str] = []
+    store.generation()  # opens this thread's counter connection (plain sqlite3, outside SQLAlchemy)
+    store._counter_local.conn.set_trace_callback(counter_reads.append)
     assert rec.recommend("u3", k=10) == first
-    assert len(statements) == 1 and "store_meta" in statements[0]  # the change counter alone
+    assert statements == [] and len(counter_reads) == 1 and "store_meta" in counter_reads[0]  # the change counter alone
     assert cold_reads > 1
 
-    record_consent(store, "u3", {"personalization": False})  # another replica's write, say
+    other = FeatureStore(f"sqlite:///{path}")  # another replica's connection
+    record_consent(other, "u3", {"personalization": False})
     assert rec.recommend("u3", k=10)["personalized"] is False  # the very next request
-    record_consent(store, "u3", {"personalization": True})
+    record_consent(other, "u3", {"personalization": True})
     blocked = first["items"][0]["item_id"]
-    set_preferences(store, "u3", blocked_items=[blocked])
+    set_preferences(store, "u3", blocked_items=[blocked])  # and this replica's own write
+    other.close()
     again = rec.recommend("u3", k=10)
     assert again["personalized"] is True and blocked not in [it["item_id"] for it in again["items"]]
 

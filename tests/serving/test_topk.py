@@ -90,3 +90,21 @@ def test_invalid_inputs():
 def test_empty_batch():
     scores, items = build_index(ITEMS).search(np.zeros((0, 2), dtype=np.float32), k=2)
     assert scores.shape == items.shape == (0, 2)
+
+
+def test_one_query_takes_the_1d_path_with_the_batched_answer():
+    """A batch of one (the usual one at moderate load) is answered in 1-D: same items, same scores
+    (bit for bit) as the batched path, exclusions, padding and ties included."""
+    rng = np.random.default_rng(3)
+    items = rng.normal(size=(300, 8)).astype(np.float32)
+    items[10] = items[11]  # a tie: the lower index first on both paths
+    index = ExactTopK(items)
+    for trial in range(200):
+        query = rng.normal(size=(1, 8)).astype(np.float32)
+        exclude = [rng.choice(300, int(rng.integers(0, 300)), replace=False)]
+        k = int(rng.integers(1, 40))
+        one = index.search(query, k, exclude)
+        many = index._search_many(query, k, exclude)
+        assert np.array_equal(one[0], many[0]) and np.array_equal(one[1], many[1]), trial
+    with pytest.raises(ValueError, match="outside"):
+        index.search(query, 3, [np.array([300])])
