@@ -3,12 +3,12 @@
 (No `from __future__ import annotations` here: FastAPI must see the real request types.)
 
     HTTP proxy -> Model replica (FastAPI routes: validation, auth, latency metric
-                                 -> @serve.batch over Recommender.recommend_many in the same process)
+                                 -> LoopBatcher over Recommender.recommend_many in the same process)
 
 One hop, because every hop is a Ray actor call and on a 2-core host each one cost more than the
 model itself: the earlier Ingress -> Model split answered a lone request in 19.5 ms against
 ~3 ms for bare FastAPI + ONNX Runtime (docs/BENCHMARKS.md, "Load"). Each replica still
-batches the requests in flight on it into one ONNX call (`@serve.batch`), takes its model URI
+batches the requests in flight on it into one ONNX call (`serving/batching.py`), takes its model URI
 through `user_config` so a new version is swapped in place (`reconfigure`: no restart, no failed
 request), and its `check_health` really runs the ONNX session and queries the feature store.
 Two or more replicas keep the app answering when one dies: the proxy routes around it.
@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
 from serving.audit import audit_log, record_model_swap
+from serving.batching import LoopBatcher
 from serving.config import MODEL_DEPLOYMENT, AppArgs, ModelConfig
 from serving.http import CleanStr, FiniteFloat, StrictBool, StrictInt, TrustrecAPI, configure_http
 from serving.metrics import ModelMetrics, RouteMetrics
@@ -155,8 +156,11 @@ class ModelServer:
         self.model_uri: str | None = None
         self.swap_error: str | None = None  # why the last swap was refused (the old model kept serving)
         self.metrics = ModelMetrics()
-        self.batched_recommend.set_max_batch_size(self.cfg.max_batch_size)
-        self.batched_recommend.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
+        # a local store (SQLite, or none) answers in microseconds: batches run in the event loop itself,
+        # with no thread hop and no GIL hand-off; a networked store could stall the loop for a round
+        # trip, so its batches go to a worker thread (serving/batching.py)
+        inline = self.store is None or self.store.engine.dialect.name == "sqlite"
+        self.batcher = LoopBatcher(self._recommend_batch, self.cfg.max_batch_size, self.cfg.batch_wait_timeout_s, inline)
 
     async def reconfigure(self, user_config: dict) -> None:
         """Load the model `user_config` names, probe it, then swap it in: requests keep being served
@@ -185,13 +189,17 @@ class ModelServer:
         self.metrics.serving_with(new.provider, new.model_version, (preferred_providers(c.force_cpu) or [None])[0])
         log.info("model version %s -> %s (%s) on %s", old_version, new.model_version, cfg.model_uri, new.provider)
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)  # both reset from the app args in __init__
-    async def batched_recommend(self, requests: list[dict]) -> list[dict]:
-        rec = self.recommender  # one model for the whole batch, even if a swap lands meanwhile
-        results = await asyncio.to_thread(recommend_batch, rec, requests)  # the loop keeps queueing the next batch
+    def _recommend_batch(self, requests: list[dict]) -> list[dict]:
+        """One batch of RecommendRequest dicts (the LoopBatcher's function), with one model for the
+        whole batch even if a swap lands meanwhile."""
+        results = recommend_batch(self.recommender, requests)
         self.metrics.batch_size.observe(len(requests))
         self.metrics.popularity_fallbacks(sum(not r["personalized"] for r in results))
         return results
+
+    async def batched_recommend(self, request: dict) -> dict:
+        """The answer to one request, from the batch it joins (serving/batching.py)."""
+        return await self.batcher.submit(request)
 
     def health(self) -> dict:
         """What /healthz reports, after a real probe of this replica's model and store."""
@@ -258,7 +266,9 @@ class Model(ModelServer):
         try:
             result = await self.batched_recommend(query)  # joins this replica's next batch
             status = "ok"
-            return {**result, "reasons_withheld": True} if withheld else result
+            # the dict is RecommendResponse's shape by construction (tests check it against the schema);
+            # answered as is, without FastAPI validating it into the model and serializing it back
+            return JSONResponse({**result, "reasons_withheld": True} if withheld else result)
         finally:
             self.routes.observe("/v1/recommend", status, time.perf_counter() - start)
 

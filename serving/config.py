@@ -71,7 +71,7 @@ class AppArgs(BaseModel):
     # dropped whole whenever the store's change counter moves: 1.6 KB each measured (synthetic users, ~40
     # history items; tracemalloc over 1,000 users), so 10k users ~16 MB per replica; 0 = no cache
     user_cache_size: int = Field(10_000, ge=0)
-    max_batch_size: int = Field(16, gt=0)  # requests one ONNX call takes at most (@serve.batch)
+    max_batch_size: int = Field(16, gt=0)  # requests one ONNX call takes at most (serving/batching.py)
     batch_wait_timeout_s: float = Field(0.002, ge=0)  # how long a batch waits to fill: latency bound at low load
     consent: ConsentConfig = ConsentConfig()  # opt-in / opt-out regime and the erasure salt's env var
     auth: AuthArgs = AuthArgs()  # who may read, change or erase a user's data

@@ -44,7 +44,7 @@ class ModelMetrics:
         )
         self.batch_size = metrics.Histogram(
             "trustrec_batch_size",
-            description="Requests per ONNX call (@serve.batch).",
+            description="Requests per ONNX call (serving/batching.py LoopBatcher).",
             boundaries=[1, 2, 4, 8, 16, 32, 64],
         )
         self._current: tuple[str, str] | None = None

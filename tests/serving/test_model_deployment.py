@@ -53,7 +53,7 @@ def test_a_batch_is_one_call_per_parameter_group_in_request_order(server):
 def test_batch_settings_come_from_the_args(trained_run):
     s = make_server(trained_run, max_batch_size=3, batch_wait_timeout_s=0.0)
     try:
-        assert (s.batched_recommend._get_max_batch_size(), s.batched_recommend._get_batch_wait_timeout_s()) == (3, 0.0)
+        assert (s.batcher.max_batch_size, s.batcher.wait_s, s.batcher.inline) == (3, 0.0, True)  # SQLite: batches run in the loop
     finally:
         s.store.close()
 
