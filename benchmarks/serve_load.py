@@ -245,7 +245,8 @@ def noop_serve(config: str | Path, num_cpus: int | None = None, ingress: str = "
         raise RuntimeError("noop_serve starts its own Ray; one is already running in this process")
     try:
         launch.ray_token_auth(port)
-        launch._started["ingress_dir"] = configure(ingress)  # launch.stop() removes it
+        # the same edge admission as trustrec's (HAProxy: maxconn per replica, bounded queue)
+        launch._started["ingress_dir"] = configure(ingress, options.get("max_ongoing_requests"), options.get("max_queued_requests"))  # launch.stop() removes it
         ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=False, configure_logging=False, namespace="serve")
         serve_start(http_options={"host": "127.0.0.1", "port": port, "location": "HeadOnly"}, global_logging_config=raw.get("logging_config"))
         serve.run(noop_app(options, logging_config), name="noop", route_prefix="/")
@@ -372,6 +373,8 @@ async def open_loop(url: str, users: list[str], k: int, rate: float, duration: f
     n = max(1, int(rate * duration))
     body = [json.dumps(request_body(users[i % len(users)], k, diversity)).encode() for i in range(n)]
     by_status: dict[int, list[float]] = {200: []}  # latency of every answer, by HTTP status
+    # the same from the moment the client really sent it: what the server took, without the client's own lag
+    since_send: dict[int, list[float]] = {200: []}
     samples: dict[str, str] = {}  # the first body of each non-200 status: who answered it (replica, HAProxy, proxy)
     errors: dict[str, int] = {}
     lag: list[float] = []
@@ -380,11 +383,14 @@ async def open_loop(url: str, users: list[str], k: int, rate: float, duration: f
 
     async with aiohttp.ClientSession(connector=conn, timeout=client_timeout, headers={"content-type": "application/json"}) as session:
         async def one(i: int, scheduled: float) -> None:
-            lag.append(time.perf_counter() - scheduled)
+            sent = time.perf_counter()
+            lag.append(sent - scheduled)
             try:
                 async with session.post(f"{url}/v1/recommend", data=body[i]) as r:
                     data = await r.read()
-                    by_status.setdefault(r.status, []).append((time.perf_counter() - scheduled) * 1e3)
+                    done = time.perf_counter()
+                    by_status.setdefault(r.status, []).append((done - scheduled) * 1e3)
+                    since_send.setdefault(r.status, []).append((done - sent) * 1e3)
                     if r.status != 200:
                         errors[f"HTTP {r.status}"] = errors.get(f"HTTP {r.status}", 0) + 1
                         samples.setdefault(str(r.status), data[:120].decode(errors="replace"))
@@ -413,6 +419,7 @@ async def open_loop(url: str, users: list[str], k: int, rate: float, duration: f
     out["error_kinds"] = errors
     out["error_classes"] = error_classes(errors)
     out["non_200_latency_ms"] = {str(s): latency_summary(v) for s, v in sorted(by_status.items()) if s != 200}
+    out["latency_since_send_ms"] = {str(s): latency_summary(v) for s, v in sorted(since_send.items()) if v}
     out["non_200_body_sample"] = samples
     out["client_send_lag_p99_ms"] = round(float(np.percentile(lag, 99)) * 1e3, 3) if lag else None
     return out

@@ -69,6 +69,14 @@ def deploy_config(config_path: str | Path, model_uri: str | None = None, port: i
     return {**raw, "http_options": http_options, "applications": apps}
 
 
+def admission(config: dict) -> dict[str, int | None]:
+    """The Model deployment's `max_ongoing_requests` / `max_queued_requests` in a deploy config
+    (None where it sets none): what the HAProxy ingress enforces at the edge (serving/ingress.py)."""
+    app = next((a for a in config.get("applications") or [] if a.get("name", APP_NAME) == APP_NAME), {})
+    model = next((d for d in app.get("deployments") or [] if d.get("name") == MODEL_DEPLOYMENT), {})
+    return {k: model.get(k) for k in ("max_ongoing_requests", "max_queued_requests")}
+
+
 def state_file(port: int) -> Path:
     """Where `trustrec serve` notes its Ray address, so `trustrec serve --reload` finds that cluster
     (and never another one running on the same machine)."""
@@ -127,7 +135,7 @@ def start(
         if metrics_host != "0.0.0.0":
             local_only_ray()
         token_path = ray_token_auth(port)
-        _started["ingress_dir"] = configure_ingress(ingress)
+        _started["ingress_dir"] = configure_ingress(ingress, **admission(config))
     import ray
     from ray.serve._private.api import serve_start  # the `serve run` CLI's own call (see module doc)
     from ray.serve.schema import ServeDeploySchema
