@@ -55,7 +55,6 @@ import os
 import platform
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -87,9 +86,9 @@ class Model:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    from serving.ingress import free_port as pick  # below the ephemeral range: Ray's own sockets cannot take it first
+
+    return pick()
 
 
 def train_small_model(root: Path, epochs: int = 5) -> Model:

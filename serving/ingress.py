@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import socket
 import sys
@@ -29,8 +30,30 @@ INGRESSES = ("proxy", "haproxy")
 HAPROXY_TIMEOUT_SERVER_S = 30
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
+# Ray's worker ports are 10002-19999 by default; the kernel's ephemeral range starts at 32768
+_PICK_FROM, _PICK_TO = 20000, 32767
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1, picked below the kernel's ephemeral range. A port the kernel
+    hands out (a bind to port 0) can be taken by one of Ray's own sockets (gRPC servers, outgoing
+    connections, all on ephemeral ports) between the moment it is picked and HAProxy's bind: seen
+    once in ~25 starts as "cannot bind socket (Address already in use)" and a failed deployment."""
+    hi = _PICK_TO
+    try:
+        hi = min(hi, int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0]) - 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    rng = random.SystemRandom()
+    for _ in range(200 if hi > _PICK_FROM else 0):
+        port = rng.randint(_PICK_FROM, hi)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # no room below the ephemeral range: let the kernel choose
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
@@ -62,8 +85,8 @@ def configure(ingress: str, max_ongoing_requests: int | None = None, max_queued_
         "RAY_SERVE_ENABLE_HA_PROXY": "1",
         "RAY_SERVE_HAPROXY_BINARY_PATH": str(wrapper),
         "RAY_SERVE_HAPROXY_TIMEOUT_SERVER_S": str(HAPROXY_TIMEOUT_SERVER_S),
-        "RAY_SERVE_HAPROXY_STATS_PORT": str(_free_port()),
-        "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port()),
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
         "RAY_SERVE_HAPROXY_NBTHREAD": str(min(4, os.cpu_count() or 1)),  # Ray's 4 threads on 2 cores only contend
         "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(folder / "haproxy.cfg"),
         "RAY_SERVE_HAPROXY_SOCKET_PATH": str(folder / "admin.sock"),

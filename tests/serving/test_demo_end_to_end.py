@@ -1,7 +1,6 @@
 """`trustrec demo` end to end in a fresh working directory: train → MLflow → ONNX → @champion →
 Ray Serve on 127.0.0.1 → HTTP answers → clean shutdown. Relative paths resolve against the cwd."""
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,9 +13,9 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def test_demo_runs_in_a_fresh_directory(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from serving.ingress import free_port
+
+    port = free_port()  # below the ephemeral range: Ray's own sockets cannot take it first
     serve_cfg = yaml.safe_load((REPO / "configs" / "serve.yaml").read_text())
     serve_cfg["http_options"]["port"] = port  # relative sqlite paths stay: they must resolve against cwd
     (tmp_path / "serve.yaml").write_text(yaml.safe_dump(serve_cfg))

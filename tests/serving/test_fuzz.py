@@ -8,7 +8,6 @@ admin token and a user-token secret, so the user-data endpoints are exercised pa
 import json
 import secrets
 import shutil
-import socket
 from pathlib import Path
 
 import pytest
@@ -27,9 +26,9 @@ SECRET_ENV = "TRUSTREC_TOKEN_SECRET"
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    from serving.ingress import free_port as pick  # below the ephemeral range (see there)
+
+    return pick()
 
 
 @pytest.fixture(scope="module")

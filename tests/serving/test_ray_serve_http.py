@@ -1,5 +1,4 @@
 """A real Ray Serve instance over HTTP on 127.0.0.1, compared with the in-process Recommender."""
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -15,9 +14,9 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    from serving.ingress import free_port as pick  # below the ephemeral range: Ray's own sockets cannot take it first
+
+    return pick()
 
 
 def serve_yaml(trained_run, path: Path, port: int) -> Path:
