@@ -5,7 +5,7 @@
 #   scripts/check_ort_gpu_fallback.sh BUNDLE_DIR     # an exported bundle (manifest.json inside)
 #
 # Creates $TRUSTREC_ORT_GPU_VENV (default /tmp/trustrec-ort-gpu) with the onnxruntime-gpu pin of
-# requirements/gpu.txt plus what serving/recommender.py + serving/runtime.py import (numpy,
+# requirements/gpu.txt plus what serving/recommender.py + bundle/ import (numpy,
 # SQLAlchemy at requirements/cpu.txt's pins), then runs scripts/ort_gpu_check.py from the source
 # tree: the bundle is loaded through the real Recommender, asked for recommendations, and the
 # provider ONNX Runtime really used is reported. On a machine without a CUDA GPU it must serve

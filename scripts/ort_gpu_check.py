@@ -69,7 +69,7 @@ def main(bundle: str, with_bench: bool = False) -> int:
     import onnxruntime as ort
 
     from serving.recommender import Recommender
-    from serving.runtime import preferred_providers
+    from bundle.runtime import preferred_providers
 
     installed = {d.metadata["Name"].lower() for d in metadata.distributions()}
     rec = Recommender.from_dir(bundle)

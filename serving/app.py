@@ -125,11 +125,12 @@ def recommend_batch(recommender, requests: list[dict]) -> list[dict]:
 
 
 def route_logs_to_serve() -> None:
-    """Send our own loggers (`serving`, `features`: swaps, refusals, erasure receipts by hash) to the
-    replica's log file at Serve's level. Ray Serve writes only the `ray.serve` logger there; ours
-    would otherwise stop at the worker's root logger (WARNING), and the INFO lines never appear."""
+    """Send our own loggers (`serving`, `features`: swaps, refusals, erasure receipts by hash;
+    `bundle`: the ONNX Runtime provider in use, a fallback) to the replica's log file at Serve's
+    level. Ray Serve writes only the `ray.serve` logger there; ours would otherwise stop at the
+    worker's root logger (WARNING), and the INFO lines never appear."""
     serve_logger = logging.getLogger("ray.serve")
-    for name in ("serving", "features"):
+    for name in ("serving", "features", "bundle"):
         ours = logging.getLogger(name)
         for handler in serve_logger.handlers:
             if handler not in ours.handlers:
@@ -166,7 +167,7 @@ class ModelServer:
         """Load the model `user_config` names, probe it, then swap it in: requests keep being served
         by the old model while the new one loads (in a thread), and never see a half-loaded one."""
         from serving.recommender import Recommender
-        from serving.runtime import preferred_providers
+        from bundle.runtime import preferred_providers
 
         cfg = ModelConfig.model_validate(user_config or {})
         c = self.cfg

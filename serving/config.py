@@ -8,19 +8,19 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from bundle.topk import ANN_KIND, ANN_MIN_ITEMS, HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH, HNSW_M
 from features.config import ConsentConfig
-from serving.topk import ANN_KIND, ANN_MIN_ITEMS, HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH, HNSW_M
 
 MODEL_DEPLOYMENT = "Model"  # the deployment that batches over the Recommender and takes the model URI via user_config
 
 
 class IndexArgs(BaseModel):
-    """How the Recommender searches the item matrix (`serving.topk.build_index`); figures: benchmarks/ann.py."""
+    """How the Recommender searches the item matrix (`bundle.topk.build_index`); figures: benchmarks/ann.py."""
 
     model_config = ConfigDict(extra="forbid")
     kind: Literal["auto", "exact", "hnsw", "ivf"] = "auto"  # auto: exact scan below ann_min_items items, ann_kind from there
     ann_min_items: int = Field(ANN_MIN_ITEMS, ge=1)  # below ~1e5 items the exact scan takes a few ms, is exact, and needs no build
-    ann_kind: Literal["hnsw", "ivf"] = ANN_KIND  # the approximate index "auto" picks (see serving/topk.py for the measured why)
+    ann_kind: Literal["hnsw", "ivf"] = ANN_KIND  # the approximate index "auto" picks (see bundle/topk.py for the measured why)
     hnsw_m: int = Field(HNSW_M, ge=2)  # graph links per node: recall@100 vs memory (M=32: +256 B per item)
     hnsw_ef_construction: int = Field(HNSW_EF_CONSTRUCTION, ge=1)  # build beam: build time grows linearly with it
     hnsw_ef_search: int = Field(HNSW_EF_SEARCH, ge=1)  # search beam (raised to k): more = better recall, slower

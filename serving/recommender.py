@@ -1,10 +1,10 @@
 """`Recommender`: the whole online path without Ray (ONNX user tower + TopK over the item
-matrix + feature-store history), loadable from an artifact dir or `models:/name@alias`."""
+matrix + feature-store history), loadable from an artifact dir or `models:/name@alias`. The bundle
+is located, checked and opened through `bundle/` (the contract training writes)."""
 from __future__ import annotations
 
 import json
 import logging
-import tempfile
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -13,18 +13,18 @@ from typing import Any
 
 import numpy as np
 
+from bundle.load import open_bundle
+from bundle.locate import find_bundle, resolve_model_uri
+from bundle.rerank import mmr
+from bundle.topk import TopK, build_index
 from features.consent import serving_view
 from features.content import age_bucket, lookup, user_inputs
 from features.schema import UNKNOWN_AGE
 from features.store import FeatureStore
 from features.vocab import Vocab
-from serving.rerank import mmr
-from serving.runtime import create_session
-from serving.topk import TopK, build_index
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_SCHEMA = 1
 MMR_POOL_FACTOR, MMR_MIN_POOL = 5, 50  # MMR re-ranks the top max(5k, 50) candidates
 
 
@@ -48,44 +48,14 @@ class UserState:
         return len(self.items) > 0 or (uses_stated and stated)
 
 
-def find_bundle(root: Path) -> Path:
-    """The directory holding manifest.json: `root` itself or the pyfunc model's artifacts/<name>/."""
-    if (root / "manifest.json").exists():
-        return root
-    found = sorted(root.glob("artifacts/*/manifest.json")) + sorted(root.glob("*/manifest.json"))
-    if not found:
-        raise FileNotFoundError(f"no manifest.json under {root}")
-    return found[0].parent
-
-
-def resolve_model_uri(uri: str, tracking_uri: str | None = None) -> tuple[Path, str]:
-    """(local bundle dir, model version) for a path or an MLflow `models:/name@alias` URI."""
-    if not uri.startswith("models:/"):
-        return find_bundle(Path(uri)), "local"
-    import mlflow
-
-    if tracking_uri:
-        mlflow.set_tracking_uri(tracking_uri)
-    name, _, alias = uri[len("models:/") :].partition("@")
-    if alias:
-        version = mlflow.MlflowClient().get_model_version_by_alias(name, alias).version
-    else:  # models:/name/version
-        name, _, version = name.partition("/")
-        if not version:
-            raise ValueError(f"{uri}: want models:/name@alias or models:/name/version")
-    local = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=tempfile.mkdtemp(prefix="trustrec-model-"))
-    return find_bundle(Path(local)), str(version)
-
-
 class Recommender:
     def __init__(self, bundle: Path, store: FeatureStore | None = None, model_version: str = "local", force_cpu: bool = False,
                  diversity: float = 1.0, index: dict | None = None, cache_size: int = 10_000):
-        self.manifest: dict[str, Any] = json.loads((bundle / "manifest.json").read_text())
-        if self.manifest.get("schema_version") != SUPPORTED_SCHEMA:
-            raise ValueError(f"{bundle}/manifest.json: schema_version {self.manifest.get('schema_version')} unsupported (want {SUPPORTED_SCHEMA})")
+        opened = open_bundle(bundle, force_cpu=force_cpu, intra_op_threads=1)  # one small user-tower call per batch: scale with replicas, not threads
+        self.manifest: dict[str, Any] = opened.manifest  # schema version checked (bundle.manifest)
         files = self.manifest["files"]
-        self.session, self.provider = create_session(bundle / files["user_tower"], force_cpu=force_cpu, intra_op_threads=1)  # one small user-tower call per batch: scale with replicas, not threads
-        self.item_vectors = np.load(bundle / files["item_embeddings"])
+        self.session, self.provider = opened.session, opened.provider
+        self.item_vectors = opened.item_vectors
         # what item-to-item similarity (MMR, explanations) compares: a learned item bias (the last
         # coordinate, model.item_bias) and an EASE half (blend.ease) are for scoring, not a likeness
         # between items; the manifest names the leading coordinates that are (older bundles: all but a bias)

@@ -4,15 +4,14 @@ TorchRec's KJT modules do not export, so the user tower is rebuilt from plain mo
 (`SegmentBag`: an EmbeddingBag without an ONNX Loop, and `nn.Embedding`), fed the very weights the
 EmbeddingBagCollection trained, and checked for parity (TorchRec == plain == ONNX Runtime).
 The item side is precomputed once into a normalized matrix. The artifact directory
-(ONNX + item matrix + vocabularies + manifest JSON) is the only contract with serving.
+(ONNX + item matrix + vocabularies + manifest JSON) is the only contract with serving; its
+schema, file names and atomic publication are `bundle/`'s (bundle.manifest, bundle.write).
 """
 from __future__ import annotations
 
 import copy
 import json
 import logging
-import shutil
-import tempfile
 import time
 import warnings
 from dataclasses import asdict
@@ -24,17 +23,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from features.schema import Dataset
+from bundle.manifest import (
+    FILES,
+    ITEM_EMBEDDINGS_FILE,
+    ITEM_VOCAB_FILE,
+    ITEMS_FILE,
+    SCHEMA_VERSION,
+    USER_TOWER_FILE,
+    USER_VOCAB_FILE,
+    write_manifest,
+)
+from bundle.write import staging
 from features.content import USER_INPUTS, user_inputs
+from features.schema import Dataset
 from training.blend import SD_FLOOR, EaseBlend
 from training.data import CSR, Context, kjt_from_feed, user_feed
 from training.model import AGE, AVOIDED, GENDER, HISTORY, LIKED, OCCUPATION, USER_ID, TwoTower
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
-USER_TOWER_FILE, ITEM_EMBEDDINGS_FILE, ITEMS_FILE = "user_tower.onnx", "item_embeddings.npy", "items.json"
-USER_VOCAB_FILE, ITEM_VOCAB_FILE, MANIFEST_FILE = "user_vocab.json", "item_vocab.json", "manifest.json"
 
 
 class SegmentBag(nn.Module):
@@ -196,12 +203,13 @@ def write_artifacts(
     parity_atol: float = 1e-5,
     blend: EaseBlend | None = None,
 ) -> dict[str, Any]:
-    """Write the artifact directory atomically (temp dir, then rename) and return the manifest.
+    """Write the artifact directory atomically and return the manifest: every file goes into a
+    temporary sibling of `out_dir`, which replaces `out_dir` by a rename only once the ONNX parity
+    check passed and the manifest is written (bundle.write.staging), so a reader never sees a
+    half-written bundle and a failed export leaves the old one in place.
     With `blend` (blend.ease) the user tower and the item vectors carry EASE's half as well."""
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
-    try:
+    with staging(out_dir) as tmp:
         tower = PlainUserTower(model, blend).eval()
         if blend is not None:
             item_embeddings = blend.item_vectors(item_embeddings)
@@ -245,24 +253,12 @@ def write_artifacts(
             "blend": blend.describe() if blend is not None else None,
             "user_oov_index": model.spec.user_oov_index,
             "genres": dataset.genre_names,
-            "files": {
-                "user_tower": USER_TOWER_FILE,
-                "item_embeddings": ITEM_EMBEDDINGS_FILE,
-                "items": ITEMS_FILE,
-                "user_vocab": USER_VOCAB_FILE,
-                "item_vocab": ITEM_VOCAB_FILE,
-            },
+            "files": dict(FILES),
             "popularity": popularity,
             "metrics": dict(metrics),  # a snapshot: callers may keep adding to theirs
             "parity": checks,
             "provenance": {**provenance, "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
         }
-        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-        log.info("artifacts written to %s (parity max abs %.2e)", out_dir, worst)
-        return manifest
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        write_manifest(tmp, manifest)
+    log.info("artifacts written to %s (parity max abs %.2e)", out_dir, worst)
+    return manifest

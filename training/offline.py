@@ -1,7 +1,7 @@
-"""Offline work on finished models: evaluate an exported bundle, export a checkpoint."""
+"""Offline work on finished models: evaluate an exported bundle (read and scored through bundle/,
+as serving scores it), export a checkpoint."""
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -22,14 +22,12 @@ log = logging.getLogger(__name__)
 
 def evaluate_bundle(cfg: TrainConfig, model_uri: str) -> dict[str, float]:
     """Test metrics of the *exported* model (ONNX Runtime + item matrix), as serving computes scores."""
-    from serving.recommender import resolve_model_uri
-    from serving.runtime import create_session
+    from bundle.load import open_bundle
+    from bundle.locate import resolve_model_uri
 
     data = prepare(cfg)
-    bundle, _ = resolve_model_uri(str(model_uri), cfg.tracking.tracking_uri)
-    manifest = json.loads((bundle / "manifest.json").read_text())
-    session, _ = create_session(bundle / manifest["files"]["user_tower"])
-    item_vec = np.load(bundle / manifest["files"]["item_embeddings"])
+    bundle = open_bundle(resolve_model_uri(str(model_uri), cfg.tracking.tracking_uri)[0])
+    manifest, item_vec = bundle.manifest, bundle.item_vectors
     spec = TowerSpec(**manifest["model"]["spec"])
     # side features are rebuilt from the config: refuse a config that would feed the bundle differently
     built = {"model.rating_weighted": (manifest["features"]["rating_weighted"], cfg.model.rating_weighted)}
@@ -44,11 +42,11 @@ def evaluate_bundle(cfg: TrainConfig, model_uri: str) -> dict[str, float]:
     ctx = context(cfg, data.dataset)
 
     def score(users: np.ndarray) -> np.ndarray:
-        return session.run(None, user_feed(spec, ctx, users, data.seen))[0] @ item_vec.T
+        return bundle.user_vectors(user_feed(spec, ctx, users, data.seen)) @ item_vec.T
 
     users = np.flatnonzero(np.diff(data.test[0]) > 0)
     k = cfg.task.eval_k
-    return {f"test/{name}": v for name, v in evaluation.evaluate_scores(score, users, data.seen[:2], data.test[:2], spec.n_items, k=k).items()}
+    return evaluation.Metrics({f"test/{name}": v for name, v in evaluation.evaluate_scores(score, users, data.seen[:2], data.test[:2], spec.n_items, k=k).items()})
 
 
 def export_checkpoint(cfg: TrainConfig, checkpoint: Path, out_dir: Path) -> dict[str, Any]:
@@ -65,6 +63,6 @@ def export_checkpoint(cfg: TrainConfig, checkpoint: Path, out_dir: Path) -> dict
     task = RetrievalTask(cfg.task, item_counts(data.train, ds.n_items))
     item_vec = task.item_embeddings(model, ctx, torch.device("cpu")).numpy()
     popular = ds.item_vocab.decode(np.argsort(-item_counts(data.seen, ds.n_items), kind="stable")[: cfg.export.popularity_top_n])
-    metrics = {f"val/ndcg@{task.k}": float(payload["best_metric"])}
+    metrics = evaluation.Metrics({f"val/ndcg@{task.k}": float(payload["best_metric"])})  # published as val/ndcg_at_10
     provenance = {"checkpoint": str(checkpoint), "epoch": payload["epoch"], "dataset": ds.name, "config_digest": cfg.digest()}
     return write_artifacts(model, ctx, item_vec, ds, data.seen, out_dir, metrics, provenance, popular, cfg.export.parity_atol)

@@ -123,7 +123,7 @@ def load_run_config(client, run_id: str, tmp: Path):
 
 
 def load_run_bundle(client, run_id: str, tmp: Path) -> Path:
-    from serving.recommender import find_bundle
+    from bundle.locate import find_bundle
 
     try:
         local = Path(client.download_artifacts(run_id, "bundle", str(tmp)))
@@ -165,8 +165,8 @@ def retrieve_candidates(score_fn, users: np.ndarray, exclude, n_items: int, n_ca
 
 
 def mmr_lists(cand: np.ndarray, cand_scores: np.ndarray, item_vectors: np.ndarray, k: int, lam: float) -> np.ndarray:
-    """(U, k) lists re-ranked by serving.rerank.mmr from each user's candidates, -1 padded."""
-    from serving.rerank import mmr
+    """(U, k) lists re-ranked by bundle.rerank.mmr (serving's MMR) from each user's candidates, -1 padded."""
+    from bundle.rerank import mmr
 
     out = np.full((len(cand), k), -1, dtype=np.int64)
     for row, (items, scores) in enumerate(zip(cand, cand_scores)):
@@ -401,7 +401,7 @@ def render_html(
 <p>Recomputed on the exported model's top-{k} lists; logged to the run as <code>beyond/&lt;metric&gt;</code>.</p>
 <div class="grid"><div>{_table(("metric", "value"), ba)}</div><div>{_table(("metric", "value"), deciles)}</div></div>
 <h2>Accuracy vs diversity (MMR)</h2>
-<p>Top-{n_candidates} candidates per user re-ranked with <code>serving.rerank.mmr</code>; logged as
+<p>Top-{n_candidates} candidates per user re-ranked with <code>bundle.rerank.mmr</code> (serving's MMR); logged as
 <code>mmr/lambda_&lt;λ&gt;/&lt;metric&gt;</code>.</p>
 {_table(("λ", f"NDCG@{k}", "ILD (genres)", "coverage"), mmr_rows)}
 <h2>Plots</h2>
@@ -424,7 +424,7 @@ def build_report(
     """Recompute, plot, write the HTML under `out` (default reports/<run_id>/) and log it all to the run."""
     from mlflow.entities import Metric
 
-    from serving.runtime import create_session
+    from bundle.load import open_bundle
     from training.data import user_feed
     from training.model import TowerSpec
     from training.pipeline import context, item_counts, prepare
@@ -441,7 +441,8 @@ def build_report(
     with tempfile.TemporaryDirectory(prefix="trustrec-report-") as tmp:
         cfg = load_run_config(client, run_id, Path(tmp))
         bundle = load_run_bundle(client, run_id, Path(tmp))
-        manifest = json.loads((bundle / "manifest.json").read_text())
+        opened = open_bundle(bundle, force_cpu=True)  # manifest schema checked, ONNX session, item matrix
+        manifest = opened.manifest
         spec = TowerSpec(**manifest["model"]["spec"])
         data = prepare(cfg)
         ds = data.dataset
@@ -450,12 +451,11 @@ def build_report(
         digest = manifest.get("provenance", {}).get("config_digest")
         if digest and digest != cfg.digest():
             log.warning("run %s: config.yaml digest %s differs from the bundle's %s", run_id, cfg.digest(), digest)
-        session, _ = create_session(bundle / manifest["files"]["user_tower"], force_cpu=True)
-        item_vec = np.load(bundle / manifest["files"]["item_embeddings"]).astype(np.float64)
+        item_vec = opened.item_vectors.astype(np.float64)
         ctx = context(cfg, ds)
 
         def score(users: np.ndarray) -> np.ndarray:
-            return session.run(None, user_feed(spec, ctx, users, data.seen))[0].astype(np.float64) @ item_vec.T
+            return opened.user_vectors(user_feed(spec, ctx, users, data.seen)).astype(np.float64) @ item_vec.T
 
         k = cfg.task.eval_k
         n_items = ds.n_items

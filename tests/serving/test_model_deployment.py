@@ -124,7 +124,7 @@ def test_graceful_shutdown_closes_the_store(trained_run):
 
 
 def test_pinned_version_uri_resolves(trained_run):
-    from serving.recommender import resolve_model_uri
+    from bundle.locate import resolve_model_uri
 
     bundle, version = resolve_model_uri(f"models:/trustrec/{trained_run.result.model_version}", trained_run.tracking_uri)
     assert version == trained_run.result.model_version and (bundle / "manifest.json").exists()

@@ -159,7 +159,7 @@ def audit_bundle(bundle: Path, cfg, n_boot: int = 1000, repeats: int = 4, seed: 
     training config `cfg` implies (its data, split and privacy.audit_holdout)."""
     from features.datasets import load_dataset
     from features.splits import split
-    from serving.runtime import create_session
+    from bundle.load import open_bundle
     from training.data import rated_csr, user_feed
     from training.model import TowerSpec
     from training.pipeline import context
@@ -168,7 +168,8 @@ def audit_bundle(bundle: Path, cfg, n_boot: int = 1000, repeats: int = 4, seed: 
     p = cfg.privacy
     if p.audit_holdout <= 0:
         raise ValueError("privacy.audit_holdout: the run held no users out (0), so there are no non-members to audit against; train with e.g. --set privacy.audit_holdout=0.2")
-    manifest = json.loads((bundle / "manifest.json").read_text())
+    opened = open_bundle(bundle, force_cpu=True)  # manifest schema checked, ONNX session, item matrix
+    manifest = opened.manifest
     spec = TowerSpec(**manifest["model"]["spec"])
     ds = load_dataset(cfg.data)
     if (spec.n_users, spec.n_items) != (ds.n_users, ds.n_items):
@@ -179,12 +180,11 @@ def audit_bundle(bundle: Path, cfg, n_boot: int = 1000, repeats: int = 4, seed: 
     members, non_members = np.flatnonzero(has & ~held), np.flatnonzero(has & held)
     if len(non_members) < 2 or len(members) < 2:
         raise ValueError(f"privacy.audit_holdout: {len(members)} members and {len(non_members)} non-members with data; need at least 2 of each")
-    session, _ = create_session(bundle / manifest["files"]["user_tower"], force_cpu=True)
-    item_vec = np.load(bundle / manifest["files"]["item_embeddings"]).astype(np.float64)
+    item_vec = opened.item_vectors.astype(np.float64)
     ctx = context(cfg, ds)
 
     def user_vectors(users: np.ndarray, history: tuple) -> np.ndarray:
-        return session.run(None, user_feed(spec, ctx, users, history))[0]
+        return opened.user_vectors(user_feed(spec, ctx, users, history))
 
     population = np.bincount(candidates[1], minlength=ds.n_items).astype(np.float64)
     users = np.concatenate([members, non_members])

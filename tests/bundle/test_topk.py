@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from serving.topk import ExactTopK, TopK, build_index
+from bundle.topk import ExactTopK, TopK, build_index
 
 # 4 items in 2-D. For the query [1, 0] the scores are the first coordinates:
 # item 0: 1.0, item 1: 3.0, item 2: -1.0, item 3: 2.0  -> ranking [1, 3, 0, 2]

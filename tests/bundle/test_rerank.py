@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from serving.rerank import mmr
+from bundle.rerank import mmr
 from training.beyond import intra_list_diversity_genres
 
 S = math.sqrt(0.5)  # cos 45°

@@ -1,10 +1,10 @@
-"""FAISS top-k (serving.topk.HnswTopK, IvfTopK) against exact search, exclusion, the size-based choice."""
+"""FAISS top-k (bundle.topk.HnswTopK, IvfTopK) against exact search, exclusion, the size-based choice."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from serving.topk import ANN_KIND, ExactTopK, HnswTopK, IvfTopK, build_index
+from bundle.topk import ANN_KIND, ExactTopK, HnswTopK, IvfTopK, build_index
 
 # 4 items in 2-D (as in test_topk.py). Query [1, 0] scores the first coordinates:
 # item 0: 1.0, item 1: 3.0, item 2: -1.0, item 3: 2.0 -> ranking [1, 3, 0, 2]

@@ -3,7 +3,8 @@
 ORT falls back to the CPU without an error when the CUDA provider is listed
 but its libraries are missing, so a session silently runs on the wrong device.
 `create_session` therefore reads the provider back from the session and
-returns it, and logs requested vs actual. Serving never imports torch.
+returns it, and logs requested vs actual. Serving and training's offline
+evaluation open bundles through it (bundle.load); no torch here.
 """
 from __future__ import annotations
 

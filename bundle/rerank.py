@@ -1,9 +1,10 @@
 """Diversity re-ranking of a retrieved candidate set with Maximal Marginal Relevance.
 
-Retrieval (``serving.topk``) ranks by relevance alone, so near-duplicates of
+Retrieval (``bundle.topk``) ranks by relevance alone, so near-duplicates of
 the best item crowd the top of the list. MMR re-ranks a small candidate set
 (say the top 100) so each next pick trades relevance against similarity to
-what is already picked. Numpy only: serving never imports torch or training/.
+what is already picked. Serving re-ranks with it and training's report measures
+the accuracy-diversity trade-off with the same function. Numpy only.
 """
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ def mmr(scores: np.ndarray, candidate_vectors: np.ndarray, k: int, lam: float) -
     lower position. Each step is one (C, D) @ (D,) product updating a running
     max-similarity vector: O(k * C * D) in total.
 
-    Pass only real candidates: padded slots (``serving.topk.PAD_INDEX`` with
+    Pass only real candidates: padded slots (``bundle.topk.PAD_INDEX`` with
     score -inf) must be dropped first; non-finite scores raise ValueError.
     """
     scores = np.asarray(scores, dtype=np.float64)

@@ -10,7 +10,7 @@ import onnxruntime
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from serving.runtime import create_session, preferred_providers
+from bundle.runtime import create_session, preferred_providers
 
 W = np.array([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]], dtype=np.float32)  # (3, 2)
 CUDA_BUILD = "CUDAExecutionProvider" in onnxruntime.get_available_providers()
@@ -80,7 +80,7 @@ def test_reports_actual_provider_when_cuda_is_advertised_but_unusable(model_path
     assert preferred_providers() == ["CUDAExecutionProvider", "CPUExecutionProvider"]
     assert preferred_providers(force_cpu=True) == ["CPUExecutionProvider"]
 
-    with caplog.at_level(logging.INFO, logger="serving.runtime"), warnings.catch_warnings():
+    with caplog.at_level(logging.INFO, logger="bundle.runtime"), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # ORT's own "not in available provider names" warning
         session, provider = create_session(model_path)
     assert provider == "CPUExecutionProvider"
@@ -103,7 +103,7 @@ def test_idle_threads_do_not_spin_unless_asked(model_path):
 def test_cuda_libraries_are_loaded_once_before_a_cuda_session(model_path, monkeypatch):
     # onnxruntime-gpu does not look in the nvidia-* pip packages unless preload_dlls runs (the
     # lent H200 served on CUDA with it); a CPU build never asks for CUDA, so stand one in
-    from serving import runtime
+    from bundle import runtime
 
     calls = []
     monkeypatch.setattr(runtime, "preferred_providers", lambda force_cpu=False: [runtime.CPU] if force_cpu else [runtime.CUDA, runtime.CPU])

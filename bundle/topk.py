@@ -1,11 +1,11 @@
 """Top-k retrieval over exported item embeddings, behind one small interface.
 
-Serving code asks a `TopK` for the best items of a batch of query vectors and
-never cares how the search is done; `build_index` picks the implementation:
+Serving code (and anything else scoring a bundle) asks a `TopK` for the best items of a batch of
+query vectors and never cares how the search is done; `build_index` picks the implementation:
 exact brute force for small catalogs, an approximate FAISS index (IVF lists by default,
 or an HNSW graph) from `ann_min_items` items up. FAISS is imported only when such an
-index is built. Numpy only otherwise: serving reads exported artifacts and never imports
-torch or training/.
+index is built. Numpy only otherwise: part of the bundle contract (bundle/), which never imports
+torch, training/ or serving/.
 
 Every implementation answers the same way: (score desc, index asc) order, excluded items
 never returned, PAD_INDEX / PAD_SCORE padding, scores = exact dot products of the items found.

@@ -1,0 +1,58 @@
+"""Where a bundle is: a local directory, or a model in the MLflow registry (`models:/name@alias`,
+`models:/name/N`), downloaded to a temporary directory. MLflow is imported only for a `models:/` URI."""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from bundle.manifest import MANIFEST_FILE
+
+MODELS_SCHEME = "models:/"
+
+
+def find_bundle(root: str | Path) -> Path:
+    """The directory holding manifest.json: `root` itself or the pyfunc model's artifacts/<name>/."""
+    root = Path(root)
+    if (root / MANIFEST_FILE).exists():
+        return root
+    found = sorted(root.glob(f"artifacts/*/{MANIFEST_FILE}")) + sorted(root.glob(f"*/{MANIFEST_FILE}"))
+    if not found:
+        raise FileNotFoundError(f"no {MANIFEST_FILE} under {root}")
+    return found[0].parent
+
+
+def parse_model_uri(uri: str) -> tuple[str, str | None, str | None]:
+    """(name, alias, version) of `models:/name@alias` or `models:/name/version`; exactly one of
+    alias and version is set."""
+    if not uri.startswith(MODELS_SCHEME):
+        raise ValueError(f"{uri}: not a models:/ URI")
+    name, _, alias = uri[len(MODELS_SCHEME) :].partition("@")
+    if alias:
+        return name, alias, None
+    name, _, version = name.partition("/")
+    if not name or not version:
+        raise ValueError(f"{uri}: want models:/name@alias or models:/name/version")
+    return name, None, version
+
+
+def registered_model_name(uri: str, default: str = "trustrec") -> str:
+    """The registered model's name in a `models:/` URI; `default` for a local directory."""
+    if not uri.startswith(MODELS_SCHEME):
+        return default
+    return uri[len(MODELS_SCHEME) :].split("@")[0].split("/")[0]
+
+
+def resolve_model_uri(uri: str, tracking_uri: str | None = None) -> tuple[Path, str]:
+    """(local bundle dir, model version) for a path or an MLflow `models:/name@alias` URI; a local
+    directory's version is "local"."""
+    if not uri.startswith(MODELS_SCHEME):
+        return find_bundle(Path(uri)), "local"
+    name, alias, version = parse_model_uri(uri)
+    import mlflow
+
+    if tracking_uri:
+        mlflow.set_tracking_uri(tracking_uri)
+    if alias:
+        version = mlflow.MlflowClient().get_model_version_by_alias(name, alias).version
+    local = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=tempfile.mkdtemp(prefix="trustrec-model-"))
+    return find_bundle(Path(local)), str(version)
