@@ -31,7 +31,9 @@ RUN pip install --no-deps torchrec==1.8.0
 COPY pyproject.toml README.md ./
 COPY features/ features/
 COPY training/ training/
+COPY bundle/ bundle/
 COPY serving/ serving/
+COPY cli/ cli/
 COPY configs/ configs/
 # step 3: trustrec itself; /app is where a run writes mlflow.db, data/ and artifacts/
 RUN pip install --no-deps -e . && chown -R trustrec /app

@@ -118,7 +118,7 @@ def test_an_entry_commits_and_rolls_back_with_its_change(store, audit, monkeypat
 
 
 def test_erasure_keeps_the_entries_and_audit_log_finds_them_by_id(store, url, tmp_path, capsys):
-    from training.cli import main
+    from cli.main import main
 
     config = tmp_path / "serve.yaml"  # the CLI writes where the serve config says serving writes
     config.write_text(yaml.safe_dump({"applications": [{"name": "trustrec", "args": {"store_url": url, "audit": {"table": True, "path": str(tmp_path / "cli.jsonl")}}}]}))
@@ -163,7 +163,7 @@ def test_a_file_only_log_is_read_from_the_file(store, tmp_path, capsys):
     assert [e["action"] for e in audit.entries(subject=keyed("alice"))] == ["consent"]
     assert audit.entries(since_ms=audit.entries()[-1]["ts_ms"] + 1) == []
     assert oct(path.stat().st_mode & 0o777) == "0o600"
-    from training.cli import main
+    from cli.main import main
 
     assert main(["audit-log", "--store-url", store.engine.url.render_as_string(hide_password=False), "--config", str(tmp_path / "none.yaml"),
                  "--file", str(path), "--user", "alice", "--json"]) == 0  # fmt: skip

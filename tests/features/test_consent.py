@@ -319,7 +319,7 @@ def test_injection_shaped_ids_are_plain_data(store):
 
 # ---- operator CLI: the same code path ---------------------------------------------------------
 def test_cli_export_user_and_forget(store, url, tmp_path, capsys):
-    from training.cli import main
+    from cli.main import main
 
     missing_config = str(tmp_path / "none.yaml")  # --store-url alone is enough
     assert main(["export-user", "alice", "--store-url", url, "--config", missing_config]) == 0

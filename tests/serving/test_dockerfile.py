@@ -74,7 +74,12 @@ def test_healthcheck_hits_healthz_on_the_served_port(docker):
 def test_entrypoint_is_the_trustrec_console_script(docker):
     entry = [json.loads(args) for op, args in docker if op == "ENTRYPOINT"]
     assert entry == [["trustrec"]]
-    assert tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]["trustrec"] == "training.cli:main"
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    assert pyproject["project"]["scripts"]["trustrec"] == "cli.main:main"
+    # every package the install finds is in the image (else the console script fails to import)
+    packages = [p.removesuffix("*") for p in pyproject["tool"]["setuptools"]["packages"]["find"]["include"]]
+    copied = {args.split()[0] for op, args in docker if op == "COPY"}
+    assert sorted(set(packages) - {c.rstrip("/") for c in copied}) == [], copied
     cmd = [json.loads(args) for op, args in docker if op == "CMD"][-1]
     assert cmd[0] == "serve" and cmd[cmd.index("--host") + 1] == "0.0.0.0"  # inside a container only
 

@@ -1,4 +1,4 @@
-"""`python -m training.cli` in a subprocess: help, a tiny train run, config errors, evaluate."""
+"""`python -m cli.main` (the `trustrec` console script) in a subprocess: help, a tiny train run, config errors, evaluate."""
 from __future__ import annotations
 
 import json
@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def cli(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "training.cli", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([sys.executable, "-m", "cli.main", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
 
 
 def test_help_lists_subcommands():

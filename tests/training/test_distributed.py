@@ -274,7 +274,7 @@ def test_cli_train_distributed_two_ranks_logs_once_and_exports(tmp_path):
         "trainer.epochs=2", f"tracking.tracking_uri={db}", f"export.output_dir={tmp_path}/artifacts",
         f"store.url=sqlite:///{tmp_path}/features.db", f"trainer.checkpoint_dir={tmp_path}/checkpoints",
     ]  # fmt: skip
-    cmd = [sys.executable, "-m", "training.cli", "train", "--distributed", "2", *[a for s in sets for a in ("--set", s)]]
+    cmd = [sys.executable, "-m", "cli.main", "train", "--distributed", "2", *[a for s in sets for a in ("--set", s)]]
     out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env={"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr[-4000:]
     assert "test/ndcg@10" in out.stdout
@@ -302,7 +302,7 @@ def test_ray_train_launcher_two_cpu_workers(tmp_path):
         "distributed.launcher=ray", "trainer.epochs=1", f"tracking.tracking_uri={db}", f"export.output_dir={tmp_path}/artifacts",
         f"store.url=sqlite:///{tmp_path}/features.db", f"trainer.checkpoint_dir={tmp_path}/checkpoints",
     ]  # fmt: skip
-    cmd = [sys.executable, "-m", "training.cli", "train", "--distributed", "2", *[a for s in sets for a in ("--set", s)]]
+    cmd = [sys.executable, "-m", "cli.main", "train", "--distributed", "2", *[a for s in sets for a in ("--set", s)]]
     env = {"PATH": "/usr/bin:/bin", "RAY_ADDRESS": "local", "OMP_NUM_THREADS": "1", "HOME": str(tmp_path)}
     out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
     assert out.returncode == 0, out.stderr[-4000:]

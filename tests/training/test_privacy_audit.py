@@ -10,7 +10,7 @@ import torch
 from mlflow import MlflowClient
 
 from tests.conftest import REPO, tiny_overrides
-from training.cli import main
+from cli.main import main
 from training.config import load_config
 from training.export import write_artifacts
 from training.pipeline import build_model, context, item_counts, prepare, train

@@ -91,7 +91,7 @@ def test_logged_to_the_run(trained_run, report, run):
 def test_cli_report_subprocess(trained_run, tmp_path):
     run_id = trained_run.result.run_id
     out = subprocess.run(
-        [sys.executable, "-m", "training.cli", "report", run_id, "--tracking-uri", trained_run.tracking_uri, "--out", str(tmp_path), "--lambdas", "0,1"],
+        [sys.executable, "-m", "cli.main", "report", run_id, "--tracking-uri", trained_run.tracking_uri, "--out", str(tmp_path), "--lambdas", "0,1"],
         cwd=REPO, capture_output=True, text=True, timeout=240,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
@@ -101,7 +101,7 @@ def test_cli_report_subprocess(trained_run, tmp_path):
 
 
 def test_cli_unknown_run_exits_2(trained_run, tmp_path, capsys):
-    from training.cli import main
+    from cli.main import main
 
     out = tmp_path / "never"
     assert main(["report", "0123456789abcdef0123456789abcdef", "--tracking-uri", trained_run.tracking_uri, "--out", str(out)]) == 2

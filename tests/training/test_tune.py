@@ -11,7 +11,7 @@ from mlflow import MlflowClient
 from mlflow.artifacts import download_artifacts
 
 from tests.conftest import REPO, tiny_overrides
-from training.cli import build_parser, cmd_tune
+from cli.main import build_parser, cmd_tune
 from training.config import ConfigError, load_config
 from training.tracking import mlflow_key
 from training.tune import DEFAULT_SPACE, load_space, run_tune, trial_config, validate_space

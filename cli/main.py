@@ -1,6 +1,8 @@
-"""`trustrec` console script: train, evaluate, export, serve, recommend, demo.
+"""`trustrec` console script: the one place that sits above both wings.
 
-Each subcommand imports what it needs when it runs, so `trustrec serve` never loads torch.
+Each subcommand is a thin function calling into features/, training/, serving/ or bundle/ (where
+its logic lives and is tested) and printing the outcome. Each imports what it needs when it runs,
+so `trustrec serve` or `audit-log` never load torch or training/.
 """
 from __future__ import annotations
 
@@ -110,7 +112,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from training.demo import run_demo
+    from cli.demo import run_demo
 
     return run_demo(args.config, args.serve_config, args.set)
 
@@ -124,87 +126,53 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_user_data(args: argparse.Namespace) -> int:
-    """`forget` / `export-user`: the code path of DELETE /v1/users/{id} and GET /v1/users/{id}/data."""
-    from features.consent import UnknownUserError, erase_user, export_user
-    from features.store import FeatureStore
-    from serving.audit import audit_log
-    from serving.config import AppArgs, load_serve_config
+    """`forget` / `export-user`: the code path of DELETE /v1/users/{id} and GET /v1/users/{id}/data
+    (serving/admin.py); `forget` adds the registered versions trained on the user (training/tracking.py)."""
+    from features.consent import UnknownUserError
+    from serving.admin import user_data
 
-    app_args = load_serve_config(args.config)[1] if not args.store_url or Path(args.config).exists() else AppArgs()
-    url = args.store_url or app_args.store_url
-    if not url:
-        raise ValueError(f"{args.config}: store_url is null; pass --store-url")
-    with FeatureStore(url, consent=app_args.consent) as store:
-        audit = audit_log(app_args.audit, store)  # the serve config's audit settings: the CLI writes where serving does
-        try:
-            fn = erase_user if args.command == "forget" else export_user
-            out = fn(store, args.user_id, audit=audit, actor="cli")
-        except UnknownUserError:
-            print(f"trustrec {args.command}: the store holds no data for this user (never known, or already erased)", file=sys.stderr)
-            return 1
+    try:
+        out = user_data("forget" if args.command == "forget" else "export", args.user_id, args.config, args.store_url)
+    except UnknownUserError:
+        print(f"trustrec {args.command}: the store holds no data for this user (never known, or already erased)", file=sys.stderr)
+        return 1
     if args.command == "forget":  # the erasure is done; now say which served models still learned from the user
-        out["model_versions_trained_on_user"] = _versions_holding(args.user_id, app_args)
-    text = json.dumps(out, indent=2)
-    if getattr(args, "out", None):  # atomic: a reader never sees half a file
-        tmp = Path(args.out).with_name(Path(args.out).name + ".tmp")
-        tmp.write_text(text + "\n")
-        tmp.replace(args.out)
-        print(f"written to {args.out}")
-    else:
-        print(text)
+        out["model_versions_trained_on_user"] = versions_trained_on(args.user_id, args.config, args.store_url)
+    _emit(json.dumps(out, indent=2), getattr(args, "out", None))
     return 0
 
 
-def _versions_holding(user_id: str, app_args) -> list[dict] | dict:
-    """Registered versions (of the served model's name) trained on data that held the user: retrain
-    or retire them. An unreachable registry is said in the receipt, never hidden."""
+def versions_trained_on(user_id: str, config: str, store_url: str | None) -> list[dict] | dict:
+    """Registered versions (of the serve config's model name) trained on data that held the user:
+    retrain or retire them. An unreachable registry is said in the receipt, never hidden, and never
+    fails the erasure that already happened."""
+    from bundle.locate import registered_model_name
+    from serving.admin import operator_args
     from training.tracking import versions_holding_user
 
-    uri = app_args.model_uri
-    name = uri[len("models:/"):].split("@")[0].split("/")[0] if uri.startswith("models:/") else "trustrec"
+    app_args = operator_args(config, store_url)
     try:
-        return versions_holding_user(user_id, name, app_args.tracking_uri)
+        return versions_holding_user(user_id, registered_model_name(app_args.model_uri), app_args.tracking_uri)
     except Exception as e:  # noqa: BLE001 - the erasure already happened; report, don't fail it
         return {"error": f"could not read the model registry at {app_args.tracking_uri}: {type(e).__name__}"}
 
 
+def _emit(text: str, out: str | None) -> None:
+    """Print `text`, or write it to the file `out` atomically (a reader never sees half a file)."""
+    if not out:
+        print(text)
+        return
+    tmp = Path(out).with_name(Path(out).name + ".tmp")
+    tmp.write_text(text + "\n")
+    tmp.replace(out)
+    print(f"written to {out}")
+
+
 def cmd_audit_log(args: argparse.Namespace) -> int:
-    """`audit-log`: the audit log (features/audit.py), oldest first. Reads the store table when the
-    serve config's `audit.table` is on, else its `audit.path` file (or --file). --user hashes the id
-    under the store's erasure salt, as every entry does, so it also finds the entries of an erased user."""
-    from datetime import datetime, timezone
+    """`audit-log`: the audit log, oldest first (serving/admin.py reads it as the serve config says)."""
+    from serving.admin import audit_entries
 
-    from features.audit import ACTIONS, AuditLog
-    from features.store import FeatureStore
-    from serving.config import AppArgs, load_serve_config
-
-    app_args = load_serve_config(args.config)[1] if not args.store_url or Path(args.config).exists() else AppArgs()
-    if args.action is not None and args.action not in ACTIONS:
-        raise ValueError(f"--action {args.action!r}: one of {', '.join(ACTIONS)}")
-    since_ms = None
-    if args.since:
-        try:
-            since = datetime.fromisoformat(args.since)
-        except ValueError:
-            raise ValueError(f"--since {args.since!r}: not an ISO 8601 date or time (e.g. 2026-01-31 or 2026-01-31T12:00:00Z)") from None
-        since_ms = int((since if since.tzinfo else since.replace(tzinfo=timezone.utc)).timestamp() * 1000)  # naive = UTC
-    url = args.store_url or app_args.store_url
-    use_table = app_args.audit.table and not args.file
-    path = args.file or app_args.audit.path
-    if use_table and not url:
-        raise ValueError(f"{args.config}: store_url is null; pass --store-url (or --file for a JSON-lines audit file)")
-    if not use_table and not path:
-        raise ValueError(f"{args.config}: audit.table is off and audit.path is null; pass --file")
-    if args.user is not None and not url:
-        raise ValueError("--user needs the feature store (its erasure salt hashes the id): pass --store-url")
-    store = FeatureStore(url, consent=app_args.consent) if url else None
-    try:
-        audit = AuditLog(store, table=use_table, path=path)
-        subject = audit.subject(args.user) if args.user is not None else None
-        entries = audit.entries(subject=subject, action=args.action, since_ms=since_ms)
-    finally:
-        if store is not None:
-            store.close()
+    entries = audit_entries(args.config, args.store_url, args.file, args.user, args.action, args.since)
     for e in entries:
         if args.json:
             print(json.dumps(e, sort_keys=True))
@@ -341,13 +309,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per file download is noise
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for name in ("features", "training", "serving"):  # ours at INFO; libraries stay at WARNING
+    for name in ("features", "training", "serving", "bundle", "cli"):  # ours at INFO; libraries stay at WARNING
         logging.getLogger(name).setLevel(logging.DEBUG if args.verbose else logging.INFO)
-    from training.config import ConfigError
-
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError) as e:  # training.config.ConfigError and pydantic's errors are ValueErrors
         print(f"trustrec {args.command}: error: {e}", file=sys.stderr)
         return 2
 

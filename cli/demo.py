@@ -1,5 +1,6 @@
 """`trustrec demo` / `make demo`: train on synthetic data, register @champion, serve it with
-Ray Serve on 127.0.0.1, ask for a few recommendations over HTTP, shut down cleanly."""
+Ray Serve on 127.0.0.1, ask for a few recommendations over HTTP, shut down cleanly. It drives both
+wings (training.pipeline, then serving.launch), so it lives in cli/, above them."""
 from __future__ import annotations
 
 import time
