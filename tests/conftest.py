@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.pg import pg_url, postgres  # noqa: F401 - a throw-away PostgreSQL server for any test (tests/pg.py)
+
 REPO = Path(__file__).resolve().parents[1]
 
 

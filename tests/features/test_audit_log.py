@@ -38,9 +38,9 @@ def tiny_dataset() -> Dataset:
 
 
 @pytest.fixture
-def url(tmp_path, monkeypatch):
+def url(store_url, monkeypatch):  # a SQLite file, then a PostgreSQL database (tests/features/conftest.py)
     monkeypatch.setenv("TRUSTREC_ERASURE_SALT", SALT)
-    return f"sqlite:///{tmp_path / 'features.db'}"
+    return store_url
 
 
 @pytest.fixture

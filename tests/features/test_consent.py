@@ -1,5 +1,6 @@
 """Consent ledger, stated preferences, events, access, erasure and the consent-honouring training
-export, on a real SQLite file (features/consent.py + features/store.py)."""
+export, on a real SQLite file and a real PostgreSQL database (features/consent.py + features/store.py;
+the backends come from tests/features/conftest.py)."""
 import hashlib
 import hmac
 import json
@@ -8,7 +9,7 @@ import sqlite3
 
 import numpy as np
 import pytest
-from sqlalchemy import event, func, select
+from sqlalchemy import MetaData, Table, Text, cast, event, func, inspect, or_, select
 
 from features.config import ConsentConfig, DataConfig
 from features.consent import (
@@ -51,9 +52,9 @@ def tiny_dataset(name="tiny"):
 
 
 @pytest.fixture
-def url(tmp_path, monkeypatch):
+def url(store_url, monkeypatch):
     monkeypatch.setenv("TRUSTREC_ERASURE_SALT", SALT)
-    return f"sqlite:///{tmp_path / 'features.db'}"
+    return store_url
 
 
 @pytest.fixture
@@ -64,13 +65,21 @@ def store(url):
     s.close()
 
 
-def db_path(store):
-    return store.engine.url.database
-
-
-def cells_equal(path, value):
-    """(table, column) pairs holding `value` anywhere in the SQLite file, by plain sqlite3."""
-    con = sqlite3.connect(path)
+def cells_equal(store, value):
+    """(table, column) pairs holding `value` anywhere in the store's database: every table there,
+    ours or not (SQLite: by plain sqlite3 on the file; PostgreSQL: every table the database
+    reflects, each column cast to text)."""
+    if not store.is_sqlite:
+        hits = []
+        with store.engine.connect() as conn:
+            for name in inspect(conn).get_table_names():
+                table = Table(name, MetaData(), autoload_with=conn)
+                for col in table.columns:
+                    text = cast(col, Text)
+                    if conn.scalar(select(func.count()).select_from(table).where(or_(text == value, text.like(f"%{value}%")))):
+                        hits.append((name, col.name))
+        return hits
+    con = sqlite3.connect(store.engine.url.database)
     try:
         hits = []
         for (table,) in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'"):
@@ -196,13 +205,13 @@ def test_training_export_honours_training_and_demographics_consent(store):
     assert "alice" not in export_training_data(store)[0].user_vocab
 
 
-def test_store_source_is_a_data_config_and_its_own_export_is_not_loaded_back(url, store):
+def test_store_source_is_a_data_config_and_its_own_export_is_not_loaded_back(url, store, other_store_url):
     record_consent(store, "bob", {"training": False})
     ds = load_dataset(DataConfig(source="store", store={"url": url}))
     assert ds.user_vocab.ids == [EVIL, "alice"] and ds.name == f"store:{store.store_id}"
     store.load_dataset(ds)  # the pipeline's store.load step, when the store is also the source
     assert store.user_history("bob") == ["i1", "i4"]  # untouched: a consent-filtered copy never replaces the store
-    other = FeatureStore(url.replace("features.db", "other.db"))
+    other = FeatureStore(other_store_url)
     other.load_dataset(ds)  # into another store it loads as usual
     assert not other.has_user("bob") and other.user_history("alice") == ["i1", "i3", "i2"]
     other.close()
@@ -253,7 +262,7 @@ def test_erasure_removes_every_row_and_the_tombstone_keeps_the_user_out(store, c
     assert receipt["popularity_adjusted_items"] == 3 and receipt["erased"] is True
     assert receipt["tombstone"] == hmac.new(SALT.encode(), b"alice", hashlib.sha256).hexdigest()  # salted, not the id
     assert store.generation() == generation + 1
-    assert cells_equal(db_path(store), "alice") == []  # no cell of any table holds the id
+    assert cells_equal(store, "alice") == []  # no cell of any table holds the id
     with store.engine.connect() as conn:  # popularity without alice's rows: i1 2->1, i2 1->0, i3 2->1, i4 1
         assert dict(conn.execute(select(popularity_table.c.item_id, popularity_table.c["count"])).all()) == {"i1": 1, "i2": 0, "i3": 1, "i4": 1}
     assert store.user_history("bob") == ["i1", "i4"] and store.has_user(EVIL)  # nobody else touched
@@ -270,7 +279,7 @@ def test_erasure_removes_every_row_and_the_tombstone_keeps_the_user_out(store, c
     # a later import of a dataset that still holds alice leaves her out, and so does training
     store.load_dataset(tiny_dataset())
     assert not store.has_user("alice") and store.user_history("alice") == [] and store.user_history("bob") == ["i1", "i4"]
-    assert cells_equal(db_path(store), "alice") == []
+    assert cells_equal(store, "alice") == []
     assert "alice" not in export_training_data(store)[0].user_vocab
     assert store.popular_items(4) == ["i1", "i3", "i4", "i2"]  # counts from the import without alice: 1, 1, 1, 0
     assert "alice" not in caplog.text
@@ -292,9 +301,9 @@ def test_erasure_is_one_transaction(store):
     assert store.has_user("alice") and store.user_history("alice") == ["i1", "i3", "i2", "i4"] and not store.is_erased("alice")
 
 
-def test_salt_kept_in_the_store_when_no_env_var(tmp_path, monkeypatch, caplog):
+def test_salt_kept_in_the_store_when_no_env_var(store_url, monkeypatch, caplog):
     monkeypatch.delenv("TRUSTREC_ERASURE_SALT", raising=False)
-    url = f"sqlite:///{tmp_path / 'nosalt.db'}"
+    url = store_url
     with FeatureStore(url) as a, caplog.at_level(logging.WARNING):
         a.load_dataset(tiny_dataset())
         first = erase_user(a, "bob")["tombstone"]
@@ -314,7 +323,7 @@ def test_injection_shaped_ids_are_plain_data(store):
         erase_user(store, "' OR 1=1;--")
     assert erase_user(store, EVIL)["deleted"]["interactions"] == 1
     assert store.user_history("alice") == ["i1", "i3", "i2"] and store.user_history("bob") == ["i1", "i4"]
-    assert cells_equal(db_path(store), EVIL) == []
+    assert cells_equal(store, EVIL) == []
 
 
 # ---- operator CLI: the same code path ---------------------------------------------------------
@@ -334,4 +343,4 @@ def test_cli_export_user_and_forget(store, url, tmp_path, capsys):
     assert receipt["deleted"]["interactions"] == 3 and receipt["tombstone"] == store.subject_hash("alice")
     assert main(["forget", "alice", "--store-url", url, "--config", missing_config]) == 1
     assert "no data" in capsys.readouterr().err
-    assert cells_equal(db_path(store), "alice") == []
+    assert cells_equal(store, "alice") == []

@@ -1,9 +1,9 @@
 """What a dataset import may change and what it must keep (issue 13): the store owns what customers
-told it, erasure survives any environment, and erased users leave every data source. Real SQLite files."""
-import sqlite3
-
+told it, erasure survives any environment, and erased users leave every data source. Real SQLite files
+and real PostgreSQL databases (tests/features/conftest.py)."""
 import numpy as np
 import pytest
+from sqlalchemy import create_engine, inspect
 
 from features.config import SyntheticConfig
 from features.consent import erase_user, export_user, preferences, record_consent, set_preferences
@@ -16,9 +16,9 @@ SALT_ENV = "TRUSTREC_ERASURE_SALT"
 
 
 @pytest.fixture
-def url(tmp_path, monkeypatch):
+def url(store_url, monkeypatch):
     monkeypatch.setenv(SALT_ENV, "salt-a")
-    return f"sqlite:///{tmp_path / 'features.db'}"
+    return store_url
 
 
 def test_an_import_keeps_stated_preferences_and_api_users_and_replaces_the_rest(url):
@@ -53,19 +53,19 @@ def test_an_import_still_drops_imported_users_it_no_longer_holds_but_never_api_u
         assert s.user_profile(EVIL)["age"] is None  # ...the dataset's demographics go with the dataset
 
 
-def test_a_store_from_before_the_ownership_columns_is_migrated(tmp_path, monkeypatch):
-    monkeypatch.setenv(SALT_ENV, "salt-a")
-    path = tmp_path / "old.db"
-    with sqlite3.connect(path) as db:  # the users table as trustrec wrote it before this change
-        db.execute("CREATE TABLE users (user_id TEXT PRIMARY KEY, age INTEGER, gender TEXT, occupation TEXT, liked_genres TEXT NOT NULL, avoided_genres TEXT NOT NULL)")
-        db.execute("INSERT INTO users VALUES ('old-user', 33, NULL, NULL, 'Comedy', '')")
-    with FeatureStore(f"sqlite:///{path}") as s:
+def test_a_store_from_before_the_ownership_columns_is_migrated(url):
+    old = create_engine(url)
+    with old.begin() as db:  # the users table as trustrec wrote it before this change
+        db.exec_driver_sql("CREATE TABLE users (user_id TEXT PRIMARY KEY, age INTEGER, gender TEXT, occupation TEXT, liked_genres TEXT NOT NULL, avoided_genres TEXT NOT NULL)")
+        db.exec_driver_sql("INSERT INTO users VALUES ('old-user', 33, NULL, NULL, 'Comedy', '')")
+    with FeatureStore(url) as s:
         profile = s.user_profile("old-user")
         assert profile["age"] == 33 and profile["liked_genres"] == ["Comedy"]
         s.load_dataset(tiny_dataset())
         assert not s.has_user("old-user")  # an old row counts as imported
-    with sqlite3.connect(path) as db:
-        assert {"origin", "stated_ms"} <= {row[1] for row in db.execute("PRAGMA table_info(users)")}
+    with old.connect() as db:
+        assert {"origin", "stated_ms"} <= {c["name"] for c in inspect(db).get_columns("users")}
+    old.dispose()
 
 
 # ---- erasure with no environment precondition --------------------------------------------------
