@@ -176,6 +176,7 @@ def test_two_replicas_and_a_trainer_share_one_postgres_store(world):
             out = trainer.communicate()[0]
         assert trainer.returncode == 0, out[-3000:]
         assert flips_while_training >= 1
+        print(f"{flips} consent flips, {flips_while_training} while the trainer ran, {6 * flips} requests checked")
         # the counter moved once per flip and once for the trainer's bulk load, which kept the ledger
         assert store.generation() == before + flips + 1
         assert personalized(url, user) is True
