@@ -1,4 +1,4 @@
-"""ANN retrieval: FAISS HNSW and IVF (serving.topk.HnswTopK / IvfTopK) against exact search.
+"""ANN retrieval: FAISS HNSW and IVF (bundle.topk.HnswTopK / IvfTopK) against exact search.
 
     python benchmarks/ann.py                              # 1M items x 64 dims, the issue's setting
     python benchmarks/ann.py --items 200000 --queries 500 # quicker
@@ -11,7 +11,7 @@ vectors: the normalized mean of 1-3 cluster centers plus noise. For each efSearc
 and nprobe (IVF) value it measures recall@k against exact search (with and without excluding `--exclude` random items
 per query), per-query latency at batch size 1 (p50/p95) with one search thread, and with two
 threads querying at once (FAISS releases the GIL; each thread runs its own queries); plus the
-exact scan's latency at the catalog size and at `serving.topk.ANN_MIN_ITEMS` (the size where
+exact scan's latency at the catalog size and at `bundle.topk.ANN_MIN_ITEMS` (the size where
 serving switches to the ANN index), build time and memory per index. Prints a table and writes JSON
 (default benchmarks/results/ann.json). Goal: <= 2 ms/query for top-100 with recall@100 >= 0.95.
 Timings depend on the machine's load; recall does not.
@@ -19,9 +19,7 @@ Timings depend on the machine's load; recall does not.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import sys
 import threading
 import time
@@ -29,10 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from serving.topk import ANN_KIND, ANN_MIN_ITEMS, HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH, HNSW_M, ExactTopK, HnswTopK, IvfTopK  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # harness and siblings by name
+import harness  # noqa: E402  (puts the repository on sys.path too)
+from bundle.topk import ANN_KIND, ANN_MIN_ITEMS, HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH, HNSW_M, ExactTopK, HnswTopK, IvfTopK  # noqa: E402
 
 LATENCY_GOAL_MS, RECALL_GOAL = 2.0, 0.95
 
@@ -115,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", choices=["hnsw", "ivf"], help="benchmark one index kind only")
     p.add_argument("--exact-queries", type=int, default=100, help="queries timed on the exact scan (default 100)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", help="JSON output path (default benchmarks/results/ann.json)")
+    harness.output_flags(p, "ann")
     args = p.parse_args(argv)
     if args.items < args.k or args.queries < 2:
         p.error("--items must be >= --k and --queries >= 2")
@@ -204,16 +201,11 @@ def main(argv: list[str] | None = None) -> int:
         "rows": rows,
         "exact": {str(n): v for n, v in exact_rows.items()},
         "goal": goal,
-        "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.python_version()}, faiss {faiss.__version__}, numpy {np.__version__}",
-        "load_average_1m": round(os.getloadavg()[0], 2),  # > cores: other work shared the machine, timings are inflated
-        "command": "python benchmarks/ann.py " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
-    out = Path(args.out or REPO / "benchmarks" / "results" / "ann.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    out = harness.write(report, args, "ann", script=__file__, argv=argv, libraries=["faiss-cpu", "faiss-gpu"])
 
     k = args.k
-    print(f"\nANN top-{k}: {args.items:,} items x {args.dim}, {args.queries} queries, batch size 1, 1 FAISS thread per query  ({report['machine']}, load average {report['load_average_1m']})")
+    print(f"\nANN top-{k}: {args.items:,} items x {args.dim}, {args.queries} queries, batch size 1, 1 FAISS thread per query  (load average {os.getloadavg()[0]:.2f})")
     for kind, b in builds.items():
         extra = ", ".join(f"{key}={v}" for key, v in b.items() if key not in ("build_s", "index_mb", "rss_delta_mb"))
         print(f"  {kind} ({extra}): build {b['build_s']} s, index {b['index_mb']:.0f} MiB (vectors {items.nbytes / 2**20:.0f} MiB), RSS {b['rss_delta_mb']:+.0f} MiB")

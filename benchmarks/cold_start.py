@@ -13,35 +13,22 @@ Goals: hybrid NDCG@10 >= 1.5x content-only on item cold start; genre match >= 0.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # harness and siblings by name
+import harness  # noqa: E402  (puts the repository on sys.path too)
+from harness import REPO  # noqa: E402
 from training.config import ConfigError, load_config  # noqa: E402
 
 DEFAULT_CONFIG = REPO / "configs" / "hybrid.yaml"
 ITEM_GOAL, GENRE_GOAL = 1.5, 0.8
 
 
-def machine() -> str:
-    import torch
-
-    return f"{platform.machine()} {os.cpu_count()} cores, {platform.python_version()}, torch {torch.__version__}, {'cuda' if torch.cuda.is_available() else 'cpu'}"
-
-
 def table(title: str, metrics: dict[str, float], models: list[str], columns: list[str]) -> str:
-    lines = [title, f"  {'model':<18}" + "".join(f"{c:>14}" for c in columns)]
-    for m in models:
-        cells = "".join(f"{metrics[f'{m}/{c}']:>14.4f}" if f"{m}/{c}" in metrics else f"{'-':>14}" for c in columns)
-        lines.append(f"  {m:<18}{cells}")
-    return "\n".join(lines)
+    return title + "\n" + harness.table(["  model", *columns], [[f"  {m}", *(metrics.get(f"{m}/{c}") for c in columns)] for m in models], first=20)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,28 +41,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0, help="holdout seed (default 0)")
     p.add_argument("--truth", choices=["all", "test"], default="all", help="item cold start truth: held-out items' rows of any split (default) or of the test split only")
     p.add_argument("--only", choices=["item", "user"], help="run one experiment only")
-    p.add_argument("--out", help="JSON output path")
+    harness.output_flags(p, "cold_start_<data>")
     args = p.parse_args(argv)
-
-    name, _, path = args.data.partition(":")
-    if name not in ("ml100k", "synthetic"):
-        p.error(f"--data: unknown dataset {name!r} (ml100k or synthetic)")
-    overrides: list[str] = []
-    if name == "ml100k":
-        from features.movielens import resolve_ml100k_path
-
-        try:
-            overrides += ["data.source=movielens", f"data.path={resolve_ml100k_path(path or None)}"]
-        except FileNotFoundError as e:
-            print(f"skipped: {e}", file=sys.stderr)
-            return 2
-    else:
-        overrides.append("data.source=synthetic")
+    data = harness.dataset(p, args.data, source=True)
+    if data is None:
+        return 2
+    name, overrides = data.name, list(data.overrides)
 
     from training.cold_start import item_cold_start, user_cold_start
 
     with tempfile.TemporaryDirectory() as tmp:
-        overrides += ["tracking.enabled=false", "store.load=false", "trainer.progress=false", f"export.output_dir={tmp}/bundle", f"trainer.checkpoint_dir={tmp}/ckpt", *args.set]
+        overrides += [*harness.offline(tmp), *args.set]
         try:
             cfg = load_config(args.config, overrides)
         except ConfigError as e:
@@ -106,14 +82,10 @@ def main(argv: list[str] | None = None) -> int:
         "results": {exp: {key: round(v, 4) for key, v in m.items()} for exp, m in results.items()},
         "goals": goals,
         "seconds": round(seconds, 1),
-        "machine": machine(),
-        "command": "python benchmarks/cold_start.py " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
-    out = Path(args.out or REPO / "benchmarks" / "results" / f"cold_start_{name}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    out = harness.write(report, args, f"cold_start_{name}", script=__file__, argv=argv, libraries=["torch", "torchrec"])
 
-    print(f"\n{name}: cold start, k={k}  ({report['machine']}, {seconds:.0f} s)")
+    print(f"\n{name}: cold start, k={k}  ({seconds:.0f} s)")
     if "item_cold_start" in results:
         r = results["item_cold_start"]
         cols = [f"ndcg@{k}", f"recall@{k}", f"precision@{k}", "coverage"]

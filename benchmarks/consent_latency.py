@@ -17,28 +17,20 @@ the auth secret is a random one made for this run unless TRUSTREC_TOKEN_SECRET i
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import secrets
 import shutil
-import socket
 import sqlite3
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # harness and siblings by name
+import harness  # noqa: E402  (puts the repository on sys.path too)
+from harness import REPO  # noqa: E402
 
 GOAL_MS = 1000.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def percentiles(values: list[float]) -> dict[str, float]:
@@ -76,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--user", default="u1", help="user whose consent flips (default u1)")
     p.add_argument("--flips", type=int, default=50, help="consent changes measured (default 50)")
     p.add_argument("--k", type=int, default=10)
-    p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "consent_latency.json"))
+    harness.output_flags(p, "consent_latency")
     args = p.parse_args(argv)
 
     import requests
@@ -84,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
 
     os.environ.setdefault("TRUSTREC_TOKEN_SECRET", secrets.token_hex(16))  # before Ray starts: replicas inherit it
     from serving.auth import user_token
+    from serve_load import free_port  # sibling script
     from serving.launch import start, stop
 
     root = Path(tempfile.mkdtemp(prefix="consent-latency-"))
@@ -137,8 +130,6 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(root, ignore_errors=True)
 
     result = {
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "machine": f"{platform.machine()} {os.cpu_count()} cores, Python {platform.python_version()}",
         "flips": args.flips,
         "consent_change_to_changed_answer_ms": percentiles(change_ms),
         "put_consent_ms": percentiles(put_ms),
@@ -152,11 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         s = result[key]
         print(f"{label:<36}{s['p50']:>10.1f}{s['p95']:>10.1f}{s['max']:>10.1f}")
     print(f"changed on the very next request: {result['changed_on_the_very_next_request']:.0%} of {args.flips} flips; goal p95 < {GOAL_MS:.0f} ms: {'met' if result['meets_goal_p95'] else 'MISSED'}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    tmp.replace(out)
+    out = harness.write(result, args, "consent_latency", script=__file__, argv=argv, libraries=["ray", "onnxruntime"])
     print(f"written to {out}")
     return 0
 

@@ -36,7 +36,6 @@ benchmarks/results/dp_ease.json). Exit status 2 when ML-100k is asked for but ab
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
@@ -46,10 +45,9 @@ import numpy as np
 import scipy.linalg
 from scipy.stats import norm
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # harness and siblings by name
+import harness  # noqa: E402  (puts the repository on sys.path too)
+from harness import REPO  # noqa: E402
 
 NOISE_SEED_OFFSET = 1000
 RANKS = [16, 32, 64, 128, 256, None]  # None: all items (PSD projection only)
@@ -179,13 +177,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--noise-seeds", default="0,1,2", help="comma-separated noise seeds (default 0,1,2)")
     p.add_argument("--audit-holdout", type=float, default=0.2, help="users held out as in benchmarks/privacy.py (default 0.2)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra config overrides")
-    p.add_argument("--out", help="JSON output path")
+    harness.output_flags(p, "dp_ease")
     args = p.parse_args(argv)
-    try:
-        epsilons = list(dict.fromkeys(float(e) for e in args.epsilons.split(",") if e.strip()))
-        seeds = [int(s) for s in args.noise_seeds.split(",") if s.strip()]
-    except ValueError:
-        p.error("--epsilons / --noise-seeds: comma-separated numbers")
+    epsilons = list(dict.fromkeys(harness.numbers(p, "--epsilons", args.epsilons, float)))
+    seeds = harness.numbers(p, "--noise-seeds", args.noise_seeds)
     if not epsilons or not seeds or any(e <= 0 for e in epsilons):
         p.error("give at least one epsilon (> 0) and one noise seed")
 
@@ -196,18 +191,11 @@ def main(argv: list[str] | None = None) -> int:
     from training.evaluation import evaluate_scores
     from training.pipeline import popularity_metrics, prepare
 
-    name, _, path = args.data.partition(":")
-    if name not in privacy.CONFIGS:
-        p.error(f"--data: unknown dataset {name!r} (ml100k or synthetic)")
-    overrides = ["tracking.enabled=false", "store.load=false", f"privacy.audit_holdout={args.audit_holdout}", *args.set]
-    if name == "ml100k":
-        from features.movielens import resolve_ml100k_path
-
-        try:
-            overrides.append(f"data.path={resolve_ml100k_path(path or None)}")
-        except FileNotFoundError as e:
-            print(f"skipped: {e}", file=sys.stderr)
-            return 2
+    source = harness.dataset(p, args.data, list(privacy.CONFIGS))
+    if source is None:
+        return 2
+    name = source.name
+    overrides = ["tracking.enabled=false", "store.load=false", f"privacy.audit_holdout={args.audit_holdout}", *args.set, *source.overrides]
     cfg = load_config(privacy.CONFIGS[name][0], overrides)  # the non-private config: the split is the same for both
     k = cfg.task.eval_k
     started = time.perf_counter()
@@ -272,15 +260,11 @@ def main(argv: list[str] | None = None) -> int:
         "popularity_ndcg": pop,
         "results": results,
         "seconds": round(time.perf_counter() - started, 1),
-        "machine": quality.machine(),
-        "command": "python benchmarks/dp_ease.py " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
-    out = Path(args.out or REPO / "benchmarks" / "results" / "dp_ease.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2, default=float) + "\n")
+    out = harness.write(report, args, "dp_ease", script=__file__, argv=argv, libraries=["scipy", "torch"])
 
     cols = [f"ndcg@{k}", f"precision@{k}", f"recall@{k}", f"map@{k}"]
-    print(f"\n{name}: DP-EASE, {len(members)} members, delta {delta:.3g}  ({report['machine']}, {report['seconds']:.0f} s); mean ± std over noise seeds")
+    print(f"\n{name}: DP-EASE, {len(members)} members, delta {delta:.3g}  ({report['seconds']:.0f} s); mean ± std over noise seeds")
     print(f"{'eps':>5}{'sigma':>8}  {'row':<24}" + "".join(f"{c:>18}" for c in cols) + "   (k, lambda) per seed")
     for row in results:
         cells = lambda m: "".join(f"  {m[c]:.4f} ± {m[c + '_std']:.4f}" for c in cols)  # noqa: E731

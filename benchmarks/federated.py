@@ -20,16 +20,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # harness and siblings by name
+import harness  # noqa: E402  (puts the repository on sys.path too)
+from harness import REPO  # noqa: E402
 from training.config import load_config  # noqa: E402
 from training.pipeline import train  # noqa: E402
 
@@ -42,17 +40,8 @@ VARIANTS = {
 }  # fmt: skip
 
 
-def machine() -> str:
-    import torch
-
-    return f"{platform.machine()} {os.cpu_count()} cores, {platform.python_version()}, torch {torch.__version__}, {'cuda' if torch.cuda.is_available() else 'cpu'}"
-
-
 def run(config: str, overrides: list[str], tmp: str, tag: str) -> dict:
-    cfg = load_config(REPO / "configs" / config, overrides + [
-        "tracking.enabled=false", "store.load=false", "trainer.progress=false",
-        f"export.output_dir={tmp}/bundle-{tag}", f"trainer.checkpoint_dir={tmp}/ckpt-{tag}",
-    ])  # fmt: skip
+    cfg = load_config(REPO / "configs" / config, [*overrides, *harness.offline(tmp, f"-{tag}")])
     started = time.perf_counter()
     result = train(cfg)
     k = cfg.task.eval_k
@@ -101,24 +90,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=100, help="round budget (default 100, the goal's)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra overrides for the federated runs")
     p.add_argument("--central-from", metavar="JSON", help="reuse the centralized row of an earlier report (same data) instead of retraining it")
-    p.add_argument("--out", help="JSON output path")
-    p.add_argument("--plot", help="PNG output path")
+    harness.output_flags(p, "federated_<data>")
+    p.add_argument("--plot", help="PNG output path (default: beside the JSON)")
     args = p.parse_args(argv)
 
-    name, _, path = args.data.partition(":")
-    if name != "ml100k":
-        p.error(f"--data: unknown dataset {name!r} (ml100k)")
     variants = [v for v in args.variants.split(",") if v]
     unknown = set(variants) - set(VARIANTS)
     if unknown:
         p.error(f"--variants: unknown {sorted(unknown)} (choose from {', '.join(VARIANTS)})")
-    from features.movielens import resolve_ml100k_path
-
-    try:
-        data = [f"data.path={resolve_ml100k_path(path or None)}"]
-    except FileNotFoundError as e:
-        print(f"skipped: {e}", file=sys.stderr)
+    source = harness.dataset(p, args.data, ["ml100k"])
+    if source is None:
         return 2
+    name, data = source.name, source.overrides
 
     with tempfile.TemporaryDirectory() as tmp:
         central = json.loads(Path(args.central_from).read_text())["centralized"] if args.central_from else run("two_tower_ml100k.yaml", data, tmp, "central")
@@ -140,19 +123,13 @@ def main(argv: list[str] | None = None) -> int:
         "goal": "federated test NDCG@10 >= 95 % of centralized within <= 100 rounds",
         "centralized": central,
         "federated": federated,
-        "machine": machine(),
         "timing_note": "wall times from a shared machine are indicative only; rerun on a quiet one",
-        "command": "python benchmarks/federated.py " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
-    out = Path(args.out or REPO / "benchmarks" / "results" / f"federated_{name}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = out.with_suffix(".tmp")
-    tmp_out.write_text(json.dumps(report, indent=2))
-    tmp_out.replace(out)
+    out = harness.write(report, args, f"federated_{name}", script=__file__, argv=argv, libraries=["torch", "flwr"])
     png = Path(args.plot or out.with_suffix(".png"))
     plot(report, png)
 
-    print(f"\n{name} / {report['protocol']}  ({report['machine']})")
+    print(f"\n{name} / {report['protocol']}")
     print(f"{'model':<24}{'test ndcg@10':>14}{'% of central':>14}{'rounds':>8}{'rounds→95%':>12}{'fit s':>9}")
     print(f"{'centralized':<24}{central['test_ndcg']:>14.4f}{100.0:>14.1f}{central['steps_run']:>8}{'-':>12}{central['fit_s']:>9.0f}")
     for v, row in federated.items():

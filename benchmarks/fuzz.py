@@ -39,16 +39,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import secrets
 import sys
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # harness and siblings by name
+import harness  # noqa: E402  (puts the repository on sys.path too)
 
 # Every check of schemathesis 4.32 (`schemathesis.checks.CHECKS`) with what it covers against this API.
 CHECKS = {
@@ -356,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scenarios", type=int, default=25, help="recorded user lifecycles for the stateful checks (default 25)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--url", help=f"fuzz an already running server instead of starting Ray Serve (admin token: ${ADMIN_ENV}; ${SECRET_ENV} enables the cross-user probe)")
-    p.add_argument("--out", help="JSON output (default benchmarks/results/fuzz.json)")
+    harness.output_flags(p, "fuzz")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
 
@@ -377,14 +375,10 @@ def main(argv: list[str] | None = None) -> int:
         **result,
         "goal": {"groups": {k: list(v) for k, v in GOALS.items()}, "must_pass": list(MUST_PASS), "min_cases": args.min_cases, "met": met},
         "seconds": round(seconds, 1),
-        "machine": f"{platform.machine()} {os.cpu_count()} cores, Python {platform.python_version()}, schemathesis {__import__('schemathesis').__version__}",
-        "command": "python benchmarks/fuzz.py " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
-    out = Path(args.out or REPO / "benchmarks" / "results" / "fuzz.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    out = harness.write(report, args, "fuzz", script=__file__, argv=argv, libraries=["schemathesis", "ray"])
 
-    print(f"\nschemathesis fuzz of /openapi.json: {result['total_cases']} cases in {seconds:.0f} s, {result['fuzz_seconds']:.0f} s fuzzing  ({report['machine']})")
+    print(f"\nschemathesis fuzz of /openapi.json: {result['total_cases']} cases in {seconds:.0f} s, {result['fuzz_seconds']:.0f} s fuzzing")
     print(f"  phases: {result['phases']}  fuzzing rounds: {result['rounds']}  scenarios: {result['scenarios'].get('run', 0)} "
           f"(use_after_free judged in {result['scenarios'].get('use_after_free judged', 0)})")
     for key, n in result["cases"].items():

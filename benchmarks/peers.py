@@ -2,6 +2,7 @@
 
     python benchmarks/peers.py                      # all peers on ML-100k, MS Recommenders protocol
     python benchmarks/peers.py --names ease,als --fast
+    python benchmarks/peers.py --names popularity,ease --record   # the figure of record (docs/RESULTS.md)
 
 Every peer implements the tiny `Peer` interface (fit on a CSR over users, return a dense
 (users, n_items) float32 score matrix), so `training.evaluation.evaluate_scores` ranks all
@@ -10,7 +11,8 @@ items, drops the user's history and computes NDCG/P/R/MAP exactly as for the two
 Protocol (`run_peers`): a peer with a hyper-parameter grid is tuned on validation (fit on
 `prepared.train`, NDCG@k on `prepared.val`, train items excluded), the best point is refitted
 on `prepared.seen` (= train + val, the whole 75 % MS training share) and evaluated once on
-`prepared.test` with `seen` excluded. `fit_s` is the wall time of that final fit only.
+`prepared.test` with `seen` excluded. `fit_s` is the wall time of that final fit only. `main`
+prints a table and writes JSON (default benchmarks/results/peers_ml100k_<protocol>[_fast].json).
 
 Conventions shared by the learned peers:
 
@@ -41,10 +43,9 @@ import numpy as np
 import scipy.linalg
 import scipy.sparse as sp
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # harness and siblings by name
+import harness  # noqa: E402  (stdlib only; puts the repository on sys.path too)
+from harness import REPO  # noqa: E402
 from training.evaluation import as_csr, evaluate_scores  # noqa: E402  (numpy only)
 
 CSR = tuple[np.ndarray, np.ndarray]  # (indptr, indices) over users, like training.evaluation
@@ -447,18 +448,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--protocol", choices=["stratified", "leave_last_n"], default="stratified")
     p.add_argument("--names", default=",".join(PEERS), help="comma-separated peers")
     p.add_argument("--fast", action="store_true", help="small grids / few iterations (smoke run)")
+    harness.output_flags(p, "peers_ml100k_<protocol>[_fast]")
     args = p.parse_args(argv)
 
-    from features.movielens import resolve_ml100k_path
     from training.config import load_config
     from training.pipeline import prepare
 
-    try:
-        path = resolve_ml100k_path(args.data)
-    except FileNotFoundError as e:
-        print(f"skipped: {e}", file=sys.stderr)
+    source = harness.dataset(p, "ml100k" + (f":{args.data}" if args.data else ""), ["ml100k"])
+    if source is None:
         return 2
-    cfg = load_config(REPO / "configs" / "two_tower_ml100k.yaml", [f"data.path={path}", f"split.protocol={args.protocol}", "tracking.enabled=false", "store.load=false"])
+    cfg = load_config(REPO / "configs" / "two_tower_ml100k.yaml", [*source.overrides, f"split.protocol={args.protocol}", "tracking.enabled=false", "store.load=false"])
     k = cfg.task.eval_k
     prepared = prepare(cfg)
     names = [n.strip() for n in args.names.split(",") if n.strip()]
@@ -466,9 +465,10 @@ def main(argv: list[str] | None = None) -> int:
 
     cols = [f"ndcg@{k}", f"precision@{k}", f"recall@{k}", f"map@{k}", "coverage", "fit_s"]
     print(f"\nml100k / {args.protocol}, {os.cpu_count()} cores" + (" (fast)" if args.fast else ""))
-    print(f"{'peer':<12}" + "".join(f"{c:>14}" for c in cols) + "  params")
-    for name, r in results.items():
-        print(f"{name:<12}" + "".join(f"{r[c]:>14.4f}" for c in cols) + f"  {r['params']}")
+    print(harness.table(["peer", *cols], [[name, *(r[c] for c in cols)] for name, r in results.items()], first=12))
+    report = {"dataset": "ml100k", "protocol": args.protocol, "k": k, "fast": args.fast, "peers": results}
+    name = f"peers_ml100k_{args.protocol}" + ("_fast" if args.fast else "")
+    print(f"wrote {harness.write(report, args, name, script=__file__, argv=argv, libraries=['scipy', 'cornac', 'implicit', 'torch'])}")
     return 0
 
 

@@ -21,17 +21,14 @@ Goals: NDCG@10 >= 85 % of non-private at eps=8 and >= 60 % at eps=1; audit AUC <
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
-import platform
 import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # harness and siblings by name
+import harness  # noqa: E402  (puts the repository on sys.path too)
+from harness import REPO  # noqa: E402
 from training.config import ConfigError, load_config  # noqa: E402
 
 CONFIGS = {
@@ -40,12 +37,6 @@ CONFIGS = {
 }
 GOALS = {8.0: 0.85, 1.0: 0.60}  # share of the non-private NDCG@10
 AUC_GOAL, AUC_GOAL_EPS = 0.55, 8.0
-
-
-def machine() -> str:
-    import torch
-
-    return f"{platform.machine()} {os.cpu_count()} cores, {platform.python_version()}, torch {torch.__version__}, {'cuda' if torch.cuda.is_available() else 'cpu'}"
 
 
 def run_one(config: Path, overrides: list[str], audit: bool, n_boot: int) -> dict:
@@ -119,25 +110,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--federated-run", help="MLflow run id of a federated run to add to the audit table")
     p.add_argument("--federated-tracking-uri", default="sqlite:///mlflow.db")
     p.add_argument("--workdir", default=str(REPO / "runs" / "privacy_bench"), help="MLflow store, bundles and audits of the runs")
-    p.add_argument("--out", help="JSON output path (the PNG goes beside it)")
+    harness.output_flags(p, "privacy_<data>")  # the PNG goes beside the JSON
     args = p.parse_args(argv)
-
-    name, _, path = args.data.partition(":")
-    if name not in CONFIGS:
-        p.error(f"--data: unknown dataset {name!r} (ml100k or synthetic)")
-    try:
-        epsilons = list(dict.fromkeys(float(e) for e in args.epsilons.split(",")))  # in the order given
-    except ValueError:
-        p.error(f"--epsilons: comma-separated numbers or inf, got {args.epsilons!r}")
-    data: list[str] = []
-    if name == "ml100k":
-        from features.movielens import resolve_ml100k_path
-
-        try:
-            data = [f"data.path={resolve_ml100k_path(path or None)}"]
-        except FileNotFoundError as e:
-            print(f"skipped: {e}", file=sys.stderr)
-            return 2
+    epsilons = list(dict.fromkeys(harness.numbers(p, "--epsilons", args.epsilons, float)))  # in the order given
+    source = harness.dataset(p, args.data, list(CONFIGS))
+    if source is None:
+        return 2
+    name, data = source.name, source.overrides
     base_config, dp_config = CONFIGS[name]
     work = Path(args.workdir).resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -149,12 +128,11 @@ def main(argv: list[str] | None = None) -> int:
 
     rows: list[dict] = []
     started = time.perf_counter()
-    out = Path(args.out or REPO / "benchmarks" / "results" / f"privacy_{name}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
     k = 10
 
-    def write() -> dict:
-        """JSON + PNG of the rows so far (after every run: a long sweep that stops keeps its results)."""
+    def write(final: bool = False) -> dict:
+        """JSON + PNG of the rows so far (after every run: a long sweep that stops keeps its results;
+        --record records the final one only)."""
         base = next((r["ndcg"] for r in rows if r["privacy"].get("mode") == "none" and "ndcg" in r), None)
         pop = next((r["popularity_ndcg"] for r in rows if "popularity_ndcg" in r), float("nan"))
         for r in rows:
@@ -178,13 +156,9 @@ def main(argv: list[str] | None = None) -> int:
             "popularity_ndcg": pop,
             "goals": goals,
             "seconds": round(time.perf_counter() - started, 1),
-            "machine": machine(),
-            "command": "python benchmarks/privacy.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         }
-        tmp = out.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(report, indent=2, default=float) + "\n")
-        tmp.replace(out)
-        plot(out.with_suffix(".png"), rows, base or float("nan"), pop, k)
+        report["out"] = harness.write(report, args, f"privacy_{name}", script=__file__, argv=argv, libraries=["torch", "opacus"], record=final and args.record)
+        plot(report["out"].with_suffix(".png"), rows, base or float("nan"), pop, k)
         return report
 
     try:
@@ -206,10 +180,11 @@ def main(argv: list[str] | None = None) -> int:
 
         fed = audit_run(args.federated_run, args.federated_tracking_uri, out=work / f"audit-{args.federated_run}", n_boot=args.bootstrap)
         rows.append({"label": "federated", "run_id": args.federated_run, "privacy": fed.privacy, "target_epsilon": None, "audit": audit_result(fed)})
-    report = write()
-    goals, pop, seconds, png = report["goals"], report["popularity_ndcg"], report["seconds"], out.with_suffix(".png")
+    report = write(final=True)
+    goals, pop, seconds, out = report["goals"], report["popularity_ndcg"], report["seconds"], report["out"]
+    png = out.with_suffix(".png")
 
-    print(f"\n{name}: user-level DP-SGD privacy-utility and membership-inference audit  ({report['machine']}, {seconds:.0f} s)")
+    print(f"\n{name}: user-level DP-SGD privacy-utility and membership-inference audit  ({seconds:.0f} s)")
     print(f"  {'run':<16}{'eps':>7}{'sigma':>8}{'q':>7}{'steps':>6}{f'NDCG@{k}':>9}{'share':>7}   {'AUC loss [95% CI]':<24}{'AUC calibrated [95% CI]':<24}")
     for r in rows:
         pr = r["privacy"]

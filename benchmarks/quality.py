@@ -16,18 +16,14 @@ Prints a table and writes JSON (default benchmarks/results/quality_<dataset>_<pr
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # harness and siblings by name
+import harness  # noqa: E402  (puts the repository on sys.path too)
+from harness import REPO  # noqa: E402
 from training.config import load_config  # noqa: E402
 from training.pipeline import prepare, train  # noqa: E402
 
@@ -36,12 +32,6 @@ CONFIGS = {
     "synthetic": {"trustrec-two-tower": "two_tower.yaml", "trustrec-hybrid": "hybrid.yaml"},
 }
 ALL_PEERS = "popularity,ease,bpr,bivae,als"
-
-
-def machine() -> str:
-    import torch
-
-    return f"{platform.machine()} {os.cpu_count()} cores, {platform.python_version()}, torch {torch.__version__}, {'cuda' if torch.cuda.is_available() else 'cpu'}"
 
 
 def summarize(per_seed: list[dict[str, float]]) -> dict:
@@ -64,27 +54,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--peers", default=ALL_PEERS, help=f"comma-separated peers, or '' for none (default {ALL_PEERS})")
     p.add_argument("--models", default=None, help="comma-separated trustrec models to train (default: all of the dataset's)")
     p.add_argument("--seeds", default="0", help="comma-separated model seeds (default 0); the split stays seed 42")
-    p.add_argument("--out", help="JSON output path")
+    harness.output_flags(p, "quality_<data>_<protocol>")
     args = p.parse_args(argv)
-    try:
-        seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
-    except ValueError:
-        p.error(f"--seeds: expected comma-separated integers, got {args.seeds!r}")
+    seeds = harness.numbers(p, "--seeds", args.seeds)
     if not seeds:
         p.error("--seeds: give at least one seed")
-
-    name, _, path = args.data.partition(":")
-    if name not in CONFIGS:
-        p.error(f"--data: unknown dataset {name!r} (ml100k or synthetic)")
-    overrides = [f"split.protocol={args.protocol}", *args.set]
-    if name == "ml100k":
-        from features.movielens import resolve_ml100k_path
-
-        try:
-            overrides.append(f"data.path={resolve_ml100k_path(path or None)}")
-        except FileNotFoundError as e:
-            print(f"skipped: {e}", file=sys.stderr)
-            return 2
+    data = harness.dataset(p, args.data, list(CONFIGS))
+    if data is None:
+        return 2
+    name, overrides = data.name, [f"split.protocol={args.protocol}", *args.set, *data.overrides]
 
     runs: dict[str, list[dict[str, float]]] = {}  # model -> one metrics dict per seed
     unknown = [m for m in (args.models or "").split(",") if m and m not in CONFIGS[name]]
@@ -96,12 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for i, (model, config) in enumerate(chosen.items()):
             for seed in seeds:
-                cfg = load_config(REPO / "configs" / config, overrides + [
-                    "tracking.enabled=false", "store.load=false", "trainer.progress=false", f"trainer.seed={seed}",
-                    f"export.output_dir={tmp}/bundle{i}_{seed}", f"trainer.checkpoint_dir={tmp}/ckpt{i}_{seed}",
-                ])  # fmt: skip
+                cfg = load_config(REPO / "configs" / config, [*overrides, *harness.offline(tmp, f"{i}_{seed}"), f"trainer.seed={seed}"])
                 result = train(cfg)
-                metrics = {key.removeprefix("test/"): v for key, v in result.metrics.items() if key.startswith("test/")}
+                # the peers report training.evaluation's computing names (ndcg@10); run metrics are published as test/ndcg_at_10
+                metrics = {key.removeprefix("test/").replace("_at_", "@"): v for key, v in result.metrics.items() if key.startswith("test/")}
                 runs.setdefault(model, []).append({**metrics, "train_s": result.fit.seconds, "best_epoch": float(result.fit.best_epoch)})
                 print(f"{model} seed {seed}: ndcg@{cfg.task.eval_k} {metrics[f'ndcg@{cfg.task.eval_k}']:.4f} (best epoch {result.fit.best_epoch}, {result.fit.seconds:.0f}s)", flush=True)
     k = cfg.task.eval_k
@@ -120,15 +96,11 @@ def main(argv: list[str] | None = None) -> int:
         "k": k,
         "seeds": seeds,
         "models": {m: summarize(per_seed) for m, per_seed in runs.items()},
-        "machine": machine(),
-        "command": "python benchmarks/quality.py " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
-    out = Path(args.out or REPO / "benchmarks" / "results" / f"quality_{name}_{args.protocol}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
+    out = harness.write(report, args, f"quality_{name}_{args.protocol}", script=__file__, argv=argv, libraries=["torch", "torchrec", "cornac", "implicit"])
 
     cols = [f"ndcg@{k}", f"precision@{k}", f"recall@{k}", f"map@{k}", "coverage", "train_s"]
-    print(f"\n{name} / {report['protocol']}  ({report['machine']}), seeds {seeds}: mean ± std")
+    print(f"\n{name} / {report['protocol']}, seeds {seeds}: mean ± std")
     print(f"{'model':<22}" + "".join(f"{c:>22}" for c in cols))
     for m, metrics in sorted(report["models"].items(), key=lambda kv: -kv[1][f"ndcg@{k}"]):
         cells = [f"{metrics.get(c, float('nan')):.4f} ± {metrics.get(c + '_std', 0.0):.4f}" for c in cols]

@@ -19,13 +19,13 @@ on a quiet machine.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # harness and siblings by name
+import harness  # noqa: E402  (puts the repository on sys.path too)
+from harness import REPO  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--target", type=float, default=0.45)
     p.add_argument("--threads", type=int, default=2, help="torch threads (the goal is stated for 2 CPU cores)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra config overrides")
-    p.add_argument("--out", help="JSON output path")
+    harness.output_flags(p, "time_to_target_<config>_<stage>")
     args = p.parse_args(argv)
 
     import tempfile
@@ -44,7 +44,6 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
     import torch
 
-    from features.movielens import resolve_ml100k_path
     from training import evaluation
     from training.config import load_config
     from training.pipeline import build_model, context, item_counts, prepare
@@ -54,11 +53,10 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     overrides = ["tracking.enabled=false", "store.load=false", "trainer.progress=false", *args.set]
     if "movielens" in Path(args.config).read_text():
-        try:
-            overrides.insert(0, f"data.path={resolve_ml100k_path(args.data)}")
-        except FileNotFoundError as e:
-            print(f"skipped: {e}", file=sys.stderr)
+        source = harness.dataset(p, "ml100k" + (f":{args.data}" if args.data else ""), ["ml100k"])
+        if source is None:
             return 2
+        overrides[:0] = source.overrides
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_config(args.config, [*overrides, f"trainer.checkpoint_dir={tmp}"])
         device = pick_device(cfg.trainer.device)
@@ -102,11 +100,8 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": hit["seconds"] if hit else None,
         "best_test": max(row[f"test/{key}"] for row in curve),
         "curve": curve,
-        "command": "python benchmarks/time_to_target.py " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
-    out = Path(args.out or REPO / "benchmarks" / "results" / f"time_to_target_{Path(args.config).stem}_{args.stage}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
+    out = harness.write(report, args, f"time_to_target_{Path(args.config).stem}_{args.stage}", script=__file__, argv=argv, libraries=["torch", "torchrec"])
     if hit:
         print(f"\ntest/{key} >= {args.target} at epoch {hit['epoch']} after {hit['seconds']:.1f}s of training ({args.threads} threads)")
     else:

@@ -20,9 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
-import shlex
 import statistics
 import subprocess
 import sys
@@ -30,18 +28,13 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # harness and siblings by name
+import harness  # noqa: E402  (puts the repository on sys.path too)
+from harness import REPO  # noqa: E402
 
 
 def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
-    except OSError:
-        pass
-    return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
+    return f"{harness.cpu_model()} ({os.cpu_count()} cores)"
 
 
 def overrides(args, device: str, threads: int, ckpt: Path) -> list[str]:
@@ -178,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, help="torch threads per rank (default: cores / ranks; 1 on a loaded host, where spinning OpenMP threads stall)")
     p.add_argument("--shards", help="stream this shard directory instead of the in-memory synthetic data")
     p.add_argument("--modes", help="comma-separated subset of the modes")
-    p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "train_throughput.json"))
+    harness.output_flags(p, "train_throughput")
     p.add_argument("--note", default="", help="free text stored with the figures (e.g. 'under contention')")
     args = p.parse_args(argv)
     if args.child:
@@ -203,15 +196,11 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(run_mode(mode, args, Path(tmp)))
     print(table(rows))
     result = {
-        "benchmark": "train_throughput", "command": shlex.join(["python", "benchmarks/train_throughput.py", *(argv if argv is not None else sys.argv[1:])]),
+        "benchmark": "train_throughput",
         "data": {"shards": args.shards} if args.shards else {"users": args.users, "items": args.items, "per_user": args.per_user},
-        "batch_size": args.batch_size, "epochs": args.epochs, "threads_per_rank": args.threads or "cores / ranks", "cpu": cpu_name(), "torch": torch.__version__,
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None, "note": args.note,
-        "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "rows": rows,
+        "batch_size": args.batch_size, "epochs": args.epochs, "threads_per_rank": args.threads or "cores / ranks", "note": args.note, "rows": rows,
     }  # fmt: skip
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    out = harness.write(result, args, "train_throughput", script=__file__, argv=argv, libraries=["torch", "torchrec", "fbgemm-gpu"])
     print(f"wrote {out}", file=sys.stderr)
     return 0
 

@@ -1,0 +1,237 @@
+"""What every benchmark script shares: paths, datasets, seed lists, run overrides, the machine, output.
+
+A script here starts with `sys.path.insert(0, str(Path(__file__).resolve().parent))` and `import harness`
+(which puts the repository on sys.path; `benchmarks.x` would find the package opacus installs).
+`dataset` resolves `--data ml100k[:PATH] | ml1m-implicit[:PATH] | synthetic`: PATH, else the env var
+($TRUSTREC_ML100K, $TRUSTREC_ML1M_IMPLICIT), else ../shared/data/<folder>, read in place (never copied
+into the repo); absent files print "skipped: ..." and the script exits 2. `write` adds "command", "date"
+and "machine" to the JSON, writes --out (default benchmarks/results/<name>.json, git-ignored scratch)
+and, with --record, docs/results/<name>.json (the figure of record) and regenerates docs/RESULTS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+RESULTS = REPO / "benchmarks" / "results"  # scratch (git-ignored)
+RECORD = REPO / "docs" / "results"  # figures of record (committed); docs/RESULTS.md is made from them
+SHARED = REPO.parent / "shared" / "data"
+
+# name -> (folder under ../shared/data, env var overriding it, files that must be there)
+MOVIELENS = {
+    "ml100k": ("ml-100k", "TRUSTREC_ML100K", ("u.data", "u.item", "u.user")),
+    "ml1m-implicit": ("ml-1m-implicit", "TRUSTREC_ML1M_IMPLICIT", ("train.txt", "test.txt")),
+}
+
+
+# ---------------------------------------------------------------- datasets
+
+
+@dataclass
+class Data:
+    name: str  # ml100k, ml1m-implicit or synthetic
+    path: Path | None = None  # the MovieLens folder; None for synthetic
+    overrides: list[str] = field(default_factory=list)  # config overrides selecting it
+
+
+def movielens_path(name: str, path: str | Path | None = None) -> Path:
+    """The folder of MovieLens dataset `name`: `path`, else its env var, else ../shared/data/<folder>.
+    FileNotFoundError naming the folder, where it came from and what is missing."""
+    folder, env, required = MOVIELENS[name]
+    source = "argument" if path else env if os.environ.get(env) else "default location"
+    root = Path(path or os.environ.get(env) or SHARED / folder).expanduser()
+    missing = [f for f in required if not (root / f).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{name} not found at {root} ({source}; missing {', '.join(missing)}); set {env}=/path/to/{folder} or pass --data {name}:PATH")
+    return root
+
+
+def dataset(p: argparse.ArgumentParser, spec: str, allowed: Sequence[str] = ("ml100k", "synthetic"), source: bool = False) -> Data | None:
+    """`--data` (`name[:PATH]`) -> Data; an unknown name is a parser error (exit 2), absent files print
+    "skipped: ..." on stderr and give None. `source`: add data.source= to the overrides too (for
+    configs whose own source is another one). The data.path override is the resolved folder."""
+    name, _, path = spec.partition(":")
+    if name not in allowed:
+        p.error(f"--data: unknown dataset {name!r} ({' or '.join(allowed)})")
+    if name == "synthetic":
+        return Data(name, None, ["data.source=synthetic"] if source else [])
+    try:
+        root = movielens_path(name, path or None)
+    except FileNotFoundError as e:
+        print(f"skipped: {e}", file=sys.stderr)
+        return None
+    return Data(name, root, [*(["data.source=movielens"] if source else []), f"data.path={root}"])
+
+
+def offline(tmp: str | Path, tag: str = "") -> list[str]:
+    """Overrides for a training run inside a benchmark: no MLflow, no feature store, no progress bar,
+    bundle and checkpoints in the scratch folder `tmp` (suffixed with `tag`)."""
+    return ["tracking.enabled=false", "store.load=false", "trainer.progress=false", f"export.output_dir={tmp}/bundle{tag}", f"trainer.checkpoint_dir={tmp}/ckpt{tag}"]
+
+
+def numbers(p: argparse.ArgumentParser, flag: str, text: str, kind: Callable[[str], Any] = int) -> list:
+    """'0,1,2' -> [0, 1, 2] (empty items skipped; order and repeats kept); else a parser error naming `flag`."""
+    try:
+        return [kind(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        p.error(f"{flag}: expected comma-separated {'integers' if kind is int else 'numbers'}, got {text!r}")
+
+
+# ---------------------------------------------------------------- the machine
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _ram_gib() -> float | None:
+    try:
+        for line in Path("/proc/meminfo").read_text(encoding="utf-8").splitlines():
+            if line.startswith("MemTotal:"):
+                return round(int(line.split()[1]) / 2**20, 1)
+    except OSError:
+        pass
+    return None
+
+
+def _gpu() -> str | None:
+    """The GPU(s) by name: through torch when the script already imported it, else nvidia-smi; None without one."""
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        if not torch.cuda.is_available():
+            return None
+        return ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
+    if shutil.which("nvidia-smi"):
+        try:
+            out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True, timeout=10)
+            names = [line.strip() for line in out.stdout.splitlines() if line.strip()]
+            return ", ".join(names) or None
+        except (OSError, subprocess.SubprocessError):
+            return None
+    return None
+
+
+def version(dist: str) -> str | None:
+    """Installed version of a distribution (pip name), None when absent."""
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def machine(libraries: Iterable[str] = ()) -> dict:
+    """What ran the benchmark: CPU, cores, RAM, GPU, platform, Python, the given libraries' versions
+    (absent ones left out; numpy always) and the 1-minute load average (> cores: timings inflated)."""
+    libs = {name: version(name) for name in dict.fromkeys(["numpy", *libraries])}
+    return {
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "ram_gib": _ram_gib(),
+        "gpu": _gpu(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "libraries": {k: v for k, v in libs.items() if v is not None},
+        "load_average_1m": round(os.getloadavg()[0], 2),
+    }
+
+
+def describe(m: Any) -> str:
+    """One line for a machine description: this module's dict, or the older string / dict shapes."""
+    if isinstance(m, str):
+        return m
+    if not isinstance(m, dict):
+        return "not recorded"
+    if "cpu" in m:
+        ram = f", {m['ram_gib']:g} GiB RAM" if m.get("ram_gib") else ""
+        libs = ", ".join(f"{k} {v}" for k, v in m.get("libraries", {}).items())
+        return f"{m['cpu']}, {m.get('cores')} cores{ram}, {m.get('gpu') or 'no GPU'}; Python {m.get('python')}" + (f", {libs}" if libs else "")
+    parts = [f"{m['cpus']} cores" if "cpus" in m else None, m.get("platform"), f"Python {m['python']}" if "python" in m else None]
+    return ", ".join(p for p in parts if p) or "not recorded"
+
+
+# ---------------------------------------------------------------- output
+
+
+THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")  # the thread count moves float results
+
+
+def command(script: str, argv: Sequence[str] | None) -> str:
+    """How to rerun: `[OMP_NUM_THREADS=1 ...] python benchmarks/<script> <arguments>` (shell-quoted),
+    with the thread variables that are set: the same seeds give other figures on another thread count."""
+    env = [f"{k}={os.environ[k]}" for k in THREAD_VARS if os.environ.get(k)]
+    return shlex.join([*env, "python", f"benchmarks/{Path(script).name}", *(sys.argv[1:] if argv is None else argv)])
+
+
+def output_flags(p: argparse.ArgumentParser, name: str) -> None:
+    """--out and --record; `name` is the default file name without .json (may name a placeholder, e.g. cold_start_<data>)."""
+    p.add_argument("--out", help=f"JSON output path (default benchmarks/results/{name}.json)")
+    p.add_argument("--record", action="store_true", help=f"also write docs/results/{name}.json, the figure of record, and regenerate docs/RESULTS.md")
+
+
+def _plain(x: Any) -> Any:
+    if hasattr(x, "item"):  # numpy scalars
+        return x.item()
+    if isinstance(x, Path):
+        return str(x)
+    raise TypeError(f"not JSON serializable: {type(x).__name__}")
+
+
+def _write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
+def write(report: dict, args: argparse.Namespace, name: str, *, script: str, argv: Sequence[str] | None, libraries: Iterable[str] = (), record: bool | None = None) -> Path:
+    """Write `report` with "command", "date" and "machine" first (kept where the report has them) to
+    --out (default benchmarks/results/<name>.json); with --record (or `record`, which overrides it)
+    also to docs/results/<name>.json, then regenerate docs/RESULTS.md. Returns the --out path."""
+    head = {"command": command(script, argv), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": machine(libraries)}
+    full = {**head, **report}
+    text = json.dumps(full, indent=2, default=_plain) + "\n"
+    out = Path(getattr(args, "out", None) or RESULTS / f"{name}.json")
+    _write(out, text)
+    if getattr(args, "record", False) if record is None else record:
+        _write(RECORD / f"{name}.json", text)
+        import results_page  # sibling script
+
+        results_page.main(["--records", str(RECORD), "--out", str(RECORD.parent / "RESULTS.md")])
+        print(f"recorded docs/results/{name}.json and regenerated docs/RESULTS.md", file=sys.stderr)
+    return out
+
+
+def table(header: Sequence[str], rows: Iterable[Sequence[Any]], digits: int = 4, first: int = 14, width: int = 14) -> str:
+    """Plain-text table: the first column left-aligned in `first` characters, the others right-aligned
+    in `width`; floats with `digits` decimals, None and NaN as '-'."""
+
+    def cell(v: Any) -> str:
+        if v is None or (isinstance(v, float) and math.isnan(v)):
+            return "-"
+        return f"{v:.{digits}f}" if isinstance(v, float) else str(v)
+
+    lines = [f"{header[0]:<{first}}" + "".join(f"{h:>{width}}" for h in header[1:])]
+    for row in rows:
+        lines.append(f"{cell(row[0]):<{first}}" + "".join(f"{cell(v):>{width}}" for v in row[1:]))
+    return "\n".join(lines)
