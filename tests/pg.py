@@ -1,5 +1,5 @@
 """A throw-away PostgreSQL server for the tests: Debian's package (`apt-get install postgresql`),
-started once per session with `initdb` + `pg_ctl` into a temporary directory, listening on
+started once per session with `initdb` + `postgres` in a temporary directory, listening on
 127.0.0.1 only at a free port, stopped and removed at the end.
 
 - `postgres` (session fixture): the running server, or a skip saying how to install it when the
@@ -8,7 +8,7 @@ started once per session with `initdb` + `pg_ctl` into a temporary directory, li
   by skipping every PostgreSQL test.
 - `pg_url` (function fixture): a fresh database on it, dropped after the test, as a
   `postgresql+psycopg://` URL.
-- TRUSTREC_PG_BIN: the directory of initdb / pg_ctl, where they are not Debian's; TRUSTREC_PG_LOG:
+- TRUSTREC_PG_BIN: the directory of initdb / postgres / pg_isready, where they are not Debian's; TRUSTREC_PG_LOG:
   a file to copy the server's log to at the end (statements that failed, with their errors).
 
 PostgreSQL refuses to run as root: as root, the server runs as the `postgres` system user the
@@ -22,26 +22,28 @@ import os
 import pwd
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
 
-INSTALL = "apt-get install postgresql (Debian/Ubuntu; initdb and pg_ctl under /usr/lib/postgresql/*/bin)"
+INSTALL = "apt-get install postgresql (Debian/Ubuntu; initdb and postgres under /usr/lib/postgresql/*/bin)"
 USER = "trustrec"
 
 
 def server_binaries() -> Path | None:
-    """The directory holding initdb and pg_ctl: $TRUSTREC_PG_BIN, Debian's newest version, or the PATH."""
+    """The directory holding initdb and postgres: $TRUSTREC_PG_BIN, Debian's newest version, or the PATH."""
     candidates = [os.environ["TRUSTREC_PG_BIN"]] if os.environ.get("TRUSTREC_PG_BIN") else []
     versions = sorted(Path("/usr/lib/postgresql").glob("*/bin"), key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 0)
     candidates += [str(p) for p in reversed(versions)]
     if shutil.which("initdb"):
         candidates.append(str(Path(shutil.which("initdb")).resolve().parent))
     for c in candidates:
-        if (Path(c) / "initdb").is_file() and (Path(c) / "pg_ctl").is_file():
+        if all((Path(c) / exe).is_file() for exe in ("initdb", "postgres", "pg_isready")):
             return Path(c)
     return None
 
@@ -70,6 +72,7 @@ class PostgresServer:
                 raise RuntimeError("running as root and there is no `postgres` user to run the server as") from None
         self._n = 0
         self._admin = None
+        self.proc: subprocess.Popen | None = None
 
     def _run(self, *argv: str, timeout: float = 120) -> subprocess.CompletedProcess:
         user = {"user": self.run_as.pw_uid, "group": self.run_as.pw_gid, "extra_groups": []} if self.run_as else {}
@@ -91,12 +94,20 @@ class PostgresServer:
         pwfile.unlink()
         if out.returncode != 0:
             raise RuntimeError(f"initdb failed: {(out.stdout + out.stderr)[-2000:]}")
-        options = (f"-c listen_addresses=127.0.0.1 -c port={self.port} -c unix_socket_directories='' "
-                   "-c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=200")
-        out = self._run("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-o", options, "-w", "-t", "60", "start")
-        if out.returncode != 0:
-            log = self.log.read_text(errors="replace")[-2000:] if self.log.exists() else ""
-            raise RuntimeError(f"pg_ctl start failed: {(out.stdout + out.stderr)[-1000:]}\n{log}")
+        options = ["-c", "listen_addresses=127.0.0.1", "-c", f"port={self.port}", "-c", "unix_socket_directories=",
+                   "-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off", "-c", "max_connections=200"]
+        # the postmaster is this process's child, not a daemon (pg_ctl's way): with setpriv (util-linux)
+        # it gets SIGQUIT (immediate shutdown) if the test process dies without tearing down
+        setpriv = ["setpriv", "--pdeathsig", "QUIT", "--"] if shutil.which("setpriv") else []
+        user = {"user": self.run_as.pw_uid, "group": self.run_as.pw_gid, "extra_groups": []} if self.run_as else {}
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen([*setpriv, str(self.bindir / "postgres"), "-D", str(self.data), *options], cwd=self.root,
+                                         stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, **user)
+        deadline = time.monotonic() + 60
+        while self._run("pg_isready", "-q", "-h", "127.0.0.1", "-p", str(self.port), timeout=30).returncode != 0:
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"postgres did not start: {self.log.read_text(errors='replace')[-2000:]}")
+            time.sleep(0.1)
         self.passfile.write_text(f"127.0.0.1:{self.port}:*:{USER}:{self.password}\n")
         self.passfile.chmod(0o600)
 
@@ -127,8 +138,13 @@ class PostgresServer:
     def stop(self) -> None:
         if self._admin is not None:
             self._admin.dispose()
-        if self.data.exists():
-            self._run("pg_ctl", "-D", str(self.data), "-m", "immediate", "-w", "stop", timeout=60)
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGQUIT)  # immediate shutdown: a throw-away cluster
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(30)
         if os.environ.get("TRUSTREC_PG_LOG") and self.log.exists():  # the server's log, kept for debugging
             shutil.copyfile(self.log, os.environ["TRUSTREC_PG_LOG"])
         shutil.rmtree(self.root, ignore_errors=True)
@@ -145,7 +161,7 @@ def postgres():
     """The session's PostgreSQL server (skipped, saying how to install it, where it cannot run)."""
     bindir = server_binaries()
     if bindir is None:
-        _unavailable(f"PostgreSQL server binaries (initdb, pg_ctl) not found: {INSTALL}")
+        _unavailable(f"PostgreSQL server binaries (initdb, postgres) not found: {INSTALL}")
     try:
         import psycopg  # noqa: F401
     except ImportError:
