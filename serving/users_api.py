@@ -10,6 +10,7 @@ salted hash of a user id, never the id or a token.
 
 import asyncio
 import logging
+import re
 from typing import Any, Literal
 
 from fastapi import HTTPException, Path
@@ -127,7 +128,7 @@ class ModelCard(BaseModel):
     data_snapshot: str | None = Field(description="hash of the training data snapshot (no ids)")
     data: dict[str, Any]
     erasures_applied: int | None = Field(None, description="erased users left out of this model's training data (None: a bundle older than the count)")
-    metrics: dict[str, float]
+    metrics: dict[str, float] = Field(description="test and training metrics under the names MLflow and the CLI show (test/ndcg_at_10); a bundle's older names (test/ndcg@10) are shown the same way")
     privacy: PrivacyCard
     user_features: list[str]
     item_features: list[str]
@@ -136,6 +137,18 @@ class ModelCard(BaseModel):
 
 def _scalar(value: Any) -> float | None:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+_SPELLED = (("@", "_at_"), ("<", "lt"), (">", "gt"), ("+", "plus"), ("=", "_"))
+
+
+def metric_name(name: str) -> str:
+    """A metric's published name, the rule of training.evaluation.metric_name (serving never imports
+    training; tests/training/test_metric_names.py holds the two equal): bundles exported before the
+    one naming say `test/ndcg@10`, the card says `test/ndcg_at_10` for both."""
+    for old, new in _SPELLED:
+        name = name.replace(old, new)
+    return re.sub(r"[^A-Za-z0-9_\-. /:]", "_", name)
 
 
 def model_card(rec) -> dict:
@@ -157,7 +170,7 @@ def model_card(rec) -> dict:
         "data_snapshot": data.get("snapshot"),
         "data": data,
         "erasures_applied": data.get("erasures_applied"),
-        "metrics": {k: float(v) for k, v in m.get("metrics", {}).items() if _scalar(v) is not None},
+        "metrics": {metric_name(k): float(v) for k, v in m.get("metrics", {}).items() if _scalar(v) is not None},
         "privacy": {"mode": str(privacy.pop("mode", "none")), "epsilon": eps, "delta": delta, "details": privacy},
         "user_features": list(m["features"]["user"]),
         "item_features": list(m["features"]["item"]),

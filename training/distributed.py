@@ -445,7 +445,7 @@ def run_worker(cfg: TrainConfig, resume: bool = False):
         tracker = Tracker(cfg.tracking.enabled and rank == 0, cfg.tracking.tracking_uri, cfg.tracking.experiment)
         tags = {"model": cfg.model.kind, "dataset": ds.name, "split": cfg.split.protocol, "git_sha": git_sha() if rank == 0 else "",
                 "device": device.type, "world_size": world, "plan": summary}  # fmt: skip
-        tracker.start(cfg.tracking.run_name, cfg.flat(), {k: str(v) for k, v in tags.items() if k != "plan"})
+        tracker.start_training(cfg, ds, {k: str(v) for k, v in tags.items() if k != "plan"}, data.seen_interactions, data.split.test)
         try:
             trainer = DistributedTrainer(cfg, model, task, device, rank, world, plan, on_epoch=lambda e, m: tracker.log_metrics(m, step=e))
             fit = trainer.fit(data.train, data.train, data.val, ctx, resume=resume)

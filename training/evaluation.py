@@ -15,11 +15,73 @@ binary relevance; see ``ranking_metrics``.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+import re
+from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 
 Csr = tuple[np.ndarray, np.ndarray]  # (indptr, indices)
+
+
+# --------------------------------------------------------------------------- names
+# The functions below compute under compact names (`ndcg@10`, `ndcg@10/age=<18`). Wherever a
+# person reads a metric (the CLI, MLflow, the manifest and `/v1/model`, `trustrec report`) it has
+# one name, `metric_name`'s: MLflow 3.17 takes only letters, digits and `_ - . / : space` in a
+# metric key (mlflow.utils.validation.validate_param_and_metric_name), so `@`, `<`, `>`, `+` and
+# `=` are spelled out there, and everywhere else the same way, so that one name finds one number.
+# These are also the keys MLflow runs have carried since the first release: old runs compare.
+_SPELLED = (("@", "_at_"), ("<", "lt"), (">", "gt"), ("+", "plus"), ("=", "_"))
+
+
+def metric_name(name: str) -> str:
+    """The published name of a metric: `test/ndcg@10` -> `test/ndcg_at_10`, `ndcg@10/gender=F` ->
+    `ndcg_at_10/gender_F`, age `<18` -> `lt18`, `56+` -> `56plus`; anything else MLflow refuses
+    -> `_`. A published name maps to itself."""
+    for old, new in _SPELLED:
+        name = name.replace(old, new)
+    return re.sub(r"[^A-Za-z0-9_\-. /:]", "_", name)
+
+
+class Metrics(dict):
+    """Metrics under their published names (`metric_name`): keys, iteration, JSON and equality
+    use those only. Lookups also take the computing spelling, so code written against
+    `metrics["test/ndcg@10"]` reads `metrics["test/ndcg_at_10"]`."""
+
+    def __init__(self, items: Mapping[str, Any] | Iterable[tuple[str, Any]] = (), **kw: Any):
+        super().__init__()
+        self.update(items, **kw)
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        super().__setitem__(metric_name(key), value)
+
+    def __getitem__(self, key: str) -> Any:
+        return super().__getitem__(metric_name(key))
+
+    def __delitem__(self, key: str) -> None:
+        super().__delitem__(metric_name(key))
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and super().__contains__(metric_name(key))
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return super().get(metric_name(key), default)
+
+    def pop(self, key: str, *default: Any) -> Any:
+        return super().pop(metric_name(key), *default)
+
+    def setdefault(self, key: str, default: Any = None) -> Any:
+        return super().setdefault(metric_name(key), default)
+
+    def update(self, items: Mapping[str, Any] | Iterable[tuple[str, Any]] = (), **kw: Any) -> None:
+        pairs = items.items() if isinstance(items, Mapping) else items
+        for key, value in [*pairs, *kw.items()]:
+            self[key] = value
+
+    def copy(self) -> "Metrics":
+        return Metrics(self)
+
+    def __reduce__(self):  # pickles (Ray, multiprocessing) as a Metrics, not a plain dict
+        return (Metrics, (dict(self),))
 
 
 def as_csr(csr: Any) -> Csr:

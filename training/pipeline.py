@@ -20,7 +20,7 @@ from training.data import CSR, Context, rated_csr
 from training.export import cold_user_ranking, write_artifacts
 from training.model import TowerSpec, TwoTower
 from training.task import RetrievalTask
-from training.tracking import Tracker, git_sha
+from training.tracking import Tracker, git_sha, run_name
 from training.trainer import FitResult, Trainer, pick_device, seed_everything
 
 log = logging.getLogger(__name__)
@@ -202,7 +202,8 @@ def train(cfg: TrainConfig, resume: bool = False, tracker: Tracker | None = None
     data_prov = data.provenance()  # snapshot hash + sizes of the training data + erasures applied, no ids
     tags = {"model": cfg.model.kind, "dataset": ds.name, "split": cfg.split.protocol, "git_sha": git_sha(), "device": device.type, "data_snapshot": data_prov["snapshot"],
             "erasures_applied": str(data_prov["erasures_applied"])}  # fmt: skip
-    tracker.start(cfg.tracking.run_name, cfg.flat(), tags)
+    # seen (train + val): what the model learned from and was selected on; test: what it is judged on
+    tracker.start_training(cfg, ds, tags, data.seen_interactions, data.split.test, data_prov["snapshot"])
     try:
         seed_everything(cfg.trainer.seed)  # the initial weights draw from torch's RNG: same seed, same run
         ctx = context(cfg, ds)
@@ -231,12 +232,15 @@ def finish(cfg: TrainConfig, model: TwoTower, task: RetrievalTask, data: Prepare
         topk = blended_topk(fitted, task, model, ctx, data, item_vec, users, device)
     else:
         topk = task.topk(model, ctx, data.seen, users, device)  # the test lists, scored once
-    metrics = {f"test/{k}": v for k, v in evaluation.ranking_metrics(topk, data.test[:2], users, task.k, ds.n_items).items()}
+    # published names (evaluation.metric_name: `test/ndcg_at_10`) for the CLI, manifest, MLflow and /v1/model alike
+    metrics = evaluation.Metrics({f"test/{k}": v for k, v in evaluation.ranking_metrics(topk, data.test[:2], users, task.k, ds.n_items).items()})
     metrics.update(beyond_metrics(topk, users, item_vec[:, : model.spec.output_dim], data, task.k))  # likeness: no bias coordinate
     metrics.update({f"baseline/popularity/{k}": v for k, v in popularity_metrics(data, task.k).items()})
     metrics.update({"train/best_epoch": float(fit.best_epoch), "train/epochs_run": float(fit.epochs_run), "train/seconds": fit.seconds})
     metrics.update({f"blend/{k}": float(v) for k, v in (fit.blend or {}).items()})
     log.info("test %s", " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if not k.startswith("beyond/")))
+    if fit.privacy and "epsilon" in fit.privacy and not cfg.tracking.run_name:
+        tracker.rename(run_name(cfg, ds.name, fit.privacy))  # the ε this run reached, where the config gave none
 
     if cfg.privacy.mode == "none":
         popular = ds.item_vocab.decode(np.argsort(-item_counts(data.seen, ds.n_items), kind="stable")[: cfg.export.popularity_top_n])
@@ -257,7 +261,7 @@ def finish(cfg: TrainConfig, model: TwoTower, task: RetrievalTask, data: Prepare
     tracker.log_metrics(metrics)
     tracker.log_dict(cfg.model_dump(mode="json"), "config.yaml")
     tracker.log_dict(metrics, "metrics.json")
-    tracker.log_dict(fit.history, "history.json")
+    tracker.log_dict([evaluation.Metrics(row) for row in fit.history], "history.json")
     for name, content in (artifacts or {}).items():
         tracker.log_dict(content, name)
     tracker.log_artifacts(cfg.export.output_dir, "bundle")

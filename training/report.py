@@ -19,7 +19,6 @@ from __future__ import annotations
 import html
 import json
 import logging
-import re
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -41,7 +40,13 @@ PLOTS = {
     "popularity": "popularity_bias.png",
     "tradeoff": "lambda_tradeoff.png",
 }
-KEY_PARAMS = (
+KEY_PARAMS = (  # training.tracking.run_params
+    "data.source", "data.dataset", "data.split", "data.split_seed", "model.kind", "model.features", "model.embedding_dim",
+    "model.hidden_dim", "model.hidden_layers", "model.output_dim", "model.temperature", "model.blend", "train.loss",
+    "train.eval_k", "train.epochs", "train.batch_size", "train.lr", "train.weight_decay", "train.patience", "train.seed",
+    "privacy.mode", "privacy.target_epsilon",
+)  # fmt: skip
+OLD_KEY_PARAMS = (  # runs logged before the grouped params: the flattened config
     "data.source", "model.kind", "model.embedding_dim", "model.hidden_dim", "model.output_dim", "model.temperature",
     "model.use_user_id", "model.use_genres", "model.use_content", "model.use_demographics", "model.use_stated",
     "model.rating_weighted", "task.loss", "task.eval_k", "trainer.epochs", "trainer.batch_size", "trainer.lr",
@@ -51,13 +56,9 @@ RANKING = ("ndcg", "precision", "recall", "map")
 
 
 def metric_key(name: str) -> str:
-    """An MLflow-valid metric key: tracking.mlflow_key ('@' -> '_at_', ...), then, in case it lets one
-    through, '=' -> '_', '<' -> 'lt', '>' -> 'gt', '+' -> 'plus' and anything else invalid -> '_'
-    (group labels: ndcg@10/age=<18 -> ndcg_at_10/age_lt18, age=56+ -> age_56plus)."""
-    key = mlflow_key(name)
-    for old, new in (("=", "_"), ("<", "lt"), (">", "gt"), ("+", "plus")):
-        key = key.replace(old, new)
-    return re.sub(r"[^/\w.\- :]", "_", key)
+    """The published metric name (training.evaluation.metric_name), as MLflow, the CLI and
+    `/v1/model` show it: ndcg@10/age=<18 -> ndcg_at_10/age_lt18, age=56+ -> age_56plus."""
+    return evaluation.metric_name(name)
 
 
 def lambda_label(lam: float) -> str:
@@ -82,9 +83,9 @@ class Report:
     out_dir: Path
     html: Path
     plots: dict[str, Path]
-    ranking: dict[str, float]  # recomputed from the exported model, e.g. "ndcg@10"
-    beyond: dict[str, float]  # training.beyond.beyond_accuracy_report keys
-    mmr: dict[float, dict[str, float]]  # lambda -> {"ndcg@10", "ild_genre", "coverage"}
+    ranking: dict[str, float]  # recomputed from the exported model, published names ("ndcg_at_10"; evaluation.Metrics)
+    beyond: dict[str, float]  # training.beyond.beyond_accuracy_report, published names
+    mmr: dict[float, dict[str, float]]  # lambda -> {"ndcg_at_10", "ild_genre", "coverage"}
     catalog_deciles: np.ndarray  # share of (train + val) interactions per item-popularity decile
     logged: dict[str, float] = field(default_factory=dict)  # what went to MLflow as metrics
 
@@ -183,11 +184,11 @@ def mmr_curve(cand, cand_scores, item_vectors, lambdas, users, truth, k, n_items
     curve = {}
     for lam in lambdas:
         lists = mmr_lists(cand, cand_scores, item_vectors, k, lam)
-        curve[lam] = {
+        curve[lam] = evaluation.Metrics({
             f"ndcg@{k}": evaluation.ranking_metrics(lists, truth, users, k, n_items)[f"ndcg@{k}"],
             "ild_genre": beyond.intra_list_diversity_genres(lists, multi_hot),
             "coverage": beyond.coverage(lists, n_items),
-        }
+        })
     return curve
 
 
@@ -359,22 +360,23 @@ def render_html(
         ("tracking URI", tracking_uri),
         ("test users evaluated", n_users),
     ]
-    key_params = [(name, params[name]) for name in KEY_PARAMS if name in params]
+    key_params = [(name, params[name]) for name in KEY_PARAMS if name in params] or [(name, params[name]) for name in OLD_KEY_PARAMS if name in params]
     for name in ("train/best_epoch", "train/epochs_run"):
         if name in metrics:
             key_params.append((name, int(metrics[name])))
     if "train/seconds" in metrics:
         key_params.append(("train/seconds", f"{metrics['train/seconds']:.1f}"))
 
-    names = [f"{m}@{k}" for m in RANKING] + ["coverage"]
+    names = [metric_key(f"{m}@{k}") for m in RANKING] + ["coverage"]  # the names MLflow and the CLI show
     accuracy = [
-        (name, metrics.get(mlflow_key(f"test/{name}"), float("nan")), ranking.get(name, float("nan")),
-         metrics.get(mlflow_key(f"baseline/popularity/{name}"), float("nan")))
+        (f"test/{name}", metrics.get(f"test/{name}", float("nan")), ranking.get(name, float("nan")),
+         metrics.get(f"baseline/popularity/{name}", float("nan")))
         for name in names
     ]  # fmt: skip
     ba = [(name, value) for name, value in beyond_metrics.items() if not name.startswith("exposure_decile_")]
     deciles = [(name, value) for name, value in beyond_metrics.items() if name.startswith("exposure_decile_")]
     mmr_rows = [(lambda_label(lam), v[f"ndcg@{k}"], v["ild_genre"], v["coverage"]) for lam, v in sorted(curve.items())]
+    ndcg_name = metric_key(f"ndcg@{k}")
 
     fmt = {"k": k, "c": n_candidates}
     figures = "".join(
@@ -403,7 +405,7 @@ def render_html(
 <h2>Accuracy vs diversity (MMR)</h2>
 <p>Top-{n_candidates} candidates per user re-ranked with <code>bundle.rerank.mmr</code> (serving's MMR); logged as
 <code>mmr/lambda_&lt;λ&gt;/&lt;metric&gt;</code>.</p>
-{_table(("λ", f"NDCG@{k}", "ILD (genres)", "coverage"), mmr_rows)}
+{_table(("λ", ndcg_name, "ild_genre", "coverage"), mmr_rows)}
 <h2>Plots</h2>
 {figures}
 </body></html>
@@ -464,12 +466,12 @@ def build_report(
         cand, cand_scores = retrieve_candidates(score, users, history, n_items, max(n_candidates, k))
         topk = cand[:, :k]
 
-    ranking = evaluation.ranking_metrics(topk, truth, users, k, n_items)
+    ranking = evaluation.Metrics(evaluation.ranking_metrics(topk, truth, users, k, n_items))  # published names, as MLflow shows them
     item_pop = item_counts(data.seen, n_items)
     multi_hot = beyond.genres_multi_hot(ds.items.genres, len(ds.genre_names))
     groups = user_groups(ds.users)
     likeness = item_vec[:, : spec.output_dim]  # a model.item_bias coordinate is no likeness (as in pipeline.finish)
-    beyond_metrics = beyond.beyond_accuracy_report(topk, users, history, truth, k, item_pop, multi_hot, likeness, groups)
+    beyond_metrics = evaluation.Metrics(beyond.beyond_accuracy_report(topk, users, history, truth, k, item_pop, multi_hot, likeness, groups))
     curve = mmr_curve(cand[:, :n_candidates], cand_scores[:, :n_candidates], likeness, lambdas, users, truth, k, n_items, multi_hot)
     catalog = catalog_decile_shares(item_pop)
 

@@ -1,16 +1,32 @@
-"""MLflow tracking: params = flattened config, per-epoch step metrics, final test metrics,
-tags, artifacts, and registration with an alias (MLflow 3: aliases, not stages)."""
+"""MLflow tracking, laid out for comparing runs: a descriptive run name, a few grouped params
+(`data.* model.* train.* privacy.*`; the whole config is the run's config.yaml / config_flat.json),
+the training and test data as dataset inputs, per-epoch step metrics and final metrics under one
+naming (training.evaluation.metric_name), tags, artifacts, and registration with an alias (MLflow 3:
+aliases, not stages) that every run shows in its `alias` tag."""
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import logging
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from training.evaluation import metric_name
+
+if TYPE_CHECKING:
+    from features.schema import Dataset, Interactions
+    from training.config import TrainConfig
 
 log = logging.getLogger(__name__)
+
+ALIAS_TAG = "alias"  # run tag: the registry aliases its model version holds, comma-separated, or NO_ALIAS
+NO_ALIAS = "none"
+ML100K_URL = "https://files.grouplens.org/datasets/movielens/ml-100k.zip"
 
 PYFUNC_CODE = Path(__file__).resolve().parents[1] / "serving" / "mlflow_pyfunc.py"
 
@@ -23,11 +39,146 @@ def git_sha() -> str:
         return "unknown"
 
 
-def mlflow_key(name: str) -> str:
-    """MLflow keys allow alphanumerics and `_ - . space / :` only: `ndcg@10` -> `ndcg_at_10`,
-    `gender=F` -> `gender_F`, age `<18` -> `lt18`, `56+` -> `56plus`."""
-    name = name.replace("@", "_at_").replace("<", "lt").replace("+", "plus")
-    return re.sub(r"[^A-Za-z0-9_\-. /:]", "_", name)
+mlflow_key = metric_name  # the one metric naming (training/evaluation.py); the old name stays importable
+
+
+# --------------------------------------------------------------------------- what a run page shows
+def dataset_label(source: str, dataset_name: str) -> str:
+    """The dataset part of a run name: `synthetic`, `ml100k`, `store`, or a table's name."""
+    if source in ("synthetic", "store"):
+        return source
+    return re.sub(r"[^A-Za-z0-9]+", "", dataset_name.rsplit("/", 1)[-1].rsplit(".", 1)[0]).lower() or source
+
+
+def _eps(value: float) -> str:
+    return f"eps{round(float(value), 2):g}"
+
+
+def privacy_label(cfg: "TrainConfig", privacy: dict[str, Any] | None = None) -> str:
+    """`nonprivate`, `dp-eps8` (the target, else the ε the run reached, else its σ), `federated`,
+    `federated-dp-eps3.1` (client-level DP: ε is known once the rounds ran, else σ)."""
+    p, fed, got = cfg.privacy, cfg.federated, (privacy or {}).get("epsilon")
+    if p.mode == "dp":
+        if p.target_epsilon is not None:
+            return f"dp-{_eps(p.target_epsilon)}"
+        return f"dp-{_eps(got)}" if got is not None else f"dp-sigma{p.noise_multiplier:g}"
+    if p.mode == "federated":
+        if not fed.dp:
+            return "federated"
+        return f"federated-dp-{_eps(got)}" if got is not None else f"federated-dp-sigma{fed.noise_multiplier:g}"
+    return "nonprivate"
+
+
+def run_name(cfg: "TrainConfig", dataset_name: str, privacy: dict[str, Any] | None = None) -> str:
+    """`tracking.run_name` when set, else model-dataset-privacy-seed: `two_tower-ml100k-dp-eps8-s0`."""
+    if cfg.tracking.run_name:
+        return cfg.tracking.run_name
+    parts = (cfg.model.kind, dataset_label(cfg.data.source, dataset_name), privacy_label(cfg, privacy), f"s{cfg.trainer.seed}")
+    return "-".join(parts)
+
+
+def run_params(cfg: "TrainConfig", dataset_name: str) -> dict[str, Any]:
+    """The params a run page lists: what tells runs apart, in four groups. Everything else is in
+    the run's config.yaml and config_flat.json artifacts (the flattened config is ~120 keys)."""
+    d, s, m, t, tr, p, fed = cfg.data, cfg.split, cfg.model, cfg.task, cfg.trainer, cfg.privacy, cfg.federated
+    switches = {"user_id": m.use_user_id, "genres": m.use_genres, "content": m.use_content, "title": m.use_content and m.use_title,
+                "demographics": m.use_demographics, "stated": m.use_stated, "rating_weighted": m.rating_weighted, "item_bias": m.item_bias}  # fmt: skip
+    params: dict[str, Any] = {
+        "data.source": d.source,
+        "data.dataset": dataset_name,
+        "data.split": s.protocol if s.protocol == "leave_last_n" else f"{s.protocol} by {s.by}, ratio {s.ratio:g}",
+        "data.split_seed": s.seed,
+        "model.kind": m.kind,
+        "model.features": ",".join(k for k, on in switches.items() if on) or "history",
+        "model.embedding_dim": m.embedding_dim,
+        "model.hidden_dim": m.hidden_dim,
+        "model.hidden_layers": m.hidden_layers,
+        "model.output_dim": m.output_dim,
+        "model.temperature": m.temperature,
+        "model.blend": "ease" if cfg.blend.ease else "none",
+        "train.loss": t.loss,
+        "train.epochs": tr.epochs,
+        "train.batch_size": tr.batch_size,
+        "train.lr": tr.lr,
+        "train.lr_schedule": tr.lr_schedule,
+        "train.weight_decay": tr.weight_decay,
+        "train.patience": tr.patience,
+        "train.refit": tr.refit,
+        "train.seed": tr.seed,
+        "train.eval_k": t.eval_k,
+        "privacy.mode": p.mode,
+        "privacy.audit_holdout": p.audit_holdout,
+    }
+    if p.mode == "dp":
+        params.update({"privacy.target_epsilon": p.target_epsilon, "privacy.noise_multiplier": p.noise_multiplier,
+                       "privacy.delta": p.delta, "privacy.max_grad_norm": p.max_grad_norm, "privacy.accountant": p.accountant})  # fmt: skip
+    if p.mode == "federated":
+        params.update({"privacy.fl_strategy": fed.strategy, "privacy.fl_partition": fed.partition if fed.partition == "user" else f"silos x{fed.n_silos}",
+                       "privacy.fl_rounds": fed.rounds, "privacy.fl_local_epochs": fed.local_epochs, "privacy.fl_secagg": fed.secagg,
+                       "privacy.fl_client_dp": f"sigma {fed.noise_multiplier:g}, clip {fed.clipping_norm:g}" if fed.dp else "off"})  # fmt: skip
+    return {k: ("" if v is None else v) for k, v in params.items()}
+
+
+def _digest(*parts: bytes | str) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        blob = part.encode() if isinstance(part, str) else part
+        h.update(f"{len(blob)}:".encode())
+        h.update(blob)
+    return h.hexdigest()[:10]  # MLflow shows ~8-10 characters of a digest
+
+
+def interactions_digest(snapshot: str, rows: "Interactions") -> str:
+    """A digest of exactly these rows of the dataset whose snapshot hash is `snapshot`: a changed,
+    added or removed row, or other data behind the same indices, changes it. Hashes only, no ids."""
+    order = np.lexsort((rows.rating, rows.timestamp, rows.item, rows.user))
+    cols = [np.ascontiguousarray(getattr(rows, c)[order], dtype=dt).tobytes() for c, dt in
+            (("user", "<i8"), ("item", "<i8"), ("rating", "<f4"), ("timestamp", "<i8"))]  # fmt: skip
+    return _digest(snapshot, *cols)
+
+
+def dataset_source(cfg: "TrainConfig", dataset_name: str):
+    """Where the data came from, naming the dataset and never a store URL (it may carry a password)."""
+    from mlflow.data.code_dataset_source import CodeDatasetSource
+    from mlflow.data.http_dataset_source import HTTPDatasetSource
+
+    d = cfg.data
+    if d.source == "movielens":
+        return HTTPDatasetSource(ML100K_URL)
+    tags: dict[str, Any] = {"dataset": dataset_name, "source": d.source}
+    if d.source == "synthetic":
+        tags["generator"] = "features.synthetic.generate"
+        tags.update({k: v for k, v in d.synthetic.model_dump().items() if k in ("seed", "n_users", "n_items", "n_genres")})
+    elif d.source == "table" and d.table is not None:
+        tags["file"] = Path(d.table.path).name
+    return CodeDatasetSource(tags)
+
+
+def dataset_input(cfg: "TrainConfig", dataset: "Dataset", rows: "Interactions", snapshot: str, part: str):
+    """An MLflow dataset (metadata only: name, digest, source, schema, profile) for `rows`, the
+    `part` of `dataset` a run trained or was tested on. The schema names the columns and the
+    profile counts them: no row, no id is logged."""
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.types import ColSpec, DataType, Schema
+
+    class _Dataset(MetaDataset):
+        def __init__(self, profile: dict[str, Any], **kw: Any):
+            self._profile = profile
+            super().__init__(**kw)
+
+        @property
+        def profile(self) -> dict[str, Any]:
+            return self._profile
+
+        def to_dict(self) -> dict[str, str]:
+            return {**super().to_dict(), "profile": json.dumps(self._profile)}
+
+    schema = Schema([ColSpec(DataType.string, "user_id"), ColSpec(DataType.string, "item_id"),
+                     ColSpec(DataType.float, "rating"), ColSpec(DataType.long, "timestamp")])  # fmt: skip
+    profile = {"part": part, "rows": int(len(rows)), "users": int(len(np.unique(rows.user))), "items": int(len(np.unique(rows.item))),
+               "dataset_users": dataset.n_users, "dataset_items": dataset.n_items, "split": cfg.split.protocol, "snapshot": snapshot}  # fmt: skip
+    return _Dataset(profile, source=dataset_source(cfg, dataset.name), name=dataset.name,
+                    digest=interactions_digest(snapshot, rows), schema=schema)  # fmt: skip
 
 
 def default_artifact_location(tracking_uri: str) -> str | None:
@@ -54,11 +205,45 @@ def promote(run_id: str, alias: str, model_name: str, tracking_uri: str) -> str:
     version = str(max(int(v.version) for v in versions))
     client.set_registered_model_alias(model_name, alias, version)
     log.info("%s@%s -> version %s (run %s)", model_name, alias, version, run_id)
+    sync_alias_tags(client, model_name)
     return version
+
+
+def sync_alias_tags(client, model_name: str) -> dict[str, str]:
+    """Rewrite the `alias` tag of every run that registered a version of `model_name` to the
+    aliases its versions hold now (`champion`, `candidate,champion`, or `none`), so the runs table
+    follows the registry: a promoted run says `champion`, the run it replaced says `none`.
+    Returns {run_id: tag} of the runs whose tag changed. Deleted runs are left alone."""
+    from mlflow.exceptions import MlflowException
+
+    if "'" in model_name:
+        raise ValueError(f"model name {model_name!r}: quotes are not allowed")
+    held: dict[str, set[str]] = {}
+    for alias, version in (client.get_registered_model(model_name).aliases or {}).items():
+        held.setdefault(str(version), set()).add(alias)
+    by_run: dict[str, set[str]] = {}
+    for v in client.search_model_versions(f"name = '{model_name}'"):
+        if v.run_id:  # a version registered from outside a run has no run to tag
+            by_run.setdefault(v.run_id, set()).update(held.get(str(v.version), set()))
+    changed = {}
+    for run_id, aliases in by_run.items():
+        value = ",".join(sorted(aliases)) or NO_ALIAS
+        try:
+            run = client.get_run(run_id)
+            if run.info.lifecycle_stage == "deleted" or run.data.tags.get(ALIAS_TAG) == value:
+                continue
+            client.set_tag(run_id, ALIAS_TAG, value)
+        except MlflowException as e:  # a run of another store, or gone: the registry still moved
+            log.warning("run %s: alias tag not updated (%s)", run_id, type(e).__name__)
+            continue
+        changed[run_id] = value
+    return changed
 
 
 class Tracker:
     """Thin wrapper so the pipeline reads the same with tracking on or off."""
+
+    full_params = False  # True: a run's params are the whole flattened config (tune trials compare by sampled keys)
 
     def __init__(self, enabled: bool, tracking_uri: str, experiment: str):
         self.enabled = enabled
@@ -79,9 +264,38 @@ class Tracker:
         self.run_id = run.info.run_id
         self.mlflow.log_params({k: ("" if v is None else v) for k, v in params.items()})
 
+    def start_training(self, cfg: "TrainConfig", dataset: "Dataset", tags: dict[str, str],
+                       train_rows: "Interactions | None" = None, test_rows: "Interactions | None" = None,
+                       snapshot: str | None = None) -> None:  # fmt: skip
+        """Start a training run as the runs table reads it: its name, the grouped params, the
+        config as artifacts, and the data it trains on (context `training`) and is tested on
+        (`evaluation`) as dataset inputs."""
+        if not self.enabled:
+            return
+        params = cfg.flat() if self.full_params else run_params(cfg, dataset.name)
+        self.start(run_name(cfg, dataset.name), params, tags)
+        self.log_dict(cfg.flat(), "config_flat.json")
+        if train_rows is None:
+            return
+        if snapshot is None:
+            from features.datasets import snapshot_hash
+
+            snapshot = snapshot_hash(dataset)
+        try:
+            parts = [(train_rows, "training")] + ([(test_rows, "evaluation")] if test_rows is not None and len(test_rows) else [])
+            self.mlflow.log_inputs(datasets=[dataset_input(cfg, dataset, rows, snapshot, ctx) for rows, ctx in parts],
+                                   contexts=[ctx for _, ctx in parts], tags_list=[None] * len(parts))  # fmt: skip
+        except self.mlflow.exceptions.MlflowException as e:  # a store without dataset support: the run goes on
+            log.warning("dataset inputs not logged: %s", e)
+
+    def rename(self, name: str) -> None:
+        """Set the run's name (a DP / federated run's ε is known once it trained)."""
+        if self.enabled and self.run_id:
+            self.mlflow.MlflowClient().update_run(self.run_id, name=name)
+
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         if self.enabled:
-            self.mlflow.log_metrics({mlflow_key(k): float(v) for k, v in metrics.items()}, step=step)
+            self.mlflow.log_metrics({metric_name(k): float(v) for k, v in metrics.items()}, step=step)
 
     def log_dict(self, obj: Any, name: str) -> None:
         if self.enabled:
@@ -103,7 +317,10 @@ class Tracker:
             registered_model_name=model_name,
         )
         version = str(info.registered_model_version)
-        self.mlflow.MlflowClient().set_registered_model_alias(model_name, alias, version)
+        client = self.mlflow.MlflowClient()
+        client.set_registered_model_alias(model_name, alias, version)
+        client.set_tag(self.run_id, "model_version", f"{model_name}/{version}")
+        sync_alias_tags(client, model_name)  # this run says `alias=<alias>`; the run that held it before, not any more
         log.info("registered %s version %s as @%s", model_name, version, alias)
         return version
 

@@ -169,7 +169,10 @@ def runtime_config(cfg: TrainConfig, workdir: Path, run_name: str, num_threads: 
 # -- trials ----------------------------------------------------------------------------------
 class TrialTracker(Tracker):
     """A trial's MLflow run, nested under the search's parent run. Directory uploads (the
-    exported bundle) are skipped: trials are compared, never served."""
+    exported bundle) are skipped: trials are compared, never served. Its params are the whole
+    flattened config, so trials compare by the keys the search sampled."""
+
+    full_params = True
 
     def __init__(self, tracking_uri: str, experiment: str, parent_run_id: str, tags: dict[str, str]):
         super().__init__(True, tracking_uri, experiment)
@@ -205,7 +208,7 @@ def best_epoch_metrics(history: list[dict[str, float]], best_epoch: int) -> dict
     """The validation metrics of the epoch whose weights the trainer kept."""
     for row in history:
         if row["epoch"] == best_epoch:
-            return {k: v for k, v in row.items() if k.startswith("val/")}
+            return {mlflow_key(k): v for k, v in row.items() if k.startswith("val/")}  # published names, as result.metrics
     raise RuntimeError(f"best epoch {best_epoch} is not in the fit history")
 
 
@@ -316,6 +319,7 @@ def run_tune(
         raise ConfigError("--trials: must be >= 1")
     if not metric.startswith("val/"):
         raise ConfigError(f"--metric {metric}: tune on a validation metric (val/...); choosing on the test split would overfit it")
+    metric = mlflow_key(metric)  # the one metric naming: val/ndcg@10 is shown and looked up as val/ndcg_at_10
     base = load_config(config, overrides)
     space = load_space(space_file)
     validate_space(base, space, str(space_file or "default search space"))

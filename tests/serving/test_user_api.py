@@ -318,7 +318,7 @@ def test_model_card(server, trained_run):
     assert card["model_version"] == trained_run.result.model_version and card["kind"] == "two_tower"
     assert card["data_snapshot"] == manifest["provenance"]["data"]["snapshot"] and card["data_snapshot"].startswith("sha256:")
     assert card["data"]["users"] == 1000 and "u1" not in str(card["data"])
-    assert card["metrics"]["test/ndcg@10"] == pytest.approx(manifest["metrics"]["test/ndcg@10"])
+    assert card["metrics"]["test/ndcg_at_10"] == pytest.approx(manifest["metrics"]["test/ndcg_at_10"])  # the names MLflow shows
     assert card["privacy"] == {"mode": "none", "epsilon": None, "delta": None, "details": {}}
 
 

@@ -44,18 +44,18 @@ def test_train_tiny_synthetic_run(tmp_path):
     ]
     out = cli("train", *[a for s in sets for a in ("--set", s)])
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "test/ndcg@10" in out.stdout and "baseline/popularity/ndcg@10" in out.stdout
+    assert "test/ndcg_at_10" in out.stdout and "baseline/popularity/ndcg_at_10" in out.stdout  # the names MLflow shows
     match = re.search(r"run (\w+)\s+model version (\S+)", out.stdout)
     assert match and match.group(2) == "1"
-    ndcg = float(re.search(r"test/ndcg@10\s+([0-9.]+)", out.stdout).group(1))
+    ndcg = float(re.search(r"test/ndcg_at_10\s+([0-9.]+)", out.stdout).group(1))
     assert 0.0 < ndcg <= 1.0
     manifest = json.loads((tmp_path / "artifacts" / "manifest.json").read_text())
     assert manifest["model"]["spec"]["n_users"] == 150 and manifest["model"]["spec"]["n_items"] == 120
-    assert manifest["metrics"]["test/ndcg@10"] == pytest.approx(ndcg, abs=5e-5)  # printed with 4 decimals
+    assert manifest["metrics"]["test/ndcg_at_10"] == pytest.approx(ndcg, abs=5e-5)  # printed with 4 decimals
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["epoch-001.pt", "epoch-002.pt"]
     client = MlflowClient(tracking_uri=db)
     run = client.get_run(match.group(1))
-    assert run.info.status == "FINISHED" and run.data.params["trainer.epochs"] == "2"
+    assert run.info.status == "FINISHED" and run.data.params["train.epochs"] == "2"
     assert str(client.get_model_version_by_alias("trustrec", "champion").version) == "1"
     assert (tmp_path / "mlruns" / match.group(1) / "artifacts" / "bundle" / "manifest.json").exists()
 

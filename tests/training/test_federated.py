@@ -291,4 +291,4 @@ def test_pipeline_logs_every_round_to_mlflow(federated_run):
     assert [m.value for m in ndcg] == pytest.approx([row["val/ndcg@10"] for row in result.fit.history])
     run = client.get_run(result.run_id)
     assert run.data.metrics["privacy/epsilon"] == pytest.approx(result.fit.privacy["epsilon"])
-    assert run.data.params["privacy.mode"] == "federated" and run.data.params["federated.secagg"] == "True"
+    assert run.data.params["privacy.mode"] == "federated" and run.data.params["privacy.fl_secagg"] == "True"

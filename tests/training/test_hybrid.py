@@ -646,7 +646,7 @@ def test_offline_evaluation_of_the_hybrid_bundle_reproduces_its_test_metrics(hyb
 
     test = {k: v for k, v in hybrid_run.result.metrics.items() if k.startswith("test/")}
     offline = evaluate_bundle(hybrid_run.cfg, str(hybrid_run.result.artifact_dir))
-    assert set(offline) == set(test) and "test/ndcg@10" in test
+    assert set(offline) == set(test) and "test/ndcg_at_10" in test
     for k in test:
         assert abs(offline[k] - test[k]) <= 1e-4, (k, offline[k], test[k])
 

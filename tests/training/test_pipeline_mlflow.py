@@ -1,5 +1,6 @@
-"""End-to-end run (the session fixture `trained_run`): MLflow params/metrics/tags/artifacts/registry,
-quality vs popularity, feature store, offline re-evaluation of the bundle and checkpoint export."""
+"""End-to-end run (the session fixture `trained_run`): MLflow run name, grouped params, dataset
+inputs, metrics/tags/artifacts/registry and the alias tag, quality vs popularity, feature store,
+offline re-evaluation of the bundle and checkpoint export."""
 from __future__ import annotations
 
 import json
@@ -18,7 +19,8 @@ from training.data import user_feed, user_features
 from training.model import TowerSpec, TwoTower
 from training.offline import evaluate_bundle, export_checkpoint
 from training.pipeline import context, item_counts, prepare, train
-from training.tracking import mlflow_key
+from training.evaluation import metric_name
+from training.tracking import ALIAS_TAG, interactions_digest, mlflow_key, run_params
 
 CPU = torch.device("cpu")
 
@@ -45,16 +47,40 @@ def test_run_is_found_through_the_mlflow_api(trained_run, client, run):
     assert run.info.status == "FINISHED"
 
 
-def test_params_are_the_flattened_config(trained_run, run):
-    flat = trained_run.cfg.flat()
+def test_run_name_says_model_dataset_privacy_and_seed(run):
+    assert run.info.run_name == "two_tower-synthetic-nonprivate-s0"
+
+
+def test_params_are_a_few_grouped_keys_and_the_config_is_an_artifact(trained_run, client, run, tmp_path):
     params = run.data.params
-    assert set(params) == set(flat)
-    assert params["trainer.lr"] == "0.003"
-    assert params["trainer.epochs"] == "30"
-    assert params["data.synthetic.n_users"] == "1000"
-    assert params["tracking.run_name"] == ""  # None is logged as an empty string
-    for key, value in flat.items():
-        assert params[key] == ("" if value is None else str(value)), key
+    assert set(params) == set(run_params(trained_run.cfg, "synthetic-seed0"))
+    assert len(params) <= 30 and {k.split(".", 1)[0] for k in params} == {"data", "model", "train", "privacy"}
+    assert params["train.lr"] == "0.003" and params["train.epochs"] == "30" and params["train.seed"] == "0"
+    assert params["model.kind"] == "two_tower" and params["model.features"] == "genres" and params["model.embedding_dim"] == "64"
+    assert params["data.source"] == "synthetic" and params["data.dataset"] == "synthetic-seed0"
+    assert params["data.split"] == "stratified by item, ratio 0.75" and params["privacy.mode"] == "none"
+    # every key of the config, flattened, is one artifact away
+    path = client.download_artifacts(run.info.run_id, "config_flat.json", str(tmp_path))
+    flat = json.load(open(path))
+    assert flat == trained_run.cfg.flat() and flat["data.synthetic.n_users"] == 1000 and flat["tracking.run_name"] is None
+
+
+def test_training_and_test_data_are_dataset_inputs(trained_run, run, prepared):
+    inputs = {next(t.value for t in d.tags if t.key == "mlflow.data.context"): d.dataset for d in run.inputs.dataset_inputs}
+    assert set(inputs) == {"training", "evaluation"}
+    snapshot = trained_run.result.manifest["provenance"]["data"]["snapshot"]
+    train, test = inputs["training"], inputs["evaluation"]
+    assert train.name == test.name == "synthetic-seed0"
+    assert train.digest == interactions_digest(snapshot, prepared.seen_interactions) and len(train.digest) == 10
+    assert test.digest == interactions_digest(snapshot, prepared.split.test) != train.digest
+    assert train.source_type == "code" and json.loads(train.source)["tags"]["dataset"] == "synthetic-seed0"
+    profile = json.loads(train.profile)
+    assert profile["rows"] == len(prepared.seen_interactions) and profile["snapshot"] == snapshot and profile["part"] == "training"
+    assert json.loads(test.profile)["rows"] == len(prepared.split.test)
+    assert [c["name"] for c in json.loads(train.schema)["mlflow_colspec"]] == ["user_id", "item_id", "rating", "timestamp"]
+    # a schema and counts, never a row: no raw user id anywhere in what was logged
+    logged = json.dumps([d.dataset.to_dictionary() for d in run.inputs.dataset_inputs])
+    assert not any(f'"{u}"' in logged for u in prepared.dataset.user_vocab.ids)
 
 
 def test_no_pii_in_params_or_tags(trained_run, run, prepared):
@@ -84,6 +110,10 @@ def test_final_metrics_logged(trained_run, run):
     m = run.data.metrics
     metrics = trained_run.result.metrics
     assert "test/ndcg_at_10" in m and "test/ndcg@10" not in m
+    # one naming: what the CLI prints (the run's metrics), the manifest (/v1/model) and MLflow hold the same keys
+    manifest = trained_run.result.manifest
+    assert set(metrics) == set(manifest["metrics"]) | set(manifest["parity"]) and set(metrics) <= set(m)
+    assert all(metric_name(k) == k for k in metrics)
     for name in ("test/ndcg@10", "test/recall@10", "baseline/popularity/ndcg@10", "train/best_epoch", "train/epochs_run",
                  "parity/torchrec_vs_onnx"):
         assert m[mlflow_key(name)] == pytest.approx(metrics[name]), name
@@ -103,7 +133,7 @@ def test_tags(run, prepared):
 def test_artifacts(trained_run, client, run, tmp_path):
     run_id = run.info.run_id
     top = {a.path for a in client.list_artifacts(run_id)}
-    assert {"config.yaml", "metrics.json", "history.json", "bundle"} <= top
+    assert {"config.yaml", "config_flat.json", "metrics.json", "history.json", "bundle"} <= top
     bundle = {a.path for a in client.list_artifacts(run_id, "bundle")}
     assert "bundle/manifest.json" in bundle and "bundle/user_tower.onnx" in bundle
 
@@ -126,6 +156,8 @@ def test_registered_model_alias_points_at_this_run(trained_run, client):
     assert str(version.version) == trained_run.result.model_version
     assert version.run_id == trained_run.result.run_id
     assert cfg.alias in client.get_registered_model(cfg.registered_model).aliases
+    tags = client.get_run(trained_run.result.run_id).data.tags
+    assert tags[ALIAS_TAG] == "champion" and tags["model_version"] == f"trustrec/{version.version}"
 
 
 def test_model_beats_popularity(trained_run):
@@ -173,7 +205,7 @@ def test_export_checkpoint_rebuilds_the_bundle(trained_run, tmp_path):
     assert [p.name for p in ckpts] == [f"epoch-{e:03d}.pt" for e in range(1, fit.epochs_run + 1)]
     manifest = export_checkpoint(trained_run.cfg, ckpts[-1], tmp_path / "re")
     assert max(manifest["parity"].values()) <= trained_run.cfg.export.parity_atol
-    assert manifest["metrics"]["val/ndcg@10"] == pytest.approx(fit.best_metric)
+    assert manifest["metrics"]["val/ndcg_at_10"] == pytest.approx(fit.best_metric)
     assert manifest["provenance"]["epoch"] == fit.epochs_run
     # the checkpoint's best weights are the ones the pipeline exported
     original = np.load(trained_run.result.artifact_dir / "item_embeddings.npy")

@@ -88,7 +88,7 @@ def test_best_trial_is_the_max_validation_metric(search, children, client):
     assert outcome.best.objective == pytest.approx(best_run.data.metrics[OBJECTIVE])
     assert [t.objective for t in outcome.trials] == sorted((t.objective for t in outcome.trials), reverse=True)
     # chosen on validation; test figures ride along for information
-    assert outcome.best.metrics["test/ndcg@10"] == pytest.approx(best_run.data.metrics[mlflow_key("test/ndcg@10")])
+    assert outcome.best.metrics[mlflow_key("test/ndcg@10")] == pytest.approx(best_run.data.metrics[mlflow_key("test/ndcg@10")])
     parent = client.get_run(outcome.parent_run_id)
     assert parent.data.metrics[OBJECTIVE] == pytest.approx(outcome.best.objective)
     assert parent.data.tags["tune.best_run_id"] == best_run.info.run_id
