@@ -16,7 +16,7 @@ COLD = {
     "date": "2026-12-05T12:00:00Z",
     "machine": MACHINE,
     "k": 10,
-    "results": {"item_cold_start": {"hybrid/ndcg@10": 0.3, "content/ndcg@10": 0.2}},
+    "results": {"item_cold_start": {"hybrid/ndcg@10": 0.3, "content/ndcg@10": 0.2}, "user_cold_start": {"hybrid_stated_first/genre_match": 1.0}},
     "goals": {"item_ratio_vs_content": {"goal": 1.5, "value": 1.5, "met": True}, "user_genre_match": {"goal": 0.8, "value": 0.634, "met": False}},
 }
 HEADER = ["| goal | current figure | status | command | date | machine |", "|---|---|---|---|---|---|"]
@@ -38,10 +38,10 @@ def test_cold_start_rows_by_hand_and_the_missing_record_names_its_command():
     # 1.5 / 1.5 -> met; 0.634 < 0.8 -> not met; command, date and machine on the source's first row only
     assert got == ["## Cold start", "", *HEADER,
         "| ML-100k: item cold start: hybrid ≥ 1.5× content-only; user cold start: genre match ≥ 0.8 | no figure of record yet (docs/results/cold_start_ml100k.json) "
-        "| not measured | `python benchmarks/cold_start.py --data ml100k --record` | – | – |",
+        "| not measured | `python benchmarks/cold_start.py --data ml100k --config configs/hybrid_ml100k.yaml --record` | – | – |",
         "| synthetic: item cold start: hybrid NDCG@10 ≥ 1.5× content-only | 1.50× (0.3000 vs 0.2000) | met | `python benchmarks/cold_start.py --data synthetic` "
         "| 2026-12-05 12:00:00 UTC | Test CPU 9000, 2 cores, 8 GiB RAM, no GPU; Python 3.11.7, numpy 2.0.0, torch 2.13.0+cpu |",
-        "| synthetic: user cold start: ≥ 0.8 of the top 10 in a stated genre (the model alone) | 0.634 | **not met** | 〃 | 〃 | 〃 |",
+        "| synthetic: user cold start: ≥ 0.8 of the top 10 in a stated genre (the model alone) | 0.634; serving's stated-genres-first rule: 1.000 | **not met** | 〃 | 〃 | 〃 |",
     ]  # fmt: skip
 
 
@@ -78,7 +78,7 @@ def test_serve_load_rows_in_the_shape_serve_load_writes_today():
         ("p99 <= 20 ms and 0 errors at >= 300 rps", "MMR off: 6.0 ms at 300/s, 76.2 ms at 600/s (34 errors)", "met"),
         ("trustrec p99 <= 1.5 x noop p99", "1.96–2.18× over 2 (diversity, rate) pairs", "**not met**"),
         ("p50 - in-process p50 <= 3 ms", "no rate measured", "not measured"),
-        ("at 2x capacity: 503s fast", "800/s: 41.2% shed as 503 (503 p99 41.0 ms), 200 p99 300.5 ms, 0 timeouts, 0 other errors", "met"),
+        ("at 2x capacity: 503s fast", "800/s: 41.2 % shed as 503 (503 p99 41.0 ms), 200 p99 300.5 ms, 0 timeouts, 0 other errors", "met"),
     ]
     calm = {**report, "overload": {**overload, "shed_503": 0, "shed_share": 0.0, "p99_503_ms": None}}
     assert rp.serve_load_rows(calm)[3][1] == "800/s: none shed, 200 p99 300.5 ms, 0 timeouts, 0 other errors"
