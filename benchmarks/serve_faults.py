@@ -234,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         "goals": {"failed_pct_max": FAILED_GOAL * 100, "recovery_s_max": RECOVERY_GOAL_S},
         "result": result,
         "command": " ".join(["python", "benchmarks/serve_faults.py", *(argv if argv is not None else sys.argv[1:])]),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),  # when the report was written (UTC)
     }
     out = Path(args.out or REPO / "benchmarks" / "results" / "serve_faults.json")
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -724,6 +724,7 @@ def main(argv: list[str] | None = None) -> int:
         "wall_s": round(time.monotonic() - started, 1),
         "machine": f"{platform.machine()} {os.cpu_count()} cores, Python {platform.python_version()}",
         "command": "python benchmarks/serve_load.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - (time.monotonic() - started))),  # when the run began (UTC)
     }
     out = Path(args.out or REPO / "benchmarks" / "results" / "serve_load.json")
     out.parent.mkdir(parents=True, exist_ok=True)
