@@ -8,16 +8,18 @@ import glob
 import json
 import math
 import pickle
+import threading
 
 import numpy as np
 import pytest
 import torch
+from flwr.common import ndarrays_to_parameters
 
 from training.config import ConfigError, load_config
 from training.federated.client import proximal_term
 from training.federated.fit import check, client_partitions, privacy_block, simulate
 from training.federated.partition import ClientData, keep_rows, keep_user_side, partition_users
-from training.federated.server import RoundBook, client_level_epsilon, sampled_clients, weighted_mean
+from training.federated.server import RoundBook, build_strategy, client_level_epsilon, sampled_clients, weighted_mean
 from training.pipeline import build_model, context, prepare
 from training.trainer import seed_everything
 
@@ -147,6 +149,30 @@ def test_clients_per_round_follow_flower_sampling(tmp_path):
     assert sampled_clients(fed, 943) == 94  # int(943 * 0.1)
     assert sampled_clients(fed, 5) == 2  # min_clients floor
     assert sampled_clients(tiny(tmp_path).federated, 3) == 3
+
+
+@pytest.mark.parametrize("extra", [(), ("federated.dp=true", "federated.noise_multiplier=1.0")])
+def test_a_round_that_starts_while_a_client_registers_still_samples_them_all(tmp_path, extra):
+    """Flower sizes a round from the clients registered at that instant, then waits for
+    min_available_clients: 2 of 3 silos registered must still give a round of 3 (CI once saw 2)."""
+    from flwr.server.client_manager import SimpleClientManager
+    from flwr.server.client_proxy import ClientProxy
+
+    class Proxy(ClientProxy):  # what Flower registers per node; only its cid is used here
+        get_properties = get_parameters = fit = evaluate = reconnect = None
+
+    cfg = tiny(tmp_path, *extra)
+    strategy = build_strategy(cfg.federated, 3, [np.zeros(2, np.float32)], RoundBook(2, 5, "val/ndcg@10", False))
+    inner = getattr(strategy, "strategy", strategy)  # the DP wrapper delegates sampling
+    assert inner.num_fit_clients(2) == (3, 3) and inner.num_evaluation_clients(2) == (3, 3)
+    manager = SimpleClientManager()
+    for cid in "ab":
+        manager.register(Proxy(cid))
+    late = threading.Timer(0.2, lambda: manager.register(Proxy("c")))
+    late.start()
+    sampled = strategy.configure_fit(1, ndarrays_to_parameters([np.zeros(2, np.float32)]), manager)
+    late.join()
+    assert sorted(proxy.cid for proxy, _ in sampled) == ["a", "b", "c"]
 
 
 def test_invalid_combinations_name_the_key(tmp_path):

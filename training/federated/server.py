@@ -93,9 +93,11 @@ class RoundBook:
             self._bar.close()
 
 
-def sampled_clients(fed: FederatedConfig, n_clients: int) -> int:
-    """Clients per training round, as Flower's FedAvg samples them."""
-    return min(n_clients, max(int(n_clients * fed.fraction_fit), min(fed.min_clients, n_clients)))
+def sampled_clients(fed: FederatedConfig, n_clients: int, evaluate: bool = False) -> int:
+    """Clients per training (or evaluation) round, as Flower's FedAvg samples them once all
+    `n_clients` are registered."""
+    fraction = fed.fraction_evaluate if evaluate else fed.fraction_fit
+    return min(n_clients, max(int(n_clients * fraction), min(fed.min_clients, n_clients)))
 
 
 def client_level_epsilon(noise_multiplier: float, rounds: int, delta: float) -> float:
@@ -122,8 +124,12 @@ def build_strategy(fed: FederatedConfig, n_clients: int, initial: list[np.ndarra
     common: dict[str, Any] = dict(
         fraction_fit=fed.fraction_fit,
         fraction_evaluate=fed.fraction_evaluate,
-        min_fit_clients=min(fed.min_clients, n_clients),
-        min_evaluate_clients=min(fed.min_clients, n_clients),
+        # Flower sizes a round from the clients registered at that instant and only then waits for
+        # min_available_clients: with min_fit_clients=min_clients, a round that starts while one
+        # simulated client is still registering trains 2 of 3 silos. The floors are therefore the
+        # sizes at full registration, so every round samples as many clients as `sampled_clients` says.
+        min_fit_clients=sampled_clients(fed, n_clients),
+        min_evaluate_clients=sampled_clients(fed, n_clients, evaluate=True),
         min_available_clients=n_clients,  # every simulated client is registered before round 1
         evaluate_fn=book.on_params,
         on_fit_config_fn=lambda r: {"server_round": r},
