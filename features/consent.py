@@ -120,8 +120,11 @@ def _audit(audit: AuditLog | None, conn: Any, action: str, subject: str, actor: 
     return audit.record(action, subject, actor, detail, conn=conn) if audit is not None else None
 
 
-def _refuse_erased(store: FeatureStore, user_id: str) -> None:
-    if store.is_erased(user_id):
+def _refuse_erased(store: FeatureStore, user_id: str, conn: Any = None) -> None:
+    """Raise ErasedUserError for an erased id. Each write checks twice: first without the write
+    lock (a cheap early refusal), then again on its write transaction's connection, because an
+    erasure may commit in between and writers run one at a time: only the second check is binding."""
+    if store.is_erased(user_id, conn):
         raise ErasedUserError("this user id was erased and cannot be reused")
 
 
@@ -139,6 +142,7 @@ def record_consent(
     ts = now_ms()
     rows = [{"user_id": str(user_id), "purpose": p, "granted": bool(g), "ts_ms": ts, "source": source} for p, g in changes.items()]
     with store.transaction() as conn:
+        _refuse_erased(store, user_id, conn)
         conn.execute(insert(consent_table), rows)
         store.bump_generation(conn)
         entry = _audit(audit, conn, "consent", store.subject_hash(user_id), actor, {"purposes": {p: bool(g) for p, g in changes.items()}})
@@ -204,6 +208,7 @@ def set_preferences(
             raise ConsentError("blocked_items", f"unknown item id {unknown[0]!r}")
     u = users_table
     with store.transaction() as conn:
+        _refuse_erased(store, user_id, conn)
         # stated_ms: the store owns these lists from now on; a dataset import keeps them (FeatureStore.load_dataset)
         values = {"liked_genres": "|".join(liked), "avoided_genres": "|".join(avoided)}
         if liked_genres is not None or avoided_genres is not None:
@@ -232,15 +237,18 @@ def record_event(
     if not store.known_items([str(item_id)]):
         raise ConsentError("item_id", f"unknown item id {str(item_id)!r}")
     _refuse_erased(store, user_id)
-    consents = current_consents(store, user_id)
-    personalization, training = consents["personalization"].granted, consents["training"].granted
-    if not (personalization or training):
-        return {"stored": False, "for_training": False}
-    row = {
-        "user_id": str(user_id), "item_id": str(item_id), "rating": float(rating),
-        "ts": int(time.time()) if timestamp is None else int(timestamp), "for_training": training,
-    }  # fmt: skip
     with store.transaction() as conn:
+        # erasure and consent are read under the write lock: a revocation or an erasure that commits
+        # while this call runs is never followed by an event stored under the consent it withdrew
+        _refuse_erased(store, user_id, conn)
+        consents = current_consents(store, user_id, conn)
+        personalization, training = consents["personalization"].granted, consents["training"].granted
+        if not (personalization or training):
+            return {"stored": False, "for_training": False}
+        row = {
+            "user_id": str(user_id), "item_id": str(item_id), "rating": float(rating),
+            "ts": int(time.time()) if timestamp is None else int(timestamp), "for_training": training,
+        }  # fmt: skip
         conn.execute(insert(events_table), [row])
         store.bump_generation(conn)
         entry = _audit(audit, conn, "event", store.subject_hash(user_id), actor, {"for_training": bool(training)})  # no item id

@@ -301,6 +301,41 @@ def test_erasure_is_one_transaction(store):
     assert store.has_user("alice") and store.user_history("alice") == ["i1", "i3", "i2", "i4"] and not store.is_erased("alice")
 
 
+def interleave_before_the_write(store, monkeypatch, action):
+    """Run `action` (its own committed transaction) between a write call's checks and its write
+    transaction: the moment another replica's erasure or revocation can commit."""
+    original, fired = store.transaction, []
+
+    def transaction():
+        if not fired:
+            fired.append(True)
+            action()  # runs its own store.transaction(), now the original one
+        return original()
+
+    monkeypatch.setattr(store, "transaction", transaction)
+
+
+@pytest.mark.parametrize("write", ["consent", "preferences", "event"])
+def test_an_erasure_that_commits_during_a_write_keeps_the_user_out(store, monkeypatch, write):
+    record_event(store, "alice", "i4", timestamp=400)
+    interleave_before_the_write(store, monkeypatch, lambda: erase_user(store, "alice"))
+    calls = {
+        "consent": lambda: record_consent(store, "alice", {"training": True}),
+        "preferences": lambda: set_preferences(store, "alice", liked_genres=["Comedy"]),
+        "event": lambda: record_event(store, "alice", "i1"),
+    }
+    with pytest.raises(ErasedUserError):
+        calls[write]()
+    assert store.is_erased("alice") and cells_equal(store, "alice") == []  # nothing came back under the tombstone
+
+
+def test_a_revocation_that_commits_during_an_event_keeps_the_event_out(store, monkeypatch):
+    record_consent(store, "bob", {"personalization": True, "training": True})
+    interleave_before_the_write(store, monkeypatch, lambda: record_consent(store, "bob", {"personalization": False, "training": False}))
+    assert record_event(store, "bob", "i2", timestamp=500) == {"stored": False, "for_training": False}
+    assert store.user_history("bob") == ["i1", "i4"]  # the import's rows only: no event under withdrawn consent
+
+
 def test_salt_kept_in_the_store_when_no_env_var(store_url, monkeypatch, caplog):
     monkeypatch.delenv("TRUSTREC_ERASURE_SALT", raising=False)
     url = store_url
