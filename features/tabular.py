@@ -4,10 +4,14 @@ Column names come from TableConfig, so any export (user,item,rating,time) works 
 Malformed rows are reported with file and 1-based line (CSV header = line 1; Parquet: row
 number) or, with on_bad_row="skip", skipped, counted and logged. Problems are reported in file
 order, so under "error" the first bad line is the one named.
+
+`detect_columns` / `detect_item_columns` map the header of a common export (MovieLens
+`userId,movieId,rating,timestamp`, `user_id,item_id,...`, `user,item`, ...) to a ColumnMap.
 """
 from __future__ import annotations
 
 import csv
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -16,7 +20,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from features.config import TableConfig
+from features.config import ColumnMap, ItemColumnMap, TableConfig
 from features.errors import BadRows
 from features.schema import UNKNOWN_AGE, Dataset, Interactions, Items, Users
 from features.vocab import Vocab
@@ -32,6 +36,78 @@ def _file_format(path: Path, fmt: str) -> str:
     if path.suffix.lower() not in _SUFFIX_FORMAT:
         raise ValueError(f"{path}: cannot infer the format from suffix {path.suffix!r}; set format: csv|parquet")
     return _SUFFIX_FORMAT[path.suffix.lower()]
+
+
+# Header names detection recognises, per field, compared case-insensitively with every character
+# that is not a letter or digit removed ("userId", "user_id", "User-ID" all read "userid").
+_CANDIDATES: dict[str, tuple[str, ...]] = {
+    "user": ("userid", "user", "uid", "customerid", "customer", "reviewerid", "visitorid", "memberid"),
+    "item": ("itemid", "item", "movieid", "movie", "productid", "product", "iid", "asin", "isbn", "bookid", "trackid", "songid", "articleid"),
+    "rating": ("rating", "score", "stars", "overall", "bookrating"),
+    "timestamp": ("timestamp", "ts", "time", "unixtime", "unixtimestamp", "unixreviewtime"),  # unix seconds
+    "title": ("title", "name", "movietitle", "itemname", "producttitle"),
+    "genres": ("genres", "genre", "categories", "category", "tags"),
+    "year": ("year", "releaseyear"),
+}
+
+
+def _norm(name: str) -> str:
+    return re.sub(r"[^0-9a-z]", "", name.lower())
+
+
+def read_header(path: str | Path, delimiter: str = ",") -> list[str]:
+    """Column names of a Parquet file (.parquet / .pq) or of a CSV file's first row."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data file not found: {path}")
+    if path.suffix.lower() in (".parquet", ".pq"):
+        return list(pq.read_schema(path).names)
+    with open(path, encoding="utf-8-sig", newline="") as f:  # -sig: a BOM is not part of the first name
+        header = [h.strip() for h in next(csv.reader(f, delimiter=delimiter), [])]
+    if not header or header == [""]:
+        raise ValueError(f"{path}: empty file, expected a header row")
+    return header
+
+
+def _detect(path: Path, header: list[str], fields: dict[str, bool], key: str) -> dict[str, str | None]:
+    """field -> header column (None for an optional field with no match). Every problem at once:
+    a required field with no match, or a field that several columns match."""
+    found: dict[str, str | None] = {}
+    problems = []
+    for field, required in fields.items():
+        names = _CANDIDATES[field]
+        hits = sorted((c for c in header if _norm(c) in names), key=lambda c: names.index(_norm(c)))
+        if len(hits) > 1:
+            problems.append(f"{key}.{field}: several columns could be it ({', '.join(map(repr, hits))}); set it to one of them")
+        elif hits:
+            found[field] = hits[0]
+        elif required:
+            problems.append(f"{key}.{field}: no column looks like it (looked for {', '.join(names)}, any case, ignoring '_', '-' and spaces); set it to the column's name")
+        else:
+            found[field] = None
+    if problems:
+        raise ValueError(f"{path}: could not detect the columns from the header {header}:\n  " + "\n  ".join(problems))
+    return found
+
+
+def detect_columns(path: str | Path, delimiter: str = ",") -> ColumnMap:
+    """The interaction columns of a file, read from its header: user and item are required, rating
+    and timestamp are None when no column looks like one (implicit feedback; no time order).
+    Recognised (case-insensitive, '_' '-' and spaces ignored): user = userId, user_id, user, uid,
+    customer_id, reviewerID, ...; item = itemId, movieId, item, movie, product_id, asin, ISBN, ...;
+    rating = rating, score, stars, overall; timestamp = timestamp, ts, time, unixReviewTime.
+    ValueError naming each field it could not map (or could map to several columns)."""
+    path = Path(path)
+    found = _detect(path, read_header(path, delimiter), {"user": True, "item": True, "rating": False, "timestamp": False}, "data.table.columns")
+    return ColumnMap(**found)
+
+
+def detect_item_columns(path: str | Path, delimiter: str = ",") -> ItemColumnMap:
+    """The items-file columns from its header (MovieLens movies.csv: movieId,title,genres): item is
+    required; title, genres and year are None when no column looks like one."""
+    path = Path(path)
+    fields = {"item": True, "title": False, "genres": False, "year": False}
+    return ItemColumnMap(**_detect(path, read_header(path, delimiter), fields, "data.table.item_columns"))
 
 
 def _check_columns(path: Path, present: list[str], wanted: dict[str, str]) -> None:

@@ -140,3 +140,58 @@ def test_unknown_suffix_needs_explicit_format(tmp_path):
     assert len(load_table(TableConfig(path=events, format="csv")).interactions) == 1
     tsv = _write(tmp_path / "events.tsv", "user_id\titem_id\trating\ttimestamp\na\tx\t4\t10\n")
     assert np.array_equal(load_table(TableConfig(path=tsv, delimiter="\t")).interactions.rating, [4.0])
+
+
+# --- header detection (detect_columns / detect_item_columns) ---------------------------------
+
+
+@pytest.mark.parametrize(
+    "header, want",
+    [
+        ("userId,movieId,rating,timestamp", ("userId", "movieId", "rating", "timestamp")),  # MovieLens ratings.csv
+        ("user_id,item_id,rating,timestamp", ("user_id", "item_id", "rating", "timestamp")),
+        ("user_id,item_id,score", ("user_id", "item_id", "score", None)),
+        ("user,item", ("user", "item", None, None)),  # implicit feedback, no time
+        ("ITEM,When,USER", ("USER", "ITEM", None, None)),  # any case, any order; 'When' is no timestamp name
+        ('"User-ID";"ISBN";"Book-Rating"', ("User-ID", "ISBN", "Book-Rating", None)),  # other delimiter, quoted, dashes
+    ],
+)
+def test_detect_columns_maps_common_headers(tmp_path, header, want):
+    from features.tabular import detect_columns
+
+    path = _write(tmp_path / "ratings.csv", header + "\n1,2,3,4\n")
+    cols = detect_columns(path, delimiter=";" if ";" in header else ",")
+    assert (cols.user, cols.item, cols.rating, cols.timestamp) == want
+
+
+def test_detect_columns_on_parquet_and_with_a_bom(tmp_path):
+    from features.tabular import detect_columns
+
+    path = tmp_path / "e.parquet"
+    pq.write_table(pa.table({"customer_id": ["a"], "product_id": ["b"], "stars": [5]}), path)
+    assert detect_columns(path) == ColumnMap(user="customer_id", item="product_id", rating="stars", timestamp=None)
+    bom = tmp_path / "bom.csv"
+    bom.write_bytes("\ufeffuserId,movieId\n1,2\n".encode())
+    assert detect_columns(bom).user == "userId"
+
+
+def test_detect_columns_names_every_field_it_cannot_map(tmp_path):
+    from features.tabular import detect_columns
+
+    with pytest.raises(ValueError) as e:
+        detect_columns(_write(tmp_path / "odd.csv", "who,what,how_much\na,b,1\n"))
+    msg = str(e.value)
+    assert "odd.csv" in msg and "['who', 'what', 'how_much']" in msg
+    assert "data.table.columns.user" in msg and "data.table.columns.item" in msg  # both, in one error
+    assert "userid" in msg and "movieid" in msg  # what it looked for
+    with pytest.raises(ValueError, match=r"data.table.columns.user: several columns could be it \('user', 'uid'\)"):
+        detect_columns(_write(tmp_path / "two.csv", "user,uid,item\n"))
+    with pytest.raises(ValueError, match="empty file"):
+        detect_columns(_write(tmp_path / "empty.csv", ""))
+
+
+def test_detect_item_columns_on_a_movielens_style_items_file(tmp_path):
+    from features.tabular import detect_item_columns
+
+    cols = detect_item_columns(_write(tmp_path / "movies.csv", "movieId,title,genres\n1,A (1995),Drama\n"))
+    assert cols == ItemColumnMap(item="movieId", title="title", genres="genres", year=None)
