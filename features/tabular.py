@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from features.config import ColumnMap, ItemColumnMap, TableConfig
-from features.errors import BadRows
+from features.errors import BadRows, logger
 from features.schema import UNKNOWN_AGE, Dataset, Interactions, Items, Users
 from features.vocab import Vocab
 
@@ -50,17 +50,21 @@ _CANDIDATES: dict[str, tuple[str, ...]] = {
     "year": ("year", "releaseyear"),
 }
 
+_INTERACTION_FIELDS = {"user": True, "item": True, "rating": False, "timestamp": False}  # field -> required
+_ITEM_FIELDS = {"item": True, "title": False, "genres": False, "year": False}
+
 
 def _norm(name: str) -> str:
     return re.sub(r"[^0-9a-z]", "", name.lower())
 
 
-def read_header(path: str | Path, delimiter: str = ",") -> list[str]:
-    """Column names of a Parquet file (.parquet / .pq) or of a CSV file's first row."""
+def read_header(path: str | Path, delimiter: str = ",", fmt: str = "auto") -> list[str]:
+    """Column names of a Parquet file (fmt parquet, or auto and a .parquet / .pq suffix) or of a
+    CSV file's first row (any other suffix)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data file not found: {path}")
-    if path.suffix.lower() in (".parquet", ".pq"):
+    if fmt == "parquet" or (fmt == "auto" and path.suffix.lower() in (".parquet", ".pq")):
         return list(pq.read_schema(path).names)
     with open(path, encoding="utf-8-sig", newline="") as f:  # -sig: a BOM is not part of the first name
         header = [h.strip() for h in next(csv.reader(f, delimiter=delimiter), [])]
@@ -98,38 +102,53 @@ def detect_columns(path: str | Path, delimiter: str = ",") -> ColumnMap:
     rating = rating, score, stars, overall; timestamp = timestamp, ts, time, unixReviewTime.
     ValueError naming each field it could not map (or could map to several columns)."""
     path = Path(path)
-    found = _detect(path, read_header(path, delimiter), {"user": True, "item": True, "rating": False, "timestamp": False}, "data.table.columns")
-    return ColumnMap(**found)
+    return ColumnMap(**_detect(path, read_header(path, delimiter), _INTERACTION_FIELDS, "data.table.columns"))
 
 
 def detect_item_columns(path: str | Path, delimiter: str = ",") -> ItemColumnMap:
     """The items-file columns from its header (MovieLens movies.csv: movieId,title,genres): item is
     required; title, genres and year are None when no column looks like one."""
     path = Path(path)
-    fields = {"item": True, "title": False, "genres": False, "year": False}
-    return ItemColumnMap(**_detect(path, read_header(path, delimiter), fields, "data.table.item_columns"))
+    return ItemColumnMap(**_detect(path, read_header(path, delimiter), _ITEM_FIELDS, "data.table.item_columns"))
 
 
-def _check_columns(path: Path, present: list[str], wanted: dict[str, str]) -> None:
-    """wanted maps config field -> column name; a missing one is a ValueError naming both and the file."""
-    for field, column in wanted.items():
-        if column not in present:
-            raise ValueError(
-                f"{path}: column {column!r} (config '{field}') not found; the file has columns {present}. "
-                f"Fix the column mapping, or set '{field}' to null if the source has no such column."
-            )
+# What to do about a configured column the file lacks: required ones must be mapped, optional
+# ones may be null (and what null then means).
+_ADVICE = {
+    "user": "required: set it to the column that holds user ids",
+    "item": "required: set it to the column that holds item ids",
+    "rating": "set it to the file's rating column, or to null if there is none (implicit feedback: every rating 1.0)",
+    "timestamp": "set it to the file's column of unix seconds, or to null if there is none (every timestamp 0)",
+    "title": "set it to the file's title column, or to null if there is none (the item id is the title)",
+    "genres": "set it to the file's genre column, or to null if there is none (no genres)",
+    "year": "set it to the file's year column, or to null if there is none (years come from titles ending in '(YYYY)', else 0)",
+}
 
 
-def _read_csv(path: Path, wanted: dict[str, str], delimiter: str) -> tuple[dict[str, list], np.ndarray, Problems]:
+def _check_columns(path: Path, present: list[str], wanted: dict[str, str], key: str) -> None:
+    """wanted maps config field -> column name; every missing one is named in ONE ValueError, by
+    its full config key (`key`.field), with the file's columns and what to set it to."""
+    missing = [(field, column) for field, column in wanted.items() if column not in present]
+    if not missing:
+        return
+    lines = [f"{key}.{field}: column {column!r} not found; {_ADVICE[field]}" for field, column in missing]
+    raise ValueError(
+        f"{path}: {len(missing)} configured column(s) not in the file, which has columns {present}:\n  "
+        + "\n  ".join(lines)
+        + f"\n  (or remove the whole {key} block to have the columns detected from the header)"
+    )
+
+
+def _read_csv(path: Path, wanted: dict[str, str], delimiter: str, key: str) -> tuple[dict[str, list], np.ndarray, Problems]:
     """Columns (as strings) of the well-formed rows, their line numbers, and field-count problems."""
     data: dict[str, list] = {c: [] for c in wanted.values()}
     lines, problems = [], []
-    with open(path, encoding="utf-8", newline="") as f:
+    with open(path, encoding="utf-8-sig", newline="") as f:  # -sig: a BOM is not part of the first name
         reader = csv.reader(f, delimiter=delimiter)
         header = [h.strip() for h in next(reader, [])]
         if not header:
             raise ValueError(f"{path}: empty file, expected a header row")
-        _check_columns(path, header, wanted)
+        _check_columns(path, header, wanted, key)
         pos = {c: header.index(c) for c in data}
         start = reader.line_num + 1
         for row in reader:
@@ -145,9 +164,9 @@ def _read_csv(path: Path, wanted: dict[str, str], delimiter: str) -> tuple[dict[
     return data, np.array(lines, dtype=np.int64), problems
 
 
-def _read_parquet(path: Path, wanted: dict[str, str]) -> tuple[dict[str, list], np.ndarray, Problems]:
+def _read_parquet(path: Path, wanted: dict[str, str], key: str) -> tuple[dict[str, list], np.ndarray, Problems]:
     """Columns as Python values (None for nulls); timestamps become unix seconds. Line = 1-based row."""
-    _check_columns(path, pq.read_schema(path).names, wanted)
+    _check_columns(path, pq.read_schema(path).names, wanted, key)
     table = pq.read_table(path, columns=list(dict.fromkeys(wanted.values())))
     data = {}
     for c in table.column_names:
@@ -158,12 +177,31 @@ def _read_parquet(path: Path, wanted: dict[str, str]) -> tuple[dict[str, list], 
     return data, np.arange(1, table.num_rows + 1, dtype=np.int64), []
 
 
-def _read(path: Path, fmt: str, wanted: dict[str, str], delimiter: str):
+def _read(path: Path, fmt: str, wanted: dict[str, str], delimiter: str, key: str):
     if not path.is_file():
         raise FileNotFoundError(f"data file not found: {path}")
     if _file_format(path, fmt) == "parquet":
-        return _read_parquet(path, wanted)
-    return _read_csv(path, wanted, delimiter)
+        return _read_parquet(path, wanted, key)
+    return _read_csv(path, wanted, delimiter, key)
+
+
+def _resolve(path: Path, fmt: str, delimiter: str, given, key: str):
+    """The column map to read `path` with. A map left at its defaults (the config has no `key`
+    block, or spells out exactly the defaults) is kept when the header has every default column,
+    else the columns are detected from the header; an explicit map is used as given."""
+    default = type(given)()
+    if given != default:
+        return given
+    header = read_header(path, delimiter, _file_format(path, fmt) if path.is_file() else fmt)
+    if all(c in header for c in default.model_dump().values()):
+        return given
+    try:
+        found = type(given)(**_detect(path, header, _INTERACTION_FIELDS if isinstance(given, ColumnMap) else _ITEM_FIELDS, key))
+    except ValueError as e:
+        raise ValueError(f"{e}\n  ({key} is not set, so its columns were looked for in the header)") from None
+    mapping = ", ".join(f"{f}={c!r}" for f, c in found.model_dump().items())
+    logger.info("%s: %s not set; detected from the header: %s", path, key, mapping)
+    return found
 
 
 def _ids(values: list) -> np.ndarray:
@@ -179,21 +217,50 @@ def _numbers(values: list) -> np.ndarray:
     return out
 
 
-def _apply_problems(bad: BadRows, lines: np.ndarray, problems: Problems, row_problems: dict[int, str]) -> np.ndarray:
-    """Report every problem in line order; returns the mask of rows that are fine."""
+def _apply_problems(bad: BadRows, lines: np.ndarray, problems: Problems, row_problems: dict[int, str],
+                    sinks: dict[int, BadRows] | None = None) -> np.ndarray:  # fmt: skip
+    """Report every problem in line order (to `bad`, or to sinks[row] for the rows named there);
+    returns the mask of rows that are fine."""
     ok = np.ones(len(lines), dtype=bool)
     for row in row_problems:
         ok[row] = False
-    merged = problems + [(int(lines[r]), msg) for r, msg in row_problems.items()]
-    for line, msg in sorted(merged):
-        bad.bad(line, msg)
+    sinks = sinks or {}
+    merged = [(line, msg, bad) for line, msg in problems]
+    merged += [(int(lines[r]), msg, sinks.get(r, bad)) for r, msg in row_problems.items()]
+    for line, msg, sink in sorted(merged, key=lambda m: (m[0], m[1])):
+        sink.bad(line, msg)
     return ok
 
 
-def _load_interactions(cfg: TableConfig, bad: BadRows):
-    cols = cfg.columns
+class _UnknownItems:
+    """Interaction rows whose item the items file does not list: a bad row under data.on_bad_row
+    (error: DataFormatError at the first; skip: left out), counted and logged on their own."""
+
+    def __init__(self, cfg: TableConfig, on_bad_row: str):
+        self.rows = BadRows(cfg.path, on_bad_row)
+        self.items_path = cfg.items_path
+        self.items: set[str] = set()
+        self.first_line = 0
+
+    def message(self, item: str) -> str:
+        shown = item if len(item) <= 40 else item[:40] + "..."
+        return (f"item {shown!r} is not in the items file {self.items_path} (data.table.items_path); add it there, "
+                f"or set data.on_bad_row: skip to leave such rows out (they are counted and logged)")  # fmt: skip
+
+    def log(self) -> int:
+        if self.rows.count:
+            logger.warning(
+                "%s: skipped %d row(s) whose item is not in the items file %s (data.on_bad_row: skip): %d distinct item(s); first at line %d",
+                self.rows.file, self.rows.count, self.items_path, len(self.items), self.first_line,
+            )  # fmt: skip
+        return self.rows.count
+
+
+def _load_interactions(cfg: TableConfig, bad: BadRows, catalog: dict | None, unknown: _UnknownItems):
+    path = Path(cfg.path)
+    cols = _resolve(path, cfg.format, cfg.delimiter, cfg.columns, "data.table.columns")
     wanted = {k: v for k, v in cols.model_dump().items() if v is not None}
-    data, lines, problems = _read(Path(cfg.path), cfg.format, wanted, cfg.delimiter)
+    data, lines, problems = _read(path, cfg.format, wanted, cfg.delimiter, "data.table.columns")
     user, item = _ids(data[cols.user]), _ids(data[cols.item])
     rating = _numbers(data[cols.rating]) if cols.rating else np.ones(len(lines))
     ts = _numbers(data[cols.timestamp]) if cols.timestamp else np.zeros(len(lines))
@@ -207,15 +274,40 @@ def _load_interactions(cfg: TableConfig, bad: BadRows):
     for mask, message in checks:
         for r in np.flatnonzero(mask):
             row_problems.setdefault(int(r), message)
-    ok = _apply_problems(bad, lines, problems, row_problems)
+    sinks: dict[int, BadRows] = {}
+    if catalog is not None:  # an items file was given: every other item is a bad row
+        for r in np.flatnonzero(~pd.Series(item).isin(catalog.keys()).to_numpy() & (item != "")):
+            if int(r) not in row_problems:
+                row_problems[int(r)], sinks[int(r)] = unknown.message(item[r]), unknown.rows
+                unknown.items.add(item[r])
+                unknown.first_line = unknown.first_line or int(lines[r])
+    ok = _apply_problems(bad, lines, problems, row_problems, sinks)
     return user[ok], item[ok], rating[ok].astype(np.float32), np.floor(ts[ok]).astype(np.int64)
 
 
+# A title's trailing "(YYYY)" (MovieLens: "Heat (1995)", also with trailing spaces, after another
+# parenthesis, or a series' "(1975-1979)", whose first year is taken)
+_TITLE_YEAR = re.compile(r"\((\d{4})(?:\s*[-\u2013]\s*(?:\d{4})?\s*)?\)\s*$")
+MIN_TITLE_YEAR, MAX_TITLE_YEAR = 1800, 2100  # outside: a number in parentheses, not a year
+NO_GENRES = "(no genres listed)"  # MovieLens' value for an item without genres: not a genre
+
+
+def year_from_title(title: str | None) -> int:
+    """The year a title ends with in parentheses ("Heat (1995)" -> 1995); 0 when it has none."""
+    m = _TITLE_YEAR.search(title or "")
+    year = int(m.group(1)) if m else 0
+    return year if MIN_TITLE_YEAR <= year <= MAX_TITLE_YEAR else 0
+
+
 def _load_items(cfg: TableConfig, bad: BadRows):
-    """raw item id -> (title, genre names, year) from the items file; the last row wins per id."""
-    ic = cfg.item_columns
+    """raw item id -> (title, genre names, year) from the items file; the last row wins per id.
+    The year is the year column's value; where there is no year column or a row's is blank, the
+    year the title ends with ("Heat (1995)"), else 0. Titles are kept as given, suffix included
+    (as ML-100k's are: it tells remakes apart)."""
+    path = Path(cfg.items_path)
+    ic = _resolve(path, "auto", cfg.delimiter, cfg.item_columns, "data.table.item_columns")
     wanted = {k: v for k, v in ic.model_dump().items() if v is not None}
-    data, lines, problems = _read(Path(cfg.items_path), "auto", wanted, cfg.delimiter)
+    data, lines, problems = _read(path, "auto", wanted, cfg.delimiter, "data.table.item_columns")
     ids = _ids(data[ic.item])
     raw_years = data[ic.year] if ic.year else [None] * len(lines)
     years = _numbers(raw_years)
@@ -231,23 +323,29 @@ def _load_items(cfg: TableConfig, bad: BadRows):
         g = data[ic.genres][r] if ic.genres else None
         names = list(g) if isinstance(g, (list, tuple)) else (g or "").split(cfg.genre_sep)
         title = data[ic.title][r] if ic.title else None
-        year = 0 if np.isnan(years[r]) else int(years[r])
-        table[ids[r]] = (str(title) if title is not None else ids[r], [n.strip() for n in names if n and n.strip()], year)
+        year = year_from_title(str(title) if title is not None else None) if np.isnan(years[r]) else int(years[r])
+        genres = [n.strip() for n in names if n and n.strip() and n.strip() != NO_GENRES]
+        table[ids[r]] = (str(title) if title is not None else ids[r], genres, year)
     return table
 
 
 def load_table(cfg: TableConfig, on_bad_row: Literal["error", "skip"] = "error") -> Dataset:
-    """Load a Dataset from the configured interaction file (and items file, when given)."""
-    bad = BadRows(cfg.path, on_bad_row)
-    user, item, rating, ts = _load_interactions(cfg, bad)
+    """Load a Dataset from the configured interaction file (and items file, when given).
+
+    With an items file, a rating of an item it does not list is a bad row (data.on_bad_row):
+    under "error" the first is a DataFormatError, under "skip" they are left out, counted in
+    `Dataset.skipped_rows` and logged on a line of their own."""
     item_bad = BadRows(cfg.items_path or "", on_bad_row)
-    catalog = _load_items(cfg, item_bad) if cfg.items_path else {}
+    catalog = _load_items(cfg, item_bad) if cfg.items_path else None
+    bad, unknown = BadRows(cfg.path, on_bad_row), _UnknownItems(cfg, on_bad_row)
+    user, item, rating, ts = _load_interactions(cfg, bad, catalog, unknown)
+    catalog = catalog or {}
 
     user_vocab = Vocab(dict.fromkeys(user.tolist()), kind="user")  # first-appearance order
     item_vocab = Vocab(dict.fromkeys(list(catalog) + item.tolist()), kind="item")
     genre_names = sorted({g for _, gs, _ in catalog.values() for g in gs})
     genre_index = {g: i for i, g in enumerate(genre_names)}
-    meta = [catalog.get(raw, (raw, [], 0)) for raw in item_vocab.ids]  # unknown items: title = id
+    meta = [catalog.get(raw, (raw, [], 0)) for raw in item_vocab.ids]  # no items file: title = id
 
     inter = Interactions(user_vocab.encode(user), item_vocab.encode(item), rating, ts).drop_duplicate_pairs()
     n_users = len(user_vocab)
@@ -269,5 +367,5 @@ def load_table(cfg: TableConfig, on_bad_row: Literal["error", "skip"] = "error")
         genre_names=genre_names,
         user_vocab=user_vocab,
         item_vocab=item_vocab,
-        skipped_rows=bad.log() + item_bad.log(),
+        skipped_rows=bad.log() + item_bad.log() + unknown.log(),
     )
