@@ -29,7 +29,7 @@ from features.audit import AuditLog
 from features.schema import UNKNOWN_AGE, Dataset, Interactions, Items, Users
 from features.store import (
     USER_TABLES, FeatureStore, _split_genres, blocked_table, consent_table, events_table, interactions_table,
-    items_table, popularity_table, tombstones_table, users_table,
+    items_table, popularity_table, privacy_spend_table, tombstones_table, users_table,
 )
 from features.vocab import Vocab
 
@@ -299,6 +299,9 @@ def erase_user(store: FeatureStore, user_id: str, *, audit: AuditLog | None = No
         i = interactions_table
         per_item = conn.execute(select(i.c.item_id, func.count().label("n")).where(i.c.user_id == uid).group_by(i.c.item_id)).all()
         deleted = {t.name: conn.execute(delete(t).where(t.c.user_id == uid)).rowcount for t in USER_TABLES}
+        # the privacy ledger's record of the budget this user spent (keyed by the subject hash): an
+        # erased user leaves its future accounting (features/privacy_ledger.py)
+        deleted["privacy_spend"] = conn.execute(delete(privacy_spend_table).where(privacy_spend_table.c.subject_hash == subject)).rowcount
         if not any(deleted.values()):
             raise UnknownUserError("no data held for this user")  # rolls back: nothing was deleted
         if per_item:

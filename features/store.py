@@ -141,6 +141,24 @@ audit_table = Table(  # append-only (features/audit.py): keyed by a hash of the 
     Column("detail", Text, nullable=False),  # JSON object: counts, purposes, versions; no ids
     Index("ix_audit_subject_ts", "subject", "ts_ms"),
 )
+privacy_ledger_table = Table(  # append-only (features/privacy_ledger.py): one row per private model released
+    "privacy_ledger", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("ts_ms", BigInteger, nullable=False),  # unix milliseconds
+    Column("snapshot", Text, nullable=False),  # features.datasets.snapshot_hash of the training data
+    Column("mechanism", Text, nullable=False),  # e.g. "dp-sgd (opacus)", "federated client-level dp"
+    Column("accountant", Text, nullable=False),
+    Column("epsilon", Float, nullable=False),
+    Column("delta", Float, nullable=False),
+    Column("users", Integer, nullable=False),  # users the release covered when it was recorded
+    Column("run_id", Text),  # the MLflow run, when tracked
+)
+privacy_spend_table = Table(  # who each release covered: the subject hash, never the id; erasure deletes a user's rows
+    "privacy_spend", metadata,
+    Column("entry_id", Integer, nullable=False),
+    Column("subject_hash", _Id, nullable=False),
+    Index("ix_privacy_spend_subject", "subject_hash"),
+)
 # every table holding rows keyed by a user id: what erasure empties
 USER_TABLES = (users_table, interactions_table, events_table, consent_table, blocked_table)
 _EVENT_SEQ_OFFSET = 1 << 40  # events sort after bulk-loaded rows of the same timestamp
