@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 DEFAULT_CONFIG = "configs/two_tower.yaml"
@@ -192,6 +193,42 @@ def cmd_audit_privacy(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_privacy_budget(args: argparse.Namespace) -> int:
+    """The privacy-budget ledger of a feature store: every private release, oldest first, and the
+    cumulative spend of the worst-off user still covered (features/privacy_ledger.py)."""
+    from sqlalchemy.engine import make_url
+
+    from features.privacy_ledger import COMPOSITION, entries, spent
+    from features.store import FeatureStore
+    from training.config import load_config
+
+    cfg = load_config(args.config, args.set)
+    url = args.store_url or cfg.store.url
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:") and not Path(parsed.database).expanduser().exists():
+        raise FileNotFoundError(f"{'--store-url' if args.store_url else 'store.url'}: no feature store at {parsed.database}")
+    store = FeatureStore(url)
+    try:
+        rows, worst = entries(store), spent(store)
+    finally:
+        store.close()
+    budget = cfg.privacy.total_epsilon
+    if args.json:
+        print(json.dumps({"entries": rows, "cumulative": worst.to_json(), "budget_epsilon": budget, "composition": COMPOSITION}, indent=2))
+        return 0
+    if not rows:
+        print("no private release recorded in this store")
+        return 0
+    print(f"{'#':>3}  {'recorded (UTC)':<19}  {'epsilon':>8}  {'delta':>9}  {'users':>6}  {'still':>6}  mechanism")
+    for r in rows:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(r["ts_ms"] / 1000))
+        print(f"{r['id']:>3}  {when:<19}  {r['epsilon']:>8.3g}  {r['delta']:>9.2e}  {r['users']:>6}  {r['still_covered']:>6}  {r['mechanism']}")
+    limit = f" of a budget of {budget:g} (privacy.total_epsilon)" if budget is not None else " (no privacy.total_epsilon configured)"
+    print(f"cumulative, worst-off user still covered: epsilon {worst.epsilon:.3g}, delta {worst.delta:.2e}, over {worst.releases} release(s){limit}")
+    print(f"composition: {COMPOSITION}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="trustrec", description="Train, export and serve trustworthy recommenders.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -302,6 +339,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", action="store_true")
     ap.set_defaults(func=cmd_audit_privacy)
+
+    sp = sub.add_parser("privacy-budget", help="the privacy-budget ledger: every private release from the store's users and the cumulative epsilon")
+    with_config(sp)
+    sp.add_argument("--store-url", help="feature store URL (default: store.url of --config)")
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=cmd_privacy_budget)
     return p
 
 

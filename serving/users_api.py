@@ -116,6 +116,8 @@ class PrivacyCard(BaseModel):
     mode: str
     epsilon: float | None = None
     delta: float | None = None
+    cumulative_epsilon: float | None = Field(None, description="this release composed with the earlier ones on the same users (the store's privacy ledger)")
+    cumulative_delta: float | None = None
     details: dict[str, Any] = {}
 
 
@@ -162,6 +164,7 @@ def model_card(rec) -> dict:
         return _scalar(privacy[keys[0]]) if keys else None
 
     eps, delta = pick("epsilon"), pick("delta")
+    ledger = privacy.get("ledger") if isinstance(privacy.get("ledger"), dict) else {}
     return {
         "model_version": rec.model_version,
         "kind": m["model"]["kind"],
@@ -171,7 +174,11 @@ def model_card(rec) -> dict:
         "data": data,
         "erasures_applied": data.get("erasures_applied"),
         "metrics": {metric_name(k): float(v) for k, v in m.get("metrics", {}).items() if _scalar(v) is not None},
-        "privacy": {"mode": str(privacy.pop("mode", "none")), "epsilon": eps, "delta": delta, "details": privacy},
+        # cumulative: this release composed with the earlier ones that covered the same users (the
+        # store's privacy-budget ledger, features/privacy_ledger.py); None when no ledger was kept
+        "privacy": {"mode": str(privacy.pop("mode", "none")), "epsilon": eps, "delta": delta,
+                    "cumulative_epsilon": _scalar(ledger.get("cumulative_epsilon")), "cumulative_delta": _scalar(ledger.get("cumulative_delta")),
+                    "details": privacy},
         "user_features": list(m["features"]["user"]),
         "item_features": list(m["features"]["item"]),
         "provider": rec.provider,

@@ -120,6 +120,12 @@ class PrivacyConfig(_Section):
     # held out of train AND val AND test entirely, as the audit's non-members; 0 = no audit possible
     audit_holdout: float = Field(0.0, ge=0, lt=1)
     audit_seed: int = 0  # same seed, same non-members, so runs under different privacy modes compare
+    # --- the privacy-budget ledger (features/privacy_ledger.py), in the feature store at store.url:
+    # every private release (dp, or federated with federated.dp) is recorded there, and a training
+    # that would take any of its users past total_epsilon (composed over the releases that covered
+    # them) is refused before it releases anything. null: no limit (the releases are still recorded)
+    total_epsilon: float | None = Field(None, gt=0)
+    ledger: bool = True  # false: record nothing (benchmarks and throwaway experiments; then no limit is enforced)
 
     @model_validator(mode="after")
     def _one_noise_setting(self) -> "PrivacyConfig":
@@ -127,6 +133,8 @@ class PrivacyConfig(_Section):
             raise ValueError("privacy.noise_multiplier: give target_epsilon or noise_multiplier, not both (set privacy.target_epsilon: null)")
         if self.mode == "dp" and self.target_epsilon is None and self.noise_multiplier is None:
             raise ValueError("privacy.target_epsilon: dp mode needs target_epsilon or noise_multiplier")
+        if self.total_epsilon is not None and not self.ledger:
+            raise ValueError("privacy.total_epsilon: a budget needs the ledger that enforces it (privacy.ledger: true)")
         return self
 
 

@@ -19,6 +19,7 @@ from features.content import year_edges
 from training.data import CSR, Context, rated_csr
 from training.export import cold_user_ranking, write_artifacts
 from training.model import TowerSpec, TwoTower
+from training.privacy.ledger import check_before_training, record_release
 from training.task import RetrievalTask
 from training.tracking import Tracker, git_sha, run_name
 from training.trainer import FitResult, Trainer, pick_device, seed_everything
@@ -196,6 +197,7 @@ def train(cfg: TrainConfig, resume: bool = False, tracker: Tracker | None = None
     data = prepare(cfg)
     ds = data.dataset
     log.info("dataset %s: %d users, %d items, %d interactions; device %s", ds.name, ds.n_users, ds.n_items, len(ds.interactions), device)
+    check_before_training(cfg, data)  # a private run past privacy.total_epsilon stops here, before any MLflow run
 
     if tracker is None:  # `trustrec tune` passes its own, so that each trial logs as a child run
         tracker = Tracker(cfg.tracking.enabled, cfg.tracking.tracking_uri, cfg.tracking.experiment)
@@ -246,7 +248,13 @@ def finish(cfg: TrainConfig, model: TwoTower, task: RetrievalTask, data: Prepare
         popular = ds.item_vocab.decode(np.argsort(-item_counts(data.seen, ds.n_items), kind="stable")[: cfg.export.popularity_top_n])
     else:  # raw counts would leave the privacy guarantee: the private model's own cold-user ranking instead
         popular = ds.item_vocab.decode(cold_user_ranking(model, item_vec, cfg.export.popularity_top_n))
-    prov = {"privacy": fit.privacy or {"mode": "none"}, "run_id": tracker.run_id, "git_sha": git_sha(), "dataset": ds.name,
+    # the ledger records a private release before anything is published (refusing past the budget)
+    snapshot = (provenance or {}).get("data", {}).get("snapshot") or data.provenance()["snapshot"]
+    ledger = record_release(cfg, data, fit.privacy, snapshot, tracker.run_id)
+    privacy = {**fit.privacy, "ledger": ledger} if ledger else fit.privacy
+    if ledger:
+        metrics.update({"privacy/cumulative_epsilon": ledger["cumulative_epsilon"], "privacy/cumulative_delta": ledger["cumulative_delta"]})
+    prov = {"privacy": privacy or {"mode": "none"}, "run_id": tracker.run_id, "git_sha": git_sha(), "dataset": ds.name,
             "split": cfg.split.protocol, "config_digest": cfg.digest(), **(provenance or {})}  # fmt: skip
     manifest = write_artifacts(model, ctx, item_vec, ds, data.seen, cfg.export.output_dir, metrics, prov, popular, cfg.export.parity_atol, fitted)
     metrics.update(manifest["parity"])

@@ -161,6 +161,9 @@ def runtime_config(cfg: TrainConfig, workdir: Path, run_name: str, num_threads: 
     tree = cfg.model_dump(mode="json")
     tree["tracking"].update(register_model=False, run_name=run_name)
     tree["store"]["load"] = False
+    # a trial's bundle is deleted, never released: nothing for the privacy ledger (the search itself is
+    # not accounted: tuning a private model on its own users' data spends budget no ledger entry shows)
+    tree["privacy"].update(ledger=False, total_epsilon=None)
     tree["export"]["output_dir"] = str(workdir / "bundle")
     tree["trainer"].update(checkpoint_dir=str(workdir / "checkpoints"), progress=False, num_threads=num_threads)
     return TrainConfig.model_validate(tree)

@@ -317,7 +317,7 @@ def test_model_card(server, trained_run):
     assert card["data_snapshot"] == manifest["provenance"]["data"]["snapshot"] and card["data_snapshot"].startswith("sha256:")
     assert card["data"]["users"] == 1000 and "u1" not in str(card["data"])
     assert card["metrics"]["test/ndcg_at_10"] == pytest.approx(manifest["metrics"]["test/ndcg_at_10"])  # the names MLflow shows
-    assert card["privacy"] == {"mode": "none", "epsilon": None, "delta": None, "details": {}}
+    assert card["privacy"] == {"mode": "none", "epsilon": None, "delta": None, "cumulative_epsilon": None, "cumulative_delta": None, "details": {}}
 
 
 # ---- erasure ------------------------------------------------------------------------------------

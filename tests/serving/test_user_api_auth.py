@@ -77,12 +77,16 @@ def test_model_card_reads_privacy_and_snapshot_from_the_manifest():
         "provenance": {
             "exported_at": "2026-11-25T12:00:00Z", "dataset": "store:abc",
             "data": {"snapshot": "sha256:00ff", "users": 10, "items": 5, "interactions": 40},
-            "privacy": {"mode": "dp", "epsilon": 3.5, "delta": 1e-5, "noise_multiplier": 1.1},
+            "privacy": {"mode": "dp", "epsilon": 3.5, "delta": 1e-5, "noise_multiplier": 1.1,
+                        "ledger": {"entry": 2, "cumulative_epsilon": 5.5, "cumulative_delta": 2e-5, "releases": 2}},
         },
     }  # fmt: skip
     card = model_card(SimpleNamespace(manifest=manifest, model_version="7", provider="CPUExecutionProvider"))
     assert card["model_version"] == "7" and card["kind"] == "hybrid" and card["data_snapshot"] == "sha256:00ff"
     assert card["metrics"] == {"test/ndcg_at_10": 0.25, "train/best_epoch": 3.0}  # an older bundle's name, as MLflow shows it
-    assert card["privacy"] == {"mode": "dp", "epsilon": 3.5, "delta": 1e-5, "details": {"epsilon": 3.5, "delta": 1e-5, "noise_multiplier": 1.1}}
+    ledger = manifest["provenance"]["privacy"]["ledger"]
+    assert card["privacy"] == {"mode": "dp", "epsilon": 3.5, "delta": 1e-5, "cumulative_epsilon": 5.5, "cumulative_delta": 2e-5,
+                               "details": {"epsilon": 3.5, "delta": 1e-5, "noise_multiplier": 1.1, "ledger": ledger}}  # fmt: skip
     plain = model_card(SimpleNamespace(manifest={**manifest, "provenance": {}}, model_version="1", provider="CPU"))
-    assert plain["privacy"] == {"mode": "none", "epsilon": None, "delta": None, "details": {}} and plain["data_snapshot"] is None
+    none = {"mode": "none", "epsilon": None, "delta": None, "cumulative_epsilon": None, "cumulative_delta": None, "details": {}}
+    assert plain["privacy"] == none and plain["data_snapshot"] is None
