@@ -28,8 +28,8 @@ from sqlalchemy import bindparam, delete, func, insert, select, update
 from features.audit import AuditLog
 from features.schema import UNKNOWN_AGE, Dataset, Interactions, Items, Users
 from features.store import (
-    USER_TABLES, FeatureStore, _split_genres, blocked_table, consent_table, events_table, interactions_table,
-    items_table, popularity_table, privacy_spend_table, tombstones_table, users_table,
+    USER_TABLES, FeatureStore, _split_genres, blocked_table, consent_table, events_table, exposures_table, interactions_table,
+    items_table, outcomes_table, popularity_table, privacy_spend_table, tombstones_table, users_table,
 )
 from features.vocab import Vocab
 
@@ -302,6 +302,9 @@ def erase_user(store: FeatureStore, user_id: str, *, audit: AuditLog | None = No
         # the privacy ledger's record of the budget this user spent (keyed by the subject hash): an
         # erased user leaves its future accounting (features/privacy_ledger.py)
         deleted["privacy_spend"] = conn.execute(delete(privacy_spend_table).where(privacy_spend_table.c.subject_hash == subject)).rowcount
+        # experiment logs (features/exposures.py) are keyed by the same hash: the lists shown and what followed
+        deleted["exposures"] = conn.execute(delete(exposures_table).where(exposures_table.c.subject == subject)).rowcount
+        deleted["outcomes"] = conn.execute(delete(outcomes_table).where(outcomes_table.c.subject == subject)).rowcount
         if not any(deleted.values()):
             raise UnknownUserError("no data held for this user")  # rolls back: nothing was deleted
         if per_item:

@@ -159,6 +159,33 @@ privacy_spend_table = Table(  # who each release covered: the subject hash, neve
     Column("subject_hash", _Id, nullable=False),
     Index("ix_privacy_spend_subject", "subject_hash"),
 )
+exposures_table = Table(  # append-only (features/exposures.py): each list served inside an experiment
+    "exposures", metadata,
+    Column("exposure_id", _Id, primary_key=True),  # 128 random bits, hex: the client's handle for outcomes
+    Column("ts_ms", BigInteger, nullable=False),  # unix milliseconds
+    Column("subject", _Id, nullable=False),  # FeatureStore.subject_hash(user id), never the id; erasure deletes by it
+    Column("experiment", Text, nullable=False),
+    Column("arm", Text, nullable=False),  # the assigned arm, or "holdout"
+    Column("served", Text),  # the arm whose list was shown (NULL: the usual path: holdout, or no consent and no fallback)
+    Column("model_version", Text),  # of the model that ranked the list (NULL for a baseline)
+    Column("explored", Boolean, nullable=False),  # the logging policy's random branch drew the list
+    Column("items", Text, nullable=False),  # JSON [[item_id, score, propensity], ...] in position order
+    Index("ix_exposures_subject", "subject"),
+    Index("ix_exposures_experiment_ts", "experiment", "ts_ms"),
+)
+outcomes_table = Table(  # append-only: what happened after an exposure (POST /v1/events with an exposure_id)
+    "outcomes", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("exposure_id", _Id, nullable=False),
+    Column("subject", _Id, nullable=False),  # as in exposures: a keyed hash, erasure deletes by it
+    Column("ts_ms", BigInteger, nullable=False),
+    Column("kind", Text, nullable=False),  # features.exposures.OUTCOME_KINDS
+    Column("item_id", _Id),  # the shown item it is about (NULL: the list as a whole)
+    Column("position", Integer),  # that item's position in the list, 0 first
+    Column("value", Float, nullable=False),  # 1 for a click or purchase, the rating, the dwell seconds
+    Index("ix_outcomes_exposure", "exposure_id"),
+    Index("ix_outcomes_subject", "subject"),
+)
 # every table holding rows keyed by a user id: what erasure empties
 USER_TABLES = (users_table, interactions_table, events_table, consent_table, blocked_table)
 _EVENT_SEQ_OFFSET = 1 << 40  # events sort after bulk-loaded rows of the same timestamp

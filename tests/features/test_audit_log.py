@@ -90,7 +90,8 @@ def test_every_customer_action_is_audited_with_counts_only(store, audit):
         ("consent", b, "admin", {"purposes": {"training": False, "personalization": False}}),
         ("export", a, "admin", {"interactions": 3, "events": 1, "consent_records": 1}),
         # users 1, interactions 3, events 1, consent 1, blocked 1; popularity of i1, i2, i3 adjusted
-        ("erasure", a, "admin", {"deleted": {"users": 1, "interactions": 3, "events": 1, "consent_ledger": 1, "blocked_items": 1, "privacy_spend": 0},
+        ("erasure", a, "admin", {"deleted": {"users": 1, "interactions": 3, "events": 1, "consent_ledger": 1, "blocked_items": 1, "privacy_spend": 0, "exposures": 0,
+                                 "outcomes": 0},
          "popularity_adjusted_items": 3}),
     ]
     assert brief(file_entries(audit)) == brief(audit.entries())

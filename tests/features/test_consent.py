@@ -258,7 +258,7 @@ def test_erasure_removes_every_row_and_the_tombstone_keeps_the_user_out(store, c
     record_event(store, "alice", "i4", rating=2, timestamp=400)
     generation = store.generation()
     receipt = erase_user(store, "alice")
-    assert receipt["deleted"] == {"users": 1, "interactions": 3, "events": 1, "consent_ledger": 1, "blocked_items": 1, "privacy_spend": 0}
+    assert receipt["deleted"] == {"users": 1, "interactions": 3, "events": 1, "consent_ledger": 1, "blocked_items": 1, "privacy_spend": 0, "exposures": 0, "outcomes": 0}
     assert receipt["popularity_adjusted_items"] == 3 and receipt["erased"] is True
     assert receipt["tombstone"] == hmac.new(SALT.encode(), b"alice", hashlib.sha256).hexdigest()  # salted, not the id
     assert store.generation() == generation + 1

@@ -333,7 +333,8 @@ def test_erasure_end_to_end(server, store, local, trained_run):
     receipt = requests.delete(f"{server}/v1/users/{user}", headers=bearer(user), timeout=30)
     assert receipt.status_code == 200, receipt.text
     body = receipt.json()
-    assert body["deleted"] == {"users": 1, "interactions": n_history, "events": 0, "consent_ledger": 1, "blocked_items": 0, "privacy_spend": 0}
+    assert body["deleted"] == {"users": 1, "interactions": n_history, "events": 0, "consent_ledger": 1, "blocked_items": 0, "privacy_spend": 0,
+                               "exposures": 0, "outcomes": 0}
     assert body["tombstone"] == store.subject_hash(user) and user not in body["tombstone"]
     assert cells_equal(store, user) == []  # zero rows for the user in every table, queried directly
     assert requests.get(f"{server}/v1/users/{user}/data", headers=bearer(user), timeout=30).status_code == 404
