@@ -75,22 +75,27 @@ class SegmentBag(nn.Module):
 
 class EaseBlendArch(nn.Module):
     """The user half of the blend in torch (exported to ONNX with the user tower): the tower's vector
-    and the binary history bag z = x P_k, each scaled by its weight / its per-user score std."""
+    and the binary history bag z = x[head] P (tail items map to a zero row), each scaled by its
+    weight / its per-user score std. The scales are computed in float64: they are sums over up to
+    k + d products, and float32 rounding there made ONNX Runtime and torch differ by ~1e-5."""
 
     def __init__(self, blend: EaseBlend):
         super().__init__()
-        self.bag = SegmentBag(torch.from_numpy(blend.user_factors).float(), "sum")
-        self.register_buffer("tower_cov", torch.from_numpy(blend.tower_cov).float())
-        self.register_buffer("ease_cov", torch.from_numpy(blend.ease_cov).float())
+        table = np.concatenate([blend.user_factors, np.zeros((1, blend.rank), np.float32)])  # row H: the tail's zero
+        self.bag = SegmentBag(torch.from_numpy(table).float(), "sum")
+        self.register_buffer("rows", torch.from_numpy(blend.head_rows()))
+        self.register_buffer("tower_cov", torch.from_numpy(np.asarray(blend.tower_cov, np.float64)))
+        self.register_buffer("ease_cov", torch.from_numpy(np.asarray(blend.ease_cov, np.float64)))
         self.weight = float(blend.weight)
 
     @staticmethod
     def _scaled(v: torch.Tensor, cov: torch.Tensor, weight: float) -> torch.Tensor:
+        v = v.double()
         sd = ((v @ cov) * v).sum(1, keepdim=True).clamp(min=0).sqrt()
-        return weight * v / torch.where(sd > SD_FLOOR, sd, torch.full_like(sd, float("inf")))
+        return (weight * v / torch.where(sd > SD_FLOOR, sd, torch.full_like(sd, float("inf")))).float()
 
     def forward(self, tower: torch.Tensor, history: torch.Tensor, history_offsets: torch.Tensor) -> torch.Tensor:
-        z = self.bag(history, history_offsets)  # binary: every history item once, whatever its rating
+        z = self.bag(self.rows[history], history_offsets)  # binary: every history item once, whatever its rating
         return torch.cat([self._scaled(tower, self.tower_cov, self.weight), self._scaled(z, self.ease_cov, 1 - self.weight)], dim=1)
 
 

@@ -3,6 +3,7 @@ feature store -> MLflow (params, step metrics, artifacts, registry alias)."""
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -133,8 +134,11 @@ def fit_model(cfg: TrainConfig, model: TwoTower, task: RetrievalTask, data: Prep
         m.demographics_dropout, m.stated_dropout, on_epoch=lambda e, metrics: tracker.log_metrics(metrics, step=e),
     )  # fmt: skip
     fit = trainer.fit(data.train, data.train, data.val, ctx, resume=resume)
-    if cfg.blend.ease:  # chosen now, with the model that has not seen validation
+    if cfg.blend.ease:  # chosen now, with the model that has not seen validation; its time is training time
+        start = time.perf_counter()
         fit.blend = choose_blend(cfg, model, task, data, ctx, device)
+        fit.blend["seconds"] = time.perf_counter() - start
+        fit.seconds += fit.blend["seconds"]
     if not cfg.trainer.refit:
         return fit
     return refit(cfg, model, task, data, ctx, device, tracker, fit, init, resume)
@@ -163,19 +167,21 @@ def choose_blend(cfg: TrainConfig, model: TwoTower, task: RetrievalTask, data: P
     users = np.flatnonzero(np.diff(data.val[0]) > 0)
     user_vec = task.user_embeddings(model, ctx, users, data.train, device).float().cpu().numpy()
     item_vec = task.item_embeddings(model, ctx, device).float().cpu().numpy()
-    a, lam, ndcg = blend.choose(cfg.blend.lambdas, cfg.blend.weights, task.k, user_vec, item_vec, data.train, data.val, users)
+    a, lam, ndcg = blend.choose(cfg.blend.lambdas, cfg.blend.weights, task.k, user_vec, item_vec, data.train, data.val, users, cfg.blend.head_items, cfg.blend.rank)
     return {"weight": a, "lambda": lam, f"val_ndcg@{task.k}": ndcg}
 
 
 def blended_topk(fitted: blend.EaseBlend, task: RetrievalTask, model: TwoTower, ctx: Context, data: Prepared, item_vec: np.ndarray,
-                 users: np.ndarray, device: torch.device, batch_size: int = 1024) -> np.ndarray:
-    """Test lists of the blend, scored exactly as served: blended user vectors · blended item vectors."""
+                 users: np.ndarray, device: torch.device, batch_size: int | None = None) -> np.ndarray:
+    """Test lists of the blend, scored exactly as served: blended user vectors · blended item vectors,
+    in blocks of ~blend.SCORE_BLOCK scores."""
     items = fitted.item_vectors(item_vec)
+    batch_size = batch_size or blend.block_rows(len(item_vec))
     out = [np.zeros((0, task.k), np.int64)]
     for start in range(0, len(users), batch_size):
         batch = users[start : start + batch_size]
         tower = task.user_embeddings(model, ctx, batch, data.seen, device).float().cpu().numpy()
-        scores = fitted.user_vectors(tower, blend.binary_rows(data.seen, batch, len(item_vec))) @ items.T
+        scores = fitted.user_vectors(tower, blend.binary_matrix(data.seen, batch, len(item_vec))) @ items.T
         out.append(evaluation.topk_from_scores(scores, task.k, exclude=data.seen[:2], exclude_rows=batch))
     return np.concatenate(out)
 
@@ -229,8 +235,12 @@ def finish(cfg: TrainConfig, model: TwoTower, task: RetrievalTask, data: Prepare
     users = np.flatnonzero(np.diff(data.test[0]) > 0)
     item_vec = task.item_embeddings(model, ctx, device).float().cpu().numpy()
     fitted = None
-    if fit.blend is not None:  # EASE refitted on train + val with the chosen (weight, lambda)
-        fitted = blend.fit(fit.blend["weight"], fit.blend["lambda"], cfg.blend.rank, data.seen, item_vec)
+    if fit.blend is not None:  # EASE refitted on train + val with the chosen (weight, lambda): training time too
+        start = time.perf_counter()
+        fitted = blend.fit(fit.blend["weight"], fit.blend["lambda"], cfg.blend.rank, data.seen, item_vec, cfg.blend.head_items)
+        spent = time.perf_counter() - start
+        fit.blend["seconds"] = fit.blend.get("seconds", 0.0) + spent  # blend/seconds: choosing + refitting
+        fit.seconds += spent  # train/seconds and RunResult.fit.seconds count the blend
         topk = blended_topk(fitted, task, model, ctx, data, item_vec, users, device)
     else:
         topk = task.topk(model, ctx, data.seen, users, device)  # the test lists, scored once
