@@ -62,16 +62,75 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_recommend(args: argparse.Namespace) -> int:
+    """Recommendations in-process, as POST /v1/recommend answers them (same Recommender, same store
+    and consent regime), plus a `reason` whenever the list is not personalized."""
     from features.store import FeatureStore
-    from serving.config import load_serve_config
+    from serving.admin import operator_args
     from serving.recommender import Recommender
 
-    _, app_args, _ = load_serve_config(args.config)
-    store = FeatureStore(app_args.store_url) if app_args.store_url else None
-    rec = Recommender.from_uri(args.model or app_args.model_uri, store, app_args.tracking_uri, app_args.force_cpu)
-    for user in args.user_id:
-        print(json.dumps({"user_id": user, **rec.recommend(user, k=args.k)}, indent=2))
+    app_args = operator_args(args.config, args.store_url)  # --store-url with no serve config: the defaults
+    url = args.store_url or app_args.store_url
+    where = f"--store-url {_shown(url)}" if args.store_url else f"{args.config}: args.store_url {_shown(url)}"
+    store = FeatureStore(existing_store(url, where), consent=app_args.consent) if url else None
+    try:
+        rec = Recommender.from_uri(args.model or app_args.model_uri, store, app_args.tracking_uri, app_args.force_cpu)
+        for user in args.user_id:
+            out = {"user_id": user, **rec.recommend(user, k=args.k)}
+            if not out["personalized"]:
+                out["reason"] = not_personalized_reason(rec, store, user, where)
+            print(json.dumps(out, indent=2))
+    finally:
+        if store is not None:
+            store.close()
     return 0
+
+
+def existing_store(url: str, where: str) -> str:
+    """`url` when it names an existing trustrec feature store; a SQLite file that is missing (which
+    opening would create, empty) or holds no store is a ValueError naming `where` (flag or config key)."""
+    import sqlite3
+
+    from sqlalchemy.engine import make_url
+
+    try:
+        parsed = make_url(url)
+    except Exception:  # noqa: BLE001 - SQLAlchemy's ArgumentError; say which setting holds it
+        raise ValueError(f"{where}: not a database URL (e.g. sqlite:///data/features.db or postgresql://...)") from None
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return url
+    path = Path(parsed.database).expanduser()
+    if not path.is_file():
+        raise ValueError(f"{where}: no such file {path} (not created: an empty store knows no user); "
+                         "`trustrec train` loads a store at store.url, or pass --store-url with an existing one")  # fmt: skip
+    try:
+        with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as conn:
+            tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    except sqlite3.DatabaseError as e:
+        raise ValueError(f"{where}: {path} is not a SQLite database ({e})") from None
+    if not {"store_meta", "users"} <= tables:
+        raise ValueError(f"{where}: {path} is not a trustrec feature store (no store_meta / users tables)")
+    return url
+
+
+def _shown(url: str) -> str:
+    """A store URL as it may be printed: any password masked."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - not a URL at all: existing_store says so
+        return url
+
+
+def not_personalized_reason(rec, store, user_id: str, where: str) -> str:
+    """Why a user got the popularity list (what `personalized: false` means for them)."""
+    if store is None:
+        return "no feature store (store_url is null; pass --store-url): no history to personalize from, popularity list"
+    if rec.user_vocab.get(user_id) is None and not store.holds_user(user_id):
+        return f"unknown user: neither the model nor the feature store ({where}) knows them: popularity list"
+    if not rec.user_state(user_id).personalize:
+        return f"no consent to personalization (consent regime {store.consent.regime}): popularity list"
+    return "nothing to personalize from: the store holds no history (or stated genres the model reads) of the user: popularity list"
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -193,6 +252,16 @@ def cmd_audit_privacy(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not >= 1")
+    return value
+
+
 def cmd_privacy_budget(args: argparse.Namespace) -> int:
     """The privacy-budget ledger of a feature store: every private release, oldest first, and the
     cumulative spend of the worst-off user still covered (features/privacy_ledger.py)."""
@@ -273,7 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--address", help="with --reload: Ray GCS address of the running app (default: the one `trustrec serve` noted for --port)")
         else:
             sp.add_argument("user_id", nargs="+")
-            sp.add_argument("-k", type=int, default=10)
+            sp.add_argument("-k", type=_positive_int, default=10, help="items per user (default 10)")
+            sp.add_argument("--store-url", help="feature store URL (default: store_url of --config); a SQLite file must exist, it is never created here")
         sp.set_defaults(func=func)
 
     sp = sub.add_parser("promote", help="point a registry alias (default champion) at the model version of a run")

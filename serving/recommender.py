@@ -83,6 +83,9 @@ class Recommender:
         user_features = set(self.manifest["features"]["user"])
         self.uses_stated = "liked" in user_features
         self.uses_profile = self.uses_stated or "age" in user_features
+        # being in user_vocab personalizes only a tower that reads the id row (or a profile): one that
+        # reads neither gives every history-less user the same vector, so that user gets popularity
+        self.uses_user_id = "user_id" in user_features
 
     @classmethod
     def from_dir(cls, path: str | Path, store: FeatureStore | None = None, force_cpu: bool = False, diversity: float = 1.0,
@@ -199,7 +202,7 @@ class Recommender:
         lam = self.diversity if diversity is None else diversity
         states = self.user_states(user_ids)
         rows = [self.user_vocab.get(u) for u in user_ids]
-        known = [i for i, (s, r) in enumerate(zip(states, rows)) if s.personalize and (r is not None or s.has_signal(self.uses_stated))]
+        known = [i for i, (s, r) in enumerate(zip(states, rows)) if s.personalize and ((r is not None and (self.uses_user_id or self.uses_profile)) or s.has_signal(self.uses_stated))]
         results: list[dict | None] = [None] * len(user_ids)
         if known:
             vectors = self.user_vectors([states[i] for i in known], [self.user_oov if rows[i] is None else rows[i] for i in known])
