@@ -67,6 +67,19 @@ class TableConfig(_Strict):
     genre_sep: str = "|"
 
 
+class LinesConfig(_Strict):
+    """`data.source: lines`: one line per user, `user item item ...` (whitespace-separated, no header,
+    no ratings or timestamps: every listed item is a positive), read by features/lines.py."""
+
+    path: str
+    # A fixed test part in the same format (a dataset published with its split, e.g. ML-1M implicit's
+    # test.txt); `split.protocol: given` then uses it as the test split. null: the split protocols apply.
+    test_path: str | None = None
+    # An ML-1M `users.dat` (UserID::Gender::Age::Occupation::Zip-code): gender, age and occupation of
+    # the user whose id in `path` is UserID - 1 (ML-1M implicit's ids are 0-based). null: no demographics.
+    users_path: str | None = None
+
+
 class ConsentConfig(_Strict):
     """How the feature store reads consent; shared by serving (AppArgs.consent) and store exports."""
 
@@ -91,11 +104,15 @@ class StoreSourceConfig(_Strict):
 
 class DataConfig(_Strict):
     # store: the feature store's consented users (features.consent.export_training_data)
-    source: Literal["synthetic", "movielens", "table", "store"] = "synthetic"
-    # MovieLens-100k directory; None -> $TRUSTREC_ML100K, else <repo>/../shared/data/ml-100k.
+    # lines: `user item item ...` files (data.lines); ml1m-implicit: the lines source on the ML-1M
+    # implicit folder (train.txt, test.txt and users.dat, features/lines.py)
+    source: Literal["synthetic", "movielens", "ml1m-implicit", "table", "lines", "store"] = "synthetic"
+    # The dataset folder of the named sources, None -> their env var, else <repo>/../shared/data/<folder>:
+    # movielens: MovieLens-100k ($TRUSTREC_ML100K, ml-100k); ml1m-implicit: ($TRUSTREC_ML1M_IMPLICIT, ml-1m-implicit).
     path: str | None = None
     synthetic: SyntheticConfig = SyntheticConfig()
     table: TableConfig | None = None
+    lines: LinesConfig | None = None
     store: StoreSourceConfig = StoreSourceConfig()
     on_bad_row: Literal["error", "skip"] = "error"
 
@@ -103,15 +120,19 @@ class DataConfig(_Strict):
     def _table_needs_table_config(self) -> "DataConfig":
         if self.source == "table" and self.table is None:
             raise ValueError("source='table' needs a 'table' section (at least table.path)")
+        if self.source == "lines" and self.lines is None:
+            raise ValueError("data.source 'lines' needs a data.lines section (at least data.lines.path)")
         return self
 
 
 class SplitConfig(_Strict):
-    protocol: Literal["stratified", "leave_last_n"] = "stratified"
+    # given: the test part the data ships with (data.lines.test_path, data.source ml1m-implicit);
+    # validation is carved from its train part as stratified does (by, val_fraction, seed + 1)
+    protocol: Literal["stratified", "leave_last_n", "given"] = "stratified"
     ratio: float = Field(0.75, gt=0, le=1)  # stratified: train share of each group
     by: Literal["item", "user"] = "item"  # stratified: grouping column
     seed: int = 42
     n: int = Field(1, ge=1)  # leave_last_n: most recent rows per user held out
-    # stratified: share of each group's TRAIN rows carved out as validation (seed + 1);
+    # stratified, given: share of each group's TRAIN rows carved out as validation (seed + 1);
     # leave_last_n: the next-to-last n per user. 0 -> no validation set.
     val_fraction: float = Field(0.1, ge=0, lt=1)

@@ -13,7 +13,8 @@ from features.vocab import Vocab
 
 
 def load_dataset(cfg: DataConfig) -> Dataset:
-    """Load the configured source (synthetic, MovieLens-100k, a generic table, or the feature store)."""
+    """Load the configured source (synthetic, MovieLens-100k, ML-1M implicit, a generic table, a
+    `user item item ...` lines file, or the feature store)."""
     # Imports are local so a source's dependencies are only touched when it is used.
     if cfg.source == "synthetic":
         from features.synthetic import generate
@@ -28,6 +29,13 @@ def load_dataset(cfg: DataConfig) -> Dataset:
 
         assert cfg.table is not None  # enforced by DataConfig's validator
         return load_table(cfg.table, on_bad_row=cfg.on_bad_row)
+    if cfg.source in ("lines", "ml1m-implicit"):
+        from features.lines import load_lines, ml1m_implicit_config
+
+        if cfg.source == "lines":
+            assert cfg.lines is not None  # enforced by DataConfig's validator
+            return load_lines(cfg.lines, on_bad_row=cfg.on_bad_row)
+        return load_lines(ml1m_implicit_config(cfg.path), on_bad_row=cfg.on_bad_row, name="ml-1m-implicit")
     if cfg.source == "store":
         from features.consent import export_training_data
         from features.store import FeatureStore

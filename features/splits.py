@@ -4,7 +4,10 @@
 (per-group shuffle, first round(ratio * len) rows to train, banker's rounding like Python's
 round), so results are comparable with published baselines; the shuffle itself is ours, so
 row-level assignments differ from the pandas implementation. `leave_last_n` is the usual
-sequential protocol. Every row lands in exactly one part.
+sequential protocol. `given_split` keeps the test part a dataset was published with: a loader
+of such data (features/lines.py) gives its train rows timestamp GIVEN_TRAIN and its test rows
+GIVEN_TEST (the files carry no time; the test part counts as the later one). Every row lands
+in exactly one part.
 """
 from __future__ import annotations
 
@@ -74,15 +77,38 @@ def leave_last_n(inter: Interactions, n: int = 1) -> tuple[Interactions, Interac
     return inter.take(~test), inter.take(test)
 
 
+GIVEN_TRAIN, GIVEN_TEST = 0, 1  # timestamps of a fixed split's train and test rows (see the module doc)
+
+
+def given_split(inter: Interactions) -> tuple[Interactions, Interactions]:
+    """The data's own split: rows with timestamp GIVEN_TEST are the test part, the rest train.
+
+    ValueError naming split.protocol when the rows do not carry a fixed split (real timestamps,
+    or no test row at all)."""
+    if len(inter) == 0:
+        return inter, inter
+    test = inter.timestamp == GIVEN_TEST
+    if not test.any() or not (test | (inter.timestamp == GIVEN_TRAIN)).all():
+        raise ValueError(
+            "split.protocol: 'given' needs data published with a fixed test part (data.lines.test_path, "
+            "or data.source: ml1m-implicit); this data has none: use stratified or leave_last_n"
+        )
+    return inter.take(~test), inter.take(test)
+
+
 def split(inter: Interactions, cfg: SplitConfig = SplitConfig()) -> Split:
     """Apply cfg: test first, then validation carved out of the remaining train rows.
 
     stratified: val = a per-group val_fraction of train (same procedure, seed + 1).
+    given: test = the data's own test part; val carved from its train part as for stratified.
     leave_last_n: val = the next-to-last n rows per user (val_fraction > 0 only switches it on).
     """
     val = None
-    if cfg.protocol == "stratified":
-        train, test = stratified_split(inter, cfg.ratio, cfg.by, cfg.seed)
+    if cfg.protocol in ("stratified", "given"):
+        if cfg.protocol == "given":
+            train, test = given_split(inter)
+        else:
+            train, test = stratified_split(inter, cfg.ratio, cfg.by, cfg.seed)
         if cfg.val_fraction > 0:
             train, val = stratified_split(train, 1.0 - cfg.val_fraction, cfg.by, cfg.seed + 1)
     else:

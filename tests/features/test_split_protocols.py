@@ -4,7 +4,7 @@ import pytest
 
 from features.config import SplitConfig, SyntheticConfig
 from features.schema import Interactions
-from features.splits import leave_last_n, split, stratified_split, user_items_csr
+from features.splits import given_split, leave_last_n, split, stratified_split, user_items_csr
 from features.synthetic import generate
 
 
@@ -108,3 +108,27 @@ def test_user_items_csr_hand_worked():
     assert indices.tolist() == [1, 0, 3]
     with pytest.raises(ValueError, match="out of range"):
         user_items_csr(inter, n_users=2, n_items=5)
+
+
+def test_given_split_hand_worked():
+    # timestamps 0 = the data's train part, 1 = its test part (features/lines.py marks them so)
+    inter = make([0, 0, 1, 1, 2, 2], [10, 11, 12, 13, 14, 15], ts=[0, 1, 0, 0, 1, 0])
+    train, test = given_split(inter)
+    assert train.item.tolist() == [10, 12, 13, 15] and test.item.tolist() == [11, 14]
+    s = split(inter, SplitConfig(protocol="given", val_fraction=0))
+    assert rows(s.train) == rows(train) and rows(s.test) == rows(test) and s.val is None
+
+
+def test_given_split_carves_validation_like_stratified(synth):
+    marked = Interactions(synth.user, synth.item, synth.rating, (np.arange(len(synth)) % 4 == 0).astype(np.int64))  # every 4th row: test
+    s = split(marked, SplitConfig(protocol="given", val_fraction=0.2, seed=3))
+    assert rows(s.test) == rows(marked.take(marked.timestamp == 1))
+    train, val = stratified_split(marked.take(marked.timestamp == 0), 0.8, "item", 4)
+    assert rows(s.train) == rows(train) and rows(s.val) == rows(val)
+    assert rows(Interactions.concat([s.train, s.val, s.test])) == rows(marked)
+
+
+def test_given_split_refuses_data_without_a_fixed_test_part(synth):
+    for inter in (synth, make([0, 1], [1, 2], ts=[0, 0])):  # real timestamps; no test row
+        with pytest.raises(ValueError, match="split.protocol: 'given' needs data published with a fixed test part"):
+            split(inter, SplitConfig(protocol="given"))
