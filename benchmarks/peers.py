@@ -2,6 +2,7 @@
 
     python benchmarks/peers.py                      # all peers on ML-100k, MS Recommenders protocol
     python benchmarks/peers.py --names ease,als --fast
+    python benchmarks/peers.py --data ml1m-implicit  # any --data of features/sources.py (csv:PATH, lines:PATH, ...)
     python benchmarks/peers.py --names popularity,ease --record   # the figure of record (docs/RESULTS.md)
 
 Every peer implements the tiny `Peer` interface (fit on a CSR over users, return a dense
@@ -12,7 +13,8 @@ Protocol (`run_peers`): a peer with a hyper-parameter grid is tuned on validatio
 `prepared.train`, NDCG@k on `prepared.val`, train items excluded), the best point is refitted
 on `prepared.seen` (= train + val, the whole 75 % MS training share) and evaluated once on
 `prepared.test` with `seen` excluded. `fit_s` is the wall time of that final fit only. `main`
-prints a table and writes JSON (default benchmarks/results/peers_ml100k_<protocol>[_fast].json).
+prints a table and writes JSON (default benchmarks/results/peers_<label>_<protocol>[_fast].json, the
+label naming the dataset as in quality.py), each peer's refitted hyper-parameters (`params`) included.
 
 Conventions shared by the learned peers:
 
@@ -444,30 +446,37 @@ def run_peers(
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default=None, help="ML-100k folder (default: $TRUSTREC_ML100K or ../shared/data/ml-100k)")
-    p.add_argument("--protocol", choices=["stratified", "leave_last_n"], default="stratified")
+    p.add_argument("--data", default="ml100k", help="ml100k[:PATH], ml1m-implicit[:PATH], table:CONFIG.yaml, csv:PATH, lines:PATH or synthetic (a bare folder: ml100k:FOLDER)")
+    p.add_argument("--protocol", choices=list(harness.PROTOCOLS), default=None, help="split protocol (default: given for a dataset shipped with its test part, else stratified)")
     p.add_argument("--names", default=",".join(PEERS), help="comma-separated peers")
     p.add_argument("--fast", action="store_true", help="small grids / few iterations (smoke run)")
-    harness.output_flags(p, "peers_ml100k_<protocol>[_fast]")
+    harness.output_flags(p, "peers_<label>_<protocol>[_fast]")
     args = p.parse_args(argv)
 
     from training.config import load_config
     from training.pipeline import prepare
 
-    source = harness.dataset(p, "ml100k" + (f":{args.data}" if args.data else ""), ["ml100k"])
-    if source is None:
+    spec = f"ml100k:{args.data}" if Path(args.data).is_dir() else args.data  # --data FOLDER meant ML-100k before specs
+    data = harness.dataset(p, spec, harness.ALL_KINDS, source=True)
+    if data is None:
         return 2
-    cfg = load_config(REPO / "configs" / "two_tower_ml100k.yaml", [*source.overrides, f"split.protocol={args.protocol}", "tracking.enabled=false", "store.load=false"])
+    protocol = harness.protocol(p, data, args.protocol)
+    config = "two_tower_ml100k.yaml" if data.kind == "ml100k" else "two_tower.yaml"  # only its data, split and eval_k are used
+    try:
+        cfg = load_config(REPO / "configs" / config, [*data.overrides, f"split.protocol={protocol}", "tracking.enabled=false", "store.load=false"])
+        prepared = prepare(cfg)
+    except (ValueError, FileNotFoundError) as e:  # ConfigError, DataFormatError and pydantic's errors are ValueErrors
+        print(f"peers.py: error: --data {args.data}: {e}", file=sys.stderr)
+        return 2
     k = cfg.task.eval_k
-    prepared = prepare(cfg)
     names = [n.strip() for n in args.names.split(",") if n.strip()]
     results = run_peers(prepared, k=k, names=names, fast=args.fast)
 
     cols = [f"ndcg@{k}", f"precision@{k}", f"recall@{k}", f"map@{k}", "coverage", "fit_s"]
-    print(f"\nml100k / {args.protocol}, {os.cpu_count()} cores" + (" (fast)" if args.fast else ""))
+    print(f"\n{data.name} / {protocol}, {os.cpu_count()} cores" + (" (fast)" if args.fast else ""))
     print(harness.table(["peer", *cols], [[name, *(r[c] for c in cols)] for name, r in results.items()], first=12))
-    report = {"dataset": "ml100k", "protocol": args.protocol, "k": k, "fast": args.fast, "peers": results}
-    name = f"peers_ml100k_{args.protocol}" + ("_fast" if args.fast else "")
+    report = {"dataset": data.name, "data": harness.data_report(data, prepared), "protocol": protocol, "k": k, "fast": args.fast, "peers": results}
+    name = f"peers_{data.name}_{protocol}" + ("_fast" if args.fast else "")
     print(f"wrote {harness.write(report, args, name, script=__file__, argv=argv, libraries=['scipy', 'cornac', 'implicit', 'torch'])}")
     return 0
 

@@ -267,3 +267,27 @@ def test_run_peers_seed_reaches_seeded_peers_only(tiny):
     assert "seed" not in out["popularity"]["params"]
     default = peers.run_peers(tiny, k=K, names=["als"], fast=True)
     assert default["als"]["params"]["seed"] == peers.SEED
+
+
+# ---------------------------------------------------------------- main: --data for any dataset
+
+
+def test_main_takes_any_dataset_and_writes_its_own_json_with_params(tmp_path, monkeypatch):
+    import json
+
+    monkeypatch.setattr(peers.harness, "RESULTS", tmp_path / "results")
+    rng = np.random.default_rng(0)
+    lines = tmp_path / "shop" / "baskets.txt"
+    lines.parent.mkdir()
+    lines.write_text("".join(f"u{u} " + " ".join(f"i{i}" for i in rng.choice(25, size=8, replace=False)) + "\n" for u in range(30)))
+    assert peers.main(["--data", f"lines:{lines}", "--names", "popularity,ease", "--fast"]) == 0
+    report = json.loads((tmp_path / "results" / "peers_lines-shop-baskets_stratified_fast.json").read_text())
+    assert report["dataset"] == "lines-shop-baskets" and report["data"]["spec"] == f"lines:{lines}" and report["protocol"] == "stratified"
+    assert (report["data"]["users"], report["data"]["items"]) == (30, 25)
+    assert report["peers"]["ease"]["params"]["lam"] in (10.0, 100.0) and report["peers"]["popularity"]["params"] == {}
+
+
+def test_main_data_errors_name_the_flag(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        peers.main(["--data", f"lines:{tmp_path / 'nope.txt'}"])
+    assert e.value.code == 2 and f"--data lines:{tmp_path / 'nope.txt'}: file not found" in capsys.readouterr().err

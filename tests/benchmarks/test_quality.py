@@ -61,3 +61,78 @@ def test_time_to_target_reports_the_first_epoch_at_or_above_the_target(tmp_path,
     missed = json.loads(out.read_text())
     assert not missed["reached"] and missed["epoch"] is None and missed["seconds"] is None
     assert missed["best_test"] == max(row["test/ndcg@10"] for row in missed["curve"])
+
+
+# ---------------------------------------------------------------- --data for any dataset, end to end
+
+TINY_MODEL = ["--set", "trainer.epochs=2", "--set", "model.embedding_dim=8", "--set", "model.hidden_dim=8", "--set", "model.output_dim=8", "--set", "trainer.num_threads=1"]
+
+
+def _lines_file(path: Path, n_users: int = 40, n_items: int = 30, seed: int = 0, test: bool = False) -> Path:
+    """`user item item ...` lines (6-11 items a user, popular items likelier); with test=True a second
+    file `test.txt` beside it holds 2 more items a user."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    weights = 1.0 / np.arange(1, n_items + 1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    train, held = [], []
+    for u in range(n_users):
+        items = rng.choice(n_items, size=int(rng.integers(8, 14)), replace=False, p=weights / weights.sum())
+        train.append(" ".join(map(str, [u, *items[2:]])))
+        held.append(" ".join(map(str, [u, *items[:2]])))
+    path.write_text("\n".join(train) + "\n")
+    if test:
+        (path.parent / "test.txt").write_text("\n".join(held) + "\n")
+    return path
+
+
+def test_any_dataset_end_to_end_one_json_per_dataset_with_spec_label_and_peer_params(tmp_path, monkeypatch):
+    import json
+
+    monkeypatch.setattr(quality.harness, "RESULTS", tmp_path / "results")
+    monkeypatch.chdir(tmp_path)
+    a = _lines_file(tmp_path / "a" / "train.txt")
+    args = ["--peers", "popularity,ease", "--seeds", "0", "--models", "trustrec-two-tower", *TINY_MODEL]
+    assert quality.main(["--data", f"lines:{a}", *args]) == 0
+    # a second dataset, shipped with its test part, named through a YAML data block: the given split by default
+    _lines_file(tmp_path / "b" / "train.txt", seed=1, test=True)
+    (tmp_path / "b.yaml").write_text("data:\n  source: lines\n  lines: {path: b/train.txt, test_path: b/test.txt}\n")
+    assert quality.main(["--data", "table:b.yaml", *args]) == 0
+    first = json.loads((tmp_path / "results" / "quality_lines-a-train_stratified.json").read_text())
+    second = json.loads((tmp_path / "results" / "quality_table-b_given.json").read_text())  # the first file is not overwritten
+    assert first["dataset"] == "lines-a-train" and first["data"]["spec"] == f"lines:{a}" and first["split"] == "stratified"
+    assert (first["data"]["users"], first["data"]["items"]) == (40, 30)
+    assert second["dataset"] == "table-b" and second["split"] == "given" and second["protocol"] == "the dataset's own train/test split"
+    assert second["data"]["rows"]["test"] == 40 * 2  # test.txt exactly: 2 items for each of the 40 users
+    assert first["data"]["rows"]["train"] + first["data"]["rows"]["val"] + first["data"]["rows"]["test"] == first["data"]["interactions"]
+    assert second["models"]["trustrec-two-tower"]["per_seed"][0]["ndcg@10"] == second["models"]["trustrec-two-tower"]["ndcg@10"]
+    for report in (first, second):
+        models = report["models"]
+        assert set(models) == {"trustrec-two-tower", "popularity", "ease"}
+        assert models["trustrec-two-tower"]["config"]["file"] == "configs/two_tower.yaml"  # the generic recipe, data overrides only
+        assert models["ease"]["params"][0]["lam"] in [50.0, 100.0, 200.0, 300.0, 400.0, 600.0, 800.0] and models["popularity"]["params"] == [{}]
+        assert all(0 <= models[m]["ndcg@10"] <= 1 for m in models)
+    assert "split.protocol=given" in second["models"]["trustrec-two-tower"]["config"]["overrides"]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--data", "nope"], "--data: unknown dataset 'nope'"),
+        (["--data", "csv:/no/such/file.csv"], "--data csv:/no/such/file.csv: file not found"),
+        (["--data", "synthetic", "--protocol", "given"], "--protocol given: --data synthetic ships no test part"),
+    ],
+)
+def test_data_errors_name_the_flag(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        quality.main([*argv, "--peers", ""])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_models_of_a_dataset_are_the_generic_recipes_except_ml100k():
+    assert quality.configs("ml100k")["trustrec-two-tower"] == "two_tower_ml100k.yaml"
+    for kind in ("ml1m-implicit", "csv", "lines", "table", "synthetic"):
+        chosen = quality.configs(kind)
+        assert chosen["trustrec-two-tower"] == "two_tower.yaml" and chosen["trustrec-hybrid"] == "hybrid.yaml"
+        assert not any("ml100k" in f for f in chosen.values())
