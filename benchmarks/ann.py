@@ -18,7 +18,6 @@ Timings depend on the machine's load; recall does not.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import threading
@@ -92,11 +91,11 @@ def latencies_ms(index, queries: np.ndarray, k: int, exclude: list[np.ndarray] |
 
 
 def pct(a: np.ndarray) -> dict[str, float]:
-    return {"p50_ms": round(float(np.percentile(a, 50)), 3), "p95_ms": round(float(np.percentile(a, 95)), 3), "mean_ms": round(float(a.mean()), 3)}
+    return harness.stats(a, ("p50", "p95", "mean"))
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = harness.parser(__doc__, "ann")
     p.add_argument("--items", type=int, default=1_000_000, help="catalog size (default 1,000,000)")
     p.add_argument("--dim", type=int, default=64, help="embedding dimension (default 64, the models' default)")
     p.add_argument("--clusters", type=int, default=2000, help="item clusters (default 2000)")
@@ -112,7 +111,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", choices=["hnsw", "ivf"], help="benchmark one index kind only")
     p.add_argument("--exact-queries", type=int, default=100, help="queries timed on the exact scan (default 100)")
     p.add_argument("--seed", type=int, default=0)
-    harness.output_flags(p, "ann")
     args = p.parse_args(argv)
     if args.items < args.k or args.queries < 2:
         p.error("--items must be >= --k and --queries >= 2")

@@ -10,7 +10,6 @@ computes at a time and the event loop is the queue, the least overhead one Pytho
 have. What this costs less than Ray Serve is Ray Serve's overhead (proxy, handle, batching).
 Binds 127.0.0.1 only. (No `from __future__ import annotations`: FastAPI must see the real types.)
 """
-import argparse
 import sys
 from pathlib import Path
 
@@ -38,7 +37,7 @@ def make_api(recommender):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = harness.parser(__doc__)
     p.add_argument("--model", required=True, help="artifact dir or models:/name@alias")
     p.add_argument("--tracking-uri", help="MLflow tracking URI that resolves a models:/ URI")
     p.add_argument("--store-url", help="feature store URL (omit: everyone gets popularity)")

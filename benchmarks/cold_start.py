@@ -12,7 +12,6 @@ Goals: hybrid NDCG@10 >= 1.5x content-only on item cold start; genre match >= 0.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 import time
@@ -32,7 +31,7 @@ def table(title: str, metrics: dict[str, float], models: list[str], columns: lis
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = harness.parser(__doc__, "cold_start_<data>")
     p.add_argument("--data", default="ml100k", help="ml100k[:PATH] or synthetic")
     p.add_argument("--config", default=str(DEFAULT_CONFIG), help="training config (default configs/hybrid.yaml)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
@@ -41,7 +40,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0, help="holdout seed (default 0)")
     p.add_argument("--truth", choices=["all", "test"], default="all", help="item cold start truth: held-out items' rows of any split (default) or of the test split only")
     p.add_argument("--only", choices=["item", "user"], help="run one experiment only")
-    harness.output_flags(p, "cold_start_<data>")
     args = p.parse_args(argv)
     data = harness.dataset(p, args.data, source=True)
     if data is None:
@@ -75,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         goals["user_genre_match"] = {"goal": GENRE_GOAL, "value": round(r["hybrid/genre_match"], 4), "met": r["hybrid/genre_match"] >= GENRE_GOAL}
     report = {
         "dataset": name,
-        "config": str(Path(args.config).resolve().relative_to(REPO)) if Path(args.config).resolve().is_relative_to(REPO) else args.config,
+        "config": harness.repo_relative(args.config),
         "overrides": [o for o in overrides if not o.startswith(("export.output_dir=", "trainer.checkpoint_dir=", "data.path="))],
         "k": k,
         "holdout": {"items": args.item_holdout, "users": args.user_holdout, "seed": args.seed, "item_truth": args.truth},

@@ -17,13 +17,14 @@ the auth secret is a random one made for this run unless TRUSTREC_TOKEN_SECRET i
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import secrets
-import shutil
 import sqlite3
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # harness and siblings by name
@@ -33,25 +34,8 @@ from harness import REPO  # noqa: E402
 GOAL_MS = 1000.0
 
 
-def percentiles(values: list[float]) -> dict[str, float]:
-    import numpy as np
-
-    a = np.asarray(values)
-    return {"p50": float(np.percentile(a, 50)), "p95": float(np.percentile(a, 95)), "max": float(a.max()), "mean": float(a.mean()), "n": len(a)}
-
-
-def train_tiny(root: Path) -> tuple[str, str]:
-    """A small synthetic run (MLflow sqlite + feature store) in `root`: (tracking uri, store url)."""
-    from training.config import load_config
-    from training.pipeline import train
-
-    cfg = load_config(REPO / "configs" / "two_tower.yaml", [
-        f"tracking.tracking_uri=sqlite:///{root}/mlflow.db", f"export.output_dir={root}/artifacts",
-        f"store.url=sqlite:///{root}/features.db", f"trainer.checkpoint_dir={root}/checkpoints",
-        "trainer.progress=false", "trainer.epochs=5",
-    ])  # fmt: skip
-    train(cfg)
-    return cfg.tracking.tracking_uri, cfg.store.url
+def percentiles(values: list[float]) -> dict:
+    return harness.stats(values, ("p50", "p95", "max", "mean", "n"), suffix="", digits=None)
 
 
 def copy_store(url: str, dst: Path) -> str:
@@ -63,38 +47,29 @@ def copy_store(url: str, dst: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = harness.parser(__doc__, "consent_latency")
     p.add_argument("--config", help="Ray Serve config with an existing model and store (default: train a tiny synthetic model)")
     p.add_argument("--user", default="u1", help="user whose consent flips (default u1)")
     p.add_argument("--flips", type=int, default=50, help="consent changes measured (default 50)")
     p.add_argument("--k", type=int, default=10)
-    harness.output_flags(p, "consent_latency")
     args = p.parse_args(argv)
 
     import requests
     import yaml
 
     os.environ.setdefault("TRUSTREC_TOKEN_SECRET", secrets.token_hex(16))  # before Ray starts: replicas inherit it
+    import servers  # sibling script
     from serving.auth import user_token
-    from serve_load import free_port  # sibling script
-    from serving.launch import start, stop
 
-    root = Path(tempfile.mkdtemp(prefix="consent-latency-"))
-    try:
-        if args.config:
-            raw = yaml.safe_load(Path(args.config).read_text())
-            app_args = raw["applications"][0]["args"]
-            tracking_uri, store_url = app_args["tracking_uri"], app_args["store_url"]
+    with contextlib.ExitStack() as stack:
+        if args.config:  # its model (None: the one its Model deployment names), registry and store
+            app_args = servers.trustrec_app(yaml.safe_load(Path(args.config).read_text()))["args"]
+            model = servers.Model(app_args.get("model_uri"), app_args["tracking_uri"], app_args["store_url"])
         else:
-            print("training a tiny synthetic model ...", flush=True)
-            tracking_uri, store_url = train_tiny(root)
-            raw = yaml.safe_load((REPO / "configs" / "serve.yaml").read_text())
-        store_url = copy_store(store_url, root / "bench-features.db")
-        raw["http_options"]["port"] = free_port()
-        raw["applications"][0]["args"].update(tracking_uri=tracking_uri, store_url=store_url)
-        config = root / "serve.yaml"
-        config.write_text(yaml.safe_dump(raw))
-        url = start(config, num_cpus=os.cpu_count())
+            model = stack.enter_context(servers.prepared_model(argparse.Namespace(model=None)))
+        root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="consent-latency-")))
+        model = replace(model, store_url=copy_store(model.store_url, root / "bench-features.db"))
+        url = stack.enter_context(servers.ray_serve(args.config or REPO / "configs" / "serve.yaml", model))
 
         session = requests.Session()
         headers = {"Authorization": f"Bearer {user_token(os.environ['TRUSTREC_TOKEN_SECRET'], args.user)}"}
@@ -123,11 +98,6 @@ def main(argv: list[str] | None = None) -> int:
             change_ms.append((time.perf_counter() - t0) * 1000)
             polls.append(n)
             state = target
-    finally:
-        try:
-            stop()
-        finally:
-            shutil.rmtree(root, ignore_errors=True)
 
     result = {
         "flips": args.flips,

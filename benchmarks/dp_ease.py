@@ -35,7 +35,6 @@ benchmarks/results/dp_ease.json). Exit status 2 when ML-100k is asked for but ab
 """
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 import time
@@ -171,13 +170,12 @@ def dense(csr, n_users: int, n_items: int) -> np.ndarray:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = harness.parser(__doc__, "dp_ease")
     p.add_argument("--data", default="ml100k", help="ml100k[:PATH] or synthetic")
     p.add_argument("--epsilons", default="8,1,inf", help="comma-separated epsilons; inf = no noise (default 8,1,inf)")
     p.add_argument("--noise-seeds", default="0,1,2", help="comma-separated noise seeds (default 0,1,2)")
     p.add_argument("--audit-holdout", type=float, default=0.2, help="users held out as in benchmarks/privacy.py (default 0.2)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra config overrides")
-    harness.output_flags(p, "dp_ease")
     args = p.parse_args(argv)
     epsilons = list(dict.fromkeys(harness.numbers(p, "--epsilons", args.epsilons, float)))
     seeds = harness.numbers(p, "--noise-seeds", args.noise_seeds)

@@ -18,7 +18,6 @@ validation NDCG@10 per round (default benchmarks/results/federated_ml100k.png).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import tempfile
@@ -84,13 +83,12 @@ def plot(report: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = harness.parser(__doc__, "federated_<data>")
     p.add_argument("--data", default="ml100k", help="ml100k[:PATH]")
     p.add_argument("--variants", default="silos", help=f"comma-separated, of {','.join(VARIANTS)} (default silos)")
     p.add_argument("--rounds", type=int, default=100, help="round budget (default 100, the goal's)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra overrides for the federated runs")
     p.add_argument("--central-from", metavar="JSON", help="reuse the centralized row of an earlier report (same data) instead of retraining it")
-    harness.output_flags(p, "federated_<data>")
     p.add_argument("--plot", help="PNG output path (default: beside the JSON)")
     args = p.parse_args(argv)
 

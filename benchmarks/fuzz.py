@@ -36,7 +36,6 @@ trains its own into a temporary directory).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import secrets
@@ -342,10 +341,10 @@ def goal_met(result: dict, min_cases: int) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from serve_load import add_model_flags, prepared_model, ray_serve
+    import servers  # sibling script
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_flags(p)
+    p = harness.parser(__doc__, "fuzz")
+    servers.model_flags(p)
     p.add_argument("--examples", type=int, default=200, help="Hypothesis examples per (operation, mode) and round (default 200)")
     p.add_argument("--min-cases", type=int, default=10000, help="keep fuzzing (new seeds each round) until this many requests (default 10000)")
     p.add_argument("--max-rounds", type=int, default=20, help="at most this many fuzzing rounds (default 20)")
@@ -354,7 +353,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scenarios", type=int, default=25, help="recorded user lifecycles for the stateful checks (default 25)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--url", help=f"fuzz an already running server instead of starting Ray Serve (admin token: ${ADMIN_ENV}; ${SECRET_ENV} enables the cross-user probe)")
-    harness.output_flags(p, "fuzz")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
 
@@ -367,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
         # the environment); the fuzz edits and erases users, so point it only at a store you can lose
         token = os.environ.setdefault(ADMIN_ENV, secrets.token_urlsafe(24))
         secret = os.environ.setdefault(SECRET_ENV, secrets.token_urlsafe(24))
-        with prepared_model(args) as model, ray_serve(args.config, model) as url:
+        with servers.prepared_model(args) as model, servers.ray_serve(args.config, model) as url:
             result = fuzz(url, args.examples, args.min_cases, args.seed, token, user_secret=secret, **kwargs)
     seconds = time.perf_counter() - started
     met = goal_met(result, args.min_cases)

@@ -20,7 +20,6 @@ Goals: NDCG@10 >= 85 % of non-private at eps=8 and >= 60 % at eps=1; audit AUC <
 """
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 import time
@@ -99,7 +98,7 @@ def plot(path: Path, rows: list[dict], base: float, pop: float, k: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = harness.parser(__doc__, "privacy_<data>")  # the PNG goes beside the JSON
     p.add_argument("--data", default="ml100k", help="ml100k[:PATH] or synthetic")
     p.add_argument("--epsilons", default="inf,8,1,4,2,0.5", help="target epsilons, run in this order; inf = non-private (default inf,8,1,4,2,0.5: the goals first)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every run (repeatable)")
@@ -110,7 +109,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--federated-run", help="MLflow run id of a federated run to add to the audit table")
     p.add_argument("--federated-tracking-uri", default="sqlite:///mlflow.db")
     p.add_argument("--workdir", default=str(REPO / "runs" / "privacy_bench"), help="MLflow store, bundles and audits of the runs")
-    harness.output_flags(p, "privacy_<data>")  # the PNG goes beside the JSON
     args = p.parse_args(argv)
     epsilons = list(dict.fromkeys(harness.numbers(p, "--epsilons", args.epsilons, float)))  # in the order given
     source = harness.dataset(p, args.data, list(CONFIGS))

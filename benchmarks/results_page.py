@@ -4,15 +4,13 @@
     python benchmarks/results_page.py --check    # exit 1 when docs/RESULTS.md is not what they give
 
 A benchmark run becomes the figure of record with its `--record` flag (harness.write copies its JSON
-to docs/results/<name>.json and reruns this script), or by copying its JSON there by hand
-(serve_load.py, serve_faults.py). One table per area: goal, current figure, status, command, date
-and machine, every cell read from a JSON; an area whose JSON is absent says so and names the
-command that makes it. Nothing here is typed by hand but the goals' wording.
-tests/benchmarks/test_results_page.py fails when the committed page and the JSON disagree.
+to docs/results/<name>.json and reruns this script), or by copying its JSON there by hand. One table
+per area: goal, current figure, status, command, date and machine, every cell read from a JSON; an
+area whose JSON is absent says so and names the command that makes it. Nothing here is typed by
+hand but the goals' wording. tests/benchmarks/test_results_page.py fails when the committed page and the JSON disagree.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -244,11 +242,11 @@ AREAS: list[tuple[str, list[Source]]] = [
         Source("consent_latency", "python benchmarks/consent_latency.py --record", "consent change → changed answer: p95 < 1 s", consent_rows),
     ]),
     ("Serving load (open-loop HTTP)", [
-        Source("serve_load", "python benchmarks/serve_load.py --overload, then copy benchmarks/results/serve_load.json to docs/results/",
+        Source("serve_load", "python benchmarks/serve_load.py --overload --record",
                "p99 ≤ 20 ms with 0 errors at ≥ 300 rps; p99 ≤ 1.5× the no-op app's; p50 ≤ in-process + 3 ms; overload sheds fast", serve_load_rows),
     ]),
     ("Faults (replica killed under load)", [
-        Source("serve_faults", "python benchmarks/serve_faults.py, then copy benchmarks/results/serve_faults.json to docs/results/",
+        Source("serve_faults", "python benchmarks/serve_faults.py --record",
                "≤ 1 % failed requests, recovery ≤ 10 s", serve_faults_rows),
     ]),
     ("Fuzz (schemathesis against the live app)", [
@@ -316,7 +314,7 @@ def load(folder: Path) -> dict[str, dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = harness.parser(__doc__)
     p.add_argument("--records", default=str(harness.RECORD), help="folder of the JSON of record (default docs/results)")
     p.add_argument("--out", default=str(PAGE), help="the page (default docs/RESULTS.md)")
     p.add_argument("--check", action="store_true", help="write nothing; exit 1 when the page differs from what the JSON gives")

@@ -12,7 +12,7 @@ flight on the killed replica fails, the ingress routes the rest to the live one)
 `haproxy` (default; Ray Serve 2.60's HAProxy straight to the replicas' HTTP ports, serving/ingress.py:
 HAProxy marks a replica down on connection errors and by health check) or `proxy` (Ray's Python
 proxy actor and its router). Ray 2.60 token auth: a private 0600 token for the run unless
-RAY_AUTH_* is set (serve_load.private_ray_token). Load is open loop:
+RAY_AUTH_* is set (servers.private_ray_token). Load is open loop:
 request i is sent at t0 + i / rate from a thread pool, whatever happened to earlier ones. Every
 `--interval` seconds one live model replica actor is killed with `ray.kill` (found by name,
 SERVE_REPLICA::trustrec#Model#...). Per kill:
@@ -27,10 +27,6 @@ tests/serving/test_faults.py runs the same functions (loaded by path) with loose
 """
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import platform
 import sys
 import threading
 import time
@@ -38,9 +34,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # harness and siblings by name
+import harness  # noqa: E402  (puts the repository on sys.path too)
+import servers  # noqa: E402
 
 FAILED_GOAL, RECOVERY_GOAL_S = 0.01, 10.0
 APP, MODEL = "trustrec", "Model"
@@ -170,12 +166,6 @@ def window(load: OpenLoop, event: dict, settle_s: float = 1.0) -> dict:
     return {"requests_in_window": len(window), "failed_in_window": len(failed), "failures": sorted({o.detail for o in failed})[:5]}
 
 
-def percentile(values: list[float], p: float) -> float | None:
-    import numpy as np
-
-    return round(float(np.percentile(values, p)), 3) if values else None
-
-
 def run(url: str, users: list[str], rate: float, kills: int, interval: float, warmup: float, k: int = 10) -> dict:
     load = OpenLoop(url, rate, users, k).start()
     t0, events = time.monotonic(), []
@@ -198,27 +188,22 @@ def run(url: str, users: list[str], rate: float, kills: int, interval: float, wa
         "requests": len(done),
         "failed": len(failed),
         "failed_pct": round(100.0 * len(failed) / max(len(done), 1), 3),
-        "p50_ms": percentile(latencies, 50),
-        "p99_ms": percentile(latencies, 99),
+        **harness.stats(latencies, ("p50", "p99")),
         "max_recovery_s": max((e["recovery_s"] for e in events), default=None),
         "kills": events,
     }
 
 
 def main(argv: list[str] | None = None) -> int:
-    import serve_load  # sibling script (not `benchmarks.serve_load`: opacus owns that package name)
-
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    serve_load.add_model_flags(p)
-    serve_load.add_ingress_flag(p)
+    p = harness.parser(__doc__.split("\n\n")[0], "serve_faults")
+    servers.model_flags(p, ingress=True)
     p.add_argument("--rate", type=float, default=50.0, help="requests per second, open loop (default 50: sustainable on 2 busy cores; raise it on a quiet machine)")
     p.add_argument("--kills", type=int, default=3, help="replica kills, one after the other (default 3)")
     p.add_argument("--interval", type=float, default=15.0, help="seconds from one kill to the next (default 15)")
     p.add_argument("--warmup", type=float, default=5.0, help="seconds of load before the first kill (default 5)")
-    p.add_argument("--out", help="JSON output (default benchmarks/results/serve_faults.json)")
     args = p.parse_args(argv)
 
-    with serve_load.private_ray_token(), serve_load.prepared_model(args) as model, serve_load.ray_serve(args.config, model, ingress=args.ingress) as url:
+    with servers.private_ray_token(), servers.prepared_model(args) as model, servers.ray_serve(args.config, model, ingress=args.ingress) as url:
         from serving.recommender import Recommender
 
         rec = Recommender.from_uri(model.uri, None, model.tracking_uri)
@@ -227,20 +212,13 @@ def main(argv: list[str] | None = None) -> int:
         result = run(url, users, args.rate, args.kills, args.interval, args.warmup)
 
     report = {
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(), "load_avg_1_5_15": [round(x, 2) for x in os.getloadavg()]},
         "config": str(args.config),
         "ingress": args.ingress,
-        "ray": serve_load.ray_version(),
+        "ray": harness.version("ray"),
         "goals": {"failed_pct_max": FAILED_GOAL * 100, "recovery_s_max": RECOVERY_GOAL_S},
         "result": result,
-        "command": " ".join(["python", "benchmarks/serve_faults.py", *(argv if argv is not None else sys.argv[1:])]),
-        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),  # when the report was written (UTC)
     }
-    out = Path(args.out or REPO / "benchmarks" / "results" / "serve_faults.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    tmp.replace(out)
+    out = harness.write(report, args, "serve_faults", script=__file__, argv=argv, libraries=["ray", "requests"])
 
     r = result
     print(f"\nreplica kills, ingress {args.ingress}, ray {report['ray']}")

@@ -42,8 +42,7 @@ p50 <= 3 ms (rates <= 300); at 2x capacity shed with 503, no timeouts, 503 p99 <
 "command" and "machine"). Timings depend on machine load: the load client shares the cores.
 
 Without --model, a small synthetic two-tower model is trained into a temporary directory
-(MLflow sqlite registry + feature store, about a minute on 2 cores). benchmarks/fuzz.py and
-benchmarks/serve_faults.py reuse `prepared_model` and `ray_serve` from here.
+(benchmarks/servers.py, shared with serve_faults.py, fuzz.py and consent_latency.py).
 """
 from __future__ import annotations
 
@@ -52,25 +51,19 @@ import asyncio
 import contextlib
 import json
 import os
-import platform
-import secrets
-import shutil
-import subprocess
 import sys
-import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # harness and siblings by name
+import harness  # noqa: E402  (puts the repository on sys.path too)
+import servers  # noqa: E402
 
 P99_GOAL_MS, RATE_GOAL, OVERHEAD_GOAL_MS, NOOP_RATIO_GOAL = 20.0, 300, 3.0, 1.5
 SHED_P99_GOAL_MS, OVERLOAD_OK_P99_GOAL_MS = 100.0, 1000.0  # at 2x capacity: 503s within milliseconds, no answer queued for seconds
-INGRESSES = ("haproxy", "proxy")
 TARGETS = ("in-process", "noop", "bare", "ray")
 NOOP_BODY = {"user_id": "noop", "items": [], "model_version": "noop"}  # what the no-op app answers, whatever was asked
 # deployment options the no-op app copies from the config's Model deployment: the same admission
@@ -78,119 +71,10 @@ NOOP_BODY = {"user_id": "noop", "items": [], "model_version": "noop"}  # what th
 NOOP_COPIED = ("num_replicas", "max_ongoing_requests", "max_queued_requests", "ray_actor_options")
 
 
-@dataclass
-class Model:
-    uri: str
-    tracking_uri: str | None
-    store_url: str | None
-
-
-def free_port() -> int:
-    from serving.ingress import free_port as pick  # below the ephemeral range: Ray's own sockets cannot take it first
-
-    return pick()
-
-
-def train_small_model(root: Path, epochs: int = 5) -> Model:
-    """A real synthetic training run (registry alias champion, feature store) into `root`."""
-    from training.config import load_config
-    from training.pipeline import train
-
-    overrides = [
-        f"tracking.tracking_uri=sqlite:///{root}/mlflow.db",
-        f"export.output_dir={root}/artifacts",
-        f"store.url=sqlite:///{root}/features.db",
-        f"trainer.checkpoint_dir={root}/checkpoints",
-        f"trainer.epochs={epochs}",
-        "trainer.progress=false",
-    ]
-    train(load_config(REPO / "configs" / "two_tower.yaml", overrides))
-    return Model("models:/trustrec@champion", f"sqlite:///{root}/mlflow.db", f"sqlite:///{root}/features.db")
-
-
-@contextlib.contextmanager
-def prepared_model(args: argparse.Namespace) -> Iterator[Model]:
-    """The model named by --model/--tracking-uri/--store-url, or a freshly trained small one."""
-    if args.model:
-        yield Model(args.model, args.tracking_uri, args.store_url)
-        return
-    with tempfile.TemporaryDirectory(prefix="trustrec-bench-") as tmp:
-        print("training a small synthetic model (no --model given) ...", flush=True)
-        started = time.perf_counter()
-        model = train_small_model(Path(tmp))
-        print(f"  trained in {time.perf_counter() - started:.0f} s", flush=True)
-        yield model
-
-
-def add_model_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="artifact dir or models:/name@alias (default: train a small synthetic model)")
-    p.add_argument("--tracking-uri", help="MLflow tracking URI resolving --model")
-    p.add_argument("--store-url", help="feature store URL (user histories)")
-    p.add_argument("--config", default=str(REPO / "configs" / "serve.yaml"), help="Ray Serve config (default configs/serve.yaml)")
-
-
-def add_ingress_flag(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--ingress", choices=INGRESSES, default="haproxy",
-                   help="HTTP data plane of every Ray target: haproxy (Ray Serve 2.60's HAProxy, direct to replicas; default) or proxy (Ray's Python proxy)")
-
-
-@contextlib.contextmanager
-def private_ray_token() -> Iterator[str | None]:
-    """Ray >= 2.60 token auth for every Ray this process starts, with one random token in a private
-    0600 file (never ~/.ray), removed at the end; a caller's own RAY_AUTH_* wins (yields None).
-    One token for the whole run: serving.launch.stop() removes a token file it created but leaves
-    RAY_AUTH_TOKEN_PATH naming it, so a second start() in the same process would find it gone."""
-    if any(k in os.environ for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")):
-        yield None
-        return
-    folder = Path(tempfile.mkdtemp(prefix="trustrec-bench-auth-"))  # 0700
-    token = folder / "ray_auth_token"
-    fd = os.open(token, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(secrets.token_hex(32))
-    os.environ["RAY_AUTH_MODE"], os.environ["RAY_AUTH_TOKEN_PATH"] = "token", str(token)
-    try:
-        yield str(token)
-    finally:
-        os.environ.pop("RAY_AUTH_MODE", None)
-        os.environ.pop("RAY_AUTH_TOKEN_PATH", None)
-        shutil.rmtree(folder, ignore_errors=True)
-
-
-def trustrec_app(raw: dict) -> dict:
-    """The trustrec application of a parsed Serve config."""
-    return next(a for a in raw["applications"] if a.get("name", "trustrec") == "trustrec")
-
-
-@contextlib.contextmanager
-def ray_serve(config: str | Path, model: Model, num_cpus: int | None = None, ingress: str = "proxy") -> Iterator[str]:
-    """Ray Serve from `config` (its deployments, replicas, batching) serving `model` through
-    `ingress` (serving/ingress.py); yields the base URL."""
-    import yaml
-
-    from serving.launch import start, stop
-
-    os.environ.setdefault("RAY_ADDRESS", "local")  # a cluster of our own, never one already running on the machine
-    raw = yaml.safe_load(Path(config).read_text())
-    args = trustrec_app(raw).setdefault("args", {})
-    args.pop("model_uri", None)  # the model comes through start(model_uri=...)
-    args["store_url"] = model.store_url
-    if model.tracking_uri:
-        args["tracking_uri"] = model.tracking_uri
-    with tempfile.TemporaryDirectory(prefix="trustrec-serve-") as tmp:
-        path = Path(tmp) / "serve.yaml"
-        path.write_text(yaml.safe_dump(raw))
-        try:
-            url = start(path, model_uri=model.uri, port=free_port(), num_cpus=num_cpus or os.cpu_count(), ingress=ingress)
-            yield url
-        finally:
-            stop()
-
-
 def noop_options(raw: dict) -> tuple[dict, dict]:
     """(deployment options, logging config) of the no-op app: the config's Model deployment's
     admission control and CPUs, its app's logging config (access log off)."""
-    app = trustrec_app(raw)
+    app = servers.trustrec_app(raw)
     model = next((d for d in app.get("deployments") or [] if d.get("name") == "Model"), {})
     options = {k: model[k] for k in NOOP_COPIED if k in model}
     logging_config = app.get("logging_config") or raw.get("logging_config") or {}
@@ -229,7 +113,7 @@ def noop_serve(config: str | Path, num_cpus: int | None = None, ingress: str = "
     import yaml
 
     from serving import launch
-    from serving.ingress import configure
+    from serving.ingress import configure, free_port
 
     os.environ.setdefault("RAY_ADDRESS", "local")
     raw = yaml.safe_load(Path(config).read_text())
@@ -254,37 +138,6 @@ def noop_serve(config: str | Path, num_cpus: int | None = None, ingress: str = "
         yield url
     finally:
         launch.stop()
-
-
-@contextlib.contextmanager
-def bare_server(model: Model) -> Iterator[str]:
-    """benchmarks/bare_server.py in a subprocess; yields its base URL once /healthz answers."""
-    import requests
-
-    port = free_port()
-    cmd = [sys.executable, str(REPO / "benchmarks" / "bare_server.py"), "--model", model.uri, "--port", str(port)]
-    cmd += ["--tracking-uri", model.tracking_uri] if model.tracking_uri else []
-    cmd += ["--store-url", model.store_url] if model.store_url else []
-    proc = subprocess.Popen(cmd, cwd=REPO)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"bare_server.py exited with {proc.returncode}")
-            with contextlib.suppress(requests.RequestException):
-                if requests.get(f"{url}/healthz", timeout=2).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{url}/healthz not ready after 120 s")
-            time.sleep(0.25)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def user_ids(recommender, n: int, seed: int) -> list[str]:
@@ -314,21 +167,10 @@ def request_body(user_id: str, k: int, diversity: float | None) -> dict:
     return body
 
 
-def percentile(values, p: float) -> float | None:
-    a = np.asarray(values, dtype=float)
-    return round(float(np.percentile(a, p)), 3) if a.size else None
-
-
 def summarize(latencies_ms: list[float], errors: int, n: int, seconds: float) -> dict:
     """Percentiles of the successful requests (None when there were none)."""
-    return {
-        "requests": n,
-        "ok": len(latencies_ms),
-        "errors": errors,
-        "achieved_rps": round(len(latencies_ms) / seconds, 1) if seconds > 0 else 0.0,
-        **{f"p{p}_ms": percentile(latencies_ms, p) for p in (50, 95, 99)},
-        "max_ms": percentile(latencies_ms, 100),
-    }
+    achieved = round(len(latencies_ms) / seconds, 1) if seconds > 0 else 0.0
+    return {"requests": n, "ok": len(latencies_ms), "errors": errors, "achieved_rps": achieved, **harness.stats(latencies_ms)}
 
 
 TIMEOUT_KINDS = ("timeout", "unfinished")  # error kinds (lower case, substring) that are timeouts
@@ -349,7 +191,7 @@ def error_classes(kinds: dict[str, int]) -> dict[str, int]:
 
 
 def latency_summary(values_ms: list[float]) -> dict:
-    return {"n": len(values_ms), "p50_ms": percentile(values_ms, 50), "p99_ms": percentile(values_ms, 99), "max_ms": percentile(values_ms, 100)}
+    return harness.stats(values_ms, ("n", "p50", "p99", "max"))
 
 
 def in_process(recommender, users: list[str], k: int, diversity: float | None = None, warmup: int = 50) -> dict:
@@ -424,15 +266,6 @@ async def open_loop(url: str, users: list[str], k: int, rate: float, duration: f
     return out
 
 
-def install_uvloop() -> None:
-    try:
-        import uvloop
-
-        uvloop.install()
-    except ImportError:
-        pass
-
-
 @contextlib.contextmanager
 def no_client_gc() -> Iterator[None]:
     """The load client's own garbage collector off while it fires: a full collection over its tens of
@@ -452,13 +285,15 @@ def no_client_gc() -> Iterator[None]:
 
 
 def open_loop_run(*args, **kwargs) -> dict:
-    with no_client_gc():
-        return asyncio.run(open_loop(*args, **kwargs))
+    """open_loop on uvloop's event loop, the client's garbage collector off."""
+    import uvloop
+
+    with no_client_gc(), asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(open_loop(*args, **kwargs))
 
 
 def run_rates(url: str, users: list[str], k: int, rates: list[float], duration: float, timeout: float, warmup_s: float,
               diversity: float | None = None, label: str = "") -> list[dict]:
-    install_uvloop()
     open_loop_run(url, users, k, min(rates), warmup_s, timeout, diversity)  # warm connections and replicas
     rows = []
     for rate in rates:
@@ -613,25 +448,13 @@ def table_lines(results: dict) -> list[str]:
     return lines
 
 
-def ray_version() -> str:
-    try:
-        import ray
-
-        return ray.__version__
-    except ImportError:
-        return "absent"
-
-
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_flags(p)
-    add_ingress_flag(p)
+    p = harness.parser(__doc__, "serve_load")
+    servers.model_flags(p, ingress=True)
     p.add_argument("--rates", type=float, nargs="+", default=[100, 200, 300, 400, 600], help="request rates, per second (default 100 200 300 400 600)")
     p.add_argument("--duration", type=float, default=60, help="seconds per rate (default 60)")
     p.add_argument("--diversity", type=parse_diversity, nargs="+", default=[None, 0.5],
                    help="trustrec passes: 'none' (no diversity field: MMR off) and/or MMR lambdas (default: none 0.5)")
-    p.add_argument("--noop-rates", type=float, nargs="+", help="rates for the noop target (default --rates)")
-    p.add_argument("--diversity-rates", type=float, nargs="+", help="rates for the trustrec passes after the first --diversity (default --rates)")
     p.add_argument("--timeout", type=float, default=10, help="per-request timeout and drain bound after the last send, s (default 10)")
     p.add_argument("--warmup", type=float, default=3, help="seconds of warm-up load before each target and pass (default 3)")
     p.add_argument("--k", type=int, default=10, help="k per request (default 10)")
@@ -642,10 +465,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--overload-rates", type=float, nargs="+", default=[],
                    help="with --overload: further overload rates, run after the 2x-capacity one (reported, not judged)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", help="JSON output (default benchmarks/results/serve_load.json)")
     args = p.parse_args(argv)
-    rate_lists = [args.rates, args.noop_rates or [], args.diversity_rates or [], args.overload_rates]
-    if args.duration <= 0 or args.overload_duration <= 0 or any(r <= 0 for rates in rate_lists for r in rates):
+    if args.duration <= 0 or args.overload_duration <= 0 or any(r <= 0 for r in [*args.rates, *args.overload_rates]):
         p.error("--duration, --overload-duration and the rates must be positive")
     if args.overload and "ray" not in args.targets:
         p.error("--overload needs the ray target")
@@ -653,13 +474,13 @@ def main(argv: list[str] | None = None) -> int:
     from features.store import FeatureStore
     from serving.recommender import Recommender
 
-    started = time.monotonic()
+    started, date = time.monotonic(), time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())  # the JSON's date: when the run began (UTC)
     results: dict[str, list] = {}
     overload = None
-    with private_ray_token(), prepared_model(args) as model:
+    with servers.private_ray_token(), servers.prepared_model(args) as model:
         store = FeatureStore(model.store_url) if model.store_url else None
         recommender = Recommender.from_uri(model.uri, store, model.tracking_uri)
-        max_rate = max(max(args.rates), *(args.noop_rates or [0]), *(args.diversity_rates or [0]), *args.overload_rates, 2 * max(args.rates) if args.overload else 0)
+        max_rate = max(*args.rates, *args.overload_rates, 2 * max(args.rates) if args.overload else 0)
         users = user_ids(recommender, max(int(max_rate * max(args.duration, args.overload_duration)), args.in_process_calls), args.seed)
         n_items = len(recommender.items)
         if "in-process" in args.targets:
@@ -674,64 +495,55 @@ def main(argv: list[str] | None = None) -> int:
         if "noop" in args.targets:
             print(f"no-op Ray Serve app (same deployment shape, {args.ingress}) ...", flush=True)
             with noop_serve(args.config, ingress=args.ingress) as url:
-                results["noop"] = run_rates(url, users, args.k, args.noop_rates or args.rates, args.duration, args.timeout, args.warmup)
+                results["noop"] = run_rates(url, users, args.k, args.rates, args.duration, args.timeout, args.warmup)
         if "bare" in args.targets:
             print("bare FastAPI + ONNX Runtime (uvicorn, no Ray) ...", flush=True)
-            with bare_server(model) as url:
+            with servers.bare_server(model) as url:
                 results["bare"] = run_rates(url, users, args.k, args.rates, args.duration, args.timeout, args.warmup, args.diversity[0])
         if "ray" in args.targets:
             print(f"trustrec on Ray Serve ({Path(args.config).name}, {args.ingress}) ...", flush=True)
-            with ray_serve(args.config, model, ingress=args.ingress) as url:
+            with servers.ray_serve(args.config, model, ingress=args.ingress) as url:
                 results["ray"] = []
-                for i, d in enumerate(args.diversity):
-                    rates = args.rates if i == 0 else (args.diversity_rates or args.rates)
+                for d in args.diversity:
                     print(f"  diversity {div_label(d)}", flush=True)
-                    results["ray"] += run_rates(url, users, args.k, rates, args.duration, args.timeout, args.warmup, d)
+                    results["ray"] += run_rates(url, users, args.k, args.rates, args.duration, args.timeout, args.warmup, d)
                 if args.overload:
-                    first = [r for r in results["ray"] if r["diversity"] == args.diversity[0]]
-                    rate, rule = overload_rate(first)
-                    print(f"  overload: {rule} = {rate:g} rps for {args.overload_duration:g} s", flush=True)
-                    settle(url)
-                    row = open_loop_run(url, users, args.k, rate, args.overload_duration, args.timeout, args.diversity[0])
-                    overload = overload_summary(row, rule)
-                    overload["raw"] = row
-                    for extra in args.overload_rates:
-                        print(f"  overload: {extra:g} rps (--overload-rates) for {args.overload_duration:g} s", flush=True)
+                    rate, rule = overload_rate([r for r in results["ray"] if r["diversity"] == args.diversity[0]])
+                    for rate, rule in [(rate, rule), *((extra, "--overload-rates") for extra in args.overload_rates)]:
+                        print(f"  overload: {rule}: {rate:g} rps for {args.overload_duration:g} s", flush=True)
                         settle(url)
-                        row = open_loop_run(url, users, args.k, extra, args.overload_duration, args.timeout, args.diversity[0])
-                        more = overload_summary(row, "--overload-rates")
-                        more["raw"] = row
-                        overload.setdefault("more", []).append(more)
+                        row = open_loop_run(url, users, args.k, rate, args.overload_duration, args.timeout, args.diversity[0])
+                        summary = {**overload_summary(row, rule), "raw": row}
+                        if overload is None:
+                            overload = summary
+                        else:
+                            overload.setdefault("more", []).append(summary)
 
     g = goals(results, overload)
     report = {
+        "date": date,
         "load_average_1m": round(os.getloadavg()[0], 2),  # > cores: other work shared the machine, timings are inflated
         "ingress": args.ingress,
-        "ray": ray_version(),
+        "ray": harness.version("ray"),
         "rates": args.rates,
-        "noop_rates": args.noop_rates or args.rates,
-        "diversity_rates": args.diversity_rates or args.rates,
+        "noop_rates": args.rates,  # every target and pass runs --rates; the two keys stay for readers of older JSON
+        "diversity_rates": args.rates,
         "diversity": args.diversity,
         "duration_s": args.duration,
         "k": args.k,
         "n_items": n_items,
-        "config": str(Path(args.config).resolve().relative_to(REPO)) if Path(args.config).resolve().is_relative_to(REPO) else args.config,
+        "config": harness.repo_relative(args.config),
         "model": "trained small synthetic model" if not args.model else "given by --model",
         "results": results,
         "comparisons": comparisons(results),
         "overload": overload,
         "goals": g,
         "wall_s": round(time.monotonic() - started, 1),
-        "machine": f"{platform.machine()} {os.cpu_count()} cores, Python {platform.python_version()}",
-        "command": "python benchmarks/serve_load.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - (time.monotonic() - started))),  # when the run began (UTC)
     }
-    out = Path(args.out or REPO / "benchmarks" / "results" / "serve_load.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    out = harness.write(report, args, "serve_load", script=__file__, argv=argv, libraries=["ray", "aiohttp", "onnxruntime"])
 
     print(f"\nserve load: POST /v1/recommend k={args.k}, {n_items} items, open loop {args.duration:g} s per rate, ingress {args.ingress}, "
-          f"ray {report['ray']}  ({report['machine']}, load average {report['load_average_1m']}, {report['wall_s']:.0f} s)")
+          f"ray {report['ray']}  ({os.cpu_count()} cores, load average {report['load_average_1m']}, {report['wall_s']:.0f} s)")
     print("\n".join(table_lines(results)))
     for o in [overload, *overload.get("more", [])] if overload else []:
         print(f"  overload {o['rate_rps']:g} rps ({o['rule']}): 503 {o['shed_503']}/{o['requests']} ({100 * (o['shed_share'] or 0):.1f} %), "

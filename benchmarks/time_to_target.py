@@ -18,7 +18,6 @@ on a quiet machine.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -29,14 +28,13 @@ from harness import REPO  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = harness.parser(__doc__, "time_to_target_<config>_<stage>")
     p.add_argument("--config", default=str(REPO / "configs" / "two_tower_ml100k.yaml"))
     p.add_argument("--data", default=None, help="ML-100k folder (default: $TRUSTREC_ML100K or ../shared/data/ml-100k)")
     p.add_argument("--stage", choices=["select", "refit"], default="select")
     p.add_argument("--target", type=float, default=0.45)
     p.add_argument("--threads", type=int, default=2, help="torch threads (the goal is stated for 2 CPU cores)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra config overrides")
-    harness.output_flags(p, "time_to_target_<config>_<stage>")
     args = p.parse_args(argv)
 
     import tempfile

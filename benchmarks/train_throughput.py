@@ -33,17 +33,13 @@ import harness  # noqa: E402  (puts the repository on sys.path too)
 from harness import REPO  # noqa: E402
 
 
-def cpu_name() -> str:
-    return f"{harness.cpu_model()} ({os.cpu_count()} cores)"
-
-
 def overrides(args, device: str, threads: int, ckpt: Path) -> list[str]:
     return [
         f"data.synthetic.n_users={args.users}", f"data.synthetic.n_items={args.items}",
         f"data.synthetic.mean_interactions_per_user={args.per_user}", f"trainer.batch_size={args.batch_size}",
         f"trainer.epochs={args.epochs}", f"trainer.device={device}", "trainer.amp=true", "trainer.progress=false",
         f"trainer.num_threads={threads}", f"trainer.checkpoint_dir={ckpt}", "tracking.enabled=false",
-        *([f"distributed.data=shards", f"distributed.shards_path={args.shards}"] if args.shards else []), *args.set,
+        *(["distributed.data=shards", f"distributed.shards_path={args.shards}"] if args.shards else []), *args.set,
     ]  # fmt: skip
 
 
@@ -131,7 +127,7 @@ def run_mode(mode: str, args, workdir: Path) -> dict:
     out = workdir / f"{mode}.json"
     spec = {"mode": mode if mode not in ("trainer", "cuda-trainer") else "trainer", "config": args.config, "out": str(out),
             "overrides": overrides(args, "cuda" if cuda else "cpu", threads, workdir / f"ckpt-{mode}"),
-            "device_name": torch.cuda.get_device_name(0) if cuda else cpu_name()}  # fmt: skip
+            "device_name": torch.cuda.get_device_name(0) if cuda else f"{harness.cpu_model()} ({cores} cores)"}  # fmt: skip
     spec_path = workdir / f"{mode}.spec.json"
     spec_path.write_text(json.dumps(spec))
     pythonpath = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))  # keep the caller's (a private site dir)
@@ -159,7 +155,7 @@ def table(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = harness.parser(__doc__, "train_throughput")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--config", default=str(REPO / "configs" / "two_tower.yaml"))
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
@@ -171,7 +167,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, help="torch threads per rank (default: cores / ranks; 1 on a loaded host, where spinning OpenMP threads stall)")
     p.add_argument("--shards", help="stream this shard directory instead of the in-memory synthetic data")
     p.add_argument("--modes", help="comma-separated subset of the modes")
-    harness.output_flags(p, "train_throughput")
     p.add_argument("--note", default="", help="free text stored with the figures (e.g. 'under contention')")
     args = p.parse_args(argv)
     if args.child:

@@ -109,3 +109,19 @@ def test_write_puts_command_date_machine_first_and_records_on_request(tmp_path, 
 def test_table_by_hand():
     assert harness.table(["model", "ndcg"], [["ease", 0.48091], ["pop", None]], first=6, width=8).splitlines() == [
         "model     ndcg", "ease    0.4809", "pop          -"]
+
+
+def test_stats_by_hand():
+    # numpy's linear interpolation over [1, 2, 3, 4]: p50 at rank 1.5 -> 2.5, p95 at rank 2.85 -> 3.85, p99 at 2.97 -> 3.97
+    assert harness.stats([4, 1, 3, 2]) == {"p50_ms": 2.5, "p95_ms": 3.85, "p99_ms": 3.97, "max_ms": 4.0}
+    assert harness.stats([1, 2, 3, 4], ("p50", "max", "mean", "n"), suffix="", digits=None) == {"p50": 2.5, "max": 4.0, "mean": 2.5, "n": 4}
+    assert harness.stats([0.12345, 0.12345], ("p50",)) == {"p50_ms": 0.123} and harness.stats([0.12345], ("p50",), digits=None) == {"p50_ms": 0.12345}
+    assert harness.stats([], ("n", "p50", "max")) == {"n": 0, "p50_ms": None, "max_ms": None}  # an empty sample: no figure, no error
+
+
+def test_parser_repo_relative():
+    p = harness.parser("what it measures", "cold_start_<data>")
+    assert p.description == "what it measures" and vars(p.parse_args(["--record"])) == {"out": None, "record": True}
+    assert "--out" not in harness.parser(None).format_help()  # no name: no output flags
+    assert harness.repo_relative(harness.REPO / "configs" / "serve.yaml") == "configs/serve.yaml"
+    assert harness.repo_relative("/elsewhere/serve.yaml") == "/elsewhere/serve.yaml"

@@ -175,6 +175,23 @@ def test_goals_per_diversity(sl):
     assert sl.goals({"noop": [_row(300, 3.0, 10.0)]}) == {}  # no trustrec rows: nothing to judge
 
 
+def test_model_flags_of_the_http_benchmarks(sl):
+    import servers  # benchmarks/ is on sys.path once serve_load.py is loaded
+
+    from tests.conftest import REPO
+
+    p = argparse.ArgumentParser()
+    servers.model_flags(p, ingress=True)
+    args = p.parse_args(["--model", "models:/trustrec@champion"])
+    assert (args.model, args.tracking_uri, args.store_url, args.ingress) == ("models:/trustrec@champion", None, None, "haproxy")
+    assert args.config == str(REPO / "configs" / "serve.yaml")
+    with pytest.raises(SystemExit):
+        p.parse_args(["--ingress", "nginx"])
+    bare = argparse.ArgumentParser()
+    servers.model_flags(bare)  # fuzz.py: no --ingress
+    assert not hasattr(bare.parse_args([]), "ingress")
+
+
 def test_noop_options_copy_the_model_deployment_shape(sl):
     import yaml
 
