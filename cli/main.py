@@ -68,6 +68,8 @@ def cmd_recommend(args: argparse.Namespace) -> int:
     from serving.admin import operator_args
     from serving.recommender import Recommender
 
+    if not args.store_url and not Path(args.config).is_file():
+        raise FileNotFoundError(f"--config {args.config}: no such file (a serve config, for the store URL and consent regime; or pass --store-url)")
     app_args = operator_args(args.config, args.store_url)  # --store-url with no serve config: the defaults
     url = args.store_url or app_args.store_url
     where = f"--store-url {_shown(url)}" if args.store_url else f"{args.config}: args.store_url {_shown(url)}"

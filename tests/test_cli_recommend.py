@@ -129,3 +129,28 @@ def test_a_file_that_is_no_store_is_refused_untouched(example, capsys, tmp_path)
     (tmp_path / "text.db").write_text("hello")
     code, _, err = recommend(capsys, "1", "--model", str(bundle), "--store-url", f"sqlite:///{tmp_path / 'text.db'}")
     assert code == 2 and "is not a SQLite database" in err
+
+
+def test_no_consent_is_the_reason_and_history_is_not_used(example, capsys, tmp_path):
+    import shutil
+
+    from features.consent import record_consent
+    from features.store import FeatureStore
+
+    root, bundle, _ = example
+    copy = tmp_path / "store.db"  # the module's store stays as trained
+    shutil.copy(root / "features.db", copy)
+    url = f"sqlite:///{copy}"
+    with FeatureStore(url) as store:
+        record_consent(store, "3", {"personalization": False})
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    code, [answer], _ = recommend(capsys, "3", "-k", "5", "--model", str(bundle), "--store-url", url)
+    assert code == 0 and answer["personalized"] is False
+    assert answer["reason"] == "no consent to personalization (consent regime opt_out): popularity list"
+    assert ids(answer) == manifest["popularity"][:5]  # nothing of their history read, not even to exclude it
+
+
+def test_a_missing_serve_config_is_named(example, capsys, tmp_path):
+    _, bundle, _ = example
+    code, _, err = recommend(capsys, "1", "--model", str(bundle), "--config", str(tmp_path / "nope.yaml"))
+    assert code == 2 and f"--config {tmp_path / 'nope.yaml'}: no such file" in err
