@@ -98,6 +98,8 @@ def test_report_by_hand_with_guardrails():
     assert (t["users"], t["exposures"], t["shown"], t["clicks"]) == (3, 3, 5, 4)
     assert c["ctr"]["value"] == pytest.approx(1 / 6) and t["ctr"]["value"] == pytest.approx(4 / 5)
     assert c["conversion"]["value"] == pytest.approx(1 / 2) and t["conversion"]["value"] == pytest.approx(1.0)
+    assert c["clicks_per_exposure"]["value"] == pytest.approx(1 / 3) and t["clicks_per_exposure"]["value"] == pytest.approx(4 / 3)
+    assert t["lift"]["clicks_per_exposure"]["absolute"]["value"] == pytest.approx(1.0)
     assert t["lift"]["ctr"]["absolute"]["value"] == pytest.approx(4 / 5 - 1 / 6)
     assert t["lift"]["ctr"]["relative"]["value"] == pytest.approx((4 / 5) / (1 / 6) - 1)
     assert c["guardrails"]["coverage"] == pytest.approx(2 / 5) and t["guardrails"]["coverage"] == pytest.approx(3 / 5)

@@ -285,8 +285,9 @@ def report(
     n_boot: int = N_BOOT,
     seed: int = 0,
 ) -> dict:
-    """Per arm: users, exposures, shown items, clicks, CTR (clicks / shown, per user ratio) and
-    conversion (share of users with a click) with CIs; lift of each arm vs `control`; SRM of
+    """Per arm: users, exposures, shown items, clicks, CTR (clicks / shown items), clicks per
+    exposure (clicks / lists; both ratio metrics over users) and conversion (share of users with a
+    click) with CIs; lift of each arm vs `control`; SRM of
     `assigned` (users assigned per arm; default: users seen in the logs) against `weights`; with
     `lists` (n, k) and `n_items`, guardrails per arm. A JSON-ready dict."""
     if control not in weights:
@@ -300,19 +301,21 @@ def report(
     metric_of: dict[str, dict[str, tuple]] = {}
     for name in weights:
         m = totals.arm == name
-        ctr_units = (totals.clicks[m], totals.shown[m])
-        conv_units = ((totals.clicks[m] > 0).astype(np.float64), None)
-        metric_of[name] = {"ctr": ctr_units, "conversion": conv_units}
+        metric_of[name] = {
+            "ctr": (totals.clicks[m], totals.shown[m]),
+            "clicks_per_exposure": (totals.clicks[m], totals.exposures[m].astype(np.float64)),
+            "conversion": ((totals.clicks[m] > 0).astype(np.float64), None),
+        }
         row: dict[str, Any] = {"users": int(m.sum()), "exposures": int(totals.exposures[m].sum()), "shown": int(totals.shown[m].sum()), "clicks": int(totals.clicks[m].sum())}
         if m.sum() >= 2 and totals.shown[m].sum() > 0:
-            row["ctr"] = ratio(*ctr_units, **kw).to_dict()
-            row["conversion"] = ratio(*conv_units, **kw).to_dict()
+            for metric, units in metric_of[name].items():
+                row[metric] = ratio(*units, **kw).to_dict()
         per_arm[name] = row
     for name in weights:
         if name == control:
             continue
         per_arm[name]["lift"] = {}
-        for metric in ("ctr", "conversion"):
+        for metric in metric_of[name]:
             if metric in per_arm[name] and metric in per_arm[control] and per_arm[control][metric]["value"] > 0:
                 per_arm[name]["lift"][metric] = lift(metric_of[name][metric], metric_of[control][metric], **kw).to_dict()
     if lists is not None:
