@@ -77,6 +77,9 @@ class RecommendResponse(BaseModel):
     model_version: str
     provider: str
     short: Short | None = Field(None, description="present only when fewer than k items came back, with how many and why")
+    experiment: str | None = Field(None, description="the experiment this list was served in (absent outside experiments)")
+    arm: str | None = Field(None, description="the user's assigned arm (sticky); 'holdout' when kept outside the experiment")
+    exposure_id: str | None = Field(None, description="send it back with POST /v1/events to join the outcome to this list")
     reasons_withheld: bool | None = Field(None, description="explain was asked without the user's own or the admin token: reasons are personal data, so none are given")
 
 
@@ -160,6 +163,11 @@ class ModelServer:
         # a local store (SQLite, or none) answers in microseconds: batches run in the event loop itself,
         # with no thread hop and no GIL hand-off; a networked store could stall the loop for a round
         # trip, so its batches go to a worker thread (serving/batching.py)
+        self.experiment = None
+        if self.cfg.experiment is not None:
+            from serving.experiment import ExperimentRouter
+
+            self.experiment = ExperimentRouter(self.cfg.experiment, self.store, self.cfg.exposure_log_capacity)
         inline = self.store is None or self.store.engine.dialect.name == "sqlite"
         self.batcher = LoopBatcher(self._recommend_batch, self.cfg.max_batch_size, self.cfg.batch_wait_timeout_s, inline)
 
@@ -171,9 +179,16 @@ class ModelServer:
 
         cfg = ModelConfig.model_validate(user_config or {})
         c = self.cfg
+        arms: dict = {}
         try:
             new = await asyncio.to_thread(Recommender.from_uri, cfg.model_uri, self.store, c.tracking_uri, c.force_cpu, c.diversity_lambda, c.index.model_dump(), c.user_cache_size)
             await asyncio.to_thread(probe, new, self.store)
+            if self.experiment is not None:  # every arm's model swaps with the main one, or none does
+                from serving.experiment import arm_uris
+
+                for alias, uri in arm_uris(self.experiment.cfg, cfg.model_uri).items():
+                    arms[alias] = await asyncio.to_thread(Recommender.from_uri, uri, self.store, c.tracking_uri, c.force_cpu, c.diversity_lambda, c.index.model_dump(), c.user_cache_size)
+                    await asyncio.to_thread(probe, arms[alias], self.store)
         except Exception as e:
             if self.recommender is None:
                 raise  # a replica with no model must not start
@@ -186,6 +201,8 @@ class ModelServer:
         self.swap_error = None
         old_version = self.recommender.model_version if self.recommender else None
         self.recommender, self.model_uri = new, cfg.model_uri
+        if self.experiment is not None:
+            self.experiment.set_models(cfg.model_uri, arms)
         await asyncio.to_thread(record_model_swap, self.audit, old_version, new.model_version, cfg.model_uri)
         self.metrics.serving_with(new.provider, new.model_version, (preferred_providers(c.force_cpu) or [None])[0])
         log.info("model version %s -> %s (%s) on %s", old_version, new.model_version, cfg.model_uri, new.provider)
@@ -193,7 +210,8 @@ class ModelServer:
     def _recommend_batch(self, requests: list[dict]) -> list[dict]:
         """One batch of RecommendRequest dicts (the LoopBatcher's function), with one model for the
         whole batch even if a swap lands meanwhile."""
-        results = recommend_batch(self.recommender, requests)
+        rec = self.recommender
+        results = self.experiment.answer(rec, requests, recommend_batch) if self.experiment is not None else recommend_batch(rec, requests)
         self.metrics.batch_size.observe(len(requests))
         self.metrics.popularity_fallbacks(sum(not r["personalized"] for r in results))
         return results
@@ -223,6 +241,9 @@ class ModelServer:
 
     def __del__(self) -> None:
         """Graceful shutdown (after in-flight requests drained): release the store's connections."""
+        experiment = getattr(self, "experiment", None)
+        if experiment is not None:
+            experiment.close()  # writes the exposures still queued
         store = getattr(self, "store", None)
         if store is not None:
             store.close()
@@ -256,6 +277,7 @@ class Model(ModelServer):
         configure_http(self.cfg)  # body limit and OpenAPI security of this replica's app (serving/http.py)
         self.routes = RouteMetrics()
         self.users = UsersService(self.cfg, self.store, self.audit)  # consent, preferences, events, access, erasure (serving/users_api.py)
+        self.users.exposure_log = self.experiment.exposures if self.experiment is not None else None  # outcomes join exposures still queued
 
     @api.post("/v1/recommend", response_model=RecommendResponse, response_model_exclude_none=True)
     async def recommend(self, request: RecommendRequest, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> dict:
@@ -293,7 +315,7 @@ class Model(ModelServer):
     async def put_preferences(self, body: PreferencesRequest, user_id: str = UserIdPath, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> dict:
         return await self.users.put_preferences(user_id, body, credentials)
 
-    @api.post("/v1/events", response_model=EventResponse, responses=USER_RESPONSES)
+    @api.post("/v1/events", response_model=EventResponse, response_model_exclude_none=True, responses=USER_RESPONSES)
     async def post_event(self, body: EventRequest, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> dict:
         return await self.users.post_event(body, credentials)
 

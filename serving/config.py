@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from bundle.topk import ANN_KIND, ANN_MIN_ITEMS, HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH, HNSW_M
 from features.config import ConsentConfig
+from features.experiments import ExperimentConfig
 
 MODEL_DEPLOYMENT = "Model"  # the deployment that batches over the Recommender and takes the model URI via user_config
 
@@ -82,6 +83,11 @@ class AppArgs(BaseModel):
     # 1000-entry maximum with long ids needs it raised.
     max_body_bytes: int = Field(65536, ge=1024)
     audit: AuditArgs = AuditArgs()  # where the audit log goes: the store table (default) and/or a JSON-lines file
+    # a controlled experiment (features/experiments.py, serving/experiment.py): arms, weights, control,
+    # holdout; null = none. Its exposures queue in memory up to exposure_log_capacity per replica
+    # (~1 KB each with 10 items: 10k = ~10 MB) and are written in batches off the request path
+    experiment: ExperimentConfig | None = None
+    exposure_log_capacity: int = Field(10_000, ge=1)
 
 
 class ModelConfig(BaseModel):

@@ -78,11 +78,22 @@ class EventRequest(_Body):
     item_id: CleanStr = Field(min_length=1, max_length=128)
     rating: FiniteFloat = Field(1.0, ge=-1e6, le=1e6, description="1.0 for implicit feedback")
     timestamp: Timestamp | None = Field(None, description="unix seconds, before 2100 (serving/http.py MAX_TIMESTAMP); default now")
+    exposure_id: CleanStr | None = Field(None, min_length=1, max_length=64, description="the exposure_id of the list the item was shown in: joins this outcome to the experiment's exposure")
+    kind: Literal["click", "rating", "purchase", "dwell"] = Field("click", description="what happened (with exposure_id)")
+    value: FiniteFloat | None = Field(None, ge=0, le=1e6, description="with exposure_id: 1 for a click or purchase (0: explicitly none), the rating, dwell seconds; default: rating for kind rating, else 1")
+
+
+class Outcome(BaseModel):
+    exposure_id: str
+    kind: str
+    position: int | None = Field(description="the item's position in the exposed list, 0 first")
+    recorded: bool
 
 
 class EventResponse(BaseModel):
     stored: bool = Field(description="false without personalization or training consent: nothing kept")
     for_training: bool = Field(description="true only under training consent")
+    outcome: Outcome | None = Field(None, description="present with exposure_id: the outcome joined to the experiment's exposure")
 
 
 class Receipt(BaseModel):
@@ -202,6 +213,7 @@ class UsersService:
         self.store = store
         self.auth = Authenticator(cfg.auth)
         self.audit = audit if audit is not None else audit_log(cfg.audit, store)
+        self.exposure_log = None  # the replica's experiment ExposureLog (set by the deployment), for outcomes of queued exposures
         self._pending: set = set()  # audit writes of failed /v1/recommend authorizations, in flight
 
     def _auth_failure(self, err: HTTPException, credentials, user_id: str, operation: str):
@@ -263,7 +275,22 @@ class UsersService:
     async def post_event(self, body: EventRequest, credentials) -> dict:
         from features.consent import record_event
 
-        return await self._run(credentials, body.user_id, record_event, body.item_id, body.rating, body.timestamp)
+        if body.exposure_id is None:
+            return await self._run(credentials, body.user_id, record_event, body.item_id, body.rating, body.timestamp)
+        from features.exposures import OutcomeError, record_outcome
+
+        value = body.value if body.value is not None else (body.rating if body.kind == "rating" else 1.0)
+
+        def with_outcome(store, user_id: str, *, audit, actor) -> dict:
+            """The outcome first (a bad exposure_id refuses the whole event), then the event as without one."""
+            outcome = record_outcome(store, user_id, body.exposure_id, body.kind, value, body.item_id, self.exposure_log)
+            return {**record_event(store, user_id, body.item_id, body.rating, body.timestamp, audit=audit, actor=actor), "outcome": outcome}
+
+        with_outcome.__name__ = "record_event"  # the audit entry of a refused token names the operation as for any event
+        try:
+            return await self._run(credentials, body.user_id, with_outcome)
+        except OutcomeError as e:
+            raise HTTPException(422, [{"loc": ["body", e.field], "msg": str(e).split(": ", 1)[1], "type": "value_error"}]) from None
 
     async def get_data(self, user_id: str, credentials) -> dict:
         from features.consent import export_user

@@ -115,7 +115,8 @@ def test_every_audited_action_over_http_and_no_raw_id_or_token_anywhere(app, tmp
         ("auth_failure", c, "user", {"status": 403, "reason": "other_users_token", "operation": "erase_user"}),
         ("auth_failure", o, "anonymous", {"status": 401, "reason": "invalid_token", "operation": "record_event"}),
         ("auth_failure", c, "anonymous", {"status": 401, "reason": "missing_token", "operation": "recommend"}),
-        ("erasure", c, "admin", {"deleted": {"users": 1, "interactions": 2, "events": 1, "consent_ledger": 1, "blocked_items": 2}, "popularity_adjusted_items": 2}),
+        ("erasure", c, "admin", {"deleted": {"users": 1, "interactions": 2, "events": 1, "consent_ledger": 1, "blocked_items": 2, "privacy_spend": 0,
+                                             "exposures": 0, "outcomes": 0}, "popularity_adjusted_items": 2}),
         ("model_swap", None, "replica:trustrec#Model#r1", {"old": "7", "new": "8", "uri": "models:/trustrec@challenger"}),
     ]
     entries = server.audit.entries()  # the store table: the same one the UsersService writes
