@@ -267,17 +267,12 @@ def _positive_int(text: str) -> int:
 def cmd_privacy_budget(args: argparse.Namespace) -> int:
     """The privacy-budget ledger of a feature store: every private release, oldest first, and the
     cumulative spend of the worst-off user still covered (features/privacy_ledger.py)."""
-    from sqlalchemy.engine import make_url
-
     from features.privacy_ledger import COMPOSITION, entries, spent
     from features.store import FeatureStore
     from training.config import load_config
 
     cfg = load_config(args.config, args.set)
-    url = args.store_url or cfg.store.url
-    parsed = make_url(url)
-    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:") and not Path(parsed.database).expanduser().exists():
-        raise FileNotFoundError(f"{'--store-url' if args.store_url else 'store.url'}: no feature store at {parsed.database}")
+    url = existing_store(args.store_url or cfg.store.url, "--store-url" if args.store_url else "store.url")
     store = FeatureStore(url)
     try:
         rows, worst = entries(store), spent(store)
@@ -297,6 +292,38 @@ def cmd_privacy_budget(args: argparse.Namespace) -> int:
     limit = f" of a budget of {budget:g} (privacy.total_epsilon)" if budget is not None else " (no privacy.total_epsilon configured)"
     print(f"cumulative, worst-off user still covered: epsilon {worst.epsilon:.3g}, delta {worst.delta:.2e}, over {worst.releases} release(s){limit}")
     print(f"composition: {COMPOSITION}")
+    return 0
+
+
+def cmd_experiment_report(args: argparse.Namespace) -> int:
+    """Per-arm figures, lifts, SRM and guardrails of a served experiment, from the store's exposure log."""
+    from features.store import FeatureStore
+    from serving.config import load_serve_config
+    from training.experiments.report import build
+
+    _, app_args, _ = load_serve_config(args.config)
+    cfg = app_args.experiment
+    if cfg is None or cfg.name != args.name:
+        raise ValueError(f"{args.config}: args.experiment declares {cfg.name if cfg else 'no experiment'!r}, not {args.name!r}")
+    url = args.store_url or app_args.store_url
+    if not url:
+        raise ValueError(f"{args.config}: args.store_url is null; the exposure log lives in the feature store (pass --store-url)")
+    existing_store(url, "--store-url" if args.store_url else f"{args.config}: args.store_url")
+    out = Path(args.out or f"reports/experiment-{args.name}")
+    with FeatureStore(url, consent=app_args.consent) as store:
+        body = build(store, cfg, out, None if args.no_mlflow else app_args.tracking_uri)
+    srm = body["srm"]
+    print(f"experiment {args.name}: control {body['control']}; sample ratio p = {srm['p_value']:.3g}{'  MISMATCH: do not read the lifts' if srm['mismatch'] else ''}")
+    for name, a in body["arms"].items():
+        ctr = a.get("ctr")
+        rel = a.get("lift", {}).get("ctr", {}).get("relative")
+        line = f"  {name:<16} users {a['users']:>6}  exposures {a['exposures']:>7}"
+        if ctr:
+            line += f"  CTR {ctr['value']:.4f} [{ctr['low']:.4f}, {ctr['high']:.4f}]"
+        if rel:
+            line += f"  lift {100 * rel['value']:+.2f} % [{100 * rel['low']:+.2f}, {100 * rel['high']:+.2f}]"
+        print(line)
+    print(f"report: {out / 'report.html'}" + (f"  (MLflow run {body['mlflow_run_id']})" if body.get("mlflow_run_id") else ""))
     return 0
 
 
@@ -411,6 +438,16 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", action="store_true")
     ap.set_defaults(func=cmd_audit_privacy)
+
+    sp = sub.add_parser("experiment", help="controlled experiments declared in the serve config")
+    experiments = sp.add_subparsers(dest="experiment_command", required=True)
+    ep = experiments.add_parser("report", help="per-arm CTR and conversion with 95 %% CIs, lift vs control, SRM, guardrails; HTML + MLflow")
+    ep.add_argument("name", help="the experiment's name (args.experiment.name in --config)")
+    ep.add_argument("--config", default=DEFAULT_SERVE_CONFIG, help=f"Ray Serve config YAML declaring it (default {DEFAULT_SERVE_CONFIG})")
+    ep.add_argument("--store-url", help="feature store holding the exposure log (default: the config's store_url)")
+    ep.add_argument("--out", help="report folder (default reports/experiment-NAME)")
+    ep.add_argument("--no-mlflow", action="store_true", help="write the files only, log nothing to MLflow")
+    ep.set_defaults(func=cmd_experiment_report)
 
     sp = sub.add_parser("privacy-budget", help="the privacy-budget ledger: every private release from the store's users and the cumulative epsilon")
     with_config(sp)

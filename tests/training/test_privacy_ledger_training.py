@@ -77,7 +77,7 @@ def test_retrains_compose_and_the_one_past_the_budget_is_refused(first, capsys):
     out = capsys.readouterr().out
     assert "dp-sgd (opacus), user-level" in out and f"epsilon {eps1 + eps2:.3g}" in out and "of a budget of 5" in out and user not in out
     assert main(["privacy-budget", "--store-url", f"sqlite:///{root}/nope.db"]) == 2  # never creates a store
-    assert not (root / "nope.db").exists() and "--store-url: no feature store" in capsys.readouterr().err
+    assert not (root / "nope.db").exists() and "--store-url: no such file" in capsys.readouterr().err
 
 
 def test_a_budget_without_the_ledger_is_a_config_error(tmp_path):
