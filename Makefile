@@ -8,7 +8,7 @@ PIP := $(PY) -m pip
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 MLFLOW_PORT ?= 5000
 
-.PHONY: setup demo test test-fast bench bench-faults check-ort-gpu mlflow-ui serve clean
+.PHONY: setup demo experiment-demo test test-fast bench bench-faults check-ort-gpu mlflow-ui serve clean
 
 # The stamp is the venv's "done" marker: a half-finished install is redone, a finished one reused.
 $(VENV)/.installed: requirements/cpu.txt pyproject.toml
@@ -27,6 +27,11 @@ setup: $(VENV)/.installed
 
 demo: setup
 	$(VENV)/bin/trustrec demo
+
+# a controlled experiment end to end: popularity / champion / challenger arms served to simulated
+# users over HTTP, clicks back through /v1/events, the report and an off-policy estimate (cli/experiment_demo.py)
+experiment-demo: setup
+	$(VENV)/bin/trustrec experiment demo
 
 test: setup
 	$(PY) -m pytest

@@ -327,6 +327,13 @@ def cmd_experiment_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_experiment_demo(args: argparse.Namespace) -> int:
+    from cli.experiment_demo import run_experiment_demo
+
+    run_experiment_demo(Path(args.dir), users=args.users, rounds=args.rounds, epochs=args.epochs)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="trustrec", description="Train, export and serve trustworthy recommenders.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -448,6 +455,12 @@ def build_parser() -> argparse.ArgumentParser:
     ep.add_argument("--out", help="report folder (default reports/experiment-NAME)")
     ep.add_argument("--no-mlflow", action="store_true", help="write the files only, log nothing to MLflow")
     ep.set_defaults(func=cmd_experiment_report)
+    dp = experiments.add_parser("demo", help="train a champion and a challenger, serve popularity / champion / challenger arms to simulated users over HTTP, report, evaluate off-policy")
+    dp.add_argument("--dir", default="runs/experiment-demo", help="where its registry, store, bundles and report go (default runs/experiment-demo)")
+    dp.add_argument("--users", type=_positive_int, default=600, help="simulated users (default 600)")
+    dp.add_argument("--rounds", type=_positive_int, default=2, help="requests per user (default 2)")
+    dp.add_argument("--epochs", type=_positive_int, default=15, help="training epochs of each model (default 15)")
+    dp.set_defaults(func=cmd_experiment_demo)
 
     sp = sub.add_parser("privacy-budget", help="the privacy-budget ledger: every private release from the store's users and the cumulative epsilon")
     with_config(sp)

@@ -20,6 +20,7 @@ import logging
 import math
 import secrets
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
@@ -120,9 +121,13 @@ class ExposureLog:
 
 
 def record_outcome(store: FeatureStore, user_id: str, exposure_id: str, kind: str, value: float = 1.0, item_id: str | None = None,
-                   exposure_log: ExposureLog | None = None) -> dict[str, Any]:  # fmt: skip
+                   exposure_log: ExposureLog | None = None, wait_s: float = 0.0) -> dict[str, Any]:  # fmt: skip
     """Join an outcome to the user's exposure. An id that is not this user's exposure is refused as
-    unknown (it never says whose it is); the item must be one the exposure showed."""
+    unknown (it never says whose it is); the item must be one the exposure showed.
+
+    An exposure may still sit in a replica's queue: this replica's (`exposure_log`) is flushed at
+    once; another replica's is written within its flush interval, so a miss is looked up again for
+    up to `wait_s` (serving passes twice the interval) before the id is called unknown."""
     if kind not in OUTCOME_KINDS:
         raise OutcomeError("kind", f"must be one of {', '.join(OUTCOME_KINDS)}")
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
@@ -136,7 +141,12 @@ def record_outcome(store: FeatureStore, user_id: str, exposure_id: str, kind: st
     query = select(exposures_table.c.subject, exposures_table.c["items"]).where(exposures_table.c.exposure_id == exposure_id)
     with store.reading() as conn:
         row = conn.execute(query).first()
-    if row is None and exposure_log is not None and exposure_log.flush():  # still queued: write it, then look again
+    if row is None and exposure_log is not None and exposure_log.flush():  # still queued here: write it, then look again
+        with store.reading() as conn:
+            row = conn.execute(query).first()
+    deadline = time.monotonic() + wait_s
+    while row is None and time.monotonic() < deadline:  # queued on another replica: its writer is due within wait_s
+        time.sleep(0.05)
         with store.reading() as conn:
             row = conn.execute(query).first()
     subject = store.subject_hash(user_id)

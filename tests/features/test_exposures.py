@@ -86,3 +86,16 @@ def test_erasure_deletes_the_users_exposures_and_outcomes_only(store):
     assert [r["exposure_id"] for r in exposures(store, "rec-v2")] == [b.exposure_id]
     assert [o["kind"] for o in outcomes(store, "rec-v2")] == ["purchase"]
     log.close()
+
+
+def test_an_outcome_waits_for_an_exposure_queued_on_another_replica(store):
+    other = ExposureLog(store, capacity=100, batch=100, interval_s=0.1)  # another replica's writer, due every 0.1 s
+    exposure = shown(store, "bob")
+    other.append(exposure)
+    assert record_outcome(store, "bob", exposure.exposure_id, "click", 1, wait_s=2.0)["recorded"]
+    stuck = ExposureLog(store, capacity=100, batch=100, interval_s=60)  # one that will not write in time
+    late = shown(store, "bob")
+    stuck.append(late)
+    with pytest.raises(OutcomeError, match="exposure_id: unknown"):
+        record_outcome(store, "bob", late.exposure_id, "click", 1, wait_s=0.2)
+    other.close(), stuck.close()
