@@ -148,9 +148,62 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def gate_promotion(args: argparse.Namespace) -> dict:
+    """The experiment gate of `promote --gate-experiment`: the decision, recorded in the audit log and
+    on the run's model version whatever it is (training/experiments/gate.py)."""
+    import mlflow
+
+    from features.store import FeatureStore
+    from serving.audit import audit_log
+    from serving.config import load_serve_config
+    from training.experiments.gate import decide, version_tags
+
+    _, app_args, _ = load_serve_config(args.config)
+    cfg = app_args.experiment
+    if cfg is None or cfg.name != args.gate_experiment:
+        raise ValueError(f"--gate-experiment: {args.config} declares {cfg.name if cfg else 'no experiment'!r}, not {args.gate_experiment!r}")
+    candidate = args.gate_arm or next((a.name for a in cfg.arms if a.model == "challenger"), None)
+    incumbent = args.against_arm or next((a.name for a in cfg.arms if a.model == args.alias), cfg.control_arm.name)
+    names = [a.name for a in cfg.arms]
+    for flag, arm in (("--gate-arm", candidate), ("--against-arm", incumbent)):
+        if arm is not None and arm not in names:
+            raise ValueError(f"{flag}: {arm!r} is not an arm of experiment {cfg.name!r} ({', '.join(names)})")
+    if candidate is None or cfg.arm(candidate).model is None:
+        raise ValueError(f"--gate-arm: name the arm that served run {args.run_id[:8]}'s model (a model arm of {cfg.name!r})")
+    client = mlflow.MlflowClient(tracking_uri=args.tracking_uri)
+    versions = client.search_model_versions(f"name = '{args.name}' and run_id = '{args.run_id}'") if "'" not in args.name else []
+    if not versions:
+        raise ValueError(f"run {args.run_id} has no registered version of model {args.name!r} in {args.tracking_uri}")
+    version = str(max(int(v.version) for v in versions))
+    served = client.get_model_version_by_alias(args.name, cfg.arm(candidate).model).version
+    if str(served) != version:
+        raise ValueError(f"--gate-arm: arm {candidate!r} serves {args.name}@{cfg.arm(candidate).model} = version {served}, not run "
+                         f"{args.run_id[:8]}'s version {version}: the experiment did not test this model")  # fmt: skip
+    url = existing_store(app_args.store_url or "", f"{args.config}: args.store_url")
+    with FeatureStore(url, consent=app_args.consent) as store:
+        decision = decide(store, cfg, candidate, incumbent)
+        audit = audit_log(app_args.audit, store)
+        if audit is not None:
+            detail = {k: decision[k] for k in ("experiment", "candidate_arm", "incumbent_arm", "passed", "reasons", "srm_p_value")}
+            audit.record("promotion_gate", None, "cli", {**detail, "model": args.name, "version": version, "alias": args.alias,
+                                                         "ctr_lift_relative": decision["ctr_lift"]["relative"]})  # fmt: skip
+    for key, value in version_tags(decision).items():
+        client.set_model_version_tag(args.name, version, key, value)
+    return decision
+
+
 def cmd_promote(args: argparse.Namespace) -> int:
     from training.tracking import promote
 
+    if args.gate_experiment:
+        decision = gate_promotion(args)
+        rel = decision["ctr_lift"]["relative"]
+        print(f"gate {decision['experiment']}: {decision['candidate_arm']} vs {decision['incumbent_arm']}: CTR lift "
+              f"{100 * rel['value']:+.2f} % [{100 * rel['low']:+.2f}, {100 * rel['high']:+.2f}], SRM p {decision['srm_p_value']:.3g}")  # fmt: skip
+        if not decision["passed"]:
+            print(f"trustrec promote: refused by the experiment gate: {'; '.join(decision['reasons'])} "
+                  "(recorded in the audit log and on the model version's gate.* tags)", file=sys.stderr)  # fmt: skip
+            return 2
     version = promote(args.run_id, args.alias, args.name, args.tracking_uri)
     print(f"{args.name}@{args.alias} -> version {version} (run {args.run_id}); `trustrec serve --reload` swaps a running server to it")
     return 0
@@ -387,6 +440,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--alias", default="champion", help="alias to move (default champion, what serving loads)")
     sp.add_argument("--name", default="trustrec", help="registered model name (default trustrec)")
     sp.add_argument("--tracking-uri", default="sqlite:///mlflow.db", help="MLflow tracking URI (default sqlite:///mlflow.db)")
+    sp.add_argument("--gate-experiment", metavar="NAME", help="promote only if this experiment (declared in --config) shows the run's arm "
+                    "beating the incumbent's: CTR lift CI above zero, no sample ratio mismatch, no guardrail regression")
+    sp.add_argument("--gate-arm", help="the arm that served this run's model (default: the arm serving alias challenger)")
+    sp.add_argument("--against-arm", help="the incumbent's arm (default: the arm serving --alias, else the control)")
+    sp.add_argument("--config", default=DEFAULT_SERVE_CONFIG, help=f"serve config declaring the experiment (default {DEFAULT_SERVE_CONFIG})")
     sp.set_defaults(func=cmd_promote)
 
     sp = sub.add_parser("tune", help="random hyper-parameter search with Ray Tune; trials are nested MLflow runs")

@@ -33,7 +33,7 @@ from features.store import FeatureStore, audit_table
 
 log = logging.getLogger(__name__)
 
-ACTIONS = ("consent", "preferences", "event", "export", "erasure", "model_swap", "model_swap_refused", "auth_failure")
+ACTIONS = ("consent", "preferences", "event", "export", "erasure", "model_swap", "model_swap_refused", "auth_failure", "promotion_gate")
 
 
 def _iso(ms: int) -> str:

@@ -75,7 +75,7 @@ def analyse(store, cfg: ExperimentConfig) -> dict[str, Any]:
     if cfg.holdout:
         weights[HOLDOUT], counts[HOLDOUT] = cfg.holdout, g["assigned"].get(HOLDOUT, 0)
     body = arm_report(g["users"], g["arms"], g["shown"], g["clicks"], control=cfg.control_arm.name,
-                      weights={a.name: a.weight for a in cfg.arms}, lists=np.where(g["lists"] < 0, 0, g["lists"]),
+                      weights={a.name: a.weight for a in cfg.arms}, lists=g["lists"],
                       n_items=max(g["n_items"], 1), item_pop=g["item_pop"])  # fmt: skip
     from training.experiments.stats import srm
 
