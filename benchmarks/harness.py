@@ -41,41 +41,75 @@ MOVIELENS = {
 
 # ---------------------------------------------------------------- datasets
 
+from features.sources import FORMS, DataSpec, DatasetNotFound, SpecError, named_path, parse_spec  # noqa: E402  (pydantic / pyyaml only; the repository is on sys.path now)
+
 
 @dataclass
 class Data:
-    name: str  # ml100k, ml1m-implicit or synthetic
-    path: Path | None = None  # the MovieLens folder; None for synthetic
+    name: str  # the dataset's label, safe in file names: ml100k, ml1m-implicit, synthetic, csv-<folder>-<stem>, ...
+    path: Path | None = None  # the folder or file named; None for synthetic
     overrides: list[str] = field(default_factory=list)  # config overrides selecting it
+    spec: DataSpec | None = field(default=None, compare=False)  # the parsed --data (kind, data block, split protocol)
+
+    @property
+    def kind(self) -> str:
+        return self.spec.kind if self.spec else self.name
+
+    @property
+    def protocol(self) -> str:
+        """The split protocol that fits the data: `given` for a dataset shipped with its test part."""
+        return self.spec.protocol if self.spec else "stratified"
 
 
 def movielens_path(name: str, path: str | Path | None = None) -> Path:
-    """The folder of MovieLens dataset `name`: `path`, else its env var, else ../shared/data/<folder>.
-    FileNotFoundError naming the folder, where it came from and what is missing."""
-    folder, env, required = MOVIELENS[name]
-    source = "argument" if path else env if os.environ.get(env) else "default location"
-    root = Path(path or os.environ.get(env) or SHARED / folder).expanduser()
-    missing = [f for f in required if not (root / f).is_file()]
-    if missing:
-        raise FileNotFoundError(f"{name} not found at {root} ({source}; missing {', '.join(missing)}); set {env}=/path/to/{folder} or pass --data {name}:PATH")
-    return root
+    """The folder of named dataset `name` (ml100k, ml1m-implicit): `path`, else its env var, else
+    ../shared/data/<folder>. FileNotFoundError naming the folder, where it came from and what is missing."""
+    return named_path(name, path, SHARED)
 
 
 def dataset(p: argparse.ArgumentParser, spec: str, allowed: Sequence[str] = ("ml100k", "synthetic"), source: bool = False) -> Data | None:
-    """`--data` (`name[:PATH]`) -> Data; an unknown name is a parser error (exit 2), absent files print
-    "skipped: ..." on stderr and give None. `source`: add data.source= to the overrides too (for
-    configs whose own source is another one). The data.path override is the resolved folder."""
-    name, _, path = spec.partition(":")
-    if name not in allowed:
-        p.error(f"--data: unknown dataset {name!r} ({' or '.join(allowed)})")
-    if name == "synthetic":
-        return Data(name, None, ["data.source=synthetic"] if source else [])
+    """`--data` (features.sources: ml100k[:PATH], ml1m-implicit[:PATH], table:CONFIG.yaml, csv:PATH,
+    lines:PATH, synthetic) -> Data. A kind not in `allowed` or a bad spec is a parser error (exit 2)
+    naming --data; an absent ml100k / ml1m-implicit folder prints "skipped: ..." on stderr and gives
+    None. `source`: add data.source= to the overrides of ml100k, ml1m-implicit and synthetic too
+    (for configs whose own source is another one; the file kinds always set it)."""
+    kind = spec.strip().partition(":")[0]
+    if kind not in allowed:
+        p.error(f"--data: unknown dataset {kind!r} ({' or '.join(FORMS.get(a, a) if a in ('table', 'csv', 'lines') else a for a in allowed)})")
     try:
-        root = movielens_path(name, path or None)
-    except FileNotFoundError as e:
+        parsed = parse_spec(spec, flag="--data", shared=SHARED)
+    except DatasetNotFound as e:
         print(f"skipped: {e}", file=sys.stderr)
         return None
-    return Data(name, root, [*(["data.source=movielens"] if source else []), f"data.path={root}"])
+    except SpecError as e:
+        p.error(str(e))
+    return Data(parsed.label, parsed.path, parsed.overrides(source or parsed.kind in ("table", "csv", "lines")), parsed)
+
+
+ALL_KINDS = ("ml100k", "ml1m-implicit", "table", "csv", "lines", "synthetic")  # `allowed` of a script that takes any dataset
+PROTOCOLS = {  # split.protocol -> how a report describes it
+    "stratified": "ms-recommenders stratified per item 75/25 seed 42",
+    "leave_last_n": "leave-last-n per user",
+    "given": "the dataset's own train/test split",
+}
+
+
+def protocol(p: argparse.ArgumentParser, data: Data, requested: str | None) -> str:
+    """`--protocol`, else the one that fits the data (given for a dataset shipped with its test part,
+    else stratified); `given` for data without a test part of its own is a parser error."""
+    chosen = requested or data.protocol
+    if chosen == "given" and data.protocol != "given":
+        p.error(f"--protocol given: --data {data.spec.spec if data.spec else data.name} ships no test part of its own (use stratified or leave_last_n)")
+    return chosen
+
+
+def data_report(data: Data, prepared: Any) -> dict:
+    """What a report says about the data: the --data spec, its kind, path, overrides, what was detected
+    (csv columns), the loaded sizes and the rows of each split part (a training.pipeline.Prepared)."""
+    spec, ds, parts = data.spec, prepared.dataset, prepared.split
+    rows = {"train": len(parts.train), "val": len(parts.val) if parts.val is not None else 0, "test": len(parts.test)}
+    return {"spec": spec.spec if spec else data.name, "kind": data.kind, "path": data.path, "overrides": data.overrides, "notes": spec.notes if spec else [],
+            "users": ds.n_users, "items": ds.n_items, "interactions": len(ds.interactions), "rows": rows}  # fmt: skip
 
 
 def offline(tmp: str | Path, tag: str = "") -> list[str]:
