@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -107,6 +108,14 @@ class PrivacyConfig(_Section):
     # none: central training; dp: user-level DP-SGD (Opacus, training/privacy/);
     # federated: Flower simulation, data stays with its client (training/federated/)
     mode: Literal["none", "dp", "federated"] = "none"
+    # --- dp: which private model. dp_sgd: the two-tower trained by user-level DP-SGD (below);
+    # gram: DP-EASE (training/privacy/gram.py), one analytic-Gaussian release of the item Gram
+    # matrix of unit-norm user histories (sensitivity 1), EASE on it; no epochs, no torch tower
+    mechanism: Literal["dp_sgd", "gram"] = "dp_sgd"
+    # gram: EASE's lambda; null: sigma * sqrt(2 * n_items), the noise matrix's spectral norm (reads no data)
+    gram_lambda: float | None = Field(None, gt=0)
+    # gram: rank of the served vectors (B factored by its own subspace); null: exact, n_items coordinates
+    gram_rank: int | None = Field(None, gt=0)
     # --- dp: user-level DP-SGD (one example = one user; Poisson sampling, per-user clipping, noise).
     # trainer.batch_size is the EXPECTED number of users per step (sample rate = batch_size / users),
     # trainer.epochs the number of expected passes; DP takes the last model (no early stopping on
@@ -135,6 +144,13 @@ class PrivacyConfig(_Section):
             raise ValueError("privacy.target_epsilon: dp mode needs target_epsilon or noise_multiplier")
         if self.total_epsilon is not None and not self.ledger:
             raise ValueError("privacy.total_epsilon: a budget needs the ledger that enforces it (privacy.ledger: true)")
+        if self.mechanism == "gram" and self.mode != "dp":
+            raise ValueError(f"privacy.mechanism: gram is a dp mechanism (privacy.mode: dp), not with privacy.mode {self.mode}")
+        if self.mode == "dp" and self.mechanism == "gram":
+            if self.target_epsilon is not None and not math.isfinite(self.target_epsilon):
+                raise ValueError("privacy.target_epsilon: the gram mechanism needs a finite epsilon (privacy.mode: none trains without privacy)")
+            if self.target_epsilon is None and self.noise_multiplier == 0:
+                raise ValueError("privacy.noise_multiplier: the gram mechanism needs sigma > 0 (privacy.mode: none trains without privacy)")
         return self
 
 

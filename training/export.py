@@ -99,6 +99,19 @@ class EaseBlendArch(nn.Module):
         return torch.cat([self._scaled(tower, self.tower_cov, self.weight), self._scaled(z, self.ease_cov, 1 - self.weight)], dim=1)
 
 
+class GramEaseTower(nn.Module):
+    """DP-EASE's user tower (privacy.mechanism gram, training/privacy/gram.py) with the inputs of
+    `features.content.USER_INPUTS`: z = x P, the binary history bag over EASE's user factors P
+    (every history item once, whatever its rating); the other inputs are read by no node."""
+
+    def __init__(self, user_factors: np.ndarray):
+        super().__init__()
+        self.bag = SegmentBag(torch.from_numpy(np.asarray(user_factors, np.float32)), "sum")
+
+    def forward(self, history, history_weights, history_offsets, user, age, gender, occupation, liked, liked_offsets, avoided, avoided_offsets):
+        return self.bag(history, history_offsets)
+
+
 class PlainUserTower(nn.Module):
     """Same math as `UserArch`, with ONNX-exportable modules (bags: `SegmentBag`); inputs follow
     `features.content.USER_INPUTS` (every input always present; unused ones are ignored)."""
@@ -266,4 +279,73 @@ def write_artifacts(
         }
         write_manifest(tmp, manifest)
     log.info("artifacts written to %s (parity max abs %.2e)", out_dir, worst)
+    return manifest
+
+
+def write_ease_artifacts(model: Any, dataset: Dataset, history: CSR, out_dir: str | Path, metrics: dict[str, float],
+                         provenance: dict[str, Any], popularity: list[str], parity_atol: float = 1e-5) -> dict[str, Any]:
+    """The bundle of a DP-EASE model (training.privacy.gram.GramEase), written atomically like
+    `write_artifacts`: user_tower.onnx (`GramEaseTower` over the history), the item factors as item
+    vectors, vocabularies, items and the manifest; parity: numpy x P (float64) vs torch vs ONNX Runtime."""
+    import onnxruntime as ort
+
+    out_dir = Path(out_dir)
+    with staging(out_dir) as tmp:
+        tower = GramEaseTower(model.user_factors).eval()
+        sample = np.arange(min(dataset.n_users, 64))
+        indptr, indices = np.asarray(history[0]), np.asarray(history[1])
+        histories = [np.unique(indices[indptr[u] : indptr[u + 1]]).astype(np.int64) for u in sample]  # binary: each item once
+        zero = np.zeros(len(sample), np.int64)
+        empty = [np.zeros(0, np.int64)] * len(sample)
+        feed = user_inputs(histories, None, sample, zero, zero, zero, empty, empty)
+        export_onnx(tower, tmp / USER_TOWER_FILE, feed)
+        x = np.zeros((len(sample), dataset.n_items))
+        for row, h in enumerate(histories):
+            x[row, h] = 1.0
+        reference = model.user_vectors(x)
+        with torch.no_grad():
+            plain = tower(*(torch.from_numpy(feed[k]) for k in USER_INPUTS)).numpy()
+        onnx_out = ort.InferenceSession(str(tmp / USER_TOWER_FILE), providers=["CPUExecutionProvider"]).run(None, feed)[0]
+        checks = {"parity/numpy_vs_plain": float(np.abs(reference - plain).max()), "parity/numpy_vs_onnx": float(np.abs(reference - onnx_out).max())}
+        worst = max(checks.values())
+        if worst > parity_atol:
+            raise RuntimeError(f"ONNX parity check failed: max abs diff {worst:.3g} > {parity_atol:g} ({checks})")
+        item_embeddings = model.item_vectors()
+        np.save(tmp / ITEM_EMBEDDINGS_FILE, item_embeddings)
+        dataset.user_vocab.save(tmp / USER_VOCAB_FILE)
+        dataset.item_vocab.save(tmp / ITEM_VOCAB_FILE)
+        items = [
+            {"item_id": raw, "title": dataset.items.title[i], "genres": [dataset.genre_names[g] for g in dataset.items.genres[i]]}
+            for i, raw in enumerate(dataset.item_vocab.ids)
+        ]
+        (tmp / ITEMS_FILE).write_text(json.dumps(items))
+        manifest = {
+            "schema_version": SCHEMA_VERSION,
+            "model": {"kind": model.kind, "spec": {"n_users": dataset.n_users, "n_items": dataset.n_items, **model.describe()}},
+            "inputs": list(USER_INPUTS),
+            "features": {
+                "user": [HISTORY],
+                "item": [],
+                "rating_weighted": False,
+                "gender_vocab": [],
+                "occupation_vocab": [],
+                "doc": "features.content.user_inputs builds the feed; only the history bag is read (binary)",
+            },
+            "output": {
+                "name": "user_embedding", "dtype": "float32", "shape": ["batch", item_embeddings.shape[1]],
+                "l2_normalized": False, "item_bias": False, "similarity_dims": item_embeddings.shape[1],
+            },  # fmt: skip
+            "score": "user_embedding @ item_embeddings.T (EASE on the DP-released item Gram matrix: x_u B; training/privacy/gram.py)",
+            "blend": None,
+            "ease": model.describe(),
+            "user_oov_index": dataset.n_users,
+            "genres": dataset.genre_names,
+            "files": dict(FILES),
+            "popularity": popularity,
+            "metrics": dict(metrics),
+            "parity": checks,
+            "provenance": {**provenance, "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
+        }
+        write_manifest(tmp, manifest)
+    log.info("DP-EASE artifacts written to %s (parity max abs %.2e)", out_dir, worst)
     return manifest

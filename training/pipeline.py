@@ -18,7 +18,7 @@ from training import beyond, blend, evaluation
 from training.config import ConfigError, TrainConfig
 from features.content import year_edges
 from training.data import CSR, Context, rated_csr
-from training.export import cold_user_ranking, write_artifacts
+from training.export import cold_user_ranking, write_artifacts, write_ease_artifacts
 from training.model import TowerSpec, TwoTower
 from training.privacy.ledger import check_before_training, record_release
 from training.task import RetrievalTask
@@ -214,12 +214,18 @@ def train(cfg: TrainConfig, resume: bool = False, tracker: Tracker | None = None
     tracker.start_training(cfg, ds, tags, data.seen_interactions, data.split.test, data_prov["snapshot"])
     try:
         seed_everything(cfg.trainer.seed)  # the initial weights draw from torch's RNG: same seed, same run
-        ctx = context(cfg, ds)
-        model = build_model(cfg, ds, ctx, device)
-        task = RetrievalTask(cfg.task, item_counts(data.train, ds.n_items), cfg.model.item_id_dropout)
-        fit = fit_model(cfg, model, task, data, ctx, device, tracker, resume)
+        if cfg.privacy.mode == "dp" and cfg.privacy.mechanism == "gram":  # DP-EASE: a Gram release, no torch tower
+            from training.privacy.gram import fit_gram
 
-        result = finish(cfg, model, task, data, ctx, fit, tracker, device, {"data": data_prov})
+            gram_model, fit = fit_gram(cfg, data, tracker)
+            result = finish(cfg, gram_model, None, data, None, fit, tracker, device, {"data": data_prov})
+        else:
+            ctx = context(cfg, ds)
+            model = build_model(cfg, ds, ctx, device)
+            task = RetrievalTask(cfg.task, item_counts(data.train, ds.n_items), cfg.model.item_id_dropout)
+            fit = fit_model(cfg, model, task, data, ctx, device, tracker, resume)
+
+            result = finish(cfg, model, task, data, ctx, fit, tracker, device, {"data": data_prov})
     except BaseException:
         tracker.end("FAILED")
         raise
@@ -230,12 +236,17 @@ def train(cfg: TrainConfig, resume: bool = False, tracker: Tracker | None = None
 def finish(cfg: TrainConfig, model: TwoTower, task: RetrievalTask, data: Prepared, ctx: Context, fit: FitResult, tracker: Tracker,
            device: torch.device, provenance: dict[str, Any] | None = None, artifacts: dict[str, Any] | None = None) -> RunResult:
     """After any fit (central, private, federated, distributed rank 0): test -> export -> feature
-    store -> MLflow. `provenance` adds to the manifest's provenance, `artifacts` are extra JSON files for the run."""
+    store -> MLflow. `provenance` adds to the manifest's provenance, `artifacts` are extra JSON files for the run.
+    A DP-EASE model (training.privacy.gram.GramEase, privacy.mechanism gram) comes as `model` with task and ctx None."""
     ds = data.dataset
     users = np.flatnonzero(np.diff(data.test[0]) > 0)
-    item_vec = task.item_embeddings(model, ctx, device).float().cpu().numpy()
+    gram = model if getattr(model, "kind", None) == "ease_dp" else None
+    k = cfg.task.eval_k if task is None else task.k
+    item_vec = gram.item_vectors() if gram is not None else task.item_embeddings(model, ctx, device).float().cpu().numpy()
     fitted = None
-    if fit.blend is not None:  # EASE refitted on train + val with the chosen (weight, lambda): training time too
+    if gram is not None:  # scored as served: x_u P · Q over the train + val history
+        topk = gram.topk(data.seen, users, k)
+    elif fit.blend is not None:  # EASE refitted on train + val with the chosen (weight, lambda): training time too
         start = time.perf_counter()
         fitted = blend.fit(fit.blend["weight"], fit.blend["lambda"], cfg.blend.rank, data.seen, item_vec, cfg.blend.head_items)
         spent = time.perf_counter() - start
@@ -245,17 +256,24 @@ def finish(cfg: TrainConfig, model: TwoTower, task: RetrievalTask, data: Prepare
     else:
         topk = task.topk(model, ctx, data.seen, users, device)  # the test lists, scored once
     # published names (evaluation.metric_name: `test/ndcg_at_10`) for the CLI, manifest, MLflow and /v1/model alike
-    metrics = evaluation.Metrics({f"test/{k}": v for k, v in evaluation.ranking_metrics(topk, data.test[:2], users, task.k, ds.n_items).items()})
-    metrics.update(beyond_metrics(topk, users, item_vec[:, : model.spec.output_dim], data, task.k))  # likeness: no bias coordinate
-    metrics.update({f"baseline/popularity/{k}": v for k, v in popularity_metrics(data, task.k).items()})
+    metrics = evaluation.Metrics({f"test/{name}": v for name, v in evaluation.ranking_metrics(topk, data.test[:2], users, k, ds.n_items).items()})
+    metrics.update(beyond_metrics(topk, users, item_vec if gram is not None else item_vec[:, : model.spec.output_dim], data, k))  # likeness: no bias coordinate
+    metrics.update({f"baseline/popularity/{name}": v for name, v in popularity_metrics(data, k).items()})
     metrics.update({"train/best_epoch": float(fit.best_epoch), "train/epochs_run": float(fit.epochs_run), "train/seconds": fit.seconds})
-    metrics.update({f"blend/{k}": float(v) for k, v in (fit.blend or {}).items()})
-    log.info("test %s", " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if not k.startswith("beyond/")))
+    metrics.update({f"blend/{name}": float(v) for name, v in (fit.blend or {}).items()})
+    log.info("test %s", " ".join(f"{name}={v:.4f}" for name, v in metrics.items() if not name.startswith("beyond/")))
     if fit.privacy and "epsilon" in fit.privacy and not cfg.tracking.run_name:
-        tracker.rename(run_name(cfg, ds.name, fit.privacy))  # the ε this run reached, where the config gave none
+        if gram is not None:
+            from training.privacy.gram import gram_run_name
+
+            tracker.rename(gram_run_name(cfg, ds.name, fit.privacy))
+        else:
+            tracker.rename(run_name(cfg, ds.name, fit.privacy))  # the ε this run reached, where the config gave none
 
     if cfg.privacy.mode == "none":
         popular = ds.item_vocab.decode(np.argsort(-item_counts(data.seen, ds.n_items), kind="stable")[: cfg.export.popularity_top_n])
+    elif gram is not None:  # the released Gram's row sums (noisy item user counts): post-processing of the release
+        popular = ds.item_vocab.decode(gram.popularity(cfg.export.popularity_top_n))
     else:  # raw counts would leave the privacy guarantee: the private model's own cold-user ranking instead
         popular = ds.item_vocab.decode(cold_user_ranking(model, item_vec, cfg.export.popularity_top_n))
     # the ledger records a private release before anything is published (refusing past the budget)
@@ -266,7 +284,10 @@ def finish(cfg: TrainConfig, model: TwoTower, task: RetrievalTask, data: Prepare
         metrics.update({"privacy/cumulative_epsilon": ledger["cumulative_epsilon"], "privacy/cumulative_delta": ledger["cumulative_delta"]})
     prov = {"privacy": privacy or {"mode": "none"}, "run_id": tracker.run_id, "git_sha": git_sha(), "dataset": ds.name,
             "split": cfg.split.protocol, "config_digest": cfg.digest(), **(provenance or {})}  # fmt: skip
-    manifest = write_artifacts(model, ctx, item_vec, ds, data.seen, cfg.export.output_dir, metrics, prov, popular, cfg.export.parity_atol, fitted)
+    if gram is not None:
+        manifest = write_ease_artifacts(gram, ds, data.seen, cfg.export.output_dir, metrics, prov, popular, cfg.export.parity_atol)
+    else:
+        manifest = write_artifacts(model, ctx, item_vec, ds, data.seen, cfg.export.output_dir, metrics, prov, popular, cfg.export.parity_atol, fitted)
     metrics.update(manifest["parity"])
 
     if cfg.store.load:

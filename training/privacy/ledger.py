@@ -63,7 +63,8 @@ def record_release(cfg: TrainConfig, data, privacy: dict[str, Any] | None, snaps
         return None
     from features.privacy_ledger import record
 
-    mechanism = "dp-sgd (opacus), user-level" if cfg.privacy.mode == "dp" else f"federated client-level dp ({privacy.get('privacy_unit', 'client')})"
+    mechanism = privacy.get("mechanism") or (  # a fit that names its mechanism (DP-EASE, training/privacy/gram.py) says so
+        "dp-sgd (opacus), user-level" if cfg.privacy.mode == "dp" else f"federated client-level dp ({privacy.get('privacy_unit', 'client')})")
     store = _store(cfg)
     try:
         block = record(

@@ -1,0 +1,246 @@
+"""DP-EASE (privacy.mechanism gram, training/privacy/gram.py): the released statistic's sensitivity,
+the noise's shape, σ of the analytic Gaussian mechanism (checked against Opacus' PRV accountant),
+EASE on the noiseless release by hand, the fallback list from the release, and a real pipeline run
+that exports, records its guarantee (manifest, MLflow, ledger) and serves through the unchanged
+serving.recommender.Recommender."""
+from __future__ import annotations
+
+import json
+import math
+import warnings
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from tests.conftest import REPO, tiny_overrides
+from training import blend
+from training.config import ConfigError, load_config
+from training.privacy import gram
+
+SMALL = ["data.synthetic.n_users=120", "data.synthetic.n_items=60"]
+
+
+def random_history(n_users: int, n_items: int, p: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A CSR of random binary histories; users 0 and 3 are empty."""
+    rng = np.random.default_rng(seed)
+    x = rng.random((n_users, n_items)) < p
+    x[[0, 3]] = False
+    m = sp.csr_matrix(x)
+    return m.indptr.astype(np.int64), m.indices.astype(np.int64)
+
+
+def without_user(csr, user: int):
+    indptr, indices = csr
+    keep = np.ones(len(indices), bool)
+    keep[indptr[user] : indptr[user + 1]] = False
+    lengths = np.diff(indptr)
+    lengths[user] = 0
+    return np.concatenate([[0], np.cumsum(lengths)]), indices[keep]
+
+
+def phi(a: np.ndarray) -> np.ndarray:
+    """(diag A, √2 · strict upper A): the vector the Gaussian mechanism noises."""
+    return np.concatenate([np.diag(a), math.sqrt(2.0) * a[np.triu_indices(len(a), 1)]])
+
+
+# --------------------------------------------------------------------------- the mechanism by hand
+def test_removing_one_user_moves_the_released_statistic_by_at_most_the_clip_bound():
+    n_items = 15
+    csr = random_history(40, n_items, 0.3, seed=1)
+    g = gram.gram_statistic(csr, n_items)
+    lengths = np.diff(csr[0])
+    for u in range(40):
+        diff = g - gram.gram_statistic(without_user(csr, u), n_items)
+        # the Frobenius norm of the change: exactly 1 for a user with a history, 0 for an empty one
+        assert np.linalg.norm(diff) == pytest.approx(1.0 if lengths[u] else 0.0, abs=1e-12)
+        # and the L2 norm of the noised vector phi is the same number (sensitivity 1 of phi(G))
+        assert np.linalg.norm(phi(diff)) == pytest.approx(np.linalg.norm(diff), abs=1e-12)
+    # the clip is what bounds it: without unit rows a user moves XᵀX by |x_u|² (here up to ~8)
+    raw = blend.gram(csr, n_items)
+    heavy = int(np.argmax(lengths))
+    assert np.linalg.norm(raw - blend.gram(without_user(csr, heavy), n_items)) == pytest.approx(lengths[heavy])
+    assert lengths[heavy] > 1
+
+
+def test_the_statistic_is_the_sum_of_unit_rows_outer_products_by_hand():
+    csr = (np.array([0, 2, 3, 3]), np.array([0, 2, 1]))  # users {0, 2}, {1}, {}
+    want = np.array([[0.5, 0, 0.5], [0, 1, 0], [0.5, 0, 0.5]])
+    np.testing.assert_allclose(gram.gram_statistic(csr, 3), want, atol=1e-15)
+
+
+def test_noise_is_sigma_on_phi_and_symmetric():
+    sigma, n = 2.0, 400
+    noise = gram.add_noise(np.zeros((n, n)), sigma, np.random.default_rng(0))
+    assert np.array_equal(noise, noise.T)
+    assert np.var(np.diag(noise)) == pytest.approx(sigma**2, rel=0.2)  # 400 draws: ~7 % sampling error
+    assert np.var(noise[np.triu_indices(n, 1)]) == pytest.approx(sigma**2 / 2, rel=0.03)  # ~80k draws
+    assert np.std(phi(noise)) == pytest.approx(sigma, rel=0.03)
+    # σ = 0: the statistic itself
+    g = np.eye(3)
+    assert gram.add_noise(g.copy(), 0.0, np.random.default_rng(0)).tolist() == g.tolist()
+
+
+@pytest.mark.parametrize("eps,delta", [(8.0, 1 / 755), (1.0, 1e-5), (0.5, 1e-3)])
+def test_sigma_is_the_tightest_analytic_gaussian_and_opacus_prv_agrees(eps, delta):
+    from opacus.accountants import PRVAccountant
+
+    sigma = gram.gaussian_sigma(eps, delta)
+    assert gram.gaussian_delta(sigma, eps) <= delta < gram.gaussian_delta(sigma * (1 - 1e-6), eps)
+    assert gram.gaussian_epsilon(sigma, delta) == pytest.approx(eps, rel=1e-8)
+    if eps < 1:  # the classical bound (valid for eps < 1) needs more noise
+        assert sigma < math.sqrt(2 * math.log(1.25 / delta)) / eps
+    acc = PRVAccountant()  # one Gaussian mechanism = Poisson sampling at rate 1, one step
+    acc.history = [(sigma, 1.0, 1)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        prv = acc.get_epsilon(delta, eps_error=0.01)
+    assert eps <= prv <= eps + 0.03  # PRV's upper bound within its discretisation error of the exact ε
+
+
+def test_no_noise_is_ease_on_the_released_gram_and_plain_ease_at_equal_lengths():
+    n_items, lam = 12, 0.7
+    csr = random_history(50, n_items, 0.3, seed=2)
+    model = gram.release(csr, n_items, 0.0, lam, None, np.random.default_rng(0))
+    x = blend.binary_rows(csr, np.arange(50), n_items)
+    want = x @ blend.ease_matrix(gram.gram_statistic(csr, n_items), lam)
+    np.testing.assert_allclose(model.scores(x), want, atol=1e-5)
+    # every user with L items: X̂ᵀX̂ = XᵀX / L, so EASE(X̂ᵀX̂, λ) = EASE(XᵀX, λL), plain EASE
+    rng = np.random.default_rng(3)
+    rows = [np.sort(rng.choice(n_items, 4, replace=False)) for _ in range(30)]
+    same = (np.arange(0, 121, 4), np.concatenate(rows))
+    model = gram.release(same, n_items, 0.0, lam, None, np.random.default_rng(0))
+    x = blend.binary_rows(same, np.arange(30), n_items)
+    np.testing.assert_allclose(model.scores(x), x @ blend.ease_matrix(blend.gram(same, n_items), lam * 4), atol=1e-5)
+
+
+def test_the_fallback_is_the_released_gram_row_sums():
+    n_items = 10
+    csr = random_history(30, n_items, 0.4, seed=4)
+    counts = np.bincount(csr[1], minlength=n_items)
+    clean = gram.release(csr, n_items, 0.0, 1.0, None, np.random.default_rng(0))
+    np.testing.assert_allclose(clean.cold_scores, counts, atol=1e-12)  # before noise: the item user counts
+    noisy = gram.release(csr, n_items, 0.5, 1.0, None, np.random.default_rng(7))
+    released = gram.add_noise(gram.gram_statistic(csr, n_items), 0.5, np.random.default_rng(7))
+    np.testing.assert_allclose(noisy.cold_scores, released.sum(1), atol=1e-12)
+    assert noisy.popularity(4).tolist() == np.argsort(-released.sum(1), kind="stable")[:4].tolist()
+
+
+def test_a_served_rank_factors_b_by_its_own_subspace():
+    n_items = 20
+    csr = random_history(60, n_items, 0.3, seed=5)
+    exact = gram.release(csr, n_items, 0.3, 2.0, None, np.random.default_rng(1))
+    low = gram.release(csr, n_items, 0.3, 2.0, 8, np.random.default_rng(1))
+    assert low.rank == 8 and low.user_factors.shape == low.item_factors.shape == (n_items, 8)
+    x = np.eye(n_items)  # x B: B itself; its best rank-8 approximation is what the factors hold
+    b = exact.scores(x)
+    s = np.linalg.svd(b, compute_uv=False)
+    assert np.linalg.norm(low.scores(x) - b) == pytest.approx(np.sqrt((s[8:] ** 2).sum()), rel=1e-3)
+
+
+def test_config_refusals_name_the_key(tmp_path):
+    cases = (
+        ("two_tower.yaml", ["privacy.mechanism=gram"], "privacy.mechanism"),  # mode none
+        ("ease_dp.yaml", ["privacy.target_epsilon=.inf"], "privacy.target_epsilon"),
+        ("ease_dp.yaml", ["privacy.target_epsilon=null", "privacy.noise_multiplier=0"], "privacy.noise_multiplier"),
+        ("ease_dp.yaml", ["privacy.gram_rank=0"], "privacy.gram_rank"),
+        ("ease_dp.yaml", ["privacy.gram_lambda=-1"], "privacy.gram_lambda"),
+    )
+    for config, extra, key in cases:
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            load_config(REPO / "configs" / config, tiny_overrides(tmp_path) + extra)
+    assert load_config(None, []).privacy.mechanism == "dp_sgd"  # DP-SGD stays the default
+    assert load_config(REPO / "configs" / "ease_dp.yaml", []).privacy.mechanism == "gram"
+
+
+# --------------------------------------------------------------------------- a real run
+@pytest.fixture(scope="module")
+def gram_run(tmp_path_factory):
+    from training.pipeline import train
+
+    root = tmp_path_factory.mktemp("gram_run")
+    cfg = load_config(REPO / "configs" / "ease_dp.yaml", tiny_overrides(root) + SMALL + [
+        "privacy.target_epsilon=2", "privacy.audit_holdout=0.25", "tracking.register_model=true", "tracking.alias=champion",
+    ])  # fmt: skip
+    return cfg, train(cfg)
+
+
+def refit(cfg):
+    """The release again from the same config and seed: the same noise, the same model."""
+    from training.pipeline import prepare
+
+    data = prepare(cfg)
+    p = cfg.privacy
+    n = int((np.diff(data.seen[0]) > 0).sum())
+    sigma = gram.gaussian_sigma(p.target_epsilon, 1.0 / n)
+    return data, n, sigma, gram.release(data.seen, data.dataset.n_items, sigma, gram.noise_lambda(sigma, data.dataset.n_items), None, np.random.default_rng(cfg.trainer.seed))
+
+
+def test_gram_run_records_its_guarantee_in_manifest_mlflow_and_ledger(gram_run):
+    from mlflow import MlflowClient
+
+    cfg, result = gram_run
+    manifest = json.loads((result.artifact_dir / "manifest.json").read_text())
+    _, n, sigma, _ = refit(cfg)
+    assert n == 90  # 120 users less the audit's quarter
+    privacy = manifest["provenance"]["privacy"]
+    assert privacy["mode"] == "dp" and privacy["unit"] == "user" and privacy["training_users"] == n
+    assert privacy["mechanism"] == gram.MECHANISM and privacy["accountant"] == "analytic gaussian (Balle & Wang 2018)"
+    assert privacy["epsilon"] == pytest.approx(2.0, rel=1e-8) and privacy["delta"] == pytest.approx(1 / n)
+    assert privacy["sigma"] == pytest.approx(sigma) and privacy["lambda"] == pytest.approx(sigma * math.sqrt(2 * 60))
+    assert "unit L2 norm" in privacy["clipping"]
+    assert privacy["ledger"]["cumulative_epsilon"] == pytest.approx(2.0) and privacy["ledger"]["releases"] == 1
+    assert manifest["model"]["kind"] == "ease_dp" and manifest["features"]["user"] == ["history"]
+    assert max(manifest["parity"].values()) <= cfg.export.parity_atol
+    run = MlflowClient(cfg.tracking.tracking_uri).get_run(result.run_id)
+    assert run.data.metrics["privacy/epsilon"] == pytest.approx(privacy["epsilon"])
+    assert run.data.metrics["privacy/sigma"] == pytest.approx(sigma)
+    assert run.data.tags["privacy.mechanism"] == gram.MECHANISM and run.data.tags["privacy.accountant"] == gram.ACCOUNTANT
+    assert run.data.tags["model"] == "ease_dp" and run.info.run_name == "ease_dp-synthetic-dp-eps2-s0"
+    assert result.model_version == "1"  # registered like any model
+    from features.privacy_ledger import entries
+    from features.store import FeatureStore
+
+    store = FeatureStore(cfg.store.url)
+    try:
+        (entry,) = entries(store)
+    finally:
+        store.close()
+    assert entry["mechanism"] == gram.MECHANISM and entry["accountant"] == gram.ACCOUNTANT
+    assert entry["epsilon"] == pytest.approx(2.0) and entry["delta"] == pytest.approx(1 / n)
+
+
+def test_gram_bundle_serves_the_release_unchanged(gram_run):
+    """The ONNX tower the Recommender runs gives x P of the refitted release; a known user's list is
+    the top of x B without their history; an unknown user gets the release's row-sum ranking."""
+    from features.store import FeatureStore
+    from serving.recommender import Recommender, UserState
+
+    cfg, result = gram_run
+    data, _, _, model = refit(cfg)
+    manifest = json.loads((result.artifact_dir / "manifest.json").read_text())
+    ds = data.dataset
+    assert manifest["popularity"] == ds.item_vocab.decode(model.popularity(cfg.export.popularity_top_n))
+    np.testing.assert_allclose(np.load(result.artifact_dir / "item_embeddings.npy"), model.item_factors)
+
+    store = FeatureStore(cfg.store.url)
+    try:
+        rec = Recommender.from_dir(result.artifact_dir, store=store)
+        users = np.flatnonzero(np.diff(data.seen[0]) > 0)[:5]
+        hist = [np.unique(data.seen[1][data.seen[0][u] : data.seen[0][u + 1]]) for u in users]
+        states = [UserState(h, np.ones(len(h), np.float32), None) for h in hist]
+        served = rec.user_vectors(states, [int(u) for u in users])
+        x = blend.binary_rows(data.seen, users, ds.n_items)
+        np.testing.assert_allclose(served, model.user_vectors(x), atol=cfg.export.parity_atol)
+        user = ds.user_vocab.ids[int(users[0])]
+        got = [r["item_id"] for r in rec.recommend(user, k=5)["items"]]
+        store_items = [i for i, _ in store.user_interactions(user)]
+        avoided = set((store.user_profile(user) or {}).get("avoided_genres") or [])  # serving drops those items
+        seen = set(store_items) | {it["item_id"] for it in rec.items if avoided & set(it["genres"])}
+        scores = model.scores(blend.binary_rows((np.array([0, len(store_items)]), ds.item_vocab.encode(store_items)), np.array([0]), ds.n_items))[0]
+        order = [ds.item_vocab.ids[i] for i in np.argsort(-scores, kind="stable") if ds.item_vocab.ids[i] not in seen]
+        assert got == order[:5]
+        cold = rec.recommend("nobody-knows-me", k=5)
+        assert [r["item_id"] for r in cold["items"]] == manifest["popularity"][:5]
+    finally:
+        store.close()

@@ -1,0 +1,279 @@
+"""DP-EASE (`privacy.mode: dp`, `privacy.mechanism: gram`): one Gaussian release of the item-item
+Gram matrix, then EASE on it, exported as an ordinary bundle.
+
+The mechanism (user level; neighbouring datasets: add or remove one user's whole history)
+
+1. **Clip.** Each member's binary history x_u (train + val, `Prepared.seen`) is scaled to unit L2
+   norm, x̂_u = x_u / ‖x_u‖ (an empty history stays 0). The released statistic is
+
+       G = Σ_u x̂_u x̂_uᵀ        (n_items x n_items, symmetric).
+
+2. **Sensitivity.** Removing user v changes G by exactly x̂_v x̂_vᵀ, whose Frobenius norm is
+   ‖x̂_v‖² = 1 (0 for an empty history): ‖G(D) − G(D − v)‖_F ≤ 1 whatever the other users hold.
+   G is symmetric, so only its diagonal and strict upper triangle are free. Map G to the vector
+   φ(G) = (diag G, √2 · upper G): ‖φ(A)‖₂ = ‖A‖_F for every symmetric A, and φ is linear, so the
+   L2 sensitivity of φ(G) is 1 (`test_dp_gram.py` checks both on random data).
+
+3. **Noise.** φ(G) is released with N(0, σ² I) noise, i.e. N(0, σ²) on each diagonal entry and
+   N(0, σ²/2) on each strict-upper entry (mirrored to the lower triangle). This is the Gaussian
+   mechanism at L2 sensitivity 1; σ is the smallest σ for which it is (ε, δ)-DP by the exact
+   condition of the analytic Gaussian mechanism (Balle & Wang, ICML 2018, Thm 8),
+   Φ(1/(2σ) − εσ) − e^ε Φ(−1/(2σ) − εσ) ≤ δ (`gaussian_sigma`), valid for every ε > 0. One release,
+   so no composition: the accountant is that formula (`ACCOUNTANT`). δ defaults to 1 / members.
+
+4. **Post-processing (free under DP).** Everything after the release reads only the released
+   matrix G̃ and public constants (σ, n_items, the config): PSD projection (negative eigenvalues
+   of G̃ set to 0), EASE (Steck 2019) with λ = σ·√(2·n_items) by default (the noise matrix's
+   expected spectral norm: regularise at the noise level; no validation data is read, so no
+   selection escapes the accountant), B = I − P diag(1/diag P), P = (G̃₊ + λI)⁻¹
+   (`training.blend.ease_inplace`), optionally factored to `privacy.gram_rank` by B's own
+   subspace (`training.blend.factorize` with x = None: the users' data is never read again), and
+   the fallback list: the released G̃'s row sums, which before noise are the item user counts
+   exactly (Σ_j x̂_ui x̂_uj = x_ui · Σ_j x_uj / ‖x_u‖² = x_ui), so the bundle's popularity list is
+   the private model's own, never raw counts.
+
+A user's scores are x_u B computed from their own history (on their device or at request time from
+the store; the history is not released by the bundle). Served form: user vector z_u = x_u P_k
+(`training.export.GramEaseTower`, an ONNX bag over the history), item vectors Q_k, score z_u · Q_i;
+full rank (`gram_rank: null`): P = B·c, Q = I / c (c balances the halves for float32).
+
+Not covered by (ε, δ): the test metrics the run logs (they read the test split), and any tuning of
+λ / rank on this data by whoever sets the config. The noise is seeded by `trainer.seed` so that runs
+reproduce; whoever knows the seed and the config can recompute the noise, so a release meant for
+adversaries must not publish the seed (the same holds for DP-SGD's seeded torch RNG).
+
+Cost: one dense n_items² float64 Gram plus its eigendecomposition (n_items³): ML-1M's 3,706
+items ~0.1 GB and seconds; the catalog, not the users, bounds it.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+from scipy.stats import norm
+
+from training import blend, evaluation
+from training.config import ConfigError, TrainConfig
+from training.data import CSR
+from training.trainer import FitResult
+
+log = logging.getLogger(__name__)
+
+KIND = "ease_dp"  # the manifest's model.kind and the MLflow `model` tag
+ACCOUNTANT = "analytic gaussian (Balle & Wang 2018)"
+MECHANISM = "gaussian gram release (dp-ease), user-level"
+CLIPPING = "each user's binary history scaled to unit L2 norm: one user's x x^T has Frobenius norm 1"
+
+
+# --------------------------------------------------------------------------- the accountant
+def gaussian_delta(sigma: float, eps: float, sensitivity: float = 1.0) -> float:
+    """δ(ε) of the Gaussian mechanism N(0, σ²) at L2 sensitivity Δ (exact, Balle & Wang 2018, Thm 8):
+    δ = Φ(Δ/(2σ) − εσ/Δ) − e^ε Φ(−Δ/(2σ) − εσ/Δ). Decreasing in σ and in ε."""
+    a, b = sensitivity / (2.0 * sigma), eps * sigma / sensitivity
+    return float(norm.cdf(a - b) - math.exp(eps + norm.logcdf(-a - b)))  # e^ε Φ(x) as exp(ε + log Φ(x)): no overflow
+
+
+def gaussian_sigma(eps: float, delta: float, sensitivity: float = 1.0, tol: float = 1e-12) -> float:
+    """Smallest σ (to `tol`, from above) for which N(0, σ²) on a query of L2 sensitivity Δ is (ε, δ)-DP:
+    bisection on the exact condition gaussian_delta(σ, ε) ≤ δ; the returned σ satisfies it."""
+    if not (eps > 0 and math.isfinite(eps)):
+        raise ValueError(f"eps must be finite and > 0, got {eps}")
+    if not 0 < delta < 1:
+        raise ValueError(f"delta must be in (0, 1), got {delta}")
+    lo, hi = 1e-6 * sensitivity, sensitivity
+    while gaussian_delta(hi, eps, sensitivity) > delta:
+        lo, hi = hi, 2.0 * hi
+    while gaussian_delta(lo, eps, sensitivity) <= delta:
+        hi, lo = lo, lo / 2.0
+    while hi - lo > tol * hi:
+        mid = 0.5 * (lo + hi)
+        if gaussian_delta(mid, eps, sensitivity) <= delta:
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
+def gaussian_epsilon(sigma: float, delta: float, sensitivity: float = 1.0, tol: float = 1e-10) -> float:
+    """Smallest ε (to `tol`, from above) with gaussian_delta(σ, ε) ≤ δ: the ε a given σ achieves."""
+    if sigma <= 0:
+        return math.inf
+    lo, hi = 0.0, 1.0
+    while gaussian_delta(sigma, hi, sensitivity) > delta:
+        lo, hi = hi, 2.0 * hi
+    while hi - lo > tol * max(hi, 1.0):
+        mid = 0.5 * (lo + hi)
+        if gaussian_delta(sigma, mid, sensitivity) <= delta:
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
+def noise_lambda(sigma: float, n_items: int) -> float:
+    """λ = σ·√(2·n_items): the expected spectral norm of the symmetric noise matrix (a Wigner matrix
+    with off-diagonal std σ/√2 has spectral norm ≈ 2·(σ/√2)·√n). Reads no data."""
+    return sigma * math.sqrt(2.0 * n_items)
+
+
+# --------------------------------------------------------------------------- the mechanism
+def unit_rows(x: sp.spmatrix) -> sp.csr_matrix:
+    """Each row of a sparse users x items matrix scaled to unit L2 norm (empty rows stay empty)."""
+    x = sp.csr_matrix(x, dtype=np.float64, copy=True)
+    norms = np.sqrt(np.asarray(x.multiply(x).sum(axis=1)).ravel())
+    x.data /= np.repeat(np.where(norms > 0, norms, 1.0), np.diff(x.indptr))
+    return x
+
+
+def gram_statistic(history: CSR, n_items: int) -> np.ndarray:
+    """The statistic released: G = Σ_u x̂_u x̂_uᵀ over every user of `history` (binary, unit rows),
+    dense float64 (n_items x n_items)."""
+    x = unit_rows(blend.binary_matrix(history, np.arange(len(history[0]) - 1), n_items))
+    g = np.asarray((x.T @ x).todense(), dtype=np.float64)
+    return np.ascontiguousarray(0.5 * (g + g.T))
+
+
+def add_noise(g: np.ndarray, sigma: float, rng: np.random.Generator) -> np.ndarray:
+    """G + symmetric Gaussian noise in place: N(0, σ²) on the diagonal, N(0, σ²/2) on each strict-upper
+    entry, mirrored (one (n, n) standard-normal draw from `rng`; its diagonal and upper triangle used).
+    φ(noise) = (diag, √2·upper) is then N(0, σ² I): the Gaussian mechanism on φ(G). σ = 0: G unchanged."""
+    if sigma == 0:
+        return g
+    n = len(g)
+    z = rng.standard_normal((n, n))
+    upper = np.triu(z, 1) * (sigma / math.sqrt(2.0))
+    g += upper + upper.T
+    g[np.diag_indices(n)] += sigma * np.diag(z)
+    return g
+
+
+def psd_project(g: np.ndarray) -> np.ndarray:
+    """Nearest (Frobenius) positive semi-definite matrix to the symmetric `g`: negative eigenvalues set to 0."""
+    w, q = np.linalg.eigh(g)
+    out = (q * np.clip(w, 0.0, None)) @ q.T
+    return np.ascontiguousarray(0.5 * (out + out.T))
+
+
+@dataclass
+class GramEase:
+    """DP-EASE as served: score of item i for a binary history x = (x P) · Q[i] (= x B[:, i] at full rank)."""
+
+    n_items: int
+    lam: float
+    rank: int
+    user_factors: np.ndarray  # P (n_items x rank), float32
+    item_factors: np.ndarray  # Q (n_items x rank), float32
+    cold_scores: np.ndarray  # the released Gram's row sums (n_items,): the fallback ranking
+    kind: str = KIND
+
+    def item_vectors(self) -> np.ndarray:
+        return np.asarray(self.item_factors, np.float32)
+
+    def user_vectors(self, history: Any) -> np.ndarray:
+        """z = x P (float64) for binary histories (users x n_items, scipy sparse or dense)."""
+        return np.asarray(history @ self.user_factors.astype(np.float64))
+
+    def scores(self, history: Any) -> np.ndarray:
+        return self.user_vectors(history) @ self.item_factors.astype(np.float64).T
+
+    def topk(self, history: CSR, users: np.ndarray, k: int) -> np.ndarray:
+        """Top-k lists of `users` from their `history`, history items excluded, in bounded score blocks."""
+        step = blend.block_rows(self.n_items)
+        out = [np.zeros((0, k), np.int64)]
+        for start in range(0, len(users), step):
+            batch = users[start : start + step]
+            s = self.scores(blend.binary_matrix(history, batch, self.n_items))
+            out.append(evaluation.topk_from_scores(s, k, exclude=history[:2], exclude_rows=batch))
+        return np.concatenate(out)
+
+    def popularity(self, n: int) -> np.ndarray:
+        """Item indices by the released Gram's row sums (noisy item user counts), ties to the lower index."""
+        return np.argsort(-self.cold_scores, kind="stable")[:n]
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "ease", "lambda": self.lam, "rank": self.rank, "n_items": self.n_items, "fallback": "row sums of the released Gram"}
+
+
+def ease_from_release(g: np.ndarray, lam: float, rank: int | None, noisy: bool) -> tuple[np.ndarray, np.ndarray, int]:
+    """(P, Q, k) of EASE on the released Gram `g` (overwritten): PSD projection when noise was added
+    (a noiseless Gram is PSD already), B by blend.ease_inplace, factored by B alone (no user data),
+    balanced as blend.head_factors does (Cov(Q) over items has mean eigenvalue 1)."""
+    work = psd_project(g) if noisy else g
+    b = blend.ease_inplace(work, lam)
+    p, q, k = blend.factorize(b, None, rank)
+    n = len(q)
+    mean = q.sum(0) / n
+    cov_trace = float(np.einsum("ij,ij->", q, q) / n - mean @ mean)
+    c = math.sqrt(max(cov_trace / k, 1e-300))
+    return p * c, q / c, k
+
+
+def release(history: CSR, n_items: int, sigma: float, lam: float, rank: int | None, rng: np.random.Generator) -> GramEase:
+    """The whole mechanism on `history` (every user with a row is a member): clip, Gram, noise, then
+    post-processing only. σ = 0: no noise (not private; tests and the ε = ∞ reference)."""
+    g = add_noise(gram_statistic(history, n_items), sigma, rng)
+    cold = g.sum(axis=1)  # the released matrix's row sums, read before anything overwrites g
+    p, q, k = ease_from_release(g, lam, rank, noisy=sigma > 0)
+    return GramEase(n_items, float(lam), k, p.astype(np.float32), q.astype(np.float32), cold)
+
+
+# --------------------------------------------------------------------------- the pipeline's fit
+def is_gram(cfg: TrainConfig) -> bool:
+    return cfg.privacy.mode == "dp" and cfg.privacy.mechanism == "gram"
+
+
+def fit_gram(cfg: TrainConfig, data, tracker) -> tuple[GramEase, FitResult]:
+    """Release the Gram of the members' train + val histories once and fit EASE on it; returns the
+    model and a FitResult whose `privacy` block the ledger, manifest, MLflow and /v1/model read."""
+    started = time.perf_counter()
+    p = cfg.privacy
+    n_items = data.dataset.n_items
+    members = np.flatnonzero(np.diff(data.seen[0]) > 0)  # the users whose data the release covers (the ledger's)
+    n = len(members)
+    if n == 0:
+        raise ConfigError("privacy.mechanism: gram needs at least one training user")
+    delta = p.delta if p.delta is not None else 1.0 / n
+    sigma = p.noise_multiplier if p.target_epsilon is None else gaussian_sigma(p.target_epsilon, delta)
+    epsilon = gaussian_epsilon(sigma, delta)
+    lam = p.gram_lambda if p.gram_lambda is not None else noise_lambda(sigma, n_items)
+    model = release(data.seen, n_items, sigma, lam, p.gram_rank, np.random.default_rng(cfg.trainer.seed))
+    seconds = time.perf_counter() - started
+    log.info("DP-EASE: %d users, %d items, sigma %.4f (epsilon %.4g, delta %.3g, %s), lambda %.4g, rank %d (%.1fs)",
+             n, n_items, sigma, epsilon, delta, ACCOUNTANT, lam, model.rank, seconds)  # fmt: skip
+    privacy = {
+        "mode": "dp",
+        "unit": "user",
+        "mechanism": MECHANISM,
+        "accountant": ACCOUNTANT,
+        "epsilon": float(epsilon),
+        "delta": float(delta),
+        "target_epsilon": p.target_epsilon,
+        "sigma": float(sigma),
+        "noise_multiplier": float(sigma),  # sensitivity 1: σ / Δ = σ
+        "sensitivity": 1.0,
+        "clipping": CLIPPING,
+        "releases": 1,
+        "training_users": int(n),
+        "lambda": float(lam),
+        "lambda_rule": "privacy.gram_lambda" if p.gram_lambda is not None else "sigma * sqrt(2 * n_items) (no data read)",
+        "rank": int(model.rank),
+        "noise_seed": cfg.trainer.seed,
+    }
+    if tracker.enabled:
+        tracker.log_metrics({"privacy/epsilon": epsilon, "privacy/delta": delta, "privacy/sigma": sigma, "privacy/noise_multiplier": sigma, "ease/lambda": lam, "ease/rank": float(model.rank)})
+        tracker.mlflow.log_params({"privacy.mechanism": p.mechanism, "privacy.gram_lambda": "" if p.gram_lambda is None else p.gram_lambda, "privacy.gram_rank": "" if p.gram_rank is None else p.gram_rank})
+        tracker.mlflow.set_tags({"model": KIND, "privacy.mode": "dp", "privacy.unit": "user", "privacy.mechanism": MECHANISM, "privacy.accountant": ACCOUNTANT,
+                                 "privacy.epsilon": f"{epsilon:.3f}", "privacy.delta": f"{delta:.3g}"})  # fmt: skip
+    return model, FitResult(1, float("nan"), 1, [], seconds, privacy)
+
+
+def gram_run_name(cfg: TrainConfig, dataset_name: str, privacy: dict[str, Any] | None) -> str:
+    """`ease_dp-ml100k-dp-eps8-s0`: the tracking run name with this model's kind."""
+    from training.tracking import dataset_label, privacy_label
+
+    return cfg.tracking.run_name or "-".join((KIND, dataset_label(cfg.data.source, dataset_name), privacy_label(cfg, privacy), f"s{cfg.trainer.seed}"))
