@@ -113,9 +113,11 @@ def data_report(data: Data, prepared: Any) -> dict:
 
 
 def offline(tmp: str | Path, tag: str = "") -> list[str]:
-    """Overrides for a training run inside a benchmark: no MLflow, no feature store, no progress bar,
-    bundle and checkpoints in the scratch folder `tmp` (suffixed with `tag`)."""
-    return ["tracking.enabled=false", "store.load=false", "trainer.progress=false", f"export.output_dir={tmp}/bundle{tag}", f"trainer.checkpoint_dir={tmp}/ckpt{tag}"]
+    """Overrides for a training run inside a benchmark: no MLflow, no feature store (nor its privacy
+    ledger: a benchmark's private runs release nothing), no progress bar, bundle and checkpoints in
+    the scratch folder `tmp` (suffixed with `tag`)."""
+    return ["tracking.enabled=false", "store.load=false", "privacy.ledger=false", "trainer.progress=false",
+            f"export.output_dir={tmp}/bundle{tag}", f"trainer.checkpoint_dir={tmp}/ckpt{tag}"]  # fmt: skip
 
 
 def numbers(p: argparse.ArgumentParser, flag: str, text: str, kind: Callable[[str], Any] = int) -> list:
