@@ -28,16 +28,21 @@ def evaluate_bundle(cfg: TrainConfig, model_uri: str) -> dict[str, float]:
     data = prepare(cfg)
     bundle = open_bundle(resolve_model_uri(str(model_uri), cfg.tracking.tracking_uri)[0])
     manifest, item_vec = bundle.manifest, bundle.item_vectors
-    spec = TowerSpec(**manifest["model"]["spec"])
-    # side features are rebuilt from the config: refuse a config that would feed the bundle differently
-    built = {"model.rating_weighted": (manifest["features"]["rating_weighted"], cfg.model.rating_weighted)}
-    if spec.use_content:
-        built["model.title_buckets"] = (spec.n_title, cfg.model.title_buckets)
-    for key, (bundle_value, config_value) in built.items():
-        if bundle_value != config_value:
-            raise ValueError(f"{key}: the model was exported with {bundle_value!r}, the config says {config_value!r}")
-    if (spec.n_users, spec.n_items) != (data.dataset.n_users, data.dataset.n_items):
-        raise ValueError(f"model has {spec.n_users} users / {spec.n_items} items, config data has {data.dataset.n_users} / {data.dataset.n_items}")
+    raw = manifest["model"]["spec"]
+    if raw.get("kind") == "ease":  # DP-EASE (training/privacy/gram.py): the history bag only, no torch tower to describe
+        spec, n_users, n_items = None, raw["n_users"], raw["n_items"]
+    else:
+        spec = TowerSpec(**raw)
+        n_users, n_items = spec.n_users, spec.n_items
+        # side features are rebuilt from the config: refuse a config that would feed the bundle differently
+        built = {"model.rating_weighted": (manifest["features"]["rating_weighted"], cfg.model.rating_weighted)}
+        if spec.use_content:
+            built["model.title_buckets"] = (spec.n_title, cfg.model.title_buckets)
+        for key, (bundle_value, config_value) in built.items():
+            if bundle_value != config_value:
+                raise ValueError(f"{key}: the model was exported with {bundle_value!r}, the config says {config_value!r}")
+    if (n_users, n_items) != (data.dataset.n_users, data.dataset.n_items):
+        raise ValueError(f"model has {n_users} users / {n_items} items, config data has {data.dataset.n_users} / {data.dataset.n_items}")
 
     ctx = context(cfg, data.dataset)
 
@@ -46,7 +51,7 @@ def evaluate_bundle(cfg: TrainConfig, model_uri: str) -> dict[str, float]:
 
     users = np.flatnonzero(np.diff(data.test[0]) > 0)
     k = cfg.task.eval_k
-    return evaluation.Metrics({f"test/{name}": v for name, v in evaluation.evaluate_scores(score, users, data.seen[:2], data.test[:2], spec.n_items, k=k).items()})
+    return evaluation.Metrics({f"test/{name}": v for name, v in evaluation.evaluate_scores(score, users, data.seen[:2], data.test[:2], n_items, k=k).items()})
 
 
 def export_checkpoint(cfg: TrainConfig, checkpoint: Path, out_dir: Path) -> dict[str, Any]:

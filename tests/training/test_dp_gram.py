@@ -244,3 +244,14 @@ def test_gram_bundle_serves_the_release_unchanged(gram_run):
         assert [r["item_id"] for r in cold["items"]] == manifest["popularity"][:5]
     finally:
         store.close()
+
+
+def test_trustrec_evaluate_of_the_gram_bundle_reproduces_its_test_metrics(gram_run):
+    """`trustrec evaluate` scores the exported bundle through ONNX Runtime as serving does: the same
+    figures as the run computed before export."""
+    from training.offline import evaluate_bundle
+
+    cfg, result = gram_run
+    again = evaluate_bundle(cfg, str(result.artifact_dir))
+    for key in ("test/ndcg_at_10", "test/recall_at_10"):
+        assert again[key] == pytest.approx(result.metrics[key], abs=1e-6), key
