@@ -61,6 +61,7 @@ def test_report_by_hand_through_the_cli(logged, capsys):
     assert body["srm"]["observed"] == {"control": 4, "treatment": 4, "holdout": 1} and body["holdout_exposures"] == 1
     assert body["srm"]["expected"]["holdout"] == pytest.approx(0.9) and body["srm"]["expected"]["control"] == pytest.approx(4.05)
     assert "guardrails" in treatment and treatment["guardrails"]["coverage"] == pytest.approx(2 / 4)  # i1, i2 of 4 items
+    assert treatment["guardrails"]["diversity"] == pytest.approx(1.0)  # i1 (Comedy, Drama) vs i2 (Sci-Fi): Jaccard distance 1
     page = (root / "rep" / "report.html").read_text()
     assert "treatment" in page and "arms.png" in page and (root / "rep" / "arms.png").stat().st_size > 1000
     assert "lift +100.00 %" in out and "sample ratio p =" in out

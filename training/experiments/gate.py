@@ -7,8 +7,8 @@ only when, on the experiment's log (intent-to-treat, training/experiments/report
 - the candidate arm's CTR beats the incumbent arm's with the 95 % CI of the relative lift entirely
   above zero (delta method over users, training/experiments/stats.py `lift`);
 - no guardrail regresses by more than GUARDRAIL_TOLERANCE relative to the incumbent: catalog
-  coverage must not fall, exposure concentration (Gini) and popularity bias (mean popularity of the
-  shown items) must not rise.
+  coverage and genre diversity must not fall, exposure concentration (Gini) and popularity bias
+  (mean popularity of the shown items) must not rise.
 
 Whatever the decision, its evidence (the lift with its CI, the SRM p-value, each guardrail pair)
 is returned for the audit log and the model version's tags, so a refused promotion is as visible
@@ -50,7 +50,7 @@ def decide(store, cfg: ExperimentConfig, candidate: str, incumbent: str) -> dict
     guards = {}
     for name in (candidate, incumbent):
         rows = arms == name
-        guards[name] = guardrails(g["lists"][rows], max(g["n_items"], 1), g["item_pop"])  # -1: an empty slot
+        guards[name] = guardrails(g["lists"][rows], max(g["n_items"], 1), g["item_pop"], g["item_genres"])  # -1: an empty slot
     regressions = []
     for key, cand in guards[candidate].items():
         inc = guards[incumbent].get(key)

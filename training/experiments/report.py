@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 def gather(store, cfg: ExperimentConfig) -> dict[str, Any]:
     """The arrays stats.report needs, from the store's logs of experiment `cfg.name`."""
     from features.exposures import exposures, outcomes
-    from features.store import popularity_table
+    from features.store import items_table, popularity_table
     from sqlalchemy import select
 
     rows = exposures(store, cfg.name)
@@ -40,7 +40,15 @@ def gather(store, cfg: ExperimentConfig) -> dict[str, Any]:
             clicked.setdefault(o["exposure_id"], set()).add(o["position"] if o["position"] is not None else -1)
     with store.snapshot() as conn:
         pop = dict(conn.execute(select(popularity_table.c.item_id, popularity_table.c["count"])).all())
+        genres_of = dict(conn.execute(select(items_table.c.item_id, items_table.c.genres)).all())
     catalog = sorted(pop)
+    names = store.genre_names()
+    column = {g: j for j, g in enumerate(names)}
+    multi_hot = np.zeros((len(catalog), max(len(names), 1)), np.float64)  # genre diversity of the shown lists
+    for i, item in enumerate(catalog):
+        for g in (genres_of.get(item) or "").split("|"):
+            if g in column:
+                multi_hot[i, column[g]] = 1.0
     index = {item: i for i, item in enumerate(catalog)}
     assigned: dict[str, set] = {}
     for r in rows:
@@ -61,6 +69,7 @@ def gather(store, cfg: ExperimentConfig) -> dict[str, Any]:
         "lists": lists,
         "n_items": len(catalog),
         "item_pop": np.array([pop[i] for i in catalog], np.float64),
+        "item_genres": multi_hot if names else None,
         "holdout_exposures": len(rows) - len(inside),
     }
 
@@ -76,7 +85,7 @@ def analyse(store, cfg: ExperimentConfig) -> dict[str, Any]:
         weights[HOLDOUT], counts[HOLDOUT] = cfg.holdout, g["assigned"].get(HOLDOUT, 0)
     body = arm_report(g["users"], g["arms"], g["shown"], g["clicks"], control=cfg.control_arm.name,
                       weights={a.name: a.weight for a in cfg.arms}, lists=g["lists"],
-                      n_items=max(g["n_items"], 1), item_pop=g["item_pop"])  # fmt: skip
+                      n_items=max(g["n_items"], 1), item_pop=g["item_pop"], item_genres_multi_hot=g["item_genres"])  # fmt: skip
     from training.experiments.stats import srm
 
     body["srm"] = srm(counts, weights).to_dict()  # every assigned user, the holdout included
