@@ -42,7 +42,6 @@ from pathlib import Path
 
 import numpy as np
 import scipy.linalg
-from scipy.stats import norm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # harness and siblings by name
 import harness  # noqa: E402  (puts the repository on sys.path too)
@@ -56,43 +55,12 @@ ACCOUNTANT_NOTE = ("(k, lambda) chosen on validation NDCG: that selection reads 
                    "(full rank, lambda = sigma*sqrt(2*n_items)) uses no validation data")
 
 
-# ---------------------------------------------------------------- the mechanism (pure numpy / scipy)
+# ---------------------------------------------------------------- the mechanism (training/privacy/gram.py's)
 
+from training.privacy.gram import add_noise, gaussian_delta, gaussian_sigma  # noqa: E402,F401  (the product's accountant and noise)
+from training.privacy.gram import noise_lambda as fixed_lambda  # noqa: E402  (λ = σ·√(2·n_items), the fixed row's)
 
-def gaussian_delta(sigma: float, eps: float, sensitivity: float = 1.0) -> float:
-    """The δ(ε) the Gaussian mechanism N(0, σ²) with L2 sensitivity Δ achieves (exact, Balle & Wang 2018, Thm 8):
-    δ = Φ(Δ/(2σ) − εσ/Δ) − e^ε · Φ(−Δ/(2σ) − εσ/Δ). Decreasing in σ."""
-    a, b = sensitivity / (2.0 * sigma), eps * sigma / sensitivity
-    # e^eps * Phi(x) as exp(eps + logPhi(x)): no overflow at large eps
-    return float(norm.cdf(a - b) - math.exp(eps + norm.logcdf(-a - b)))
-
-
-def gaussian_sigma(eps: float, delta: float, sensitivity: float = 1.0, tol: float = 1e-12) -> float:
-    """Smallest σ for which N(0, σ²) noise on a query of L2 sensitivity `sensitivity` is (ε, δ)-DP.
-
-    Analytic Gaussian mechanism (Balle & Wang, ICML 2018): the exact condition
-    Φ(Δ/(2σ) − εσ/Δ) − e^ε Φ(−Δ/(2σ) − εσ/Δ) ≤ δ, solved for σ by bisection (the left side
-    decreases in σ). Returns the upper end of the final bracket, so the condition holds at the
-    returned σ. Valid for any ε > 0 (unlike the classical σ = Δ√(2 ln(1.25/δ))/ε, which needs ε < 1).
-    """
-    if not (eps > 0 and math.isfinite(eps)):
-        raise ValueError(f"eps must be finite and > 0, got {eps}")
-    if not 0 < delta < 1:
-        raise ValueError(f"delta must be in (0, 1), got {delta}")
-    if sensitivity <= 0:
-        raise ValueError(f"sensitivity must be > 0, got {sensitivity}")
-    lo, hi = 1e-6 * sensitivity, sensitivity
-    while gaussian_delta(hi, eps, sensitivity) > delta:  # grow the bracket until the condition holds
-        lo, hi = hi, 2.0 * hi
-    while gaussian_delta(lo, eps, sensitivity) <= delta:  # ... and shrink its lower end until it fails
-        hi, lo = lo, lo / 2.0
-    while hi - lo > tol * hi:
-        mid = 0.5 * (lo + hi)
-        if gaussian_delta(mid, eps, sensitivity) <= delta:
-            hi = mid
-        else:
-            lo = mid
-    return hi
+CONFIGS = {"ml100k": REPO / "configs" / "two_tower_ml100k.yaml", "synthetic": REPO / "configs" / "two_tower.yaml"}  # the split's config
 
 
 def unit_rows(histories: np.ndarray) -> np.ndarray:
@@ -102,22 +70,12 @@ def unit_rows(histories: np.ndarray) -> np.ndarray:
     return np.divide(x, n, out=np.zeros_like(x), where=n > 0)
 
 
-def noisy_gram(histories: np.ndarray, sigma: float, rng: np.random.Generator) -> np.ndarray:
-    """Σ_u x^_u x^_uᵀ of the unit-norm rows of `histories` (users x items), plus symmetric Gaussian noise.
-
-    Noise: N(0, σ²) on the diagonal, N(0, σ²/2) on each strict-upper entry, mirrored to the lower
-    triangle. (diag, √2·upper) of one user's x^ x^ᵀ has L2 norm ‖x^ x^ᵀ‖_F = ‖x^‖² = 1, so this is
-    the Gaussian mechanism with noise σ at L2 sensitivity 1 (add / remove one user). σ = 0: no noise.
-    The draw is one (n_items, n_items) standard-normal matrix from `rng` (its diagonal and upper triangle used).
-    """
+def noisy_gram(histories: np.ndarray, sigma: float, rng: np.random.Generator | None) -> np.ndarray:
+    """Σ_u x^_u x^_uᵀ of the unit-norm rows of dense `histories` (users x items) plus the product's
+    release noise (training.privacy.gram.add_noise: N(0, σ²) diagonal, N(0, σ²/2) strict upper,
+    mirrored; one (n_items, n_items) standard-normal draw from `rng`). σ = 0: no noise, rng unread."""
     x = unit_rows(histories)
-    g = x.T @ x
-    if sigma == 0:
-        return g
-    n = g.shape[0]
-    z = rng.standard_normal((n, n))
-    upper = np.triu(z, 1)
-    return g + (sigma / math.sqrt(2.0)) * (upper + upper.T) + np.diag(sigma * np.diag(z))
+    return add_noise(x.T @ x, sigma, rng)
 
 
 def eig_desc(gram: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -153,11 +111,6 @@ def ease_weights(gram: np.ndarray, lam: float) -> np.ndarray:
     return b
 
 
-def fixed_lambda(sigma: float, n_items: int) -> float:
-    """The validation-free λ of the fixed row: σ·√(2·n_items), the noise matrix's expected spectral norm."""
-    return sigma * math.sqrt(2.0 * n_items)
-
-
 # ---------------------------------------------------------------- the benchmark
 
 
@@ -182,19 +135,18 @@ def main(argv: list[str] | None = None) -> int:
     if not epsilons or not seeds or any(e <= 0 for e in epsilons):
         p.error("give at least one epsilon (> 0) and one noise seed")
 
-    import privacy  # siblings by name: benchmarks/ is on sys.path (opacus ships a top-level `benchmarks` package)
-    import quality
+    import quality  # siblings by name: benchmarks/ is on sys.path (opacus ships a top-level `benchmarks` package)
 
     from training.config import load_config
     from training.evaluation import evaluate_scores
     from training.pipeline import popularity_metrics, prepare
 
-    source = harness.dataset(p, args.data, list(privacy.CONFIGS))
+    source = harness.dataset(p, args.data, list(CONFIGS))
     if source is None:
         return 2
     name = source.name
     overrides = ["tracking.enabled=false", "store.load=false", f"privacy.audit_holdout={args.audit_holdout}", *args.set, *source.overrides]
-    cfg = load_config(privacy.CONFIGS[name][0], overrides)  # the non-private config: the split is the same for both
+    cfg = load_config(CONFIGS[name], overrides)  # the non-private config: the split is the same for both
     k = cfg.task.eval_k
     started = time.perf_counter()
     data = prepare(cfg)
@@ -248,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
 
     report = {
         "dataset": name,
-        "split": f"{privacy.CONFIGS[name][0].relative_to(REPO)}, ms-recommenders stratified, privacy.audit_holdout={args.audit_holdout}",
+        "split": f"{CONFIGS[name].relative_to(REPO)}, ms-recommenders stratified, privacy.audit_holdout={args.audit_holdout}",
         "k": k,
         "n_members": int(len(members)),
         "delta": delta,

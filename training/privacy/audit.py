@@ -15,6 +15,20 @@ exported bundle (ONNX user tower + item matrix, as served) and a user's candidat
   membership). It removes how predictable a user is anyway (a fan of blockbusters scores high
   under any model) — difficulty calibration (Watson et al., 2022), usually the stronger attack.
 
+A DP-EASE bundle (`privacy.mechanism: gram`; manifest `model.spec` = {"kind": "ease", ...}) has no
+softmax and no temperature: its scores x_u B are unnormalized regression outputs whose scale moves
+with λ, and the recipe's λ = σ·√(2·n_items) grows as ε falls (scores shrink roughly as 1/λ). A
+softmax at any fixed temperature would then measure λ rather than membership, and a temperature
+fitted on this bundle's members vs non-members would hand the attack the answer it is meant to
+find. So for EASE the per-item statistic is rank-based (`statistic="rank"`): the hidden item's
+mid-rank r among the n_pool items not in the visible history, scored log(n_pool / r) — the log of the
+inverse rank percentile, 0 for the last item, log n_pool for the first. It is invariant to any
+strictly increasing transform of a user's scores (no temperature to choose, the same statistic at
+every ε), weighs the top of the list (where a memorized training item shows up) far more than a
+mean rank would, and is computed the same way for the popularity reference, so `calibrated` stays
+the difference of like with like. The attack names (`loss`, `calibrated`) and everything downstream
+are unchanged; `Audit.statistic` records which statistic was used.
+
 Reported: ROC AUC with a stratified bootstrap confidence interval and TPR at 1 % FPR per attack.
 AUC 0.5 = the attacker cannot tell members from non-members. Logged to the audited MLflow run
 (`audit/<attack>/auc`, `..._ci_low`, `..._ci_high`, `tpr_at_1pct_fpr`) with the ROC plot and a
@@ -28,6 +42,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Callable
 
 import numpy as np
@@ -97,6 +112,23 @@ def attack(name: str, members: np.ndarray, non_members: np.ndarray, n_boot: int 
 
 
 # --------------------------------------------------------------------------- scores
+def log_inverse_rank(scores: np.ndarray, visible: tuple[np.ndarray, np.ndarray], batch: np.ndarray) -> np.ndarray:
+    """log(n_pool / r) for every item of each row of `scores` (rows = `batch` users): r is the item's
+    mid-rank (ties share the mean rank) among the row's pool, the items not in the user's `visible`
+    history (indptr, indices); n_pool the pool's size. Visible items get values too; callers read
+    only hidden (pool) items."""
+    from scipy.stats import rankdata
+
+    from training.data import gather_rows
+
+    s = np.array(scores, dtype=np.float64, copy=True)
+    v_len, v_items = gather_rows(visible, batch)
+    s[np.repeat(np.arange(len(batch)), v_len), v_items] = -np.inf  # ranked below every pool item
+    ranks = rankdata(-s, axis=1, method="average")  # pool items take ranks 1 .. n_pool
+    n_pool = s.shape[1] - np.count_nonzero(np.isneginf(s), axis=1)
+    return np.log(np.maximum(n_pool, 1)[:, None] / ranks)
+
+
 def log_likelihood_scores(
     user_vectors: Callable[[np.ndarray, tuple], np.ndarray],
     item_vec: np.ndarray,
@@ -107,10 +139,17 @@ def log_likelihood_scores(
     hide: float = 0.3,
     repeats: int = 4,
     seed: int = 0,
+    statistic: str = "softmax",
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Per user: (mean log p_model(hidden | rest), mean log p_popularity(hidden)), averaged over
-    `repeats` random hide masks. `user_vectors(users, history_csr)` runs the user tower."""
+    """Per user: (mean model statistic of the hidden items given the rest, the same under popularity),
+    averaged over `repeats` random hide masks. `user_vectors(users, history_csr)` runs the user tower.
+    statistic "softmax": log p(item) under a full softmax over the catalog at `temperature` (popularity:
+    log of the add-one item frequency); "rank": log(n_pool / rank) among the items not visible
+    (`log_inverse_rank`; popularity: the same on the population counts; `temperature` unread)."""
     from training.data import csr_from_mask, gather_rows
+
+    if statistic not in ("softmax", "rank"):
+        raise ValueError(f"statistic must be softmax or rank, got {statistic!r}")
 
     rng = np.random.default_rng(seed)
     indptr = candidates[0]
@@ -125,13 +164,19 @@ def log_likelihood_scores(
         visible, targets = csr_from_mask(candidates, ~hidden), csr_from_mask(candidates, hidden)
         for start in range(0, len(users), 512):
             batch = users[start : start + 512]
-            logits = user_vectors(batch, visible).astype(np.float64) @ item_vec.T / temperature
-            top = logits.max(1, keepdims=True)
-            log_p = logits - top - np.log(np.exp(logits - top).sum(1, keepdims=True))
+            scores = user_vectors(batch, visible).astype(np.float64) @ item_vec.T
+            if statistic == "rank":
+                log_p = log_inverse_rank(scores, visible, batch)
+                pop = log_inverse_rank(np.broadcast_to(population_counts, scores.shape), visible, batch)
+            else:
+                logits = scores / temperature
+                top = logits.max(1, keepdims=True)
+                log_p = logits - top - np.log(np.exp(logits - top).sum(1, keepdims=True))
+                pop = np.broadcast_to(log_pop, scores.shape)
             t_len, t_items = gather_rows(targets, batch)
             row = np.repeat(np.arange(len(batch)), t_len)
             model_ll[start : start + len(batch)] += np.bincount(row, log_p[row, t_items], len(batch)) / t_len
-            pop_ll[start : start + len(batch)] += np.bincount(row, log_pop[t_items], len(batch)) / t_len
+            pop_ll[start : start + len(batch)] += np.bincount(row, pop[row, t_items], len(batch)) / t_len
     return model_ll / repeats, pop_ll / repeats
 
 
@@ -143,11 +188,13 @@ class Audit:
     privacy: dict[str, Any]
     run_id: str | None = None
     files: dict[str, Path] = field(default_factory=dict)
+    statistic: str = "softmax"  # the per-item statistic of the attacks (log_likelihood_scores)
 
     def summary(self) -> dict[str, Any]:
         return {
             "run_id": self.run_id,
             "privacy": self.privacy,
+            "statistic": self.statistic,
             "n_members": self.n_members,
             "n_non_members": self.n_non_members,
             "attacks": {name: {k.rsplit("/", 1)[1]: v for k, v in r.metrics().items()} for name, r in self.results.items()},
@@ -170,7 +217,9 @@ def audit_bundle(bundle: Path, cfg, n_boot: int = 1000, repeats: int = 4, seed: 
         raise ValueError("privacy.audit_holdout: the run held no users out (0), so there are no non-members to audit against; train with e.g. --set privacy.audit_holdout=0.2")
     opened = open_bundle(bundle, force_cpu=True)  # manifest schema checked, ONNX session, item matrix
     manifest = opened.manifest
-    spec = TowerSpec(**manifest["model"]["spec"])
+    raw = manifest["model"]["spec"]
+    ease = raw.get("kind") == "ease"  # DP-EASE (training/privacy/gram.py): a history bag, no temperature
+    spec = SimpleNamespace(n_users=raw["n_users"], n_items=raw["n_items"]) if ease else TowerSpec(**raw)
     ds = load_dataset(cfg.data)
     if (spec.n_users, spec.n_items) != (ds.n_users, ds.n_items):
         raise ValueError(f"model has {spec.n_users} users / {spec.n_items} items, the config's data has {ds.n_users} / {ds.n_items}")
@@ -184,16 +233,20 @@ def audit_bundle(bundle: Path, cfg, n_boot: int = 1000, repeats: int = 4, seed: 
     ctx = context(cfg, ds)
 
     def user_vectors(users: np.ndarray, history: tuple) -> np.ndarray:
+        if ease:  # binary bag (each item once), as the bundle was exported; user_feed reads no spec field
+            history = (history[0], history[1])
         return opened.user_vectors(user_feed(spec, ctx, users, history))
 
     population = np.bincount(candidates[1], minlength=ds.n_items).astype(np.float64)
     users = np.concatenate([members, non_members])
-    model_ll, pop_ll = log_likelihood_scores(user_vectors, item_vec, spec.temperature, candidates, users, population, cfg.task.history_dropout, repeats, seed)
+    statistic = "rank" if ease else "softmax"
+    temperature = 1.0 if ease else spec.temperature
+    model_ll, pop_ll = log_likelihood_scores(user_vectors, item_vec, temperature, candidates, users, population, cfg.task.history_dropout, repeats, seed, statistic)
     scores = {"loss": model_ll, "calibrated": model_ll - pop_ll}
     m = len(members)
     results = {name: attack(name, s[:m], s[m:], n_boot, seed) for name, s in scores.items()}
     privacy = manifest.get("provenance", {}).get("privacy", {"mode": "unknown"})
-    return Audit(results, m, len(non_members), privacy)
+    return Audit(results, m, len(non_members), privacy, statistic=statistic)
 
 
 # --------------------------------------------------------------------------- report
@@ -217,6 +270,8 @@ def plot_roc(path: Path, audit: Audit, title: str) -> None:
 def describe(privacy: dict[str, Any]) -> str:
     mode = privacy.get("mode", "unknown")
     name = {"dp": "DP-SGD", "none": "non-private"}.get(mode, mode)
+    if mode == "dp" and "gram" in str(privacy.get("mechanism", "")):  # training/privacy/gram.py's release
+        name = "DP-EASE"
     if "epsilon" in privacy and "delta" in privacy:  # DP-SGD, or federated with client-level DP
         return f"{name} eps={privacy['epsilon']:.2f} delta={privacy['delta']:.2g}"
     return name
