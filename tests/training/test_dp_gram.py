@@ -319,3 +319,30 @@ def test_rank_audit_finds_a_gram_release_that_memorized_its_users(gram_run, tmp_
     audit = audit_bundle(root / "bundle", cfg, n_boot=200)
     assert audit.n_non_members == 40
     assert audit.results["calibrated"].ci_low > 0.6, audit.results
+
+
+def _ml1m() -> tuple[object, str]:
+    from features.sources import DatasetNotFound, named_path
+
+    try:
+        return named_path("ml1m-implicit"), ""
+    except DatasetNotFound as e:
+        return None, f"skipped: {e}"
+
+
+ML1M, ML1M_ABSENT = _ml1m()
+
+
+@pytest.mark.skipif(ML1M is None, reason=ML1M_ABSENT)
+def test_the_ml1m_recipe_covers_the_given_split_less_the_audit_holdout():
+    """configs/ease_dp_ml1m.yaml on the real data: 6,040 users, 3,695 items with a train interaction,
+    the audit's 20 % held out, delta = 1 / the 4,832 users the release covers, sigma at eps 8 and 1."""
+    from training.pipeline import prepare
+
+    cfg = load_config(REPO / "configs" / "ease_dp_ml1m.yaml", ["store.load=false", "privacy.ledger=false", "tracking.enabled=false"])
+    assert (cfg.split.protocol, cfg.privacy.mechanism, cfg.privacy.target_epsilon) == ("given", "gram", 8.0)
+    data = prepare(cfg)
+    members = int((np.diff(data.seen[0]) > 0).sum())
+    assert (data.dataset.n_users, data.dataset.n_items, members) == (6040, 3695, 4832)
+    assert gram.gaussian_sigma(8.0, 1 / members) == pytest.approx(0.5239, abs=1e-4)  # the run's logged sigma
+    assert gram.gaussian_delta(gram.gaussian_sigma(1.0, 1 / members), 1.0) == pytest.approx(1 / members, rel=1e-6)
