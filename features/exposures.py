@@ -68,7 +68,7 @@ class Exposure:
 class ExposureLog:
     """Bounded, append-only, off the request path (module docstring). One per replica."""
 
-    def __init__(self, store: FeatureStore, capacity: int = 10_000, batch: int = 1_000, interval_s: float = 0.25):
+    def __init__(self, store: FeatureStore, capacity: int = 10_000, batch: int = 1_000, interval_s: float = 0.1):
         self.store, self.capacity, self.batch, self.interval_s = store, capacity, batch, interval_s
         self.dropped = 0
         self.written = 0
@@ -146,7 +146,7 @@ def record_outcome(store: FeatureStore, user_id: str, exposure_id: str, kind: st
             row = conn.execute(query).first()
     deadline = time.monotonic() + wait_s
     while row is None and time.monotonic() < deadline:  # queued on another replica: its writer is due within wait_s
-        time.sleep(0.05)
+        time.sleep(0.01)
         with store.reading() as conn:
             row = conn.execute(query).first()
     subject = store.subject_hash(user_id)

@@ -8,8 +8,9 @@ from cli.main import main
 @pytest.mark.ray
 def test_experiment_demo_runs_end_to_end(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("TRUSTREC_EXPERIMENT_KEY", "demo-test-key-0123456789abcdef")
-    assert main(["experiment", "demo", "--dir", str(tmp_path / "demo"), "--users", "40", "--rounds", "1", "--epochs", "2"]) == 0
-    out = capsys.readouterr().out
+    code = main(["experiment", "demo", "--dir", str(tmp_path / "demo"), "--users", "40", "--rounds", "1", "--epochs", "2"])
+    out, err = capsys.readouterr()
+    assert code == 0, err[-3000:]
     assert "served 40 lists to 40 simulated users" in out and "experiment demo: control popularity" in out
     for arm in ("popularity", "champion", "challenger"):
         assert f"  {arm}" in out
