@@ -238,13 +238,7 @@ def write_artifacts(
         if worst > parity_atol:
             raise RuntimeError(f"ONNX parity check failed: max abs diff {worst:.3g} > {parity_atol:g} ({checks})")
         np.save(tmp / ITEM_EMBEDDINGS_FILE, item_embeddings.astype(np.float32))
-        dataset.user_vocab.save(tmp / USER_VOCAB_FILE)
-        dataset.item_vocab.save(tmp / ITEM_VOCAB_FILE)
-        items = [
-            {"item_id": raw, "title": dataset.items.title[i], "genres": [dataset.genre_names[g] for g in dataset.items.genres[i]]}
-            for i, raw in enumerate(dataset.item_vocab.ids)
-        ]
-        (tmp / ITEMS_FILE).write_text(json.dumps(items))
+        write_catalog(tmp, dataset)
         manifest = {
             "schema_version": SCHEMA_VERSION,
             "model": {"kind": "hybrid" if len(model.spec.user_features()) > 1 or model.spec.use_content else "two_tower", "spec": asdict(model.spec)},
@@ -282,6 +276,17 @@ def write_artifacts(
     return manifest
 
 
+def write_catalog(tmp: Path, dataset: Dataset) -> None:
+    """What every bundle holds of the data besides its model: both vocabularies and the items' titles and genres."""
+    dataset.user_vocab.save(tmp / USER_VOCAB_FILE)
+    dataset.item_vocab.save(tmp / ITEM_VOCAB_FILE)
+    items = [
+        {"item_id": raw, "title": dataset.items.title[i], "genres": [dataset.genre_names[g] for g in dataset.items.genres[i]]}
+        for i, raw in enumerate(dataset.item_vocab.ids)
+    ]
+    (tmp / ITEMS_FILE).write_text(json.dumps(items))
+
+
 def write_ease_artifacts(model: Any, dataset: Dataset, history: CSR, out_dir: str | Path, metrics: dict[str, float],
                          provenance: dict[str, Any], popularity: list[str], parity_atol: float = 1e-5) -> dict[str, Any]:
     """The bundle of a DP-EASE model (training.privacy.gram.GramEase), written atomically like
@@ -312,13 +317,7 @@ def write_ease_artifacts(model: Any, dataset: Dataset, history: CSR, out_dir: st
             raise RuntimeError(f"ONNX parity check failed: max abs diff {worst:.3g} > {parity_atol:g} ({checks})")
         item_embeddings = model.item_vectors()
         np.save(tmp / ITEM_EMBEDDINGS_FILE, item_embeddings)
-        dataset.user_vocab.save(tmp / USER_VOCAB_FILE)
-        dataset.item_vocab.save(tmp / ITEM_VOCAB_FILE)
-        items = [
-            {"item_id": raw, "title": dataset.items.title[i], "genres": [dataset.genre_names[g] for g in dataset.items.genres[i]]}
-            for i, raw in enumerate(dataset.item_vocab.ids)
-        ]
-        (tmp / ITEMS_FILE).write_text(json.dumps(items))
+        write_catalog(tmp, dataset)
         manifest = {
             "schema_version": SCHEMA_VERSION,
             "model": {"kind": model.kind, "spec": {"n_users": dataset.n_users, "n_items": dataset.n_items, **model.describe()}},
