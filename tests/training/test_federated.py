@@ -295,7 +295,10 @@ def test_pipeline_writes_the_privacy_block_into_the_manifest(federated_run):
     root, cfg, result = federated_run
     manifest = json.loads((root / "artifacts" / "manifest.json").read_text())
     privacy = manifest["provenance"]["privacy"]
+    ledger = privacy.pop("ledger")  # the store's privacy-budget ledger recorded this client-level DP release
     assert privacy == result.fit.privacy
+    assert ledger["entry"] == 1 and ledger["releases"] == 1 and ledger["cumulative_epsilon"] == pytest.approx(privacy["epsilon"])
+    assert ledger["cumulative_delta"] == pytest.approx(privacy["delta"])
     assert privacy["mode"] == "federated" and privacy["strategy"] == "fedavg" and privacy["partition"] == "silos"
     assert privacy["clients"] == 3 and privacy["clients_per_round"] == 3 and privacy["rounds"] == 2
     assert privacy["secure_aggregation"] is True and privacy["client_dp"] is True
