@@ -153,3 +153,17 @@ def test_a_replica_refuses_to_start_without_the_key_or_with_an_alias_it_cannot_r
     finally:
         local.experiment.close()
         local.store.close()
+
+
+def test_a_reload_whose_arm_model_cannot_load_keeps_every_arm_serving(served, trained_run):
+    """A promote that leaves an arm's alias unresolvable: the swap is refused whole (main model and
+    arm models stay as they were), /healthz says why, and the experiment keeps answering."""
+    http, server, _ = served
+    before_main, before_arms = server.recommender, dict(server.experiment.arm_models)
+    MlflowClient(trained_run.tracking_uri).delete_registered_model_alias("trustrec", "challenger")
+    asyncio.run(server.reconfigure({"model_uri": "models:/trustrec@champion"}))
+    assert server.recommender is before_main and server.experiment.arm_models == before_arms
+    assert "challenger" in server.swap_error
+    user = users(server, 1)[0]
+    body = http.post("/v1/recommend", json={"user_id": user, "k": 5}).json()
+    assert body["experiment"] == "pers-vs-pop" and len(body["items"]) == 5
