@@ -41,7 +41,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import scipy.linalg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # harness and siblings by name
 import harness  # noqa: E402  (puts the repository on sys.path too)
@@ -59,6 +58,7 @@ ACCOUNTANT_NOTE = ("(k, lambda) chosen on validation NDCG: that selection reads 
 
 from training.privacy.gram import add_noise, gaussian_delta, gaussian_sigma  # noqa: E402,F401  (the product's accountant and noise)
 from training.privacy.gram import noise_lambda as fixed_lambda  # noqa: E402  (λ = σ·√(2·n_items), the fixed row's)
+from peers import ease_weights  # noqa: E402  (EASE's B from a PSD Gram matrix: Cholesky solve; peers.EASE's too)
 
 CONFIGS = {"ml100k": REPO / "configs" / "two_tower_ml100k.yaml", "synthetic": REPO / "configs" / "two_tower.yaml"}  # the split's config
 
@@ -97,20 +97,6 @@ def psd_project(gram: np.ndarray, rank: int | None = None, eig: tuple[np.ndarray
     return 0.5 * (out + out.T)
 
 
-def ease_weights(gram: np.ndarray, lam: float) -> np.ndarray:
-    """EASE (Steck 2019) item-item weights from a Gram matrix: P = (gram + λI)⁻¹, B = I − P·diag(1/diag P),
-    i.e. B_ij = −P_ij / P_jj off the diagonal and B_jj = 0. `gram` must be PSD (λ > 0 then makes the
-    system positive definite; see psd_project). Scores of a user with history row x: x @ B."""
-    if lam <= 0:
-        raise ValueError(f"lam must be > 0, got {lam}")
-    a = np.array(gram, dtype=np.float64, copy=True)
-    a[np.diag_indices_from(a)] += lam
-    p = scipy.linalg.cho_solve(scipy.linalg.cho_factor(a, lower=True), np.eye(len(a)))
-    b = -p / np.diag(p)[None, :]
-    np.fill_diagonal(b, 0.0)
-    return b
-
-
 # ---------------------------------------------------------------- the benchmark
 
 
@@ -135,8 +121,6 @@ def main(argv: list[str] | None = None) -> int:
     if not epsilons or not seeds or any(e <= 0 for e in epsilons):
         p.error("give at least one epsilon (> 0) and one noise seed")
 
-    import quality  # siblings by name: benchmarks/ is on sys.path (opacus ships a top-level `benchmarks` package)
-
     from training.config import load_config
     from training.evaluation import evaluate_scores
     from training.pipeline import popularity_metrics, prepare
@@ -154,8 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     x_train, x_seen = dense(data.train, n_users, n_items), dense(data.seen, n_users, n_items)
     members = np.flatnonzero(x_train.sum(axis=1) > 0)
     delta = cfg.privacy.delta if cfg.privacy.delta is not None else 1.0 / len(members)
-    val_users = np.flatnonzero(np.diff(data.val[0]) > 0)
-    test_users = np.flatnonzero(np.diff(data.test[0]) > 0)
+    val_users, test_users = harness.users_with(data.val), harness.users_with(data.test)
 
     def val_metrics(b: np.ndarray) -> dict[str, float]:
         return evaluate_scores(lambda u: x_train[u] @ b, val_users, data.train[:2], data.val[:2], n_items, k=k)
@@ -193,9 +176,9 @@ def main(argv: list[str] | None = None) -> int:
                 line += f"; fixed lam={run['fixed']['lam']:.1f} -> {run['fixed']['test'][f'ndcg@{k}']:.4f}"
             print(line + f" ({run['seconds']:.0f}s)", flush=True)
         row = {"epsilon": eps, "delta": delta, "sigma": sigma, "noise_seeds": [r["seed"] for r in runs],
-               "val_tuned": quality.summarize([r["test"] for r in runs]), "runs": runs}  # fmt: skip
+               "val_tuned": harness.summarize([r["test"] for r in runs]), "runs": runs}  # fmt: skip
         if sigma > 0:
-            row["fixed"] = {"rank": n_items, "lam": fixed_lambda(sigma, n_items), **quality.summarize([r["fixed"]["test"] for r in runs])}
+            row["fixed"] = {"rank": n_items, "lam": fixed_lambda(sigma, n_items), **harness.summarize([r["fixed"]["test"] for r in runs])}
         results.append(row)
 
     report = {

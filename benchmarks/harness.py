@@ -128,27 +128,70 @@ def numbers(p: argparse.ArgumentParser, flag: str, text: str, kind: Callable[[st
         p.error(f"{flag}: expected comma-separated {'integers' if kind is int else 'numbers'}, got {text!r}")
 
 
+def users_with(csr: Any) -> Any:
+    """Indices of the users with at least one interaction in a CSR (indptr first): whom a split part evaluates."""
+    import numpy as np
+
+    return np.flatnonzero(np.diff(csr[0]) > 0)
+
+
+def summarize(per_seed: list[dict[str, float]]) -> dict:
+    """Mean of each metric over seeds, `<metric>_std` (population std) and the per-seed figures, rounded to 4."""
+    import statistics
+
+    keys = [key for key in per_seed[0] if all(key in r for r in per_seed)]
+    out: dict = {}
+    for key in keys:
+        values = [float(r[key]) for r in per_seed]
+        out[key] = round(statistics.fmean(values), 4)
+        out[f"{key}_std"] = round(statistics.pstdev(values), 4)
+    out["per_seed"] = [{key: round(float(r[key]), 4) for key in keys} for r in per_seed]
+    return out
+
+
+def run_child(cmd: Sequence[str], what: str, env: dict | None = None, tail: int = 4000) -> str:
+    """Run `cmd` (a script of this folder re-running itself for one measurement, in a process of its
+    own so that its memory figures are its own); its stdout, or RuntimeError with the end of its stderr."""
+    done = subprocess.run(list(cmd), env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{what} failed:\n{done.stderr[-tail:]}")
+    return done.stdout
+
+
 # ---------------------------------------------------------------- the machine
 
 
-def cpu_model() -> str:
+def _proc(path: str, key: str) -> str | None:
+    """The value after `key` on its line of a /proc file (None where absent or unreadable)."""
     try:
-        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
-            if line.startswith("model name"):
+        for line in Path(path).read_text(encoding="utf-8").splitlines():
+            if line.startswith(key):
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return None
+
+
+def cpu_model() -> str:
+    return _proc("/proc/cpuinfo", "model name") or platform.processor() or platform.machine()
 
 
 def _ram_gib() -> float | None:
-    try:
-        for line in Path("/proc/meminfo").read_text(encoding="utf-8").splitlines():
-            if line.startswith("MemTotal:"):
-                return round(int(line.split()[1]) / 2**20, 1)
-    except OSError:
-        pass
-    return None
+    total = _proc("/proc/meminfo", "MemTotal:")
+    return round(int(total.split()[0]) / 2**20, 1) if total else None
+
+
+def rss_mb() -> float:
+    """This process' resident memory now, MiB (NaN without /proc)."""
+    now = _proc("/proc/self/status", "VmRSS:")
+    return int(now.split()[0]) / 1024 if now else float("nan")
+
+
+def peak_rss_mb() -> float:
+    """This process' peak resident memory (ru_maxrss, KiB on Linux), MiB."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _gpu() -> str | None:

@@ -31,7 +31,6 @@ from a script in this folder, or load it by path (the tests do).
 """
 from __future__ import annotations
 
-import argparse
 import inspect
 import os
 import sys
@@ -136,6 +135,20 @@ class Popularity(_Base):
         return np.tile(self.counts, (len(users), 1))
 
 
+def ease_weights(gram: np.ndarray, lam: float) -> np.ndarray:
+    """EASE (Steck 2019) item-item weights from a Gram matrix: P = (gram + λI)⁻¹, B = I − P·diag(1/diag P),
+    i.e. B_ij = −P_ij / P_jj off the diagonal and B_jj = 0. `gram` must be PSD (λ > 0 then makes the
+    system positive definite; Cholesky solve). Scores of a user with history row x: x @ B."""
+    if lam <= 0:
+        raise ValueError(f"lam must be > 0, got {lam}")
+    a = np.array(gram, dtype=np.float64, copy=True)
+    a[np.diag_indices_from(a)] += lam
+    p = scipy.linalg.cho_solve(scipy.linalg.cho_factor(a, lower=True), np.eye(len(a)))
+    b = -p / np.diag(p)[None, :]
+    np.fill_diagonal(b, 0.0)
+    return b
+
+
 class EASE(_Base):
     """Embarrassingly Shallow Autoencoder (Steck, WWW 2019), closed form.
 
@@ -152,12 +165,7 @@ class EASE(_Base):
 
     def fit(self, train: CSR, n_users: int, n_items: int) -> None:
         x = self._remember(train, n_users, n_items).astype(np.float64)
-        g = (x.T @ x).toarray()
-        g[np.diag_indices_from(g)] += self.lam
-        p = scipy.linalg.cho_solve(scipy.linalg.cho_factor(g, lower=True), np.eye(n_items))
-        b = -p / np.diag(p)[None, :]
-        np.fill_diagonal(b, 0.0)
-        self.B = b.astype(np.float32)
+        self.B = ease_weights((x.T @ x).toarray(), self.lam).astype(np.float32)
         self.X = x.astype(np.float32).tocsr()
 
     def _raw(self, users: np.ndarray) -> np.ndarray:
@@ -332,13 +340,14 @@ class ImplicitALS(_Base):
 # --------------------------------------------------------------------------- tuning / runs
 
 
-def _n(prepared: Any) -> tuple[int, int]:
-    return int(prepared.dataset.n_users), int(prepared.dataset.n_items)
-
-
-def _users_with(truth: Any) -> np.ndarray:
-    indptr, _ = pair(truth)
-    return np.flatnonzero(np.diff(indptr) > 0)
+def _fit_evaluate(peer: Peer, prepared: Any, fit_on: Any, truth: Any, k: int) -> dict[str, Any]:
+    """Fit `peer` on `fit_on` (timed: "fit_s"), then its metrics on the users of `truth`, `fit_on` excluded."""
+    n_users, n_items = int(prepared.dataset.n_users), int(prepared.dataset.n_items)
+    fit_on, truth = pair(fit_on), pair(truth)
+    started = time.perf_counter()
+    peer.fit(fit_on, n_users, n_items)
+    fit_s = time.perf_counter() - started
+    return {**evaluate_scores(peer.scores, harness.users_with(truth), fit_on, truth, n_items, k=k), "fit_s": fit_s}
 
 
 def tune(
@@ -352,17 +361,10 @@ def tune(
     """
     if not grid:
         raise ValueError("grid is empty")
-    n_users, n_items = _n(prepared)
-    train, val = pair(prepared.train), pair(prepared.val)
-    users = _users_with(val)
     table, best = [], None
     for params in grid:
-        peer = peer_factory(**params)
-        started = time.perf_counter()
-        peer.fit(train, n_users, n_items)
-        fit_s = time.perf_counter() - started
-        metrics = evaluate_scores(peer.scores, users, train, val, n_items, k=k)
-        table.append({"params": dict(params), **metrics, "fit_s": fit_s})
+        metrics = _fit_evaluate(peer_factory(**params), prepared, prepared.train, prepared.val, k)
+        table.append({"params": dict(params), **metrics})
         if best is None or metrics[f"ndcg@{k}"] > table[best][f"ndcg@{k}"]:
             best = len(table) - 1
     return dict(table[best]["params"]), float(table[best][f"ndcg@{k}"]), table
@@ -419,9 +421,6 @@ def run_peers(
     unknown = [n for n in names if n not in PEERS]
     if unknown:
         raise ValueError(f"unknown peers {unknown}; choose from {list(PEERS)}")
-    n_users, n_items = _n(prepared)
-    seen, test = pair(prepared.seen), pair(prepared.test)
-    users = _users_with(test)
     results: dict[str, dict[str, Any]] = {}
     for name in names:
         factory, fixed, grid = PEERS[name]
@@ -435,22 +434,18 @@ def run_peers(
             params.update(best)
             extra[f"val_ndcg@{k}"] = val_ndcg
         params = _effective(factory, params)
-        peer = factory(**params)
-        started = time.perf_counter()
-        peer.fit(seen, n_users, n_items)
-        fit_s = time.perf_counter() - started
-        metrics = evaluate_scores(peer.scores, users, seen, test, n_items, k=k)
+        metrics = _fit_evaluate(factory(**params), prepared, prepared.seen, prepared.test, k)
+        fit_s = metrics.pop("fit_s")
         results[name] = {**metrics, **extra, "fit_s": fit_s, "params": params}
     return results
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = harness.parser(__doc__, "peers_<label>_<protocol>[_fast]")
     p.add_argument("--data", default="ml100k", help="ml100k[:PATH], ml1m-implicit[:PATH], table:CONFIG.yaml, csv:PATH, lines:PATH or synthetic (a bare folder: ml100k:FOLDER)")
     p.add_argument("--protocol", choices=list(harness.PROTOCOLS), default=None, help="split protocol (default: given for a dataset shipped with its test part, else stratified)")
     p.add_argument("--names", default=",".join(PEERS), help="comma-separated peers")
     p.add_argument("--fast", action="store_true", help="small grids / few iterations (smoke run)")
-    harness.output_flags(p, "peers_<label>_<protocol>[_fast]")
     args = p.parse_args(argv)
 
     from training.config import load_config
