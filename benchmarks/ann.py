@@ -54,13 +54,6 @@ def synthetic_catalog(n_items: int, dim: int, n_clusters: int, n_queries: int, s
     return items, queries
 
 
-def rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def exact_truth(items: np.ndarray, queries: np.ndarray, k: int, exclude: list[np.ndarray] | None) -> np.ndarray:
     exact = ExactTopK(items)
     out = [exact.search(queries[i : i + 64], k, None if exclude is None else exclude[i : i + 64])[1] for i in range(0, len(queries), 64)]
@@ -153,9 +146,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {kind} {param}={value}: recall {r[f'recall@{args.k}']:.4f}, p50 {r['1_thread']['p50_ms']} ms, p95 {r['1_thread']['p95_ms']} ms", flush=True)
 
     def build(kind: str, make):
-        rss0, t0 = rss_mb(), time.perf_counter()
+        rss0, t0 = harness.rss_mb(), time.perf_counter()
         index = make()
-        builds[kind] = {"build_s": round(time.perf_counter() - t0, 1), "index_mb": round(len(faiss.serialize_index(index.index)) / 2**20, 1), "rss_delta_mb": round(rss_mb() - rss0, 1)}
+        builds[kind] = {"build_s": round(time.perf_counter() - t0, 1), "index_mb": round(len(faiss.serialize_index(index.index)) / 2**20, 1), "rss_delta_mb": round(harness.rss_mb() - rss0, 1)}
         print(f"  built {kind} in {builds[kind]['build_s']} s, {builds[kind]['index_mb']} MiB", flush=True)
         return index
 

@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,10 +30,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # harness and siblings by name
 import harness  # noqa: E402  (puts the repository on sys.path too)
 from harness import REPO  # noqa: E402
-
-
-def _peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
 def _config(overrides: list[str]):
@@ -77,13 +71,13 @@ def phase(name: str, overrides: list[str], n_items: int, requests: int) -> dict:
         from training.pipeline import context, prepare
 
         out["ndcg@10"] = evaluate_bundle(cfg, cfg.export.output_dir)["test/ndcg_at_10"]
-        peak = _peak_mb()
+        peak = harness.peak_rss_mb()
         data = prepare(cfg)
         bundle = open_bundle(Path(cfg.export.output_dir))
         spec, items = TowerSpec(**bundle.manifest["model"]["spec"]), bundle.item_vectors
         width = items.shape[1] - bundle.manifest["blend"]["rank"]  # the tower's coordinates
         ctx = context(cfg, data.dataset)
-        users = np.flatnonzero(np.diff(data.test[0]) > 0)
+        users = harness.users_with(data.test)
         tower = evaluation.evaluate_scores(lambda b: bundle.user_vectors(user_feed(spec, ctx, b, data.seen))[:, :width] @ items[:, :width].T,
                                            users, data.seen[:2], data.test[:2], spec.n_items, k=10, batch_size=max(1, (1 << 22) // spec.n_items))
         out["tower_ndcg@10"] = tower["ndcg@10"]
@@ -98,17 +92,14 @@ def phase(name: str, overrides: list[str], n_items: int, requests: int) -> dict:
         t = time.perf_counter()
         answers = [rec.recommend(ids[i], k=10) for i in pick]
         out = {"ms_per_request": 1000 * (time.perf_counter() - t) / len(pick), "personalized": sum(a["personalized"] for a in answers) / len(answers)}
-    out.setdefault("peak_rss_mb", _peak_mb())
+    out.setdefault("peak_rss_mb", harness.peak_rss_mb())
     out["wall_s"] = time.perf_counter() - start
     return out
 
 
 def run_phase(name: str, overrides: list[str], n_items: int, requests: int) -> dict:
     cmd = [sys.executable, __file__, "--phase", name, "--phase-args", json.dumps({"overrides": overrides, "n_items": n_items, "requests": requests})]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"{name} phase failed:\n{done.stderr[-4000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return json.loads(harness.run_child(cmd, f"{name} phase").strip().splitlines()[-1])
 
 
 def size_report(n_items: int, args: argparse.Namespace, tmp: Path) -> dict:
@@ -137,7 +128,7 @@ def size_report(n_items: int, args: argparse.Namespace, tmp: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = harness.parser(__doc__, "blend_scale")
     p.add_argument("--sizes", default="10000,50000", help="catalog sizes (items), comma-separated")
     p.add_argument("--users", type=int, default=10_000, help="synthetic users per catalog")
     p.add_argument("--interactions", type=float, default=30.0, help="mean interactions per user")
@@ -148,7 +139,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra config overrides")
     p.add_argument("--phase", help=argparse.SUPPRESS)
     p.add_argument("--phase-args", help=argparse.SUPPRESS)
-    harness.output_flags(p, "blend_scale")
     args = p.parse_args(argv)
     if args.phase:
         a = json.loads(args.phase_args)

@@ -293,14 +293,14 @@ def open_loop_run(*args, **kwargs) -> dict:
 
 
 def run_rates(url: str, users: list[str], k: int, rates: list[float], duration: float, timeout: float, warmup_s: float,
-              diversity: float | None = None, label: str = "") -> list[dict]:
+              diversity: float | None = None) -> list[dict]:
     open_loop_run(url, users, k, min(rates), warmup_s, timeout, diversity)  # warm connections and replicas
     rows = []
     for rate in rates:
         waited = settle(url)
         r = open_loop_run(url, users, k, rate, duration, timeout, diversity)
         r["settle_s"] = waited
-        print(f"    {label}{rate:>5.0f} rps: p50 {fmt(r['p50_ms'])}  p95 {fmt(r['p95_ms'])}  p99 {fmt(r['p99_ms'])}  max {fmt(r['max_ms'])} ms, "
+        print(f"    {rate:>5.0f} rps: p50 {fmt(r['p50_ms'])}  p95 {fmt(r['p95_ms'])}  p99 {fmt(r['p99_ms'])}  max {fmt(r['max_ms'])} ms, "
               f"achieved {r['achieved_rps']:.0f}/s, errors {r['errors']} {r['error_kinds'] or ''}", flush=True)
         rows.append(r)
     return rows
@@ -432,20 +432,18 @@ def goals(results: dict, overload: dict | None = None) -> dict:
 def table_lines(results: dict) -> list[str]:
     """The printed table: one line per (target, diversity, rate)."""
     cmp = {(c["diversity"], c["rps"]): c for c in comparisons(results)}
-    lines = [f"  {'target':<10} {'div':>4} {'rate':>5} {'achvd':>6} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'max ms':>8} "
-             f"{'503':>6} {'tmout':>6} {'other':>6} {'p99/noop':>9} {'p50-inproc':>11}"]
-    for r in results.get("in_process", []):
-        lines.append(f"  {'in-process':<10} {div_label(r['diversity']):>4} {'-':>5} {r['achieved_rps']:>6.0f} {fmt(r['p50_ms'], 8)} {fmt(r['p95_ms'], 8)} "
-                     f"{fmt(r['p99_ms'], 8)} {fmt(r['max_ms'], 8)} {0:>6} {0:>6} {0:>6}")
-    for name in ("noop", "bare", "ray"):
-        for r in results.get(name, []):
-            e = r["error_classes"]
-            c = cmp.get((r["diversity"], r["target_rps"])) if name == "ray" else None
-            ratio = f"{c['p99_over_noop']:.2f}x" if c and c["p99_over_noop"] is not None else "-"
-            diff = f"{c['p50_minus_in_process_ms']:+.2f}" if c and c["p50_minus_in_process_ms"] is not None else "-"
-            lines.append(f"  {name:<10} {div_label(r['diversity']):>4} {r['target_rps']:>5.0f} {r['achieved_rps']:>6.0f} {fmt(r['p50_ms'], 8)} {fmt(r['p95_ms'], 8)} "
-                         f"{fmt(r['p99_ms'], 8)} {fmt(r['max_ms'], 8)} {e['503']:>6} {e['timeout']:>6} {e['other']:>6} {ratio:>9} {diff:>11}")
-    return lines
+    head = ["target", "div", "rate", "achvd", "p50 ms", "p95 ms", "p99 ms", "max ms", "503", "tmout", "other", "p99/noop", "p50-inproc"]
+    rows = []
+    for name, key in (("in-process", "in_process"), ("noop", "noop"), ("bare", "bare"), ("ray", "ray")):
+        for r in results.get(key, []):
+            e = r.get("error_classes", {"503": 0, "timeout": 0, "other": 0})  # in-process: no errors
+            c = cmp.get((r["diversity"], r["target_rps"])) if key == "ray" else None
+            ratio = f"{c['p99_over_noop']:.2f}x" if c and c["p99_over_noop"] is not None else None
+            diff = f"{c['p50_minus_in_process_ms']:+.2f}" if c and c["p50_minus_in_process_ms"] is not None else None
+            rate = f"{r['target_rps']:.0f}" if "target_rps" in r else None
+            rows.append([name, div_label(r["diversity"]), rate, round(r["achieved_rps"]), r["p50_ms"], r["p95_ms"], r["p99_ms"], r["max_ms"],
+                         e["503"], e["timeout"], e["other"], ratio, diff])  # fmt: skip
+    return harness.table(head, rows, digits=2, first=12, width=11).splitlines()
 
 
 def main(argv: list[str] | None = None) -> int:

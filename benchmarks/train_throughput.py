@@ -20,9 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -95,7 +93,7 @@ def measure(spec: dict) -> None:
         last = users % cfg.trainer.batch_size
         users -= last if distributed and 0 < last < world else 0  # a last batch with fewer users than ranks is skipped
         interactions = int(data.train[0][-1])
-    memory = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    memory = {"peak_rss_mb": harness.peak_rss_mb(),
               "cuda_max_allocated_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None}  # fmt: skip
     per_rank = [memory]
     if distributed:
@@ -136,9 +134,7 @@ def run_mode(mode: str, args, workdir: Path) -> dict:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}", __file__, "--child", str(spec_path)]
     else:
         cmd = [sys.executable, __file__, "--child", str(spec_path)]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"{mode} failed:\n{done.stderr[-3000:]}")
+    harness.run_child(cmd, mode, env, tail=3000)
     row = json.loads(out.read_text())
     row["mode"] = mode
     return row
