@@ -200,13 +200,10 @@ def main(argv: list[str] | None = None) -> int:
     for kind, b in builds.items():
         extra = ", ".join(f"{key}={v}" for key, v in b.items() if key not in ("build_s", "index_mb", "rss_delta_mb"))
         print(f"  {kind} ({extra}): build {b['build_s']} s, index {b['index_mb']:.0f} MiB (vectors {items.nbytes / 2**20:.0f} MiB), RSS {b['rss_delta_mb']:+.0f} MiB")
-    print(f"  {'index':<5} {'param':>14} {'recall@' + str(k):>11} {'w/ excl.':>9} {'p50 1T':>8} {'p95 1T':>8} {'p95 1T excl':>12} {'p50 2T':>8} {'p95 2T':>8}")
-    for r in rows:
-        name = "ef_search" if r["index"] == "hnsw" else "nprobe"
-        print(
-            f"  {r['index']:<5} {name + '=' + str(r[name]):>14} {r[f'recall@{k}']:>11.4f} {r[f'recall@{k}_with_exclusion']:>9.4f} {r['1_thread']['p50_ms']:>8.3f} {r['1_thread']['p95_ms']:>8.3f}"
-            f" {r['1_thread_with_exclusion']['p95_ms']:>12.3f} {r['2_threads']['p50_ms']:>8.3f} {r['2_threads']['p95_ms']:>8.3f}"
-        )
+    head = ["  index", "param", f"recall@{k}", "w/ excl.", "p50 1T", "p95 1T", "p95 1T excl", "p50 2T", "p95 2T"]
+    print(harness.table(head, [[f"  {r['index']}", next(f"{p}={r[p]}" for p in ("ef_search", "nprobe") if p in r), r[f"recall@{k}"], r[f"recall@{k}_with_exclusion"],
+                                r["1_thread"]["p50_ms"], r["1_thread"]["p95_ms"], r["1_thread_with_exclusion"]["p95_ms"], r["2_threads"]["p50_ms"],
+                                r["2_threads"]["p95_ms"]] for r in rows], digits=(0, 4, 4, 3, 3, 3, 3, 3), first=7, width=14))  # fmt: skip
     for n, v in exact_rows.items():
         print(f"  exact scan, {n:>9,} items: p50 {v['p50_ms']:.3f} ms, p95 {v['p95_ms']:.3f} ms (numpy, default BLAS threads)")
     print(f"goal (serving's default: {serving_kind} {param}={serving.get(param)}): p95 <= {LATENCY_GOAL_MS} ms and recall@{k} >= {RECALL_GOAL}: {'met' if goal['met'] else 'MISSED'}")

@@ -333,16 +333,17 @@ def write(report: dict, args: argparse.Namespace, name: str, *, script: str, arg
     return out
 
 
-def table(header: Sequence[str], rows: Iterable[Sequence[Any]], digits: int = 4, first: int = 14, width: int = 14) -> str:
+def table(header: Sequence[str], rows: Iterable[Sequence[Any]], digits: int | Sequence[int] = 4, first: int = 14, width: int = 14) -> str:
     """Plain-text table: the first column left-aligned in `first` characters, the others right-aligned
-    in `width`; floats with `digits` decimals, None and NaN as '-'."""
+    in `width`; floats with `digits` decimals (one number, or one per column after the first), None and NaN as '-'."""
+    places = [digits] * (len(header) - 1) if isinstance(digits, int) else list(digits)
 
-    def cell(v: Any) -> str:
+    def cell(v: Any, d: int) -> str:
         if v is None or (isinstance(v, float) and math.isnan(v)):
             return "-"
-        return f"{v:.{digits}f}" if isinstance(v, float) else str(v)
+        return f"{v:.{d}f}" if isinstance(v, float) else str(v)
 
     lines = [f"{header[0]:<{first}}" + "".join(f"{h:>{width}}" for h in header[1:])]
     for row in rows:
-        lines.append(f"{cell(row[0]):<{first}}" + "".join(f"{cell(v):>{width}}" for v in row[1:]))
+        lines.append(f"{cell(row[0], 0):<{first}}" + "".join(f"{cell(v, d):>{width}}" for v, d in zip(row[1:], places)))
     return "\n".join(lines)

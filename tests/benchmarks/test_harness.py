@@ -109,6 +109,16 @@ def test_write_puts_command_date_machine_first_and_records_on_request(tmp_path, 
 def test_table_by_hand():
     assert harness.table(["model", "ndcg"], [["ease", 0.48091], ["pop", None]], first=6, width=8).splitlines() == [
         "model     ndcg", "ease    0.4809", "pop          -"]
+    # one number of decimals per column after the first
+    assert harness.table(["x", "a", "b"], [["r", 0.48091, 2.7]], digits=(2, 0), first=2, width=6).splitlines() == ["x      a     b", "r   0.48     3"]
+
+
+def test_summarize_and_users_with_by_hand():
+    # mean of 0.2 and 0.4 = 0.3, population std = 0.1; "c" is not in every seed's figures: left out
+    out = harness.summarize([{"a": 0.2, "b": 1.0, "c": 5.0}, {"a": 0.4, "b": 1.0}])
+    assert out == {"a": 0.3, "a_std": 0.1, "b": 1.0, "b_std": 0.0, "per_seed": [{"a": 0.2, "b": 1.0}, {"a": 0.4, "b": 1.0}]}
+    # indptr [0, 2, 2, 3]: users 0 and 2 have interactions, user 1 none
+    assert harness.users_with((np.array([0, 2, 2, 3]), np.array([4, 5, 6]))).tolist() == [0, 2]
 
 
 def test_stats_by_hand():
