@@ -32,16 +32,9 @@ RESULTS = REPO / "benchmarks" / "results"  # scratch (git-ignored)
 RECORD = REPO / "docs" / "results"  # figures of record (committed); docs/RESULTS.md is made from them
 SHARED = REPO.parent / "shared" / "data"
 
-# name -> (folder under ../shared/data, env var overriding it, files that must be there)
-MOVIELENS = {
-    "ml100k": ("ml-100k", "TRUSTREC_ML100K", ("u.data", "u.item", "u.user")),
-    "ml1m-implicit": ("ml-1m-implicit", "TRUSTREC_ML1M_IMPLICIT", ("train.txt", "test.txt")),
-}
-
-
 # ---------------------------------------------------------------- datasets
 
-from features.sources import FORMS, DataSpec, DatasetNotFound, SpecError, named_path, parse_spec  # noqa: E402  (pydantic / pyyaml only; the repository is on sys.path now)
+from features.sources import FORMS, DataSpec, DatasetNotFound, SpecError, parse_spec  # noqa: E402  (pydantic / pyyaml only; the repository is on sys.path now)
 
 
 @dataclass
@@ -59,12 +52,6 @@ class Data:
     def protocol(self) -> str:
         """The split protocol that fits the data: `given` for a dataset shipped with its test part."""
         return self.spec.protocol if self.spec else "stratified"
-
-
-def movielens_path(name: str, path: str | Path | None = None) -> Path:
-    """The folder of named dataset `name` (ml100k, ml1m-implicit): `path`, else its env var, else
-    ../shared/data/<folder>. FileNotFoundError naming the folder, where it came from and what is missing."""
-    return named_path(name, path, SHARED)
 
 
 def dataset(p: argparse.ArgumentParser, spec: str, allowed: Sequence[str] = ("ml100k", "synthetic"), source: bool = False) -> Data | None:

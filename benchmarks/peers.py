@@ -32,6 +32,7 @@ from a script in this folder, or load it by path (the tests do).
 from __future__ import annotations
 
 import inspect
+import itertools
 import os
 import sys
 import time
@@ -372,10 +373,7 @@ def tune(
 
 def _grid(**axes: Sequence[Any]) -> list[dict[str, Any]]:
     """Cartesian product of the axes, first axis slowest."""
-    points: list[dict[str, Any]] = [{}]
-    for key, values in axes.items():
-        points = [{**p, key: v} for p in points for v in values]
-    return points
+    return [dict(zip(axes, values)) for values in itertools.product(*axes.values())]
 
 
 EASE_GRID = _grid(lam=[50.0, 100.0, 200.0, 300.0, 400.0, 600.0, 800.0])  # 600: its validation best on ML-100k (the blend grid found it)
