@@ -70,6 +70,14 @@ class TrainerConfig(_Section):
     # constant, or cosine decay over `epochs` (the epoch-to-epoch noise of a constant lr is ~0.02 NDCG)
     lr_schedule: Literal["constant", "cosine"] = "constant"
     patience: int = Field(10, gt=0)
+    # a validation epoch resets `patience` only when it beats the value at the last such reset by this
+    # relative margin (0.005: +0.5 %); smaller gains still keep their weights (the best epoch is always
+    # kept) but no longer keep training alive. 0: any gain resets patience (the old rule, under which
+    # ML-1M implicit crept on by 0.1 % steps to epoch 50 of 100). See configs/two_tower.yaml.
+    min_delta: float = Field(0.0, ge=0, lt=1)
+    # wall-clock budget of the validated fit, seconds: the epoch that crosses it is the last (its
+    # weights count like any other's). null: no budget. The refit on train + val is not cut short.
+    max_seconds: float | None = Field(None, gt=0)
     # after early stopping, retrain from the same init on train + val for the chosen epoch count,
     # so the final model loses none of the data validation held out
     refit: bool = False
@@ -188,6 +196,21 @@ class FederatedConfig(_Section):
     ray_num_cpus: int | None = Field(None, gt=0)  # null: all cores; tests pass 2
     progress: bool = True  # tqdm bar per round
     audit_dir: str | None = None  # null: off; else every message a client sends is pickled here for review
+    # flower: one Flower node per client, Flower samples fraction_fit of them (a fixed number) per round;
+    # fine for silos, but Flower's in-memory simulation scans every node for every pending message,
+    # so 6,040 nodes cost ~26 s a round of 120 clients (ML-1M, 2 cores). poisson: each client joins a
+    # round independently with probability fraction_fit (the sampling the subsampled-Gaussian accountant
+    # assumes, so client-level DP gets amplification by sampling); the simulation runs on a few "device
+    # slots" that play the round's sampled clients, and evaluation must be server-side
+    sampling: Literal["flower", "poisson"] = "flower"
+    # clients: sampled clients report val metrics on their own users (fraction_evaluate); server: the
+    # global model is scored on the validation split of every user every eval_every rounds (a simulation
+    # convenience: one batched pass instead of thousands of one-user messages)
+    evaluation: Literal["clients", "server"] = "clients"
+    eval_every: int = Field(1, gt=0)  # rounds between server-side evaluations (the last round always is one)
+    # with dp: the noise multiplier that gives this epsilon after `rounds` rounds at delta (RDP accountant,
+    # with sampling amplification under poisson); null: noise_multiplier as set
+    target_epsilon: float | None = Field(None, gt=0)
 
 
 class DistributedConfig(_Section):
@@ -250,6 +273,31 @@ class BlendConfig(_Section):
         return self
 
 
+class SearchConfig(_Section):
+    """The two-tower's data-dependent settings chosen on validation by successive halving within a
+    time budget (training/search.py), before the usual fit. Off by default (the demo recipe stays a
+    quick single fit); on in configs/two_tower_ease.yaml, the recipe for a dataset you bring."""
+
+    enabled: bool = False
+    # dotted config keys -> candidate values: every combination is a candidate. The default grid holds
+    # the three settings that moved ML-100k most (docs/BENCHMARKS.md): linear vs MLP towers (+0.011),
+    # history dropout 0.7 vs 0.3 (+0.024), temperature (flat on ML-100k, data-dependent elsewhere)
+    space: dict[str, list[Any]] = Field(default_factory=lambda: {
+        "model.hidden_layers": [0, 1], "task.history_dropout": [0.3, 0.7], "model.temperature": [0.05, 0.1]})  # fmt: skip
+    min_epochs: int = Field(4, gt=0)  # epochs of the first rung; each later rung multiplies them by eta
+    eta: int = Field(2, ge=2)  # keep the best 1/eta of the candidates per rung
+    # wall-clock budget of the whole search, s; a rung that would not fit (estimated from the last
+    # one's seconds per epoch) is not started. 900 s: the three rungs of the default grid on ML-1M
+    # implicit (~7.5 s an epoch on 2 cores)
+    budget_s: float = Field(900.0, gt=0)
+
+    @model_validator(mode="after")
+    def _space(self) -> "SearchConfig":
+        if not self.space or any(not isinstance(v, list) or not v for v in self.space.values()):
+            raise ValueError("search.space: a non-empty mapping of dotted config keys to non-empty lists of values")
+        return self
+
+
 class TrainConfig(_Section):
     data: DataConfig = DataConfig()
     split: SplitConfig = SplitConfig()
@@ -263,12 +311,16 @@ class TrainConfig(_Section):
     federated: FederatedConfig = FederatedConfig()
     distributed: DistributedConfig = DistributedConfig()
     blend: BlendConfig = BlendConfig()
+    search: SearchConfig = SearchConfig()
 
     @model_validator(mode="after")
     def _blend_is_central(self) -> "TrainConfig":
         if self.blend.ease and self.privacy.mode != "none":
             # EASE is fitted on the raw interactions, outside DP's accountant and the federated clients
             raise ValueError(f"blend.ease: not with privacy.mode {self.privacy.mode} (EASE reads the raw interactions)")
+        if self.search.enabled and self.privacy.mode != "none":
+            # choosing settings by validation scores reads the data outside the accountant and the clients
+            raise ValueError(f"search.enabled: not with privacy.mode {self.privacy.mode} (the search reads validation outside the privacy guarantee)")
         return self
 
     def flat(self) -> dict[str, Any]:

@@ -41,7 +41,7 @@ from training.config import ConfigError, DistributedConfig, TrainConfig, load_co
 from training.data import CSR, Context, UserBatch, epoch_batches
 from training.model import TwoTower
 from training.task import RetrievalTask
-from training.trainer import FitResult, lr_at, pick_device, resume_point, seed_everything
+from training.trainer import EarlyStopping, FitResult, lr_at, pick_device, resume_point, seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -336,11 +336,12 @@ class DistributedTrainer:
         t = self.cfg.trainer
         validate = val_truth is not None
         rng = seed_everything(t.seed)
-        start, best, best_epoch, bad, best_state, history = resume_point(self, resume, rng)
+        stopping = EarlyStopping(t.patience, t.min_delta, t.max_seconds)
+        start, best_state, history = resume_point(self, resume, rng, stopping)
         batches = batches or (lambda epoch, rng: self._memory_batches(train, ctx, rng))
         epoch = start - 1
         for epoch in range(start, t.epochs + 1):
-            if validate and bad >= t.patience:
+            if validate and stopping.bad >= stopping.patience:
                 epoch = start - 1
                 break
             self.dmp.train()
@@ -358,27 +359,25 @@ class DistributedTrainer:
                 if validate:
                     self.eval_model.load_state_dict(state)
                     metrics.update({f"val/{k}": v for k, v in self.task.metrics(self.eval_model, val_history, val_truth, ctx, self.device).items()})
-                    if metrics[self.monitor] > best:
-                        best, best_epoch, bad, best_state = metrics[self.monitor], epoch, 0, state
-                    else:
-                        bad += 1
-                    stop = bad >= t.patience
+                    if stopping.update(metrics[self.monitor], epoch):
+                        best_state = state
+                    stop = stopping.stop_reason(time.perf_counter() - started)
                 else:
-                    best_epoch, best_state = epoch, state
+                    stopping.best_epoch, best_state = epoch, state
                 history.append({"epoch": epoch, **metrics})
                 log.info("epoch %d %s (%d users on rank 0)", epoch, " ".join(f"{k}={v:.4f}" for k, v in metrics.items()), seen)
                 self.on_epoch(epoch, metrics)
-                self._save(epoch, state, rng, {"best_metric": best, "best_epoch": best_epoch, "bad_epochs": bad, "best_state": best_state, "history": history})
-            decision = [stop, history, best, best_epoch]
+                self._save(epoch, state, rng, {**stopping.state(), "best_state": best_state, "history": history})
+            decision = [stop, history, stopping.best, stopping.best_epoch]
             if self.world > 1:
                 dist.broadcast_object_list(decision, src=0)
-            stop, history, best, best_epoch = decision
+            stop, history, stopping.best, stopping.best_epoch = decision
             if stop:
-                log.info("early stop at epoch %d: no %s gain for %d epochs", epoch, self.monitor, t.patience)
+                log.info("early stop at epoch %d (best %d): %s: %s", epoch, stopping.best_epoch, self.monitor, stop)
                 break
         if self.rank == 0 and best_state is not None:
             self.eval_model.load_state_dict(best_state)
-        return FitResult(best_epoch, best, epoch, history, time.perf_counter() - started)
+        return FitResult(stopping.best_epoch, stopping.best, epoch, history, time.perf_counter() - started)
 
     def _memory_batches(self, train: CSR, ctx: Context, rng: np.random.Generator) -> Iterator[tuple[UserBatch, int]]:
         """The single-process global batches (same rng on every rank), this rank's slice of each.

@@ -103,6 +103,8 @@ def run_params(cfg: "TrainConfig", dataset_name: str) -> dict[str, Any]:
         "train.lr_schedule": tr.lr_schedule,
         "train.weight_decay": tr.weight_decay,
         "train.patience": tr.patience,
+        "train.min_delta": tr.min_delta,
+        "train.max_seconds": tr.max_seconds if tr.max_seconds is not None else "none",
         "train.refit": tr.refit,
         "train.seed": tr.seed,
         "train.eval_k": t.eval_k,
@@ -292,6 +294,11 @@ class Tracker:
         """Set the run's name (a DP / federated run's ε is known once it trained)."""
         if self.enabled and self.run_id:
             self.mlflow.MlflowClient().update_run(self.run_id, name=name)
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        """Params known only after the run started (e.g. what `search` chose)."""
+        if self.enabled:
+            self.mlflow.log_params({k: ("" if v is None else v) for k, v in params.items()})
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         if self.enabled:

@@ -58,18 +58,65 @@ class FitResult:
     privacy: dict[str, Any] | None = None
     # blend.ease: the (weight, lambda, validation NDCG) chosen with the train-fitted model; None: no blend
     blend: dict[str, float] | None = None
+    # search.enabled: the successive-halving rungs and the chosen settings (training/search.py); None: no search
+    search: dict[str, Any] | None = None
 
 
-def resume_point(trainer: Any, resume: bool, rng: np.random.Generator) -> tuple[int, float, int, int, dict | None, list]:
-    """(first epoch, best metric, best epoch, bad epochs, best state, history) a fit starts from:
-    the latest checkpoint's when resuming (`trainer.latest_checkpoint()` / `trainer._restore`, which
-    also restores the RNGs), else a fresh start. Shared by Trainer and the distributed trainer."""
+@dataclass
+class EarlyStopping:
+    """Which validated epoch to keep, and when to stop (shared by Trainer and the distributed trainer).
+
+    Every epoch whose validation value beats `best` becomes the kept one. Patience is reset only by
+    a *significant* gain: a value above `anchor` · (1 + `min_delta`), `anchor` being the value at the
+    last reset; so a metric creeping up by tiny steps stops after `patience` epochs instead of running
+    to the epoch cap. The fit also stops after the epoch that crosses `max_seconds` of wall time.
+    """
+
+    patience: int
+    min_delta: float = 0.0
+    max_seconds: float | None = None
+    best: float = -1.0
+    best_epoch: int = 0
+    anchor: float = float("-inf")
+    bad: int = 0
+
+    def update(self, value: float, epoch: int) -> bool:
+        """Record one epoch's validation value; True when it is the new best (keep its weights)."""
+        if value > self.anchor * (1.0 + self.min_delta) if self.anchor > 0 else value > self.anchor:
+            self.anchor, self.bad = value, 0
+        else:
+            self.bad += 1
+        if value > self.best:
+            self.best, self.best_epoch = value, epoch
+            return True
+        return False
+
+    def stop_reason(self, elapsed_s: float) -> str | None:
+        """Why the fit stops now (a log line's tail), or None to go on."""
+        if self.bad >= self.patience:
+            return f"no gain above {self.min_delta:.1%} for {self.bad} epochs"
+        if self.max_seconds is not None and elapsed_s >= self.max_seconds:
+            return f"time budget of {self.max_seconds:.0f} s spent ({elapsed_s:.0f} s)"
+        return None
+
+    def state(self) -> dict[str, Any]:
+        """What a checkpoint keeps of it (`best_metric`, `best_epoch`, `bad_epochs` as before, and the anchor)."""
+        return {"best_metric": self.best, "best_epoch": self.best_epoch, "bad_epochs": self.bad, "anchor": self.anchor}
+
+
+def resume_point(trainer: Any, resume: bool, rng: np.random.Generator, stopping: EarlyStopping) -> tuple[int, dict | None, list]:
+    """(first epoch, best state, history) a fit starts from, `stopping` filled in: the latest
+    checkpoint's when resuming (`trainer.latest_checkpoint()` / `trainer._restore`, which also
+    restores the RNGs), else a fresh start. Shared by Trainer and the distributed trainer. A
+    checkpoint from before `anchor` was kept resumes with the anchor at its best value."""
     if resume and (path := trainer.latest_checkpoint()) is not None:
         p = trainer._restore(path, rng)
-        return p["epoch"] + 1, p["best_metric"], p["best_epoch"], p["bad_epochs"], p["best_state"], p["history"]
+        stopping.best, stopping.best_epoch, stopping.bad = p["best_metric"], p["best_epoch"], p["bad_epochs"]
+        stopping.anchor = p.get("anchor", p["best_metric"])
+        return p["epoch"] + 1, p["best_state"], p["history"]
     if resume:
         log.warning("--resume: no checkpoint in %s, starting from scratch", trainer.ckpt_dir)
-    return 1, -1.0, 0, 0, None, []
+    return 1, None, []
 
 
 class Trainer:
@@ -148,11 +195,12 @@ class Trainer:
         validate = val_truth is not None
         epochs = self.cfg.epochs if epochs is None else epochs
         rng = seed_everything(self.cfg.seed)
-        start, best, best_epoch, bad, best_state, history = resume_point(self, resume, rng)
+        stopping = EarlyStopping(self.cfg.patience, self.cfg.min_delta, self.cfg.max_seconds)
+        start, best_state, history = resume_point(self, resume, rng, stopping)
 
         epoch = start - 1
         for epoch in range(start, epochs + 1):
-            if validate and bad >= self.cfg.patience:
+            if validate and stopping.bad >= stopping.patience:
                 epoch = start - 1  # resumed from a run that had already stopped early: nothing ran now
                 break
             self.model.train()
@@ -181,19 +229,16 @@ class Trainer:
                 metrics.update({f"val/{k}": v for k, v in self.task.metrics(self.model, val_history, val_truth, ctx, self.device).items()})
             history.append({"epoch": epoch, **metrics})
             if not validate:  # refit: the last epoch is the model
-                best, best_epoch, best_state = float("nan"), epoch, None
-            elif metrics[self.monitor] > best:
-                best, best_epoch, bad = metrics[self.monitor], epoch, 0
+                stopping.best, stopping.best_epoch, best_state = float("nan"), epoch, None
+            elif stopping.update(metrics[self.monitor], epoch):
                 best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-            else:
-                bad += 1
             log.info("epoch %d %s", epoch, " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
             self.on_epoch(epoch, metrics)
-            self._save(epoch, rng, {"best_metric": best, "best_epoch": best_epoch, "bad_epochs": bad, "best_state": best_state, "history": history, "spec": asdict(self.model.spec)})
-            if validate and bad >= self.cfg.patience:
-                log.info("early stop at epoch %d: no %s gain for %d epochs", epoch, self.monitor, bad)
+            self._save(epoch, rng, {**stopping.state(), "best_state": best_state, "history": history, "spec": asdict(self.model.spec)})
+            if validate and (reason := stopping.stop_reason(time.perf_counter() - started)):
+                log.info("early stop at epoch %d (best %d): %s: %s", epoch, stopping.best_epoch, self.monitor, reason)
                 break
 
         if best_state is not None:
             self.model.load_state_dict(best_state)
-        return FitResult(best_epoch, best, epoch, history, time.perf_counter() - started)
+        return FitResult(stopping.best_epoch, stopping.best, epoch, history, time.perf_counter() - started)

@@ -12,7 +12,7 @@ import torch
 from training.config import TrainerConfig, load_config
 from training.pipeline import build_model, context, item_counts, prepare
 from training.task import RetrievalTask
-from training.trainer import Trainer, pick_device
+from training.trainer import EarlyStopping, Trainer, pick_device
 
 CPU = torch.device("cpu")
 DATA = ["data.synthetic.n_users=80", "data.synthetic.n_items=60", "data.synthetic.n_genres=4", "data.synthetic.mean_interactions_per_user=10"]
@@ -182,6 +182,61 @@ def test_early_stopping_when_validation_cannot_improve(prepared, tmp_path):
     again = fit(make_trainer(prepared, tmp_path / "es", epochs=10, lr=1e-12, patience=2), prepared, resume=True)
     assert again.epochs_run == 3 and again.best_epoch == 1 and again.history == result.history
     assert trainer.latest_checkpoint().name == "epoch-003.pt"
+
+
+def test_early_stopping_min_delta_counts_only_significant_gains():
+    # min_delta 0.1 (10 %): a gain resets patience only above anchor * 1.1; any gain still becomes the best
+    es = EarlyStopping(patience=2, min_delta=0.1)
+    assert es.update(0.30, 1) and (es.anchor, es.bad, es.best_epoch) == (0.30, 0, 1)  # the first value always counts
+    assert es.update(0.32, 2) and (es.anchor, es.bad, es.best, es.best_epoch) == (0.30, 1, 0.32, 2)  # +6.7 %: kept, not significant
+    assert es.stop_reason(0.0) is None
+    assert es.update(0.34, 3) and (es.anchor, es.bad, es.best_epoch) == (0.34, 0, 3)  # 0.34 > 0.30 * 1.1 = 0.33: significant
+    assert not es.update(0.33, 4) and (es.bad, es.best_epoch) == (1, 3)  # worse: nothing kept
+    assert es.update(0.37, 5) and (es.anchor, es.bad) == (0.34, 2)  # 0.37 < 0.34 * 1.1 = 0.374: kept, not significant
+    assert es.stop_reason(0.0) == "no gain above 10.0% for 2 epochs"
+    assert es.state() == {"best_metric": 0.37, "best_epoch": 5, "bad_epochs": 2, "anchor": 0.34}
+
+
+def test_early_stopping_without_min_delta_is_the_old_rule():
+    # min_delta 0: every strict gain resets patience, ties and losses count against it
+    es = EarlyStopping(patience=3)
+    for epoch, value in enumerate([0.1, 0.1001, 0.1001, 0.1, 0.1002], start=1):
+        es.update(value, epoch)
+    assert (es.best, es.best_epoch, es.bad, es.anchor) == (0.1002, 5, 0, 0.1002)
+
+
+def test_early_stopping_time_budget():
+    es = EarlyStopping(patience=5, max_seconds=30.0)
+    es.update(0.2, 1)
+    assert es.stop_reason(29.9) is None
+    assert es.stop_reason(30.0) == "time budget of 30 s spent (30 s)"
+    assert EarlyStopping(patience=5).stop_reason(1e9) is None  # no budget
+
+
+def test_min_delta_stops_a_fit_whose_gains_are_small(prepared, tmp_path):
+    """Against the same run without it: the fit stops `patience` epochs after its last significant
+    gain, keeps the best epoch of those it ran, and a checkpoint keeps the anchor for --resume."""
+    full = fit(make_trainer(prepared, tmp_path / "a", epochs=12, patience=3), prepared)
+    values = [h["val/ndcg@10"] for h in full.history]
+    # replay the rule by hand on the same values (same seed, same epochs: identical until the stop)
+    anchor, bad, stop_at = values[0], 0, None
+    for epoch, v in enumerate(values[1:], start=2):
+        anchor, bad = (v, 0) if v > anchor * 1.5 else (anchor, bad + 1)
+        if bad >= 3:
+            stop_at = epoch
+            break
+    assert stop_at is not None and stop_at < full.epochs_run, "with a 50 % margin the fit must stop before the plain rule does"
+    short = fit(make_trainer(prepared, tmp_path / "b", epochs=12, patience=3, min_delta=0.5), prepared)
+    assert short.epochs_run == stop_at
+    assert [h["val/ndcg@10"] for h in short.history] == values[:stop_at]
+    assert short.best_epoch == 1 + int(np.argmax(values[:stop_at]))
+    payload = torch.load(tmp_path / "b" / f"epoch-{stop_at:03d}.pt", weights_only=False)
+    assert payload["anchor"] == anchor and payload["bad_epochs"] == 3
+
+
+def test_max_seconds_ends_the_fit_after_the_epoch_that_crosses_it(prepared, tmp_path):
+    result = fit(make_trainer(prepared, tmp_path / "t", epochs=20, max_seconds=1e-6), prepared)
+    assert result.epochs_run == 1 and result.best_epoch == 1
 
 
 def test_trainer_hands_the_side_feature_dropouts_to_the_batches(prepared_hybrid, tmp_path, monkeypatch):
