@@ -204,6 +204,13 @@ def train(cfg: TrainConfig, resume: bool = False, tracker: Tracker | None = None
     ds = data.dataset
     log.info("dataset %s: %d users, %d items, %d interactions; device %s", ds.name, ds.n_users, ds.n_items, len(ds.interactions), device)
     check_before_training(cfg, data)  # a private run past privacy.total_epsilon stops here, before any MLflow run
+    searched = None
+    if cfg.search.enabled:  # the winner's settings become the run's config: its MLflow params show what trained
+        from training.search import search
+        from training.tune import trial_config
+
+        searched = search(cfg, data, device)
+        cfg = trial_config(cfg, searched.chosen)
 
     if tracker is None:  # `trustrec tune` passes its own, so that each trial logs as a child run
         tracker = Tracker(cfg.tracking.enabled, cfg.tracking.tracking_uri, cfg.tracking.experiment)
@@ -224,8 +231,13 @@ def train(cfg: TrainConfig, resume: bool = False, tracker: Tracker | None = None
             model = build_model(cfg, ds, ctx, device)
             task = RetrievalTask(cfg.task, item_counts(data.train, ds.n_items), cfg.model.item_id_dropout)
             fit = fit_model(cfg, model, task, data, ctx, device, tracker, resume)
-
-            result = finish(cfg, model, task, data, ctx, fit, tracker, device, {"data": data_prov})
+            artifacts = None
+            if searched is not None:  # its time is training time, as the blend's
+                fit.seconds += searched.seconds
+                fit.search = searched.report()
+                tracker.log_params({f"search.chosen.{k}": v for k, v in searched.chosen.items()} | {"search.seconds": round(searched.seconds, 1)})
+                artifacts = {"search.json": fit.search}
+            result = finish(cfg, model, task, data, ctx, fit, tracker, device, {"data": data_prov}, artifacts)
     except BaseException:
         tracker.end("FAILED")
         raise
