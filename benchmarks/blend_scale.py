@@ -32,12 +32,6 @@ import harness  # noqa: E402  (puts the repository on sys.path too)
 from harness import REPO  # noqa: E402
 
 
-def _config(overrides: list[str]):
-    from training.config import load_config
-
-    return load_config(REPO / "configs" / "two_tower.yaml", overrides)
-
-
 def _small_chunks(n_items: int) -> None:
     """features/synthetic draws 2,048 users x n_items logits at once (200k items: 3.3 GB an array);
     bound the block to ~4M floats. The data is the same (one generator stream, drawn row after row;
@@ -51,8 +45,10 @@ def phase(name: str, overrides: list[str], n_items: int, requests: int) -> dict:
     """One phase in this process; returns its figures with its peak RSS and wall time."""
     import numpy as np
 
+    from training.config import load_config
+
     _small_chunks(n_items)
-    cfg = _config(overrides)
+    cfg = load_config(REPO / "configs" / "two_tower.yaml", overrides)
     start = time.perf_counter()
     out: dict = {}
     if name == "train":

@@ -112,12 +112,6 @@ def model_replicas() -> list[str]:
     return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(REPLICA_PREFIX))
 
 
-def kill_replica(name: str) -> None:
-    import ray
-
-    ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
-
-
 def model_status() -> tuple[str, dict]:
     from ray import serve
 
@@ -149,12 +143,14 @@ def wait_healthy(n_replicas: int, timeout_s: float = 180.0) -> None:
 
 def inject(load: OpenLoop) -> dict:
     """Kill one model replica under `load` and wait for Serve to replace it; returns when and how long."""
+    import ray
+
     before = model_replicas()
     if not before:
         raise RuntimeError(f"no {REPLICA_PREFIX}* actor alive")
     victim = before[0]
     t_kill = time.monotonic()
-    kill_replica(victim)
+    ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
     return {"killed": victim.rsplit("#", 1)[-1], "t_kill": t_kill, "recovery_s": round(wait_recovered(victim, len(before)), 3)}
 
 
