@@ -245,28 +245,32 @@ def fuzz(
             run_tag = secrets.token_hex(3)
             for i in range(scenarios):
                 user, other = f"fuzz-{run_tag}-{i}", f"fuzz-{run_tag}-{i}-other"
-                rec, path, steps = ScenarioRecorder(label=f"lifecycle {i}"), {"user_id": user}, {}
-
-                def step(op: str, parent=None, **case_kwargs):
-                    """One recorded request of the lifecycle on operation `op` (child of the `parent` case); (case, response)."""
-                    case = ops[op].Case(**case_kwargs, **({"media_type": "application/json"} if "body" in case_kwargs else {}))
-                    return case, run_case(case, f"{ops[op].label} [scenario lifecycle]", bar, rec, parent_id=parent.id if parent else None)
-
-                create, steps["create"] = step("consent", path_parameters=path, body={"personalization": True, "training": True})
-                _, answer = step("recommend", create, body={"user_id": user, "k": 5})
+                rec, where = ScenarioRecorder(label=f"lifecycle {i}"), "[scenario lifecycle]"
+                path = {"user_id": user}
+                steps = {}
+                create = ops["consent"].Case(path_parameters=path, body={"personalization": True, "training": True}, media_type="application/json")
+                steps["create"] = run_case(create, f"{ops['consent'].label} {where}", bar, rec)
+                asked = ops["recommend"].Case(body={"user_id": user, "k": 5}, media_type="application/json")
+                answer = run_case(asked, f"{ops['recommend'].label} {where}", bar, rec, parent_id=create.id)
                 try:  # an item the catalog knows (an unknown one is a 422)
                     item = answer.json()["items"][0]["item_id"]
                 except Exception:  # noqa: BLE001
                     item = "1"
-                _, steps["event"] = step("event", create, body={"user_id": user, "item_id": item, "rating": 1.0})
-                read, steps["read"] = step("data", create, path_parameters=path)
+                event = ops["event"].Case(body={"user_id": user, "item_id": item, "rating": 1.0}, media_type="application/json")
+                steps["event"] = run_case(event, f"{ops['event'].label} {where}", bar, rec, parent_id=create.id)
+                read = ops["data"].Case(path_parameters=path)
+                steps["read"] = run_case(read, f"{ops['data'].label} {where}", bar, rec, parent_id=create.id)
                 if user_secret:
-                    for op, case, who, status in (("data", read, other, 403), ("data", read, user, 200), ("delete", ops["delete"].Case(path_parameters=path), other, 403)):
-                        probe("cross_user_token", case, {"Authorization": f"Bearer {user_token(user_secret, who)}"}, f"{ops[op].label} [scenario lifecycle]",
-                              lambda s, status=status: s == status, f"{status}: " + ("the owner's token" if who == user else "another user's token"))  # fmt: skip
-                erase, steps["erase"] = step("delete", read, path_parameters=path)
-                _, steps["read after erase"] = step("data", erase, path_parameters=path)
-                _, steps["write after erase"] = step("consent", erase, path_parameters=path, body={"training": True})
+                    probe("cross_user_token", read, {"Authorization": f"Bearer {user_token(user_secret, other)}"}, f"{ops['data'].label} {where}", lambda s: s == 403, "403: another user's token")
+                    probe("cross_user_token", read, {"Authorization": f"Bearer {user_token(user_secret, user)}"}, f"{ops['data'].label} {where}", lambda s: s == 200, "200: the owner's token")
+                    erase_as_other = ops["delete"].Case(path_parameters=path)
+                    probe("cross_user_token", erase_as_other, {"Authorization": f"Bearer {user_token(user_secret, other)}"}, f"{ops['delete'].label} {where}", lambda s: s == 403, "403: another user's token")
+                erase = ops["delete"].Case(path_parameters=path)
+                steps["erase"] = run_case(erase, f"{ops['delete'].label} {where}", bar, rec, parent_id=read.id)
+                again = ops["data"].Case(path_parameters=path)
+                steps["read after erase"] = run_case(again, f"{ops['data'].label} {where}", bar, rec, parent_id=erase.id)
+                rewrite = ops["consent"].Case(path_parameters=path, body={"training": True}, media_type="application/json")
+                steps["write after erase"] = run_case(rewrite, f"{ops['consent'].label} {where}", bar, rec, parent_id=erase.id)
                 scenario_stats["run"] += 1
                 codes = {k: (r.status_code if r is not None else None) for k, r in steps.items()}
                 scenario_stats["use_after_free judged"] += all(c is not None and 200 <= c < 300 for c in (codes["create"], codes["read"], codes["erase"]))
