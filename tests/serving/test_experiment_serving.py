@@ -132,6 +132,12 @@ def test_outcomes_join_through_post_events_and_erasure_removes_them(served):
                            ({"exposure_id": body["exposure_id"], "kind": "like"}, "kind")):  # fmt: skip
         bad = http.post("/v1/events", json={"user_id": user, "item_id": item, **payload}, headers=auth)
         assert bad.status_code == 422 and field in str(bad.json()["detail"]), (payload, bad.json())
+    # an anonymous caller, or one holding another user's token, cannot attach an outcome to this exposure
+    other_auth = {"Authorization": f"Bearer {user_token(SECRET, other)}"}
+    for headers in ({}, {"Authorization": "Bearer not-a-token"}, other_auth):
+        denied = http.post("/v1/events", json={"user_id": user, "item_id": item, "exposure_id": body["exposure_id"]}, headers=headers)
+        assert denied.status_code in (401, 403), (headers, denied.status_code)
+        assert body["exposure_id"] not in denied.text and user not in denied.text
     assert [o["position"] for o in outcomes(server.store, "pers-vs-pop")] == [2]  # the refused ones left nothing
     receipt = http.delete(f"/v1/users/{user}", headers={"Authorization": f"Bearer {ADMIN}"}).json()
     assert receipt["deleted"]["exposures"] == 1 and receipt["deleted"]["outcomes"] == 1
