@@ -28,7 +28,6 @@ naming the dataset: ml100k, ml1m-implicit, csv-<folder>-<stem>, ...; one file pe
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
 import time
@@ -50,18 +49,6 @@ def configs(kind: str) -> dict[str, str]:
     """model -> config file under configs/ for a dataset kind (ml100k: its tuned recipes)."""
     table = ML100K if kind == "ml100k" else GENERIC
     return {m: f for m, f in table.items() if (REPO / "configs" / f).is_file()}
-
-
-def summarize(per_seed: list[dict[str, float]]) -> dict:
-    """Mean of each metric over seeds, `<metric>_std` (population std) and the per-seed figures."""
-    keys = [key for key in per_seed[0] if all(key in r for r in per_seed)]
-    out: dict = {}
-    for key in keys:
-        values = [float(r[key]) for r in per_seed]
-        out[key] = round(statistics.fmean(values), 4)
-        out[f"{key}_std"] = round(statistics.pstdev(values), 4)
-    out["per_seed"] = [{key: round(float(r[key]), 4) for key in keys} for r in per_seed]
-    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -119,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
                 params.setdefault(peer, []).append(metrics["params"])
         print(f"peers: {', '.join(peers)} done", flush=True)
 
-    models = {m: summarize(per_seed) for m, per_seed in runs.items()}
+    models = {m: harness.summarize(per_seed) for m, per_seed in runs.items()}
     for m, config in chosen.items():  # how each trustrec model was configured: the file and the data / split / --set overrides
         models[m]["config"] = {"file": f"configs/{config}", "overrides": overrides}
     for peer, per_seed in params.items():

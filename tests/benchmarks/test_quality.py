@@ -22,7 +22,7 @@ def test_summarize_mean_std_per_seed_by_hand():
     # ndcg 0.40, 0.44, 0.45: mean 0.43; deviations -0.03, 0.01, 0.02 -> pstdev sqrt((9+1+4)e-4 / 3) = 0.021602
     # train_s 10, 12, 14: mean 12, pstdev sqrt(8 / 3) = 1.632993; `extra` is missing in seed 2 -> dropped
     per_seed = [{"ndcg@10": 0.40, "train_s": 10.0, "extra": 1.0}, {"ndcg@10": 0.44, "train_s": 12.0, "extra": 2.0}, {"ndcg@10": 0.45, "train_s": 14.0}]
-    out = quality.summarize(per_seed)
+    out = quality.harness.summarize(per_seed)
     assert out["ndcg@10"] == 0.43 and out["ndcg@10_std"] == 0.0216
     assert out["train_s"] == 12.0 and out["train_s_std"] == 1.633
     assert "extra" not in out and "extra_std" not in out
@@ -30,7 +30,7 @@ def test_summarize_mean_std_per_seed_by_hand():
 
 
 def test_summarize_one_seed_has_zero_std():
-    out = quality.summarize([{"ndcg@10": 0.41234}])
+    out = quality.harness.summarize([{"ndcg@10": 0.41234}])
     assert out == {"ndcg@10": 0.4123, "ndcg@10_std": 0.0, "per_seed": [{"ndcg@10": 0.4123}]}
 
 
