@@ -87,6 +87,18 @@ class TrainerConfig(_Section):
     checkpoint_dir: str = "runs/checkpoints"
     num_threads: int | None = Field(None, gt=0)
     progress: bool = True
+    # torch.compile the towers' dense MLPs for the fit (the TorchRec bag lookups stay eager: their
+    # jagged KJT ops break the graph). Off by default: on the CPU it bought nothing measurable against
+    # its compile time (benchmarks/train_throughput.py, cpu-2c under load), and a GPU's gain is what
+    # scripts/gpu_check.sh measures before it earns the default
+    compile: bool = False
+    # epoch batches built with torch ops on the training device (the epoch's CSR uploaded once, no
+    # numpy and no host sync per step) instead of numpy on the host; history + user id + demographics
+    # features (stated genres keep the numpy path). null: on CUDA only (on the CPU both are host work)
+    device_batches: bool | None = None
+    # cap on the steps of every epoch (null: the whole epoch): for throughput runs at 1M users that
+    # must fit a time budget (scripts/gpu_check.sh), not for real fits
+    steps_per_epoch: int | None = Field(None, gt=0)
 
 
 class TrackingConfig(_Section):

@@ -19,7 +19,7 @@ from torchrec import KeyedJaggedTensor
 
 from features.content import ItemSide, UserSide, item_side, user_side, user_inputs, year_edges
 from features.schema import Dataset, Interactions
-from training.model import AVOIDED, GENRES, HISTORY, ITEM_ID, LIKED, TITLE, USER_ID, YEAR, TowerSpec
+from training.model import AGE, AVOIDED, GENDER, GENRES, HISTORY, ITEM_ID, LIKED, OCCUPATION, TITLE, USER_ID, YEAR, TowerSpec
 
 CSR = tuple[np.ndarray, ...]  # (indptr, indices[, ratings])
 
@@ -228,3 +228,107 @@ def epoch_batches(
         t_len, t_val = gather_rows(targets, batch)
         features = user_features(spec, ctx, batch, history, device, user_index, **extra)
         yield UserBatch(batch, features, (np.concatenate([[0], np.cumsum(t_len)]), t_val))
+
+
+# -- the device path (trainer.device_batches) ------------------------------------------------
+DEVICE_BATCH_FEATURES = (HISTORY, USER_ID, AGE, GENDER, OCCUPATION)
+
+
+def device_batches_supported(spec: TowerSpec) -> bool:
+    """Whether `device_epoch_batches` builds every user feature of `spec` (stated genres: no, their
+    synthetic stand-ins are drawn per user on the host)."""
+    return set(spec.user_features()) <= set(DEVICE_BATCH_FEATURES)
+
+
+def device_epoch_batches(
+    spec: TowerSpec,
+    ctx: Context,
+    train: CSR,
+    batch_size: int,
+    history_dropout: float,
+    user_id_dropout: float,
+    rng: np.random.Generator,
+    device: torch.device,
+    demographics_dropout: float = 0.0,
+) -> Iterator[UserBatch]:
+    """`epoch_batches` with torch ops on `device`: the same epoch (history dropout with at least one
+    hidden item per user, shuffled users, user-id and demographics dropout), its random draws from a
+    torch generator on the device seeded by `rng` (so a resumed run replays it). The CSR goes to the
+    device once per epoch and the epoch is laid out there in batch order; a step only slices it and
+    draws its dropout, so no step copies from the host or waits for the device. Targets come back to
+    the host once per epoch (the task reads them as numpy)."""
+    if not device_batches_supported(spec):
+        raise ValueError(f"trainer.device_batches: user features {sorted(set(spec.user_features()) - set(DEVICE_BATCH_FEATURES))} are built on the host only")
+    gen = torch.Generator(device=device)
+    gen.manual_seed(int(rng.integers(2**62)))
+    indptr = torch.from_numpy(np.asarray(train[0], np.int64)).to(device)
+    nnz, n_users = int(train[0][-1]), len(train[0]) - 1
+    lengths = indptr[1:] - indptr[:-1]
+    rows = torch.repeat_interleave(torch.arange(n_users, device=device), lengths, output_size=nnz)
+    hide = torch.rand(nnz, generator=gen, device=device) < history_dropout
+    # every user needs at least one target: hide one random item of users that got none
+    hidden = torch.zeros(n_users, dtype=torch.int64, device=device).index_add_(0, rows, hide.long())
+    pick = indptr[:-1] + (torch.rand(n_users, generator=gen, device=device) * lengths).long()
+    hide[pick[(hidden == 0) & (lengths > 0)]] = True
+    users = torch.nonzero(lengths > 0).flatten()
+    users = users[torch.randperm(len(users), generator=gen, device=device)]
+    yield from _device_batches(spec, ctx, train, batch_size, user_id_dropout, gen, device, demographics_dropout, hide, users)
+
+
+def _device_batches(spec, ctx, train, batch_size, user_id_dropout, gen, device, demographics_dropout, hide, users) -> Iterator[UserBatch]:
+    """The epoch for a given hide mask (nnz,) and user order (both on `device`), in batches."""
+    indptr = torch.from_numpy(np.asarray(train[0], np.int64)).to(device)
+    indices = torch.from_numpy(np.asarray(train[1], np.int64)).to(device)
+    lengths = indptr[1:] - indptr[:-1]
+    # every entry of the shuffled users, in batch order (one host sync: the epoch's size)
+    seg_len = lengths[users]
+    total = int(seg_len.sum())
+    seg = torch.repeat_interleave(torch.arange(len(users), device=device), seg_len, output_size=total)
+    first = torch.cumsum(seg_len, 0) - seg_len
+    pos = indptr[users][seg] + torch.arange(total, device=device) - first[seg]
+    keep = ~hide[pos]
+    kept_seg = seg[keep]
+    hist = indices[pos[keep]]
+    hist_len = torch.zeros(len(users), dtype=torch.int64, device=device).index_add_(0, kept_seg, torch.ones_like(kept_seg))
+    if ctx.rating_weighted and len(train) > 2:
+        raw = torch.from_numpy(np.asarray(train[2], np.float32)).to(device)[pos[keep]]
+        sums = torch.zeros(len(users), dtype=torch.float32, device=device).index_add_(0, kept_seg, raw)
+        plain = (1.0 / hist_len.clamp(min=1).float())[kept_seg]
+        # a history whose ratings sum to <= 0 falls back to a plain mean, as user_inputs does
+        weights = torch.where(sums[kept_seg] > 0, raw / sums[kept_seg].clamp(min=torch.finfo(torch.float32).tiny), plain)
+    else:
+        weights = (1.0 / hist_len.clamp(min=1).float())[kept_seg]
+    # host copies, once per epoch: batch boundaries and the targets (the task's numpy CSR)
+    n_batches = -(-len(users) // batch_size)
+    bounds = torch.arange(n_batches + 1, device=device).mul_(batch_size).clamp_(max=len(users))
+    hist_ends = torch.cat([hist_len.new_zeros(1), torch.cumsum(hist_len, 0)])[bounds].tolist()
+    t_seg, t_val = seg[~keep].cpu().numpy(), indices[pos[~keep]].cpu().numpy()
+    t_ptr = np.concatenate([[0], np.cumsum(np.bincount(t_seg, minlength=len(users)))]).astype(np.int64)
+    users_np = users.cpu().numpy()
+    u = ctx.users
+    side = {k: torch.from_numpy(np.asarray(v, np.int64)).to(device) for k, v in ((AGE, u.age), (GENDER, u.gender), (OCCUPATION, u.occupation))} if spec.use_demographics else {}
+    keys = spec.user_features()
+    bounds = bounds.tolist()
+    for b in range(n_batches):
+        a, z = bounds[b], bounds[b + 1]
+        batch, n = users[a:z], z - a
+        parts = {HISTORY: (hist[hist_ends[b] : hist_ends[b + 1]], hist_len[a:z], weights[hist_ends[b] : hist_ends[b + 1]])}
+        if spec.use_user_id:
+            oov = torch.rand(n, generator=gen, device=device) < user_id_dropout
+            parts[USER_ID] = (torch.where(oov, spec.user_oov_index, batch), None, None)
+        if spec.use_demographics:
+            consent = torch.rand(n, generator=gen, device=device) >= demographics_dropout
+            for k in (AGE, GENDER, OCCUPATION):
+                parts[k] = (torch.where(consent, side[k][batch], 0), None, None)
+        ones_len = torch.ones(n, dtype=torch.int32, device=device)
+        values = [parts[k][0] for k in keys]
+        features = KeyedJaggedTensor(
+            keys=keys,
+            values=torch.cat(values),
+            lengths=torch.cat([ones_len if parts[k][1] is None else parts[k][1].int() for k in keys]),
+            weights=torch.cat([torch.ones(n, dtype=torch.float32, device=device) if parts[k][2] is None else parts[k][2] for k in keys]),
+            stride=n,
+            length_per_key=[hist_ends[b + 1] - hist_ends[b] if k == HISTORY else n for k in keys],  # known here: no sync
+        )
+        t = t_ptr[a : z + 1]
+        yield UserBatch(users_np[a:z], features, (t - t[0], t_val[t[0] : t[-1]]))

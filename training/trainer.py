@@ -2,6 +2,7 @@
 stopping, a checkpoint per epoch (model, optimizer, RNG state) and resume."""
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import random
@@ -15,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from training.config import TrainerConfig
-from training.data import CSR, Context, epoch_batches
+from training.data import CSR, Context, device_batches_supported, device_epoch_batches, epoch_batches
 from training.model import TwoTower
 from training.task import RetrievalTask
 
@@ -143,6 +144,30 @@ class Trainer:
         self.ckpt_dir = Path(cfg.checkpoint_dir)
         self.amp = cfg.amp and device.type == "cuda"
         self.monitor = f"val/ndcg@{task.k}"
+        if cfg.device_batches and not device_batches_supported(model.spec):
+            raise ValueError("trainer.device_batches: true, but stated-genre features are built on the host only; use null (auto) or false")
+        auto = cfg.device_batches is None and device.type == "cuda" and device_batches_supported(model.spec)
+        self.device_batches = bool(cfg.device_batches) or auto
+
+    def _batches(self, train: CSR, ctx: Context, rng: np.random.Generator):
+        """One epoch's batches: built on the device (trainer.device_batches) or with numpy on the host."""
+        if self.device_batches:
+            return device_epoch_batches(self.model.spec, ctx, train, self.cfg.batch_size, self.history_dropout, self.user_id_dropout, rng, self.device, self.demographics_dropout)
+        return epoch_batches(
+            self.model.spec, ctx, train, self.cfg.batch_size, self.history_dropout, self.user_id_dropout, rng, self.device,
+            self.demographics_dropout, self.stated_dropout,
+        )
+
+    def _compile(self, on: bool) -> None:
+        """trainer.compile: torch.compile the towers' MLPs in place (nn.Module.compile: the state_dict
+        keys stay as they are) for the fit, and back to eager after it (export traces the eager model)."""
+        if not self.cfg.compile:
+            return
+        for arch in (self.model.user_arch, self.model.item_arch):
+            if on:
+                arch.mlp.compile(dynamic=True)  # batch sizes vary (the last batch, validation)
+            else:
+                arch.mlp._compiled_call_impl = None
 
     # -- checkpoints ---------------------------------------------------------------------
     def _save(self, epoch: int, rng: np.random.Generator, state: dict) -> None:
@@ -191,6 +216,13 @@ class Trainer:
         Without it (`val_truth=None`: the refit on train + val, whose epoch count validation
         already chose), run exactly `epochs` epochs (default `cfg.epochs`) and keep the last.
         """
+        self._compile(True)
+        try:
+            return self._fit(train, val_history, val_truth, ctx, resume, epochs)
+        finally:
+            self._compile(False)
+
+    def _fit(self, train: CSR, val_history: CSR | None, val_truth: CSR | None, ctx: Context, resume: bool, epochs: int | None) -> FitResult:
         started = time.perf_counter()
         validate = val_truth is not None
         epochs = self.cfg.epochs if epochs is None else epochs
@@ -209,10 +241,10 @@ class Trainer:
                 # selection run's learning rates exactly
                 group["lr"] = lr_at(self.cfg.lr, self.cfg.lr_schedule, epoch, self.cfg.epochs)
             n_batches = -(-int((np.diff(train[0]) > 0).sum()) // self.cfg.batch_size)
-            batches = epoch_batches(
-                self.model.spec, ctx, train, self.cfg.batch_size, self.history_dropout, self.user_id_dropout, rng, self.device,
-                self.demographics_dropout, self.stated_dropout,
-            )
+            batches = self._batches(train, ctx, rng)
+            if self.cfg.steps_per_epoch is not None:
+                n_batches = min(n_batches, self.cfg.steps_per_epoch)
+                batches = itertools.islice(batches, n_batches)
             total, count = torch.zeros((), dtype=torch.float64, device=self.device), 0
             bar = tqdm(batches, total=n_batches, desc=f"epoch {epoch}/{epochs}", disable=not self.cfg.progress, leave=False)
             for batch in bar:
