@@ -50,6 +50,7 @@ class ClientPlan:
     dp: bool = False
     secagg: bool = False
     audit_dir: str | None = None
+    optimizer: str = "adam"  # federated.client_optimizer (lr above: federated.client_lr or trainer.lr)
 
 
 def get_weights(model: TwoTower) -> list[np.ndarray]:
@@ -70,7 +71,10 @@ def proximal_term(model: TwoTower, anchor: list[torch.Tensor]) -> torch.Tensor:
 def local_train(model: TwoTower, task: RetrievalTask, ctx: Context, train: CSR, plan: ClientPlan, rng: np.random.Generator, mu: float = 0.0) -> tuple[float, int]:
     """`plan.local_epochs` passes over the client's users; returns (mean task loss, steps)."""
     model.train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=plan.lr, weight_decay=plan.weight_decay)
+    if plan.optimizer == "sgd":
+        optimizer = torch.optim.SGD(model.parameters(), lr=plan.lr, weight_decay=plan.weight_decay)
+    else:
+        optimizer = torch.optim.Adam(model.parameters(), lr=plan.lr, weight_decay=plan.weight_decay)
     anchor = [p.detach().clone() for p in model.parameters()] if mu > 0 else None
     total, steps = 0.0, 0
     for _ in range(plan.local_epochs):
@@ -100,6 +104,7 @@ class RecClient:
     def __init__(self, plan: ClientPlan, data: ClientData, partition_id: int):
         self.plan, self.data, self.pid = plan, data, partition_id
         self.ctx = Context(data.user_side, plan.items, plan.rating_weighted)
+        self.train, self.val = data.train, data.val  # full-height views of the client's own rows
 
     def _model(self, parameters: list[np.ndarray]) -> TwoTower:
         model = TwoTower(self.plan.spec, device=CPU)
@@ -115,10 +120,10 @@ class RecClient:
         torch.manual_seed(int(rng.integers(2**31)))
         model = self._model(parameters)
         # the task only sees this client's counts (its logQ prior); the full-softmax loss ignores them
-        counts = np.bincount(self.data.train[1], minlength=self.plan.spec.n_items).astype(np.float64)
+        counts = np.bincount(self.train[1], minlength=self.plan.spec.n_items).astype(np.float64)
         task = RetrievalTask(self.plan.task, counts, self.plan.item_id_dropout)
-        loss, steps = local_train(model, task, self.ctx, self.data.train, self.plan, rng, float(config.get("proximal_mu", 0.0)))
-        n_users = int((np.diff(self.data.train[0]) > 0).sum())
+        loss, steps = local_train(model, task, self.ctx, self.train, self.plan, rng, float(config.get("proximal_mu", 0.0)))
+        n_users = int((np.diff(self.train[0]) > 0).sum())
         return get_weights(model), 1 if self.plan.uniform_weights else n_users, {"train_loss": float(loss), "local_steps": int(steps)}
 
     @torch.no_grad()
@@ -128,12 +133,12 @@ class RecClient:
         torch.set_num_threads(1)
         model = self._model(parameters)
         model.eval()
-        users = self.data.users[np.diff(self.data.val[0])[self.data.users] > 0]
+        users = self.data.users[np.diff(self.val[0])[self.data.users] > 0]
         if len(users) == 0:
             return 0.0, 0, {}
         task = RetrievalTask(self.plan.task, np.ones(self.plan.spec.n_items))  # no item is 'cold' to a client
-        loss = float(task.loss(model, evaluation_batch(model.spec, self.ctx, users, self.data.train, self.data.val), self.ctx))
-        metrics = task.metrics(model, self.data.train, self.data.val, self.ctx, CPU, users)
+        loss = float(task.loss(model, evaluation_batch(model.spec, self.ctx, users, self.train, self.val), self.ctx))
+        metrics = task.metrics(model, self.train, self.val, self.ctx, CPU, users)
         metrics.pop("coverage", None)  # a catalog-level figure: an average over clients would be wrong
         return loss, len(users), {"loss": loss, **{k: float(v) for k, v in metrics.items()}}
 
@@ -164,18 +169,25 @@ def make_client_app(plan: ClientPlan):
     from flwr.client.mod import fixedclipping_mod, secaggplus_mod
 
     class _Client(NumPyClient):
-        def __init__(self, inner: RecClient):
-            self.inner = inner
+        """A Flower node. One node per client: it always plays its own partition. Poisson
+        sampling: the node is a device slot, and the server names in each message which
+        client it plays (`client`); it then loads that client's storage, nothing else."""
+
+        def __init__(self, node_pid: int):
+            self.node_pid = node_pid
+
+        def _inner(self, config) -> RecClient:
+            pid = int(config.get("client", self.node_pid))
+            return RecClient(plan, read_client_data(plan.store, pid), pid)
 
         def fit(self, parameters, config):
-            return self.inner.fit(parameters, config)
+            return self._inner(config).fit(parameters, config)
 
         def evaluate(self, parameters, config):
-            return self.inner.evaluate(parameters, config)
+            return self._inner(config).evaluate(parameters, config)
 
     def client_fn(context):
-        pid = int(context.node_config["partition-id"])
-        return _Client(RecClient(plan, read_client_data(plan.store, pid), pid)).to_client()
+        return _Client(int(context.node_config["partition-id"])).to_client()
 
     # mods[0] is outermost: the audit sees what really leaves; clipping runs before SecAgg+ masks
     mods = [AuditMod(plan.audit_dir)] if plan.audit_dir else []

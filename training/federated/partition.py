@@ -14,7 +14,7 @@ import numpy as np
 
 from features.content import UserSide
 from training.config import ConfigError
-from training.data import CSR, csr_from_mask
+from training.data import CSR, gather_rows
 
 
 def partition_users(users: np.ndarray, scheme: str, n_silos: int = 10, seed: int = 0) -> list[np.ndarray]:
@@ -34,37 +34,94 @@ def partition_users(users: np.ndarray, scheme: str, n_silos: int = 10, seed: int
 
 def keep_rows(csr: CSR, users: np.ndarray) -> CSR:
     """The same-height CSR with only the rows of `users` filled (all other rows empty)."""
-    rows = np.repeat(np.arange(len(csr[0]) - 1), np.diff(csr[0]))
-    return csr_from_mask(csr, np.isin(rows, users))
+    users = np.unique(np.asarray(users, np.int64))
+    return expand_rows(len(csr[0]) - 1, users, take_rows(csr, users))
+
+
+def take_rows(csr: CSR, users: np.ndarray) -> tuple[np.ndarray, ...]:
+    """(lengths, indices[, ratings]) of the rows `users` (sorted) only, concatenated: a client's
+    compact copy. Gathers those rows alone (no pass over the whole matrix), so 6,040 one-user
+    clients of ML-1M are cut in seconds, and each stores a few KB instead of full-height arrays."""
+    starts = csr[0][users]
+    lengths = csr[0][users + 1] - starts
+    pos = np.repeat(starts - np.cumsum(lengths) + lengths, lengths) + np.arange(lengths.sum())
+    return (lengths.astype(np.int64), *(col[pos] for col in csr[1:]))
+
+
+def expand_rows(n_rows: int, users: np.ndarray, rows: tuple[np.ndarray, ...]) -> CSR:
+    """The full-height CSR whose rows `users` (sorted) hold `rows` (from `take_rows`) and every
+    other row is empty."""
+    counts = np.zeros(n_rows, np.int64)
+    counts[users] = rows[0]
+    return (np.concatenate([[0], np.cumsum(counts)]).astype(np.int64), *rows[1:])
 
 
 def keep_user_side(side: UserSide, users: np.ndarray) -> UserSide:
     """Side features of `users` only; everybody else reads as 'missing' (0 / no stated genres)."""
-    mine = np.zeros(len(side.age), bool)
-    mine[users] = True
-    return UserSide(
-        age=np.where(mine, side.age, 0),
-        gender=np.where(mine, side.gender, 0),
-        occupation=np.where(mine, side.occupation, 0),
-        liked=keep_rows(side.liked, users),
-        avoided=keep_rows(side.avoided, users),
-        gender_vocab=side.gender_vocab,
-        occupation_vocab=side.occupation_vocab,
-    )
+    users = np.unique(np.asarray(users, np.int64))
+    return _OwnSide.take(side, users).expand(len(side.age), users)
+
+
+@dataclass(frozen=True)
+class _OwnSide:
+    """A client's users' side features only (compact: one value or row per own user)."""
+
+    age: np.ndarray
+    gender: np.ndarray
+    occupation: np.ndarray
+    liked: tuple[np.ndarray, ...]
+    avoided: tuple[np.ndarray, ...]
+    gender_vocab: list[str]
+    occupation_vocab: list[str]
+
+    @classmethod
+    def take(cls, side: UserSide, users: np.ndarray) -> "_OwnSide":
+        return cls(side.age[users], side.gender[users], side.occupation[users], take_rows(side.liked, users), take_rows(side.avoided, users),
+                   side.gender_vocab, side.occupation_vocab)  # fmt: skip
+
+    def expand(self, n_users: int, users: np.ndarray) -> UserSide:
+        def full(values: np.ndarray) -> np.ndarray:
+            out = np.zeros(n_users, values.dtype)
+            out[users] = values
+            return out
+
+        return UserSide(
+            age=full(self.age), gender=full(self.gender), occupation=full(self.occupation),
+            liked=expand_rows(n_users, users, self.liked), avoided=expand_rows(n_users, users, self.avoided),
+            gender_vocab=self.gender_vocab, occupation_vocab=self.occupation_vocab,
+        )  # fmt: skip
 
 
 @dataclass(frozen=True)
 class ClientData:
-    """What one client holds: its users (row indices, never raw ids) and their data only."""
+    """What one client holds: its users (row indices, never raw ids) and their data only.
 
-    users: np.ndarray
-    train: CSR  # interactions the client trains on
-    val: CSR  # its users' validation items (federated evaluation)
-    user_side: UserSide
+    Stored compactly (its own rows only, a few KB per one-user client); `train`, `val` and
+    `user_side` expand them to the full-height arrays the model code indexes by user row, every
+    other user's row empty (built per message in microseconds)."""
+
+    users: np.ndarray  # sorted
+    n_users: int  # rows of the global user vocabulary
+    train_rows: tuple[np.ndarray, ...]  # take_rows of the interactions the client trains on
+    val_rows: tuple[np.ndarray, ...]  # its users' validation items (federated evaluation)
+    side: _OwnSide
 
     @classmethod
     def build(cls, users: np.ndarray, train: CSR, val: CSR, side: UserSide) -> "ClientData":
-        return cls(np.asarray(users, np.int64), keep_rows(train, users), keep_rows(val, users), keep_user_side(side, users))
+        users = np.unique(np.asarray(users, np.int64))
+        return cls(users, len(train[0]) - 1, take_rows(train, users), take_rows(val, users), _OwnSide.take(side, users))
+
+    @property
+    def train(self) -> CSR:
+        return expand_rows(self.n_users, self.users, self.train_rows)
+
+    @property
+    def val(self) -> CSR:
+        return expand_rows(self.n_users, self.users, self.val_rows)
+
+    @property
+    def user_side(self) -> UserSide:
+        return self.side.expand(self.n_users, self.users)
 
 
 def write_client_store(root: str | Path, parts: list[ClientData]) -> Path:
