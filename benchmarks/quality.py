@@ -45,9 +45,10 @@ GENERIC = {"trustrec-two-tower": "two_tower.yaml", "trustrec-hybrid": "hybrid.ya
 ALL_PEERS = "popularity,ease,bpr,bivae,als"
 
 
-def configs(kind: str) -> dict[str, str]:
-    """model -> config file under configs/ for a dataset kind (ml100k: its tuned recipes)."""
-    table = ML100K if kind == "ml100k" else GENERIC
+def configs(kind: str, recipes: str = "auto") -> dict[str, str]:
+    """model -> config file under configs/ for a dataset kind (ml100k: its tuned recipes, unless
+    `recipes` is "generic": the ones every other dataset gets, to see how they transfer)."""
+    table = ML100K if kind == "ml100k" and recipes != "generic" else GENERIC
     return {m: f for m, f in table.items() if (REPO / "configs" / f).is_file()}
 
 
@@ -58,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra config overrides")
     p.add_argument("--peers", default=ALL_PEERS, help=f"comma-separated peers, or '' for none (default {ALL_PEERS})")
     p.add_argument("--models", default=None, help="comma-separated trustrec models to train (default: all of the dataset's)")
+    p.add_argument("--recipes", choices=["auto", "generic"], default="auto",
+                   help="auto: ML-100k's tuned configs on ML-100k, the generic ones elsewhere; generic: the generic ones everywhere")
     p.add_argument("--seeds", default="0", help="comma-separated model seeds (default 0); the split stays seed 42")
     harness.output_flags(p, "quality_<label>_<protocol>")
     args = p.parse_args(argv)
@@ -70,10 +73,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     protocol = harness.protocol(p, data, args.protocol)
     name, overrides = data.name, [*data.overrides, f"split.protocol={protocol}", *args.set]
-    available = configs(data.kind)
+    if args.recipes == "generic" and data.kind == "ml100k":
+        name += "-generic"  # its own JSON: never overwrites the tuned recipes' figures
+    available = configs(data.kind, args.recipes)
 
     runs: dict[str, list[dict[str, float]]] = {}  # model -> one metrics dict per seed
     params: dict[str, list[dict]] = {}  # peer -> its refitted hyper-parameters, one dict per seed
+    picked: dict[str, list[dict]] = {}  # trustrec model -> what validation chose, one dict per seed
     unknown = [m for m in (args.models or "").split(",") if m and m not in available]
     if unknown:
         p.error(f"--models: unknown {unknown}; choose from {list(available)}")
@@ -93,7 +99,10 @@ def main(argv: list[str] | None = None) -> int:
                 result = train(cfg)
                 # the peers report training.evaluation's computing names (ndcg@10); run metrics are published as test/ndcg_at_10
                 metrics = {key.removeprefix("test/").replace("_at_", "@"): v for key, v in result.metrics.items() if key.startswith("test/")}
-                runs.setdefault(model, []).append({**metrics, "train_s": result.fit.seconds, "best_epoch": float(result.fit.best_epoch)})
+                size_mb = sum(f.stat().st_size for f in Path(cfg.export.output_dir).rglob("*") if f.is_file()) / 2**20  # the bundle serving loads
+                runs.setdefault(model, []).append({**metrics, "train_s": result.fit.seconds, "best_epoch": float(result.fit.best_epoch), "bundle_mb": size_mb})
+                # what validation chose for this seed: the search's settings and the blend's (weight, lambda)
+                picked.setdefault(model, []).append({"search": (result.fit.search or {}).get("chosen"), "blend": result.fit.blend})
                 print(f"{model} seed {seed}: ndcg@{cfg.task.eval_k} {metrics[f'ndcg@{cfg.task.eval_k}']:.4f} (best epoch {result.fit.best_epoch}, {result.fit.seconds:.0f}s)", flush=True)
     k = cfg.task.eval_k
     peers = [p for p in args.peers.split(",") if p]
@@ -109,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     models = {m: harness.summarize(per_seed) for m, per_seed in runs.items()}
     for m, config in chosen.items():  # how each trustrec model was configured: the file and the data / split / --set overrides
         models[m]["config"] = {"file": f"configs/{config}", "overrides": overrides}
+        models[m]["chosen"] = picked.get(m, [])
     for peer, per_seed in params.items():
         models[peer]["params"] = per_seed
     report = {
