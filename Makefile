@@ -8,7 +8,7 @@ PIP := $(PY) -m pip
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 MLFLOW_PORT ?= 5000
 
-.PHONY: setup demo experiment-demo test test-fast bench bench-faults check-ort-gpu mlflow-ui serve clean
+.PHONY: setup setup-gpu demo experiment-demo test test-fast bench bench-faults check-ort-gpu mlflow-ui serve clean
 
 # The stamp is the venv's "done" marker: a half-finished install is redone, a finished one reused.
 $(VENV)/.installed: requirements/cpu.txt pyproject.toml
@@ -45,6 +45,21 @@ bench: setup
 # The Docker image's stack: requirements/cpu.txt with the CUDA builds swapped in (scripts/gpu_requirements.py)
 requirements/gpu.txt: requirements/cpu.txt scripts/gpu_requirements.py
 	$(PYTHON) scripts/gpu_requirements.py
+
+# The CUDA stack in its own venv (never beside .venv's CPU builds): requirements/gpu.txt (regenerated
+# from requirements/cpu.txt when stale), torchrec without its deps, trustrec; the Dockerfile's steps
+# and the pins scripts/gpu_check.sh checks (its `stack` step). No local wheel dir or constraints
+# file: a find-links torch 2.13.0+cpu would satisfy torch==2.13.0, so the CUDA build is checked after.
+GPU_VENV ?= .venv-gpu
+$(GPU_VENV)/.installed: requirements/gpu.txt pyproject.toml
+	test -x $(GPU_VENV)/bin/python || $(PYTHON) -m venv $(GPU_VENV)
+	PIP_FIND_LINKS= PIP_CONSTRAINT= $(GPU_VENV)/bin/python -m pip install -q -r requirements/gpu.txt
+	$(GPU_VENV)/bin/python -m pip install -q --no-deps torchrec==1.8.0
+	$(GPU_VENV)/bin/python -m pip install -q --no-deps -e .
+	$(GPU_VENV)/bin/python -c "import torch; assert torch.version.cuda, 'torch ' + torch.__version__ + ' is a CPU build'"
+	touch $@
+
+setup-gpu: $(GPU_VENV)/.installed
 
 # onnxruntime-gpu's CUDA -> CPU fallback, in a throwaway venv under /tmp (never in .venv), on a bundle
 check-ort-gpu: requirements/gpu.txt
