@@ -4,6 +4,8 @@ on the CPU (gloo) and, when CUDA is present, on the GPU(s) with bf16 AMP, on the
     python benchmarks/train_throughput.py                          # default scale, CPU (+ GPU when present)
     python benchmarks/train_throughput.py --users 2000 --items 1000 --epochs 2      # a quick run
     python benchmarks/train_throughput.py --shards DIR             # stream Parquet shards (features.shards)
+    python benchmarks/train_throughput.py --shards DIR --modes trainer,cuda-trainer --steps-per-epoch 150
+                                                                   # 1M x 1M: the shards read into memory, capped epochs
     python benchmarks/train_throughput.py --modes cpu-dmp-2        # one row only
 
 Modes: `trainer` (the project's single-process Trainer), `cpu-dmp-1`, `cpu-dmp-2` (torchrun ranks,
@@ -37,8 +39,50 @@ def overrides(args, device: str, threads: int, ckpt: Path) -> list[str]:
         f"data.synthetic.mean_interactions_per_user={args.per_user}", f"trainer.batch_size={args.batch_size}",
         f"trainer.epochs={args.epochs}", f"trainer.device={device}", "trainer.amp=true", "trainer.progress=false",
         f"trainer.num_threads={threads}", f"trainer.checkpoint_dir={ckpt}", "tracking.enabled=false",
+        *([f"trainer.steps_per_epoch={args.steps_per_epoch}"] if args.steps_per_epoch else []),
         *(["distributed.data=shards", f"distributed.shards_path={args.shards}"] if args.shards else []), *args.set,
     ]  # fmt: skip
+
+
+def shards_in_memory(cfg, device):
+    """(train CSR, context, model, task) of a whole shard directory read into memory: the 1M x 1M
+    scale, which features.synthetic (O(users x items)) cannot generate; the model as
+    training.distributed._run_shards builds it."""
+    import numpy as np
+
+    from features.shards import ShardSet
+    from training.distributed import shards_context
+    from training.model import TowerSpec, TwoTower
+    from training.task import RetrievalTask
+    from training.trainer import seed_everything
+
+    shards = ShardSet.open(cfg.distributed.shards_path)
+    users, items, ratings = [], [], []
+    for _, batch in shards.iter_batches(0, 1, cfg.distributed.read_batch_rows):
+        users.append(batch.column("user").to_numpy())
+        items.append(batch.column("item").to_numpy())
+        ratings.append(batch.column("rating").to_numpy())
+    user = np.concatenate(users)  # rows sorted by user within a shard, shards in user order
+    indptr = np.concatenate([[0], np.cumsum(np.bincount(user, minlength=shards.n_users))]).astype(np.int64)
+    m = cfg.model
+    spec = TowerSpec(n_users=shards.n_users, n_items=shards.n_items, n_genres=shards.n_genres, embedding_dim=m.embedding_dim, hidden_dim=m.hidden_dim,
+                     output_dim=m.output_dim, hidden_layers=m.hidden_layers, use_user_id=m.use_user_id, use_genres=m.use_genres, temperature=m.temperature)  # fmt: skip
+    seed_everything(cfg.trainer.seed)
+    task = RetrievalTask(cfg.task, shards.item_counts(), m.item_id_dropout)
+    return (indptr, np.concatenate(items).astype(np.int64), np.concatenate(ratings)), shards_context(shards), TwoTower(spec, device=device), task
+
+
+def time_checkpoints(trainer, saves: list[float]) -> None:
+    """Record how long each per-epoch checkpoint takes (at 1M x 1M, model + Adam state is ~1.5 GB:
+    a save longer than a capped epoch's steps), so the steps' own rate can be reported beside it."""
+    save = trainer._save
+
+    def timed_save(*a, **kw):
+        t = time.perf_counter()
+        save(*a, **kw)
+        saves.append(time.perf_counter() - t)
+
+    trainer._save = timed_save
 
 
 # -- one measurement (runs in the child process) ----------------------------------------------
@@ -61,8 +105,23 @@ def measure(spec: dict) -> None:
     if distributed:
         rank, world, _ = D.init_process_group(cfg.distributed, device)
     stamps: list[float] = []
+    saves: list[float] = []  # seconds of each epoch's checkpoint (single-process trainer)
     started = time.perf_counter()
-    if cfg.distributed.data == "shards":
+    if cfg.distributed.data == "shards" and not distributed:  # the single-process trainer on the shards, read into memory
+        data, ctx, model, task = shards_in_memory(cfg, device)
+        on_epoch = lambda epoch, metrics: stamps.append(time.perf_counter())  # noqa: E731
+        m = cfg.model
+        trainer = Trainer(model, task, cfg.trainer, cfg.task.history_dropout, m.user_id_dropout, device, on_epoch=on_epoch)
+        time_checkpoints(trainer, saves)
+        started = time.perf_counter()
+        trainer.fit(data, None, None, ctx)
+        times = [started, *stamps]
+        epochs = [b - a for a, b in zip(times, times[1:])]
+        users, interactions = int((np.diff(data[0]) > 0).sum()), int(data[0][-1])
+        if cfg.trainer.steps_per_epoch is not None:
+            capped = min(users, cfg.trainer.steps_per_epoch * cfg.trainer.batch_size)
+            interactions, users = round(interactions * capped / max(users, 1)), capped
+    elif cfg.distributed.data == "shards":
         fit = D._run_shards(cfg, device, rank, world, False)
         epochs = [fit.seconds / max(fit.epochs_run, 1)] * fit.epochs_run if rank == 0 else []
         from features.shards import ShardSet
@@ -79,20 +138,37 @@ def measure(spec: dict) -> None:
         model = build_model(cfg, ds, ctx, device)
         task = RetrievalTask(cfg.task, item_counts(data.train, ds.n_items), cfg.model.item_id_dropout)
         on_epoch = lambda epoch, metrics: stamps.append(time.perf_counter())  # noqa: E731
-        if distributed:
+        if cfg.privacy.mode == "dp":  # DP-SGD (Opacus): its own loop, timed through the tracker it reports epochs to
+            from training.privacy.dp import fit_dp
+            from training.tracking import Tracker
+
+            class Stamps(Tracker):
+                def log_metrics(self, metrics, step=None):
+                    if step is not None:
+                        on_epoch(step, metrics)
+
+            started = time.perf_counter()
+            fit_dp(cfg, model, task, data, ctx, device, Stamps(False, "", ""))
+        elif distributed:
             plan = D.plan_sharding(model, world, device.type, D.allowed_sharding_types(cfg.distributed, device.type), batch_size=cfg.trainer.batch_size, pg=dist.GroupMember.WORLD)
             trainer = D.DistributedTrainer(cfg, model, task, device, rank, world, plan, on_epoch=on_epoch)
         else:
             m = cfg.model
             trainer = Trainer(model, task, cfg.trainer, cfg.task.history_dropout, m.user_id_dropout, device, m.demographics_dropout, m.stated_dropout, on_epoch=on_epoch)
-        started = time.perf_counter()
-        trainer.fit(data.train, None, None, ctx)
+        if cfg.privacy.mode != "dp":
+            if not distributed:
+                time_checkpoints(trainer, saves)
+            started = time.perf_counter()
+            trainer.fit(data.train, None, None, ctx)
         times = [started, *stamps]
         epochs = [b - a for a, b in zip(times, times[1:])]
         users = int((np.diff(data.train[0]) > 0).sum())
         last = users % cfg.trainer.batch_size
         users -= last if distributed and 0 < last < world else 0  # a last batch with fewer users than ranks is skipped
         interactions = int(data.train[0][-1])
+        if cfg.trainer.steps_per_epoch is not None and not distributed and cfg.privacy.mode != "dp":  # a capped epoch
+            capped = min(users, cfg.trainer.steps_per_epoch * cfg.trainer.batch_size)
+            interactions, users = round(interactions * capped / max(users, 1)), capped
     memory = {"peak_rss_mb": harness.peak_rss_mb(),
               "cuda_max_allocated_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None}  # fmt: skip
     per_rank = [memory]
@@ -102,12 +178,20 @@ def measure(spec: dict) -> None:
     if rank == 0:
         steady = epochs[1:] or epochs
         sec = statistics.median(steady)
+        # an epoch's span holds the previous epoch's checkpoint (on_epoch stamps before the save)
+        bare = [e - (saves[i - 1] if 0 < i <= len(saves) else 0.0) for i, e in enumerate(epochs)]
+        bare_sec = statistics.median(bare[1:] or bare) if saves else None
         row = {
             "mode": spec["mode"], "device": spec["device_name"], "world_size": world, "amp": device.type == "cuda" and cfg.trainer.amp,
             "epochs": len(epochs), "seconds_per_epoch": sec, "first_epoch_seconds": epochs[0] if epochs else None,
             "users_per_s": users / sec, "interactions_per_s": interactions / sec, "ranks": per_rank,
+            "checkpoint_seconds": saves or None, "seconds_per_epoch_excl_checkpoint": bare_sec,
+            "users_per_s_excl_checkpoint": users / bare_sec if bare_sec else None,
             "plan": D.plan_summary(trainer.plan) if distributed and cfg.distributed.data != "shards" else None,
-            "threads_per_rank": cfg.trainer.num_threads,
+            "threads_per_rank": cfg.trainer.num_threads, "compile": cfg.trainer.compile, "privacy": cfg.privacy.mode,
+            "device_batches": trainer.device_batches if not distributed and cfg.privacy.mode != "dp" else None,
+            "steps_per_epoch": cfg.trainer.steps_per_epoch, "users_per_epoch": users,
+            "sharding_types": cfg.distributed.sharding_types if distributed else None,  # the planner's allowed set (null: the device's legal set)
         }  # fmt: skip
         Path(spec["out"]).write_text(json.dumps(row))
     if distributed and dist.is_initialized():
@@ -164,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shards", help="stream this shard directory instead of the in-memory synthetic data")
     p.add_argument("--modes", help="comma-separated subset of the modes")
     p.add_argument("--note", default="", help="free text stored with the figures (e.g. 'under contention')")
+    p.add_argument("--steps-per-epoch", type=int, help="cap every epoch at this many steps (trainer.steps_per_epoch; single-process modes): big scales in a time budget")
     args = p.parse_args(argv)
     if args.child:
         measure(json.loads(Path(args.child).read_text()))
@@ -176,6 +261,10 @@ def main(argv: list[str] | None = None) -> int:
         modes += ([] if args.shards else ["cuda-trainer"]) + [f"cuda-dmp-{n}" for n in sorted({1, torch.cuda.device_count()})]
     if args.modes:
         wanted = args.modes.split(",")
+        if args.shards:  # by name only: the single-process trainer on the shards read into memory
+            modes += ["trainer"] + (["cuda-trainer"] if torch.cuda.is_available() else [])
+        # asked for by name: more ranks than GPUs, sharing them round robin (e.g. 2 ranks on one GPU)
+        modes += [m for m in wanted if torch.cuda.is_available() and m.startswith("cuda-dmp-") and m.rsplit("-", 1)[1].isdigit() and m not in modes]
         unknown = [m for m in wanted if m not in modes]
         if unknown:
             p.error(f"--modes: {unknown} not available here (choose from {modes})")
@@ -189,7 +278,8 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "benchmark": "train_throughput",
         "data": {"shards": args.shards} if args.shards else {"users": args.users, "items": args.items, "per_user": args.per_user},
-        "batch_size": args.batch_size, "epochs": args.epochs, "threads_per_rank": args.threads or "cores / ranks", "note": args.note, "rows": rows,
+        "batch_size": args.batch_size, "epochs": args.epochs, "threads_per_rank": args.threads or "cores / ranks", "note": args.note,
+        "config": args.config, "set": args.set, "steps_per_epoch": args.steps_per_epoch, "rows": rows,
     }  # fmt: skip
     out = harness.write(result, args, "train_throughput", script=__file__, argv=argv, libraries=["torch", "torchrec", "fbgemm-gpu"])
     print(f"wrote {out}", file=sys.stderr)
