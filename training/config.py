@@ -132,8 +132,15 @@ class PrivacyConfig(_Section):
     # gram: DP-EASE (training/privacy/gram.py), one analytic-Gaussian release of the item Gram
     # matrix of unit-norm user histories (sensitivity 1), EASE on it; no epochs, no torch tower
     mechanism: Literal["dp_sgd", "gram"] = "dp_sgd"
-    # gram: EASE's lambda; null: sigma * sqrt(2 * n_items), the noise matrix's spectral norm (reads no data)
+    # gram: EASE's lambda; null: the rule below (public constants only, reads no data)
     gram_lambda: float | None = Field(None, gt=0)
+    # gram, gram_lambda null: lambda = factor * sigma * sqrt(2 * n_items) (noise: the noise matrix's spectral
+    # norm; factor 1 was the default before issue 17) or factor * rho * sigma * sqrt(2 * n_items) with
+    # rho = sigma * n_items / members (noise_snr: the released diagonal's noise-to-signal ratio, so small
+    # epsilons and small user bases regularise harder). Chosen on validation only, factor on ML-100k
+    # (figures: training/privacy/gram.py's docstring)
+    gram_lambda_rule: Literal["noise", "noise_snr"] = "noise_snr"
+    gram_lambda_factor: float = Field(2.7, gt=0)
     # gram: rank of the served vectors (B factored by its own subspace); null: exact, n_items coordinates
     gram_rank: int | None = Field(None, gt=0)
     # --- dp: user-level DP-SGD (one example = one user; Poisson sampling, per-user clipping, noise).

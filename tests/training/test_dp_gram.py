@@ -138,6 +138,49 @@ def test_a_served_rank_factors_b_by_its_own_subspace():
     assert np.linalg.norm(low.scores(x) - b) == pytest.approx(np.sqrt((s[8:] ** 2).sum()), rel=1e-3)
 
 
+def test_release_lambda_rules_by_hand():
+    # sigma 0.5, 8 items: the noise matrix's spectral norm sigma * sqrt(2 * 8) = 0.5 * 4 = 2
+    assert gram.noise_lambda(0.5, 8) == pytest.approx(2.0)
+    assert gram.release_lambda(0.5, 8, 100, "noise", 1.0) == pytest.approx(2.0)  # the old default
+    assert gram.release_lambda(0.5, 8, 100, "noise", 3.0) == pytest.approx(6.0)  # members not read
+    # noise_snr: factor * rho * sigma * sqrt(2n), rho = sigma * n_items / members
+    # sigma 0.5, 8 items, 4 members: rho = 0.5 * 8 / 4 = 1, lambda = 2.5 * 1 * 2 = 5
+    assert gram.release_lambda(0.5, 8, 4, "noise_snr", 2.5) == pytest.approx(5.0)
+    # sigma 3, 18 items, 27 members: rho = 3 * 18 / 27 = 2, sigma * sqrt(36) = 18, lambda = 2 * 2 * 18 = 72
+    assert gram.release_lambda(3.0, 18, 27, "noise_snr", 2.0) == pytest.approx(72.0)
+    assert gram.release_lambda(3.0, 18, 27) == pytest.approx(2.7 * 2 * 18)  # the defaults: noise_snr, factor 2.7
+    # the diagonal's mean really is members / n_items before noise (each unit row adds 1 to the trace)
+    csr = random_history(30, 9, 0.4, seed=8)
+    members = int((np.diff(csr[0]) > 0).sum())
+    assert np.trace(gram.gram_statistic(csr, 9)) == pytest.approx(members)
+    with pytest.raises(ValueError, match=r"privacy\.gram_lambda_rule"):
+        gram.release_lambda(1.0, 8, 4, "spectral", 1.0)
+    with pytest.raises(ValueError, match=r"privacy\.gram_lambda_factor"):
+        gram.release_lambda(1.0, 8, 4, "noise", 0.0)
+
+
+def test_the_release_uses_the_configured_lambda_rule(tmp_path):
+    """fit_gram's λ is release_lambda of the run's σ and n_items (no data read), and the model is the
+    release with that λ; gram_lambda, when given, wins."""
+    from training.pipeline import prepare
+    from training.tracking import Tracker
+
+    for extra, rule, factor in (([], "noise_snr", 2.7), (["privacy.gram_lambda_rule=noise", "privacy.gram_lambda_factor=2"], "noise", 2.0)):
+        cfg = load_config(REPO / "configs" / "ease_dp.yaml", tiny_overrides(tmp_path) + SMALL + ["privacy.target_epsilon=2", *extra])
+        data = prepare(cfg)
+        model, fit = gram.fit_gram(cfg, data, Tracker(False, "", ""))
+        n = int((np.diff(data.seen[0]) > 0).sum())
+        sigma = gram.gaussian_sigma(2.0, 1.0 / n)
+        lam = factor * sigma * math.sqrt(2 * data.dataset.n_items) * (sigma * data.dataset.n_items / n if rule == "noise_snr" else 1.0)
+        assert fit.privacy["lambda"] == pytest.approx(lam) and model.lam == pytest.approx(lam)
+        assert fit.privacy["lambda_rule"].startswith(f"{factor:g} * ")
+        want = gram.release(data.seen, data.dataset.n_items, sigma, lam, None, np.random.default_rng(cfg.trainer.seed))
+        np.testing.assert_array_equal(model.item_factors, want.item_factors)
+    cfg = load_config(REPO / "configs" / "ease_dp.yaml", tiny_overrides(tmp_path) + SMALL + ["privacy.gram_lambda=3.5"])
+    model, fit = gram.fit_gram(cfg, prepare(cfg), Tracker(False, "", ""))
+    assert model.lam == 3.5 and fit.privacy["lambda_rule"] == "privacy.gram_lambda"
+
+
 def test_config_refusals_name_the_key(tmp_path):
     cases = (
         ("two_tower.yaml", ["privacy.mechanism=gram"], "privacy.mechanism"),  # mode none
@@ -145,6 +188,8 @@ def test_config_refusals_name_the_key(tmp_path):
         ("ease_dp.yaml", ["privacy.target_epsilon=null", "privacy.noise_multiplier=0"], "privacy.noise_multiplier"),
         ("ease_dp.yaml", ["privacy.gram_rank=0"], "privacy.gram_rank"),
         ("ease_dp.yaml", ["privacy.gram_lambda=-1"], "privacy.gram_lambda"),
+        ("ease_dp.yaml", ["privacy.gram_lambda_factor=0"], "privacy.gram_lambda_factor"),
+        ("ease_dp.yaml", ["privacy.gram_lambda_rule=spectral"], "privacy.gram_lambda_rule"),
     )
     for config, extra, key in cases:
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
@@ -173,7 +218,7 @@ def refit(cfg):
     p = cfg.privacy
     n = int((np.diff(data.seen[0]) > 0).sum())
     sigma = gram.gaussian_sigma(p.target_epsilon, 1.0 / n)
-    return data, n, sigma, gram.release(data.seen, data.dataset.n_items, sigma, gram.noise_lambda(sigma, data.dataset.n_items), None, np.random.default_rng(cfg.trainer.seed))
+    return data, n, sigma, gram.release(data.seen, data.dataset.n_items, sigma, gram.release_lambda(sigma, data.dataset.n_items, n, p.gram_lambda_rule, p.gram_lambda_factor), None, np.random.default_rng(cfg.trainer.seed))
 
 
 def test_gram_run_records_its_guarantee_in_manifest_mlflow_and_ledger(gram_run):
@@ -187,7 +232,7 @@ def test_gram_run_records_its_guarantee_in_manifest_mlflow_and_ledger(gram_run):
     assert privacy["mode"] == "dp" and privacy["unit"] == "user" and privacy["training_users"] == n
     assert privacy["mechanism"] == gram.MECHANISM and privacy["accountant"] == "analytic gaussian (Balle & Wang 2018)"
     assert privacy["epsilon"] == pytest.approx(2.0, rel=1e-8) and privacy["delta"] == pytest.approx(1 / n)
-    assert privacy["sigma"] == pytest.approx(sigma) and privacy["lambda"] == pytest.approx(sigma * math.sqrt(2 * 60))
+    assert privacy["sigma"] == pytest.approx(sigma) and privacy["lambda"] == pytest.approx(2.7 * (sigma * 60 / 90) * sigma * math.sqrt(2 * 60))  # noise_snr, factor 2.7
     assert "unit L2 norm" in privacy["clipping"]
     assert privacy["ledger"]["cumulative_epsilon"] == pytest.approx(2.0) and privacy["ledger"]["releases"] == 1
     assert manifest["model"]["kind"] == "ease_dp" and manifest["features"]["user"] == ["history"]
