@@ -9,12 +9,16 @@ on the CPU (gloo) and, when CUDA is present, on the GPU(s) with bf16 AMP, on the
     python benchmarks/train_throughput.py --modes cpu-dmp-2        # one row only
 
 Modes: `trainer` (the project's single-process Trainer), `cpu-dmp-1`, `cpu-dmp-2` (torchrun ranks,
-planner-chosen sharding), `cuda-trainer` / `cuda-dmp-N` (N = visible GPUs) when CUDA is available.
+planner-chosen sharding), `cuda-trainer` / `cuda-dmp-N` (N = visible GPUs) when CUDA is available;
+by name also `cuda-dmp-N` with more ranks than GPUs (sharing them) and, with --shards, `trainer` /
+`cuda-trainer`. `--config configs/two_tower_dp.yaml` times DP-SGD (Opacus) instead of the Trainer.
 Each mode runs in its own process(es) so the memory figures are its own. Per mode: seconds per epoch
 (median of epochs 2.., epoch 1 pays warm-up; validation off, the per-epoch checkpoint gather on),
 users/s (training examples) and interactions/s, peak RSS per rank and torch.cuda.max_memory_allocated
-per rank. Prints a table naming the device of every figure and writes JSON (default
-benchmarks/results/train_throughput.json). On a shared host, say so next to the figures: they move
+per rank; for the single-process trainer also each epoch's checkpoint and setup seconds (time to its
+first batch) and users/s without them (`users_per_s_steps_only`: the steps' own rate, what a capped
+epoch, `--steps-per-epoch`, measures fairly). Prints a table naming the device of every figure and
+writes JSON (default benchmarks/results/train_throughput.json). On a shared host, say so next to the figures: they move
 with the load.
 """
 from __future__ import annotations
@@ -85,6 +89,24 @@ def time_checkpoints(trainer, saves: list[float]) -> None:
     trainer._save = timed_save
 
 
+def time_epoch_setup(trainer, setups: list[float]) -> None:
+    """Record each epoch's setup: the time to its first batch (hide mask, shuffle and CSR split of the
+    whole data, or the device layout). Paid once per epoch, so a capped epoch (steps_per_epoch)
+    over-weights it; the steps' own rate is reported without it beside the plain one."""
+    batches = trainer._batches
+
+    def timed(*a, **kw):
+        it = iter(batches(*a, **kw))
+        t = time.perf_counter()
+        first = next(it, None)
+        setups.append(time.perf_counter() - t)
+        if first is not None:
+            yield first
+            yield from it
+
+    trainer._batches = timed
+
+
 # -- one measurement (runs in the child process) ----------------------------------------------
 def measure(spec: dict) -> None:
     import numpy as np
@@ -106,6 +128,7 @@ def measure(spec: dict) -> None:
         rank, world, _ = D.init_process_group(cfg.distributed, device)
     stamps: list[float] = []
     saves: list[float] = []  # seconds of each epoch's checkpoint (single-process trainer)
+    setups: list[float] = []  # seconds from each epoch's start to its first batch (single-process trainer)
     started = time.perf_counter()
     if cfg.distributed.data == "shards" and not distributed:  # the single-process trainer on the shards, read into memory
         data, ctx, model, task = shards_in_memory(cfg, device)
@@ -113,6 +136,7 @@ def measure(spec: dict) -> None:
         m = cfg.model
         trainer = Trainer(model, task, cfg.trainer, cfg.task.history_dropout, m.user_id_dropout, device, on_epoch=on_epoch)
         time_checkpoints(trainer, saves)
+        time_epoch_setup(trainer, setups)
         started = time.perf_counter()
         trainer.fit(data, None, None, ctx)
         times = [started, *stamps]
@@ -158,6 +182,7 @@ def measure(spec: dict) -> None:
         if cfg.privacy.mode != "dp":
             if not distributed:
                 time_checkpoints(trainer, saves)
+                time_epoch_setup(trainer, setups)
             started = time.perf_counter()
             trainer.fit(data.train, None, None, ctx)
         times = [started, *stamps]
@@ -181,12 +206,15 @@ def measure(spec: dict) -> None:
         # an epoch's span holds the previous epoch's checkpoint (on_epoch stamps before the save)
         bare = [e - (saves[i - 1] if 0 < i <= len(saves) else 0.0) for i, e in enumerate(epochs)]
         bare_sec = statistics.median(bare[1:] or bare) if saves else None
+        steps_only = [b - (setups[i] if i < len(setups) else 0.0) for i, b in enumerate(bare)]
+        steps_sec = statistics.median(steps_only[1:] or steps_only) if saves and setups else None
         row = {
             "mode": spec["mode"], "device": spec["device_name"], "world_size": world, "amp": device.type == "cuda" and cfg.trainer.amp,
             "epochs": len(epochs), "seconds_per_epoch": sec, "first_epoch_seconds": epochs[0] if epochs else None,
             "users_per_s": users / sec, "interactions_per_s": interactions / sec, "ranks": per_rank,
             "checkpoint_seconds": saves or None, "seconds_per_epoch_excl_checkpoint": bare_sec,
             "users_per_s_excl_checkpoint": users / bare_sec if bare_sec else None,
+            "epoch_setup_seconds": setups or None, "users_per_s_steps_only": users / steps_sec if steps_sec else None,
             "plan": D.plan_summary(trainer.plan) if distributed and cfg.distributed.data != "shards" else None,
             "threads_per_rank": cfg.trainer.num_threads, "compile": cfg.trainer.compile, "privacy": cfg.privacy.mode,
             "device_batches": trainer.device_batches if not distributed and cfg.privacy.mode != "dp" else None,

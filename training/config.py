@@ -88,13 +88,14 @@ class TrainerConfig(_Section):
     num_threads: int | None = Field(None, gt=0)
     progress: bool = True
     # torch.compile the towers' dense MLPs for the fit (the TorchRec bag lookups stay eager: their
-    # jagged KJT ops break the graph). Off by default: on the CPU it bought nothing measurable against
-    # its compile time (benchmarks/train_throughput.py, cpu-2c under load), and a GPU's gain is what
-    # scripts/gpu_check.sh measures before it earns the default
+    # jagged KJT ops break the graph). Off by default: on cpu-2c (train_throughput.py, 10k x 3k, 30-step
+    # epochs, 3 interleaved rounds under load 7) compiled / eager users/s was 0.94x, 2.1x, 1.08x, inside
+    # the load's noise, for a cold compile per process; a GPU's gain is what scripts/gpu_check.sh measures
     compile: bool = False
     # epoch batches built with torch ops on the training device (the epoch's CSR uploaded once, no
     # numpy and no host sync per step) instead of numpy on the host; history + user id + demographics
-    # features (stated genres keep the numpy path). null: on CUDA only (on the CPU both are host work)
+    # features (stated genres keep the numpy path). null: on CUDA only; on the CPU both are host work
+    # (cpu-2c, same runs as compile: 0.95x, 1.11x, 1.19x the numpy path's users/s, inside the noise)
     device_batches: bool | None = None
     # cap on the steps of every epoch (null: the whole epoch): for throughput runs at 1M users that
     # must fit a time budget (scripts/gpu_check.sh), not for real fits
