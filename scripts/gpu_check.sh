@@ -16,7 +16,8 @@
 #   dp           DP-SGD (Opacus, configs/two_tower_dp.yaml) on the CPU cores vs CUDA
 #   dmp_rw_1, dmp_rw_2            TorchRec DMP, row-wise sharding, 1 rank and 2 ranks on the one GPU
 #   ort          ONNX Runtime CUDA vs CPU provider at batch 1 and 256 (scripts/ort_gpu_check.py --bench)
-#                on a bundle trained here, onnxruntime-gpu in a throwaway venv (never beside onnxruntime)
+#                on a bundle trained here: with PYTHON's onnxruntime-gpu (make setup-gpu), else in a
+#                throwaway venv with onnxruntime-gpu[cuda,cudnn] (never beside onnxruntime)
 # nvidia-smi samples utilization.gpu and memory.used every 500 ms during each training step.
 # The 1M x 1M trainer runs cap every epoch at GPU_CHECK_1M_STEPS (150) steps (trainer.steps_per_epoch),
 # the 50k x 20k runs at 100: the median of epochs 2-3 is the figure, epoch 1 pays the warm-up.
@@ -188,9 +189,13 @@ ort() {
     --set trainer.checkpoint_dir="$OUT_DIR/ckpt" --set export.output_dir="$bundle" --set trainer.device=cpu >&2 || return 1
   if [ "$DRY" = 1 ]; then
     py="$PYTHON"  # the CPU onnxruntime: the CUDA half is skipped, the CPU half measured
+  elif [ -z "$py" ] && "$PYTHON" -c 'import importlib.metadata as m, sys; n = {d.metadata["Name"].lower() for d in m.distributions()}; sys.exit(not ("onnxruntime-gpu" in n and "onnxruntime" not in n))'; then
+    py="$PYTHON"  # make setup-gpu's venv / the Docker image: onnxruntime-gpu is the stack's own
   elif [ -z "$py" ]; then
+    # a throwaway venv (never beside onnxruntime); [cuda,cudnn]: the nvidia-* CUDA 13 / cuDNN 9 wheels
+    # that onnxruntime.preload_dlls loads (bundle/runtime.py)
     "$PYTHON" -m venv "$venv" >&2 || return 1
-    local pkgs=("$(grep -E '^onnxruntime-gpu==' requirements/gpu.txt)" "$(grep -E '^numpy==' requirements/cpu.txt)" \
+    local pkgs=("$(grep -E '^onnxruntime-gpu==' requirements/gpu.txt | sed 's/==/[cuda,cudnn]==/')" "$(grep -E '^numpy==' requirements/cpu.txt)" \
                 "$(grep -E '^SQLAlchemy==' requirements/cpu.txt)" "$(grep -E '^typing_extensions==' requirements/cpu.txt)")
     local from=(); [ -n "${TRUSTREC_GPU_WHEELS:-}" ] && from=(--find-links "$TRUSTREC_GPU_WHEELS")
     PIP_CONSTRAINT="" "$venv/bin/python" -m pip install -q --disable-pip-version-check "${from[@]}" "${pkgs[@]}" >&2 || return 1
@@ -198,7 +203,8 @@ ort() {
     py="$venv/bin/python"
   fi
   PYTHONPATH="$REPO" "$py" scripts/ort_gpu_check.py "$bundle" --bench --calls "$ORT_CALLS" | tail -n 1 >"$STEPS/ort.json"
-  [ "$DRY" = 1 ] || [ "${PIPESTATUS[0]}" = 0 ]
+  local rc="${PIPESTATUS[0]}"
+  [ "$DRY" = 1 ] || [ "$rc" = 0 ]  # the dry run's CPU package is not ok by design (no onnxruntime-gpu)
 }
 export -f ort
 export DRY OUT_DIR PYTHON STEPS ORT_CALLS REPO
