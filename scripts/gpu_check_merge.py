@@ -91,9 +91,11 @@ def summarize(steps: dict, dry_run: bool) -> tuple[dict, dict]:
         cpu = _figures(_row(res.get(f"tp_{scale}_cpu"), "trainer") or _row(res.get(f"tp_{scale}"), "trainer"))
         gpu = _figures(_row(res.get(f"tp_{scale}"), gpu_mode))
         comp = _figures(_row(res.get(f"tp_{scale}_compile"), gpu_mode))
+        graphs = _figures(_row(res.get(f"tp_{scale}_cudagraphs"), gpu_mode))
         host = _figures(_row(res.get(f"tp_{scale}_host_batches"), gpu_mode))
-        summary[f"train_{scale}"] = {"cpu": cpu, "gpu": gpu, "gpu_compile": comp, "gpu_host_batches": host,
-                                     "gpu_over_cpu": _ratio(gpu, cpu), "compile_over_eager": _ratio(comp, gpu), "device_over_host_batches": _ratio(gpu, host),
+        summary[f"train_{scale}"] = {"cpu": cpu, "gpu": gpu, "gpu_compile": comp, "gpu_cudagraphs": graphs, "gpu_host_batches": host,
+                                     "gpu_over_cpu": _ratio(gpu, cpu), "compile_over_eager": _ratio(comp, gpu), "cudagraphs_over_eager": _ratio(graphs, gpu),
+                                     "device_over_host_batches": _ratio(gpu, host),
                                      "gpu_utilisation": steps.get(f"tp_{scale}", {}).get("gpu_utilisation")}  # fmt: skip
     dp_cpu, dp_gpu = _figures(_row(res.get("dp"), "trainer")), _figures(_row(res.get("dp"), gpu_mode))
     summary["dp"] = {"cpu": dp_cpu, "gpu": dp_gpu, "gpu_over_cpu": _ratio(dp_gpu, dp_cpu)}

@@ -92,6 +92,11 @@ class TrainerConfig(_Section):
     # epochs, 3 interleaved rounds under load 7) compiled / eager users/s was 0.94x, 2.1x, 1.08x, inside
     # the load's noise, for a cold compile per process; a GPU's gain is what scripts/gpu_check.sh measures
     compile: bool = False
+    # torch.compile's mode with compile: true. reduce-overhead adds CUDA graphs (Inductor's cudagraph
+    # trees: a step's MLP kernels replayed as one launch; nothing on the CPU), max-autotune tunes the
+    # kernels (long compiles). default: no measured case for the others yet (scripts/gpu_check.sh
+    # times reduce-overhead against default)
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"
     # epoch batches built with torch ops on the training device (the epoch's CSR uploaded once, no
     # numpy and no host sync per step) instead of numpy on the host; history + user id + demographics
     # features (stated genres keep the numpy path). null: on CUDA only; on the CPU both are host work

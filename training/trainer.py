@@ -164,8 +164,8 @@ class Trainer:
         if not self.cfg.compile:
             return
         for arch in (self.model.user_arch, self.model.item_arch):
-            if on:
-                arch.mlp.compile(dynamic=True)  # batch sizes vary (the last batch, validation)
+            if on:  # dynamic: batch sizes vary (the last batch, validation)
+                arch.mlp.compile(dynamic=True, mode=None if self.cfg.compile_mode == "default" else self.cfg.compile_mode)
             else:
                 arch.mlp._compiled_call_impl = None
 
@@ -247,7 +247,10 @@ class Trainer:
                 batches = itertools.islice(batches, n_batches)
             total, count = torch.zeros((), dtype=torch.float64, device=self.device), 0
             bar = tqdm(batches, total=n_batches, desc=f"epoch {epoch}/{epochs}", disable=not self.cfg.progress, leave=False)
+            graphs = self.cfg.compile and self.cfg.compile_mode == "reduce-overhead" and self.device.type == "cuda"
             for batch in bar:
+                if graphs:  # a new step: the CUDA graphs' outputs of the last one may be overwritten
+                    torch.compiler.cudagraph_mark_step_begin()
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
                     loss = self.task.loss(self.model, batch, ctx)
                 self.optimizer.zero_grad(set_to_none=True)

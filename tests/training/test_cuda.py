@@ -129,7 +129,8 @@ def test_device_batches_on_cuda_equal_the_host_batches_and_build_steps_without_a
     assert steps >= 1
 
 
-@pytest.mark.parametrize("switch", ["trainer.compile=true", "trainer.device_batches=false"])
+@pytest.mark.parametrize("switch", [["trainer.compile=true"], ["trainer.compile=true", "trainer.compile_mode=reduce-overhead"], ["trainer.device_batches=false"]],
+                         ids=["compile", "cuda-graphs", "host-batches"])  # fmt: skip
 def test_cuda_switches_train_like_the_default_cuda_run(tmp_path, switch):
     from training.trainer import Trainer
 
@@ -140,7 +141,7 @@ def test_cuda_switches_train_like_the_default_cuda_run(tmp_path, switch):
         trainer = Trainer(model, task, cfg.trainer, cfg.task.history_dropout, cfg.model.user_id_dropout, CUDA)
         return [h["train/loss"] for h in trainer.fit(data.train, None, None, ctx).history]
 
-    default, switched = run([], "a"), run([switch], "b")
+    default, switched = run([], "a"), run(switch, "b")
     assert switched[-1] < switched[0]
     # bf16 autocast, and (device_batches=false) other random draws: the same trajectory within a few percent
     assert switched == pytest.approx(default, rel=0.05)

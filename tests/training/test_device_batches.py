@@ -137,8 +137,9 @@ def test_device_batches_train_reproducibly(tmp_path):
         assert x["train/loss"] == pytest.approx(y["train/loss"], rel=0.05)
 
 
-def test_compile_trains_to_the_eager_loss_trajectory_and_leaves_the_model_eager(tmp_path):
-    trainer, compiled = fit(tmp_path / "a", ["trainer.compile=true"])
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])  # reduce-overhead's CUDA graphs: none on the CPU
+def test_compile_trains_to_the_eager_loss_trajectory_and_leaves_the_model_eager(tmp_path, mode):
+    trainer, compiled = fit(tmp_path / "a", ["trainer.compile=true", f"trainer.compile_mode={mode}"])
     eager = fit(tmp_path / "b")[1]
     for x, y in zip(compiled.history, eager.history):
         assert x["train/loss"] == pytest.approx(y["train/loss"], rel=1e-4)

@@ -37,10 +37,11 @@ def steps_dir(tmp_path):
     (d / "cuda_tests.xml").write_text('<testsuites><testsuite name="pytest" tests="8" failures="1" errors="0" skipped="0"/></testsuites>')
     write_step(d, "tp_50k", result={"rows": [row("trainer", 1000.0), row("cuda-trainer", 4000.0, gpu_mb=187.5, device_batches=True)]}, smi="50, 1000\n70, 3000\n")
     write_step(d, "tp_50k_compile", result={"rows": [row("cuda-trainer", 5000.0, gpu_mb=190.0, compile_=True)]})
+    write_step(d, "tp_50k_cudagraphs", result={"rows": [row("cuda-trainer", 6000.0, gpu_mb=200.0, compile_=True)]})
     write_step(d, "tp_50k_host_batches", result={"rows": [row("cuda-trainer", 2000.0, device_batches=False)]})
     write_step(d, "tp_1m_cpu", result={"rows": [row("trainer", 80.0, bare=100.0, steps_only=125.0)]})
     write_step(d, "tp_1m", result={"rows": [row("cuda-trainer", 1200.0, bare=1500.0, gpu_mb=2048.0)]}, smi="90, 5000\nbad line\n80, 6000\n")
-    write_step(d, "tp_1m_compile", "timeout", log_tail="...")
+    write_step(d, "tp_1m_compile", "timeout", log_tail="...")  # a step the merger has no figure for: its status only
     write_step(d, "dp", result={"rows": [row("trainer", 300.0), row("cuda-trainer", 600.0, gpu_mb=50.0)]})
     write_step(d, "dmp_rw_1", result={"rows": [row("cuda-dmp-1", 900.0, gpu_mb=1000.0, plan={"t_history": {"sharding_type": "row_wise"}}, sharding=["row_wise"])]})
     write_step(d, "dmp_rw_2", "failed")
@@ -55,6 +56,7 @@ def test_merge_pulls_each_figure_and_judges_the_goals(tmp_path):
     s = report["summary"]
     assert s["train_50k"]["gpu_over_cpu"] == 4.0  # 4000 / 1000
     assert s["train_50k"]["compile_over_eager"] == 1.25 and s["train_50k"]["device_over_host_batches"] == 2.0
+    assert s["train_50k"]["cudagraphs_over_eager"] == 1.5 and s["train_1m"]["cudagraphs_over_eager"] is None
     assert s["train_50k"]["gpu"]["cuda_max_allocated_mb"] == 187.5
     assert s["train_50k"]["gpu_utilisation"] == {"samples": 2, "mean_util_pct": 60.0, "max_util_pct": 70, "max_memory_used_mib": 3000}
     # 1M: the steps' own rate (checkpoint and epoch setup left out where measured) from the CPU's and
