@@ -20,14 +20,20 @@
 #                on a bundle trained here: with PYTHON's onnxruntime-gpu (make setup-gpu), else in a
 #                throwaway venv with onnxruntime-gpu[cuda,cudnn] (never beside onnxruntime)
 # nvidia-smi samples utilization.gpu and memory.used every 500 ms during each training step.
-# The 1M x 1M trainer runs cap every epoch at GPU_CHECK_1M_STEPS (150) steps (trainer.steps_per_epoch),
-# the 50k x 20k runs at 100: the median of epochs 2-3 is the figure, epoch 1 pays the warm-up.
+# Capped epochs (trainer.steps_per_epoch), the median of epochs 2.. is the figure (epoch 1 pays the
+# warm-up): 50k x 20k 100 steps x 3 epochs; 1M x 1M on the GPU GPU_CHECK_1M_STEPS (150) x 3, on the
+# CPU cores 15 x 2. The summary's samples/s leave each epoch's checkpoint and setup out.
 #
-# Environment: PYTHON (default python3; the dry run: .venv/bin/python), TRUSTREC_GPU_WHEELS=DIR
-# (wheels installed --no-deps into /tmp/trustrec-site first: a bare machine whose python has a CUDA
-# torch only), GPU_CHECK_INSTALL=0 (do not pip-install the pins of requirements/gpu.txt missing
-# here (fbgemm-gpu, opacus, torchrec) into that target from the package index: step `install`), TRUSTREC_ORT_GPU_PYTHON (a ready onnxruntime-gpu python; else the
-# venv is built from the index or TRUSTREC_GPU_WHEELS), GPU_CHECK_DRY_RUN=1.
+# Environment:
+#   PYTHON                   default: .venv-gpu/bin/python (make setup-gpu) if present, else python3;
+#                            the dry run: .venv/bin/python
+#   TRUSTREC_GPU_WHEELS=DIR  wheels installed --no-deps into /tmp/trustrec-site first (a bare machine
+#                            whose python has a CUDA torch only)
+#   GPU_CHECK_INSTALL=0      do not pip-install requirements/gpu.txt's fbgemm-gpu / opacus / torchrec
+#                            pins missing here into that target from the package index (step install)
+#   TRUSTREC_ORT_GPU_PYTHON  a ready onnxruntime-gpu python for the ort step
+#   GPU_CHECK_DRY_RUN=1      tiny sizes on the CPU; CUDA-only steps skipped, saying so
+# Exit status: the merger's (1 when a step failed or timed out).
 set -uo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OUT_DIR="$(mkdir -p "${1:-/tmp/trustrec-gpu-check}" && cd "${1:-/tmp/trustrec-gpu-check}" && pwd)"
