@@ -8,14 +8,17 @@ correction (Yi et al., 2019) so popular items are not over-penalized as negative
 """
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torchrec import KeyedJaggedTensor
 
 from training import evaluation
 from training.config import TaskConfig
 from training.data import CSR, Context, UserBatch, item_features, user_features
-from training.model import TwoTower
+from training.model import ITEM_ID, TwoTower
 
 
 class RetrievalTask:
@@ -29,6 +32,7 @@ class RetrievalTask:
         self.k = cfg.eval_k
         self.weighting = cfg.loss_weighting
         self.set_item_counts(item_counts)
+        self._catalog: tuple | None = None  # catalog_features' cache: (spec, ctx, device, features, item-id span)
 
     def set_item_counts(self, item_counts: np.ndarray) -> None:
         """The training data's item counts (the refit on train + val calls it again)."""
@@ -39,13 +43,34 @@ class RetrievalTask:
     def _id_dropout(self, n: int) -> np.ndarray | None:
         return np.random.random(n) < self.item_id_dropout if self.item_id_dropout > 0 else None
 
+    def catalog_features(self, spec: Any, ctx: Context, device: torch.device) -> KeyedJaggedTensor:
+        """The whole catalog's item features for a full-softmax step. Built once per (spec, context,
+        device) and kept on the device: a step no longer rebuilds and copies n_items rows of ids,
+        genres, years and titles from the host. Item-id dropout is drawn by numpy exactly as before
+        (same stream, same runs) and applied on the device: one n_items bool mask crosses per step."""
+        oov = self._id_dropout(spec.n_items)
+        cache = self._catalog
+        if cache is None or cache[0] is not spec or cache[1] is not ctx or cache[2] != device:
+            kjt = item_features(spec, ctx, device)
+            per_key = kjt.length_per_key()  # host ints, once
+            keys = kjt.keys()
+            start = sum(per_key[: keys.index(ITEM_ID)])
+            cache = self._catalog = (spec, ctx, device, kjt, (start, start + per_key[keys.index(ITEM_ID)]))
+        kjt, (lo, hi) = cache[3], cache[4]
+        if oov is None:
+            return kjt
+        values = kjt.values().clone()
+        values[lo:hi] = torch.where(torch.from_numpy(oov).to(device), spec.item_oov_index, values[lo:hi])
+        return KeyedJaggedTensor(keys=kjt.keys(), values=values, lengths=kjt.lengths(), offsets=kjt.offsets(), stride=kjt.stride(),
+                                 length_per_key=kjt.length_per_key(), offset_per_key=kjt.offset_per_key())  # fmt: skip
+
     def loss(self, model: TwoTower, batch: UserBatch, ctx: Context) -> torch.Tensor:
         user_vec = model.user_arch(batch.features)
         device = user_vec.device
         indptr, targets = batch.targets
         if self.loss_kind == "full_softmax":
             rows = np.repeat(np.arange(len(batch.users)), np.diff(indptr))
-            item_vec = model.item_arch(item_features(model.spec, ctx, device, oov=self._id_dropout(model.spec.n_items)))
+            item_vec = model.item_arch(self.catalog_features(model.spec, ctx, device))
             log_p = F.log_softmax((user_vec @ item_vec.T).float() / model.spec.temperature, dim=1)
             weight = torch.zeros_like(log_p)
             weight[torch.from_numpy(rows).to(device), torch.from_numpy(targets).to(device)] = 1.0

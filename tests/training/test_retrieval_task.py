@@ -251,3 +251,30 @@ def test_cold_items_are_the_zero_count_items():
     task = RetrievalTask(TaskConfig(), np.array([3.0, 0.0, 1.0, 0.0]), item_id_dropout=0.1)
     assert task.cold.tolist() == [False, True, False, True]
     assert task.item_id_dropout == 0.1
+
+
+@pytest.fixture
+def prepared_for_catalog(tiny):
+    ctx, _, spec = tiny
+    spec = TowerSpec(**{**spec.__dict__, "use_genres": True}) if "use_genres" in spec.__dict__ else spec
+    return spec, ctx, RetrievalTask(TaskConfig(), np.ones(spec.n_items))
+
+
+def test_catalog_features_are_built_once_and_equal_the_host_build(prepared_for_catalog):
+    """The full-softmax step's whole-catalog features: cached on the device, identical to
+    item_features' host build, with item-id dropout drawn by numpy as before and applied in place."""
+    spec, ctx, task = prepared_for_catalog
+    device = torch.device("cpu")
+    first = task.catalog_features(spec, ctx, device)
+    ref = item_features(spec, ctx, device)
+    assert first.keys() == ref.keys() and torch.equal(first.values(), ref.values()) and torch.equal(first.lengths(), ref.lengths())
+    assert task.catalog_features(spec, ctx, device) is first  # no dropout: the very same cached tensors
+    task.item_id_dropout = 0.5
+    np.random.seed(7)
+    dropped = task.catalog_features(spec, ctx, device)
+    np.random.seed(7)
+    mask = np.random.random(spec.n_items) < 0.5  # the same draw item_features' oov takes
+    expected = item_features(spec, ctx, device, oov=mask)
+    assert mask.any() and not mask.all()
+    assert torch.equal(dropped.values(), expected.values()) and torch.equal(dropped.lengths(), expected.lengths())
+    assert torch.equal(first.values(), ref.values())  # the cache itself is never written to
