@@ -94,7 +94,7 @@ def plot(report: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.2))
     central, share = report["centralized"], report.get("goal_share", 0.95)
     level, what = (central["best_val_ndcg"], "best val") if central.get("best_val_ndcg") is not None else (central["test_ndcg"], "test")
-    ax.axhline(level, color="black", lw=1, label=f"centralized {what} ({level:.3f})")
+    ax.axhline(level, color="black", lw=1, label=f"centralized {what} ({level:.3f})" + (": test, not the curves' val split" if what == "test" else ""))
     ax.axhline(share * level, color="black", lw=1, ls="--", label=f"{100 * share:.0f} % of centralized")
     if central["val_curve"]:
         ax.plot(range(1, len(central["val_curve"]) + 1), central["val_curve"], color="gray", lw=1, alpha=0.7, label="centralized, per epoch")
