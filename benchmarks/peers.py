@@ -376,8 +376,11 @@ def _grid(**axes: Sequence[Any]) -> list[dict[str, Any]]:
     return [dict(zip(axes, values)) for values in itertools.product(*axes.values())]
 
 
-EASE_GRID = _grid(lam=[50.0, 100.0, 200.0, 300.0, 400.0, 600.0, 800.0])  # 600: its validation best on ML-100k (the blend grid found it)
-ALS_GRID = _grid(factors=[64, 128], regularization=[0.01, 0.1], alpha=[1.0, 10.0], iterations=[15])
+# 600: its validation best on ML-100k (the blend grid found it); up to 3,200 as trustrec's generic blend grid
+# (configs/two_tower_ease.yaml), since ML-1M implicit chose the old edge, 800
+EASE_GRID = _grid(lam=[50.0, 100.0, 200.0, 300.0, 400.0, 600.0, 800.0, 1600.0, 3200.0])
+# ML-1M implicit chose the old edges (64 factors, alpha 1): 32 factors and alpha 0.3 added
+ALS_GRID = _grid(factors=[32, 64, 128], regularization=[0.01, 0.1], alpha=[0.3, 1.0, 10.0], iterations=[15])
 
 # name -> (factory, fixed params, grid or None); fast: small, quick settings for tests
 PEERS: dict[str, tuple[Callable[..., Peer], dict[str, Any], list[dict[str, Any]] | None]] = {
