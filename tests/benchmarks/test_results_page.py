@@ -102,3 +102,19 @@ def test_check_fails_on_a_stale_page_and_passes_once_regenerated(tmp_path, capsy
     assert rp.main([*args, "--check"]) == 1 and page.read_text(encoding="utf-8") == "# stale\n"  # --check writes nothing
     assert rp.main(args) == 0 and rp.main([*args, "--check"]) == 0
     assert "| synthetic: item cold start: hybrid NDCG@10 ≥ 1.5× content-only | 1.50× (0.3000 vs 0.2000) | met |" in page.read_text(encoding="utf-8")
+
+
+def test_quality_other_rows_compare_the_best_of_ours_with_the_best_peer_by_hand():
+    r = {"k": 10, "seeds": [0, 1], "protocol": "given", "models": {
+        "trustrec-two-tower": {"ndcg@10": 0.30, "ndcg@10_std": 0.01}, "trustrec-two-tower-ease": {"ndcg@10": 0.3690, "ndcg@10_std": 0.0004},
+        "ease": {"ndcg@10": 0.3650}, "bivae": {"ndcg@10": 0.3450, "ndcg@10_std": 0.002}}}  # fmt: skip
+    goal, figure, status = rp.quality_other_rows(r)[0]
+    # 0.3690 / 0.3650 - 1 = +1.096 %: above
+    assert goal == "best trustrec NDCG@10 above every peer" and status == "met"
+    assert figure == "trustrec-two-tower-ease 0.3690 ± 0.0004 vs ease 0.3650 (+1.1%; seeds 0,1)"
+    r["models"]["ease"]["ndcg@10"] = 0.3720  # 0.3690 / 0.3720 - 1 = -0.81 %: below, but within 1 %
+    assert rp.quality_other_rows(r)[0][2] == "**not met**"
+    assert rp.quality_other_rows(r, within=0.01)[0][2] == "met"
+    r["models"]["ease"]["ndcg@10"] = 0.3740  # -1.34 %: not within 1 %
+    assert rp.quality_other_rows(r, within=0.01)[0][2] == "**not met**"
+    assert rp.quality_other_rows(r)[1][1].startswith("ease 0.3740, trustrec-two-tower-ease 0.3690, bivae 0.3450")
