@@ -205,12 +205,6 @@ class FederatedConfig(_Section):
     strategy: Literal["fedavg", "fedadam", "fedprox"] = "fedavg"  # plain averaging is the baseline
     proximal_mu: float = Field(0.01, ge=0)  # fedprox: pull local weights back to the global ones
     server_lr: float = Field(0.01, gt=0)  # fedadam: server-side Adam step on the averaged update
-    # client-level DP (Flower's DifferentialPrivacyClientSideFixedClipping + fixedclipping_mod):
-    # every client's update is clipped to clipping_norm and the server adds N(0, (sigma*C/m)^2)
-    dp: bool = False
-    noise_multiplier: float = Field(1.0, gt=0)  # sigma; >= 1 is what gives a meaningful epsilon
-    clipping_norm: float = Field(1.0, gt=0)  # C: L2 bound of one client's update (whole model)
-    dp_delta: float | None = Field(None, gt=0, lt=1)  # null: 1 / number of clients
     # the clients' local optimizer. adam (fresh each round, at trainer.lr): what the silos use. sgd: a
     # client's update is its (summed) gradient, so the server's average is a true minibatch gradient;
     # a fresh Adam's first step is lr * sign(g) for every weight with any gradient (every item row
@@ -218,6 +212,12 @@ class FederatedConfig(_Section):
     # 0.068 after 30 rounds with adam clients)
     client_optimizer: Literal["adam", "sgd"] = "adam"
     client_lr: float | None = Field(None, gt=0)  # null: trainer.lr
+    # client-level DP (Flower's DifferentialPrivacyClientSideFixedClipping + fixedclipping_mod):
+    # every client's update is clipped to clipping_norm and the server adds N(0, (sigma*C/m)^2)
+    dp: bool = False
+    noise_multiplier: float = Field(1.0, gt=0)  # sigma; >= 1 is what gives a meaningful epsilon
+    clipping_norm: float = Field(1.0, gt=0)  # C: L2 bound of one client's update (whole model)
+    dp_delta: float | None = Field(None, gt=0, lt=1)  # null: 1 / number of clients
     # secure aggregation (Flower's SecAggPlusWorkflow + secaggplus_mod): the server only sees the sum
     secagg: bool = False
     secagg_num_shares: int = Field(3, ge=3)  # key shares per client; more survive more dropouts
@@ -240,15 +240,15 @@ class FederatedConfig(_Section):
     # convenience: one batched pass instead of thousands of one-user messages)
     evaluation: Literal["clients", "server"] = "clients"
     eval_every: int = Field(1, gt=0)  # rounds between server-side evaluations (the last round always is one)
+    # wall-clock budget of the rounds (null: none): the run stops after the first evaluated round past it
+    # (with dp, epsilon is then accounted for the rounds run, below the target set for `rounds`)
+    max_minutes: float | None = Field(None, gt=0)
     # with dp: the noise multiplier that gives this epsilon after `rounds` rounds at delta (RDP accountant,
     # with sampling amplification under poisson); null: noise_multiplier as set
     target_epsilon: float | None = Field(None, gt=0)
 
 
 class DistributedConfig(_Section):
-    # wall-clock budget of the rounds (null: none): the run stops after the first evaluated round past it
-    # (with dp, epsilon is then accounted for the rounds run, below the target set for `rounds`)
-    max_minutes: float | None = Field(None, gt=0)
     """TorchRec sharding across processes, read by `trustrec train --distributed N`."""
 
     # processes (one per GPU on a CUDA host); `--distributed N` overrides it. 2: the smallest run
