@@ -44,12 +44,16 @@ def pm(m: dict, key: str) -> str:
 # ---------------------------------------------------------------- one function per JSON shape: JSON -> rows
 
 
-def quality_rows(r: dict) -> list[Row]:
+def _quality_parts(r: dict) -> tuple[int, dict, str, dict, dict, str]:
+    """A quality JSON's k, models, metric key, trustrec models, peers and a seeds label."""
     k, models = r["k"], r["models"]
-    key = f"ndcg@{k}"
     ours = {m: v for m, v in models.items() if m.startswith("trustrec")}
     peers = {m: v for m, v in models.items() if not m.startswith("trustrec")}
-    seeds = f"seed{'s' if len(r['seeds']) > 1 else ''} {','.join(map(str, r['seeds']))}"
+    return k, models, f"ndcg@{k}", ours, peers, f"seed{'s' if len(r['seeds']) > 1 else ''} {','.join(map(str, r['seeds']))}"
+
+
+def quality_rows(r: dict) -> list[Row]:
+    k, models, key, ours, peers, seeds = _quality_parts(r)
     rows = []
     if "trustrec-two-tower" in ours:
         tt = ours["trustrec-two-tower"][key]
@@ -68,11 +72,7 @@ def quality_rows(r: dict) -> list[Row]:
 def quality_other_rows(r: dict, within: float | None = None) -> list[Row]:
     """A dataset the recipes were not tuned on: the best trustrec model against the best peer
     (above it; or, with `within`, at most that share below it), and every model's figure."""
-    k, models = r["k"], r["models"]
-    key = f"ndcg@{k}"
-    ours = {m: v for m, v in models.items() if m.startswith("trustrec")}
-    peers = {m: v for m, v in models.items() if not m.startswith("trustrec")}
-    seeds = f"seed{'s' if len(r['seeds']) > 1 else ''} {','.join(map(str, r['seeds']))}"
+    k, models, key, ours, peers, seeds = _quality_parts(r)
     rows = []
     if ours and peers:
         best, peer = max(ours, key=lambda m: ours[m][key]), max(peers, key=lambda m: peers[m][key])
