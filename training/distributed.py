@@ -401,6 +401,8 @@ def check_config(cfg: TrainConfig) -> None:
         raise ConfigError("model.item_bias: not supported with --distributed (its bias table sits outside the sharded EmbeddingBagCollections)")
     if cfg.blend.ease:
         raise ConfigError("blend.ease: not supported with --distributed (EASE's dense item x item matrix is for small catalogs)")
+    if cfg.search.enabled:
+        raise ConfigError("search.enabled: not supported with --distributed (choose the settings with a single-process run, then set them)")
     if cfg.distributed.data == "shards" and not cfg.distributed.shards_path:
         raise ConfigError("distributed.shards_path: required when distributed.data is shards")
 

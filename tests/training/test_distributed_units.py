@@ -92,6 +92,8 @@ def test_config_checks_name_the_key():
         D.check_config(load_config(None, ["model.item_bias=true"]))
     with pytest.raises(ConfigError, match="model.year_buckets"):
         D.check_config(load_config(None, ["model.year_buckets=year"]))
+    with pytest.raises(ConfigError, match="search.enabled"):
+        D.check_config(load_config(None, ["search.enabled=true"]))
     with pytest.raises(ConfigError, match="distributed.launch"):
         load_config(None, ["distributed.launch=torchrun"])  # typo: unknown key
 
