@@ -97,20 +97,21 @@ def run_params(cfg: "TrainConfig", dataset_name: str) -> dict[str, Any]:
         "model.temperature": m.temperature,
         "model.blend": "ease" if cfg.blend.ease else "none",
         "train.loss": t.loss,
-        "train.epochs": tr.epochs,
+        # a wall budget (trainer.max_seconds) bounds the epochs as the cap does: shown with it, not as a 31st param
+        "train.epochs": tr.epochs if tr.max_seconds is None else f"{tr.epochs} (max {tr.max_seconds:g} s)",
         "train.batch_size": tr.batch_size,
         "train.lr": tr.lr,
         "train.lr_schedule": tr.lr_schedule,
         "train.weight_decay": tr.weight_decay,
         "train.patience": tr.patience,
-        "train.min_delta": tr.min_delta,
-        "train.max_seconds": tr.max_seconds if tr.max_seconds is not None else "none",
         "train.refit": tr.refit,
         "train.seed": tr.seed,
         "train.eval_k": t.eval_k,
         "privacy.mode": p.mode,
         "privacy.audit_holdout": p.audit_holdout,
     }
+    if p.mode == "none":  # the only mode whose fit stops on trainer.patience (DP runs every epoch, federated has its own)
+        params["train.min_delta"] = tr.min_delta
     if p.mode == "dp":
         params.update({"privacy.target_epsilon": p.target_epsilon, "privacy.noise_multiplier": p.noise_multiplier,
                        "privacy.delta": p.delta, "privacy.max_grad_norm": p.max_grad_norm, "privacy.accountant": p.accountant})  # fmt: skip
