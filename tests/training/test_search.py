@@ -47,7 +47,7 @@ def test_search_runs_the_rungs_and_picks_the_best_of_the_last(tmp_path):
     assert result.chosen == winner["candidate"] and result.score == pytest.approx(winner["score"], abs=1e-5)
 
 
-def test_a_rung_that_would_pass_the_budget_is_not_started():
+def test_a_spent_budget_ends_rung_0_after_its_first_candidate():
     cfg = load_config(None, [*DATA, *SMALL, "trainer.epochs=8", "search.enabled=true", "search.min_epochs=1", "search.budget_s=0.001",
                              "search.space={task.history_dropout: [0.2, 0.5]}"])  # fmt: skip
     result = search(cfg, prepare(cfg), pick_device("cpu"))
