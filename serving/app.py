@@ -34,7 +34,7 @@ from serving.audit import audit_log, record_model_swap
 from serving.batching import LoopBatcher
 from serving.config import MODEL_DEPLOYMENT, AppArgs, ModelConfig
 from serving.http import CleanStr, FiniteFloat, StrictBool, StrictInt, TrustrecAPI, configure_http
-from serving.metrics import ModelMetrics, RouteMetrics
+from serving.metrics import Deferred, ModelMetrics, RouteMetrics
 from serving.users_api import (
     AUTH_RESPONSES, ConsentRequest, ConsentResponse, EventRequest, EventResponse, ModelCard, Preferences,
     PreferencesRequest, Reason, Receipt, UserData, UserIdPath, UsersService, bearer, model_card,
@@ -160,6 +160,7 @@ class ModelServer:
         self.model_uri: str | None = None
         self.swap_error: str | None = None  # why the last swap was refused (the old model kept serving)
         self.metrics = ModelMetrics()
+        self.deferred = Deferred()  # metric records written after the answer is sent (serving/metrics.py)
         # a local store (SQLite, or none) answers in microseconds: batches run in the event loop itself,
         # with no thread hop and no GIL hand-off; a networked store could stall the loop for a round
         # trip, so its batches go to a worker thread (serving/batching.py)
@@ -212,8 +213,8 @@ class ModelServer:
         whole batch even if a swap lands meanwhile."""
         rec = self.recommender
         results = self.experiment.answer(rec, requests, recommend_batch) if self.experiment is not None else recommend_batch(rec, requests)
-        self.metrics.batch_size.observe(len(requests))
-        self.metrics.popularity_fallbacks(sum(not r["personalized"] for r in results))
+        self.deferred(self.metrics.batch_size.observe, len(requests))
+        self.deferred(self.metrics.popularity_fallbacks, sum(not r["personalized"] for r in results))
         return results
 
     async def batched_recommend(self, request: dict) -> dict:
@@ -293,7 +294,7 @@ class Model(ModelServer):
             # answered as is, without FastAPI validating it into the model and serializing it back
             return JSONResponse({**result, "reasons_withheld": True} if withheld else result)
         finally:
-            self.routes.observe("/v1/recommend", status, time.perf_counter() - start)
+            self.deferred(self.routes.observe, "/v1/recommend", status, time.perf_counter() - start)
 
     @api.get("/healthz", response_model=Health, response_model_exclude_none=True, responses={503: {"model": Unhealthy, "description": "model or feature store unusable"}})
     async def healthz(self):

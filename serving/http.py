@@ -19,6 +19,7 @@ replica process holds exactly one Model, so one module-level setting is that rep
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -99,6 +100,11 @@ def json_media_type(content_type: str | None) -> bool:
     """application/json or application/<anything>+json, with at most a UTF-8 charset."""
     if not content_type:
         return False
+    return _json_media_type(content_type) if len(content_type) <= 128 else _json_media_type.__wrapped__(content_type)
+
+
+@functools.lru_cache(maxsize=64)  # clients send a handful of distinct Content-Types: parsed once each, not per request
+def _json_media_type(content_type: str) -> bool:
     message = Message()
     message["content-type"] = content_type
     if message.get_content_maintype() != "application":

@@ -26,6 +26,15 @@ from features.vocab import Vocab
 log = logging.getLogger(__name__)
 
 MMR_POOL_FACTOR, MMR_MIN_POOL = 5, 50  # MMR re-ranks the top max(5k, 50) candidates
+MAX_MEMO_ANSWERS = 8  # distinct (k, exclude_seen, λ) answers memoized per cached user state
+
+
+def _copy_answer(answer: dict) -> dict:
+    """A caller's own copy of a memoized answer (items and `short` are dicts callers may extend)."""
+    out = {**answer, "items": [dict(item) for item in answer["items"]]}
+    if "short" in out:
+        out["short"] = dict(out["short"])
+    return out
 
 
 @dataclass(frozen=True)
@@ -199,8 +208,31 @@ class Recommender:
         return self.recommend_many([user_id], k, exclude_seen, diversity)[0]
 
     def recommend_many(self, user_ids: list[str], k: int = 10, exclude_seen: bool = True, diversity: float | None = None) -> list[dict]:
+        """recommend() for each id. An answer is a pure function of the model, the user's state and
+        (k, exclude_seen, λ), so it is memoized on the (cached) state: a repeated request between two
+        store changes costs a counter read and a copy, not the user tower, the top-k and MMR again.
+        Each caller gets its own copy (callers add fields to it)."""
         lam = self.diversity if diversity is None else diversity
         states = self.user_states(user_ids)
+        key = (k, exclude_seen, lam)
+        results: list[dict | None] = [None] * len(user_ids)
+        todo = []
+        for i, state in enumerate(states):
+            hit = state.memo.get("answers", {}).get(key)
+            if hit is None:
+                todo.append(i)
+            else:
+                results[i] = _copy_answer(hit)
+        if todo:
+            fresh = self._recommend_states([user_ids[i] for i in todo], [states[i] for i in todo], k, exclude_seen, lam)
+            for i, answer in zip(todo, fresh):
+                answers = states[i].memo.setdefault("answers", {})
+                if len(answers) < MAX_MEMO_ANSWERS:  # a client cycling through λ values cannot grow it without bound
+                    answers[key] = answer
+                results[i] = _copy_answer(answer)
+        return results  # type: ignore[return-value]
+
+    def _recommend_states(self, user_ids: list[str], states: list[UserState], k: int, exclude_seen: bool, lam: float) -> list[dict]:
         rows = [self.user_vocab.get(u) for u in user_ids]
         known = [i for i, (s, r) in enumerate(zip(states, rows)) if s.personalize and ((r is not None and (self.uses_user_id or self.uses_profile)) or s.has_signal(self.uses_stated))]
         results: list[dict | None] = [None] * len(user_ids)

@@ -208,3 +208,50 @@ def test_the_user_cache_reads_nothing_twice_and_never_serves_past_a_change(train
         rec.recommend(user, k=3)
     assert list(rec._cache) == ["u5", "u6"]
     store.close()
+
+
+def test_a_repeated_request_reuses_its_answer_until_the_store_changes(trained_run, tmp_path):
+    """The answer is memoized on the cached user state: a repeat runs neither the user tower nor
+    the top-k; each caller gets its own copy; a store change or another (k, exclude_seen, λ)
+    computes afresh; at most MAX_MEMO_ANSWERS answers are kept per user."""
+    import sqlite3
+
+    from features.consent import set_preferences
+    from serving.recommender import MAX_MEMO_ANSWERS
+
+    path = tmp_path / "features.db"
+    with sqlite3.connect(trained_run.root / "features.db") as src, sqlite3.connect(path) as dst:
+        src.backup(dst)
+    store = FeatureStore(f"sqlite:///{path}")
+    rec = Recommender.from_dir(trained_run.result.artifact_dir, store=store)
+    runs: list[int] = []
+    session_run = rec.session.run
+
+    class CountingSession:  # the real session, counted
+        def run(self, *args, **kwargs):
+            runs.append(1)
+            return session_run(*args, **kwargs)
+
+    rec.session = CountingSession()
+    first = rec.recommend("u3", k=10)
+    assert len(runs) == 1
+    first["items"][0]["title"] = "changed by a caller"
+    first["extra"] = True
+    again = rec.recommend("u3", k=10)
+    assert len(runs) == 1  # no second tower call
+    assert "extra" not in again and again["items"][0]["title"] != "changed by a caller"
+    assert again == Recommender.from_dir(trained_run.result.artifact_dir, store=store).recommend("u3", k=10)  # what a fresh replica answers
+
+    rec.recommend("u3", k=5)
+    rec.recommend("u3", k=10, diversity=0.5)
+    assert len(runs) == 3  # other (k, λ): computed
+
+    blocked = again["items"][0]["item_id"]
+    set_preferences(store, "u3", blocked_items=[blocked])  # the change counter moves
+    after = rec.recommend("u3", k=10)
+    assert len(runs) == 4 and blocked not in [it["item_id"] for it in after["items"]]
+
+    for k in range(1, MAX_MEMO_ANSWERS + 4):
+        rec.recommend("u3", k=k)
+    assert len(rec._cache["u3"].memo["answers"]) == MAX_MEMO_ANSWERS
+    store.close()
