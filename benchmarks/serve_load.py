@@ -28,6 +28,11 @@ Targets, one after the other (never two at once), all with the same user ids (kn
 `--ingress haproxy` (default) is Ray Serve 2.60's HAProxy in front of the replicas' own HTTP ports
 (serving/ingress.py); `proxy` is Ray Serve's Python HTTP proxy actor.
 
+Warm-up (each target, each trustrec pass): every user id the stream repeats, once (the first-visit
+latency: a store read and a model call; reported beside the table), then 3 more times each, all at
+300 rps, so that each replica's per-user cache holds the population before any rate is measured;
+then `--warmup` seconds at the first rate. The rates measure that steady state.
+
 Per (target, diversity, rate): p50/p95/p99/max of the 200 answers, errors by class (503 = shed,
 timeout, other), achieved rate, and the latency of non-200 answers by status. Ratios: trustrec p99 /
 noop p99 at the same rate, trustrec p50 - in-process p50 (same diversity). `--overload`: after the
@@ -53,6 +58,7 @@ import json
 import os
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Iterator
 
@@ -65,6 +71,7 @@ import servers  # noqa: E402
 P99_GOAL_MS, RATE_GOAL, OVERHEAD_GOAL_MS, NOOP_RATIO_GOAL = 20.0, 300, 3.0, 1.5
 SHED_P99_GOAL_MS, OVERLOAD_OK_P99_GOAL_MS = 100.0, 1000.0  # at 2x capacity: 503s within milliseconds, no answer queued for seconds
 TARGETS = ("in-process", "noop", "bare", "ray")
+WARM_VISITS, WARM_RATE = 3, 300  # warm-up: each distinct user 1 + 3 times at 300 rps (every replica sees each user; see warm_up)
 NOOP_BODY = {"user_id": "noop", "items": [], "model_version": "noop"}  # what the no-op app answers, whatever was asked
 # deployment options the no-op app copies from the config's Model deployment: the same admission
 # control (replicas, in-flight and queued limits) and the same CPU reservation
@@ -194,9 +201,10 @@ def latency_summary(values_ms: list[float]) -> dict:
     return harness.stats(values_ms, ("n", "p50", "p99", "max"))
 
 
-def in_process(recommender, users: list[str], k: int, diversity: float | None = None, warmup: int = 50) -> dict:
-    """Closed loop over `Recommender.recommend`: the floor any server adds its overhead to."""
-    for u in users[:warmup]:
+def in_process(recommender, users: list[str], k: int, diversity: float | None = None) -> dict:
+    """Closed loop over `Recommender.recommend`: the floor any server adds its overhead to (after
+    one call per distinct user: the same steady state as the HTTP targets' warm-up)."""
+    for u in dict.fromkeys(users):
         recommender.recommend(u, k, True, diversity)
     lat = []
     started = time.perf_counter()
@@ -292,9 +300,29 @@ def open_loop_run(*args, **kwargs) -> dict:
         return runner.run(open_loop(*args, **kwargs))
 
 
+def warm_up(url: str, users: list[str], k: int, timeout: float, diversity: float | None, visits: int = WARM_VISITS,
+            rate: float = WARM_RATE) -> dict:
+    """Bring a target to its steady state before it is measured, and measure the way there: every
+    distinct user of the request stream once (a store read and a model call on whichever replica
+    gets it: the first-visit latency, returned), then `visits` more times each, so every replica's
+    per-user cache (keyed by the store's change counter) holds every user, as it would after a
+    while of traffic from a stable population. The 5 % never-seen ids (sent once each) stay misses
+    and are not warmed. Targets without
+    a cache (noop, bare) get the same requests."""
+    counts = Counter(users)
+    distinct = [u for u in counts if counts[u] > 1]  # an id the stream sends once (never-seen users) cannot hit a cache
+    first = open_loop_run(url, distinct, k, rate, len(distinct) / rate, timeout, diversity)
+    open_loop_run(url, distinct, k, rate, visits * len(distinct) / rate, timeout, diversity)
+    return {**first, "first_visit": True}
+
+
 def run_rates(url: str, users: list[str], k: int, rates: list[float], duration: float, timeout: float, warmup_s: float,
-              diversity: float | None = None) -> list[dict]:
-    open_loop_run(url, users, k, min(rates), warmup_s, timeout, diversity)  # warm connections and replicas
+              diversity: float | None = None, first_visits: list | None = None) -> list[dict]:
+    first = warm_up(url, users, k, timeout, diversity)
+    if first_visits is not None:
+        first_visits.append(first)
+    print(f"    first visits ({first['target_rps']:.0f} rps): p50 {fmt(first['p50_ms'])}  p99 {fmt(first['p99_ms'])} ms, errors {first['errors']}", flush=True)
+    open_loop_run(url, users, k, min(rates), warmup_s, timeout, diversity)  # warm connections at the first rate
     rows = []
     for rate in rates:
         waited = settle(url)
@@ -474,6 +502,7 @@ def main(argv: list[str] | None = None) -> int:
 
     started, date = time.monotonic(), time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())  # the JSON's date: when the run began (UTC)
     results: dict[str, list] = {}
+    first_visits: dict[str, list] = {}  # per target: the warm-up's first pass (every user once: cache misses)
     overload = None
     with servers.private_ray_token(), servers.prepared_model(args) as model:
         store = FeatureStore(model.store_url) if model.store_url else None
@@ -493,18 +522,18 @@ def main(argv: list[str] | None = None) -> int:
         if "noop" in args.targets:
             print(f"no-op Ray Serve app (same deployment shape, {args.ingress}) ...", flush=True)
             with noop_serve(args.config, ingress=args.ingress) as url:
-                results["noop"] = run_rates(url, users, args.k, args.rates, args.duration, args.timeout, args.warmup)
+                results["noop"] = run_rates(url, users, args.k, args.rates, args.duration, args.timeout, args.warmup, first_visits=first_visits.setdefault("noop", []))
         if "bare" in args.targets:
             print("bare FastAPI + ONNX Runtime (uvicorn, no Ray) ...", flush=True)
             with servers.bare_server(model) as url:
-                results["bare"] = run_rates(url, users, args.k, args.rates, args.duration, args.timeout, args.warmup, args.diversity[0])
+                results["bare"] = run_rates(url, users, args.k, args.rates, args.duration, args.timeout, args.warmup, args.diversity[0], first_visits.setdefault("bare", []))
         if "ray" in args.targets:
             print(f"trustrec on Ray Serve ({Path(args.config).name}, {args.ingress}) ...", flush=True)
             with servers.ray_serve(args.config, model, ingress=args.ingress) as url:
                 results["ray"] = []
                 for d in args.diversity:
                     print(f"  diversity {div_label(d)}", flush=True)
-                    results["ray"] += run_rates(url, users, args.k, args.rates, args.duration, args.timeout, args.warmup, d)
+                    results["ray"] += run_rates(url, users, args.k, args.rates, args.duration, args.timeout, args.warmup, d, first_visits.setdefault("ray", []))
                 if args.overload:
                     rate, rule = overload_rate([r for r in results["ray"] if r["diversity"] == args.diversity[0]])
                     for rate, rule in [(rate, rule), *((extra, "--overload-rates") for extra in args.overload_rates)]:
@@ -533,6 +562,8 @@ def main(argv: list[str] | None = None) -> int:
         "config": harness.repo_relative(args.config),
         "model": "trained small synthetic model" if not args.model else "given by --model",
         "results": results,
+        "first_visits": first_visits,
+        "warm_up": f"each distinct user 1 + {WARM_VISITS} times at {WARM_RATE} rps before each target and pass (benchmarks/serve_load.py warm_up)",
         "comparisons": comparisons(results),
         "overload": overload,
         "goals": g,
@@ -547,6 +578,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  overload {o['rate_rps']:g} rps ({o['rule']}): 503 {o['shed_503']}/{o['requests']} ({100 * (o['shed_share'] or 0):.1f} %), "
               f"503 p50/p99 {fmt(o['p50_503_ms'])}/{fmt(o['p99_503_ms'])} ms; 200 x {o['ok']} p50/p99 {fmt(o['p50_200_ms'])}/{fmt(o['p99_200_ms'])} ms; "
               f"timeouts {o['timeouts']}, other {o['other_errors']}")
+    for name, rows in first_visits.items():
+        for r in rows:
+            print(f"  first visits, {name} {div_label(r['diversity'])}: {r['requests']} requests at {r['target_rps']:.0f} rps, "
+                  f"p50 {fmt(r['p50_ms'])}  p99 {fmt(r['p99_ms'])} ms, errors {r['errors']}")
     for name, goal in g.items():
         print(f"  goal {name}: {('met' if goal['met'] else 'MISSED') if goal['measured'] else 'not measured'}")
     print(f"wrote {out}")
