@@ -88,30 +88,10 @@ def cmd_recommend(args: argparse.Namespace) -> int:
 
 
 def existing_store(url: str, where: str) -> str:
-    """`url` when it names an existing trustrec feature store; a SQLite file that is missing (which
-    opening would create, empty) or holds no store is a ValueError naming `where` (flag or config key)."""
-    import sqlite3
+    """features.store.existing_store, imported when a command needs it (the CLI's imports stay lazy)."""
+    from features.store import existing_store as check
 
-    from sqlalchemy.engine import make_url
-
-    try:
-        parsed = make_url(url)
-    except Exception:  # noqa: BLE001 - SQLAlchemy's ArgumentError; say which setting holds it
-        raise ValueError(f"{where}: not a database URL (e.g. sqlite:///data/features.db or postgresql://...)") from None
-    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
-        return url
-    path = Path(parsed.database).expanduser()
-    if not path.is_file():
-        raise ValueError(f"{where}: no such file {path} (not created: an empty store knows no user); "
-                         "`trustrec train` loads a store at store.url, or pass --store-url with an existing one")  # fmt: skip
-    try:
-        with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as conn:
-            tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-    except sqlite3.DatabaseError as e:
-        raise ValueError(f"{where}: {path} is not a SQLite database ({e})") from None
-    if not {"store_meta", "users"} <= tables:
-        raise ValueError(f"{where}: {path} is not a trustrec feature store (no store_meta / users tables)")
-    return url
+    return check(url, where)
 
 
 def _shown(url: str) -> str:

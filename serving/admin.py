@@ -9,7 +9,7 @@ from pathlib import Path
 
 from features.audit import ACTIONS, AuditLog
 from features.consent import erase_user, export_user
-from features.store import FeatureStore
+from features.store import FeatureStore, existing_store
 from serving.audit import audit_log
 from serving.config import AppArgs, load_serve_config
 
@@ -23,10 +23,12 @@ def operator_args(config: str | Path, store_url: str | None = None) -> AppArgs:
 
 
 def _store_url(config: str | Path, args: AppArgs, store_url: str | None) -> str:
+    """The store to act on: an existing one (a mistyped SQLite path is an error naming where it came
+    from, never a new empty store that would answer "no data for this user")."""
     url = store_url or args.store_url
     if not url:
         raise ValueError(f"{config}: store_url is null; pass --store-url")
-    return url
+    return existing_store(url, "--store-url" if store_url else f"{config}: args.store_url")
 
 
 def user_data(action: str, user_id: str, config: str | Path, store_url: str | None = None, actor: str = "cli") -> dict:
@@ -71,7 +73,7 @@ def audit_entries(config: str | Path, store_url: str | None = None, file: str | 
         raise ValueError(f"{config}: audit.table is off and audit.path is null; pass --file")
     if user is not None and not url:
         raise ValueError("--user needs the feature store (its erasure salt hashes the id): pass --store-url")
-    store = FeatureStore(url, consent=args.consent) if url else None
+    store = FeatureStore(existing_store(url, "--store-url" if store_url else f"{config}: args.store_url"), consent=args.consent) if url else None
     try:
         audit = AuditLog(store, table=use_table, path=path)
         subject = audit.subject(user) if user is not None else None

@@ -48,8 +48,32 @@ def test_refusals_name_what_is_missing(tmp_path):
 
 
 def test_user_data_on_a_store_without_the_user(tmp_path):
+    from features.store import FeatureStore
+
     url = f"sqlite:///{tmp_path}/features.db"
+    FeatureStore(url).close()  # an existing, empty store
     with pytest.raises(UnknownUserError):
         user_data("export", "nobody", tmp_path / "none.yaml", url)
     with pytest.raises(UnknownUserError):
         user_data("forget", "nobody", tmp_path / "none.yaml", url)
+
+
+def test_a_mistyped_store_path_is_refused_and_never_created(tmp_path):
+    """forget / export-user / audit-log on a SQLite path that does not exist: an error naming where
+    the URL came from, and no new empty store (which would answer "no data held for this user" and
+    let an operator believe an erasure had nothing to erase)."""
+    from cli.main import main
+
+    typo = tmp_path / "featuers.db"
+    config = tmp_path / "serve.yaml"
+    config.write_text(yaml.safe_dump({"applications": [{"name": "trustrec", "args": {"store_url": f"sqlite:///{typo}"}}]}))
+    for action in ("forget", "export"):
+        with pytest.raises(ValueError, match=f"--store-url: no such file {typo}"):
+            user_data(action, "u1", tmp_path / "none.yaml", f"sqlite:///{typo}")
+        with pytest.raises(ValueError, match=f"{config}: args.store_url: no such file {typo}"):
+            user_data(action, "u1", config)
+    with pytest.raises(ValueError, match=f"--store-url: no such file {typo}"):
+        audit_entries(tmp_path / "none.yaml", f"sqlite:///{typo}")
+    for argv in (["forget", "u1"], ["export-user", "u1"], ["audit-log"]):
+        assert main([*argv, "--config", str(config)]) == 2
+    assert not typo.exists()
