@@ -115,6 +115,7 @@ class TrackingConfig(_Section):
     register_model: bool = True
     registered_model: str = "trustrec"
     alias: str = "champion"
+    artifact_location: str | None = None  # where a new experiment keeps run artifacts; None: beside a sqlite database
 
 
 class ExportConfig(_Section):

@@ -443,7 +443,7 @@ def run_worker(cfg: TrainConfig, resume: bool = False):
         summary = plan_summary(plan)
         log.info("dataset %s: %d users, %d items; %d ranks on %s (%s); plan %s", ds.name, ds.n_users, ds.n_items, world, device.type,
                  backend_for(cfg.distributed, device), {t: s["sharding_type"] for t, s in summary.items()})  # fmt: skip
-        tracker = Tracker(cfg.tracking.enabled and rank == 0, cfg.tracking.tracking_uri, cfg.tracking.experiment)
+        tracker = Tracker(cfg.tracking.enabled and rank == 0, cfg.tracking.tracking_uri, cfg.tracking.experiment, cfg.tracking.artifact_location)
         tags = {"model": cfg.model.kind, "dataset": ds.name, "split": cfg.split.protocol, "git_sha": git_sha() if rank == 0 else "",
                 "device": device.type, "world_size": world, "plan": summary}  # fmt: skip
         tracker.start_training(cfg, ds, {k: str(v) for k, v in tags.items() if k != "plan"}, data.seen_interactions, data.split.test)
@@ -527,7 +527,7 @@ def _run_shards(cfg: TrainConfig, device: torch.device, rank: int, world: int, r
     task = RetrievalTask(cfg.task, shards.item_counts(), m.item_id_dropout)
     plan = plan_sharding(model, world, device.type, allowed_sharding_types(cfg.distributed, device.type), int(os.environ.get("LOCAL_WORLD_SIZE", world)),
                          cfg.trainer.batch_size, pg=dist.GroupMember.WORLD)  # fmt: skip
-    tracker = Tracker(cfg.tracking.enabled and rank == 0, cfg.tracking.tracking_uri, cfg.tracking.experiment)
+    tracker = Tracker(cfg.tracking.enabled and rank == 0, cfg.tracking.tracking_uri, cfg.tracking.experiment, cfg.tracking.artifact_location)
     tracker.start(cfg.tracking.run_name, cfg.flat(), {"model": m.kind, "dataset": f"shards:{Path(cfg.distributed.shards_path).name}", "device": device.type, "world_size": str(world)})
     try:
         trainer = DistributedTrainer(cfg, model, task, device, rank, world, plan, on_epoch=lambda e, mt: tracker.log_metrics(mt, step=e))

@@ -200,6 +200,9 @@ def train(cfg: TrainConfig, resume: bool = False, tracker: Tracker | None = None
     if cfg.trainer.num_threads:
         torch.set_num_threads(cfg.trainer.num_threads)
     device = pick_device(cfg.trainer.device)
+    if tracker is None:  # `trustrec tune` passes its own, so that each trial logs as a child run; made first: a
+        # tracking store that cannot take the run (tracking.artifact_location) fails before any data or search work
+        tracker = Tracker(cfg.tracking.enabled, cfg.tracking.tracking_uri, cfg.tracking.experiment, cfg.tracking.artifact_location)
     data = prepare(cfg)
     ds = data.dataset
     log.info("dataset %s: %d users, %d items, %d interactions; device %s", ds.name, ds.n_users, ds.n_items, len(ds.interactions), device)
@@ -212,8 +215,6 @@ def train(cfg: TrainConfig, resume: bool = False, tracker: Tracker | None = None
         searched = search(cfg, data, device)
         cfg = trial_config(cfg, searched.chosen)
 
-    if tracker is None:  # `trustrec tune` passes its own, so that each trial logs as a child run
-        tracker = Tracker(cfg.tracking.enabled, cfg.tracking.tracking_uri, cfg.tracking.experiment)
     data_prov = data.provenance()  # snapshot hash + sizes of the training data + erasures applied, no ids
     tags = {"model": cfg.model.kind, "dataset": ds.name, "split": cfg.split.protocol, "git_sha": git_sha(), "device": device.type, "data_snapshot": data_prov["snapshot"],
             "erasures_applied": str(data_prov["erasures_applied"])}  # fmt: skip

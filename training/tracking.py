@@ -81,6 +81,16 @@ def run_params(cfg: "TrainConfig", dataset_name: str) -> dict[str, Any]:
     """The params a run page lists: what tells runs apart, in four groups. Everything else is in
     the run's config.yaml and config_flat.json artifacts (the flattened config is ~120 keys)."""
     d, s, m, t, tr, p, fed = cfg.data, cfg.split, cfg.model, cfg.task, cfg.trainer, cfg.privacy, cfg.federated
+    if p.mode == "dp" and p.mechanism == "gram":  # DP-EASE (training/privacy/gram.py): no towers, no epochs, no optimizer
+        from training.privacy.gram import KIND
+
+        gram = {"data.source": d.source, "data.dataset": dataset_name,
+                "data.split": s.protocol if s.protocol == "leave_last_n" else f"{s.protocol} by {s.by}, ratio {s.ratio:g}",
+                "data.split_seed": s.seed, "model.kind": KIND, "model.features": "history",
+                "train.seed": tr.seed,  # the release's noise seed
+                "train.eval_k": t.eval_k, "privacy.mode": p.mode, "privacy.audit_holdout": p.audit_holdout,
+                "privacy.target_epsilon": p.target_epsilon, "privacy.noise_multiplier": p.noise_multiplier, "privacy.delta": p.delta}  # fmt: skip
+        return {k: ("" if v is None else v) for k, v in gram.items()}  # fit_gram adds privacy.mechanism and the EASE settings
     switches = {"user_id": m.use_user_id, "genres": m.use_genres, "content": m.use_content, "title": m.use_content and m.use_title,
                 "demographics": m.use_demographics, "stated": m.use_stated, "rating_weighted": m.rating_weighted, "item_bias": m.item_bias}  # fmt: skip
     params: dict[str, Any] = {
@@ -184,13 +194,25 @@ def dataset_input(cfg: "TrainConfig", dataset: "Dataset", rows: "Interactions", 
                     digest=interactions_digest(snapshot, rows), schema=schema)  # fmt: skip
 
 
-def default_artifact_location(tracking_uri: str) -> str | None:
-    """For a sqlite store, keep artifacts beside the database (`<db dir>/mlartifacts`) instead of
-    MLflow's default `./mlruns` under whatever the current directory happens to be."""
+def default_artifact_location(tracking_uri: str, configured: str | None = None) -> str | None:
+    """Where a new experiment keeps its run artifacts (`tracking.artifact_location`):
+    - `configured` (a directory, made absolute, or a URI such as s3://...) when given;
+    - a sqlite store: beside the database (`<db dir>/mlartifacts`), not MLflow's default `./mlruns`
+      under whatever the current directory happens to be;
+    - a tracking server (http, https, databricks): None, the server decides;
+    - another database (PostgreSQL, MySQL, ...): a ValueError naming the key. There is no "beside"
+      a networked database, and MLflow's ./mlruns of the current directory would scatter artifacts
+      over every machine and directory that trains, out of reach of the servers that load them."""
+    if configured:
+        return configured if re.match(r"^[a-z][a-z0-9+.-]*://", configured) else Path(configured).expanduser().resolve().as_uri()
     prefix = "sqlite:///"
-    if not tracking_uri.startswith(prefix) or ":memory:" in tracking_uri:
-        return None
-    return (Path(tracking_uri[len(prefix) :]).resolve().parent / "mlartifacts").as_uri()
+    if tracking_uri.startswith(prefix) and ":memory:" not in tracking_uri:
+        return (Path(tracking_uri[len(prefix) :]).resolve().parent / "mlartifacts").as_uri()
+    scheme = tracking_uri.split("://", 1)[0].split("+", 1)[0].lower() if "://" in tracking_uri else ""
+    if scheme in ("postgresql", "postgres", "mysql", "mssql"):
+        raise ValueError(f"tracking.artifact_location: a {scheme} tracking store has no place for run artifacts; set it to a directory "
+                         "or URI every trainer and server can reach (MLflow's default would be ./mlruns of the current directory)")  # fmt: skip
+    return None
 
 
 def promote(run_id: str, alias: str, model_name: str, tracking_uri: str) -> str:
@@ -248,7 +270,7 @@ class Tracker:
 
     full_params = False  # True: a run's params are the whole flattened config (tune trials compare by sampled keys)
 
-    def __init__(self, enabled: bool, tracking_uri: str, experiment: str):
+    def __init__(self, enabled: bool, tracking_uri: str, experiment: str, artifact_location: str | None = None):
         self.enabled = enabled
         self.run_id: str | None = None
         if enabled:
@@ -257,7 +279,7 @@ class Tracker:
             self.mlflow = mlflow
             mlflow.set_tracking_uri(tracking_uri)
             if mlflow.get_experiment_by_name(experiment) is None:
-                mlflow.create_experiment(experiment, artifact_location=default_artifact_location(tracking_uri))
+                mlflow.create_experiment(experiment, artifact_location=default_artifact_location(tracking_uri, artifact_location))
             mlflow.set_experiment(experiment)
 
     def start(self, run_name: str | None, params: dict[str, Any], tags: dict[str, str]) -> None:

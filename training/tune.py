@@ -338,7 +338,7 @@ def run_tune(
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     t = base.tracking
-    parent = Tracker(t.enabled, t.tracking_uri, t.experiment)
+    parent = Tracker(t.enabled, t.tracking_uri, t.experiment, t.artifact_location)
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     name = f"{Path(config).stem if config else 'train'}-{stamp}"
     params = {**{k: v for k, v in base.flat().items() if k not in space}, **describe_space(space),

@@ -46,11 +46,15 @@ def test_mlflow_on_postgres_trains_registers_and_serves_champion(postgres, tmp_p
     from training.config import load_config
     from training.pipeline import train
 
-    monkeypatch.chdir(tmp_path)  # a database backend's default artifact root is ./mlruns of the cwd
+    monkeypatch.chdir(tmp_path)  # MLflow's own default for a database backend: ./mlruns of the cwd
     tracking, store_url = postgres.url(postgres.database("mlflow")), postgres.url(postgres.database("store"))
     assert make_url("postgresql://h/db").get_dialect().driver == "psycopg"  # SQLAlchemy 2.1: plain postgresql:// is psycopg 3 too
-    cfg = load_config(REPO / "configs" / "two_tower.yaml", overrides(tmp_path, tracking, store_url, epochs=2))
+    with pytest.raises(ValueError, match="tracking.artifact_location: a postgresql tracking store has no place for run artifacts"):
+        train(load_config(REPO / "configs" / "two_tower.yaml", overrides(tmp_path, tracking, store_url, epochs=2)))
+    shared = tmp_path / "shared-artifacts"
+    cfg = load_config(REPO / "configs" / "two_tower.yaml", [*overrides(tmp_path, tracking, store_url, epochs=2), f"tracking.artifact_location={shared}"])
     result = train(cfg)
+    assert not (tmp_path / "mlruns").exists() and any(shared.rglob("MLmodel"))  # the artifacts went where configured
     assert result.model_version == "1"
 
     client = mlflow.MlflowClient(tracking_uri=tracking)

@@ -188,3 +188,24 @@ def test_early_stopping_params_are_shown_without_a_new_group():
     assert params["train.min_delta"] == 0.005 and params["train.epochs"] == 100 and len(params) <= 30
     params = run_params(load_config(REPO / "configs" / "two_tower.yaml", ["trainer.max_seconds=900"]), "synthetic-seed0")
     assert params["train.epochs"] == "100 (max 900 s)"
+
+
+def test_a_dp_ease_run_lists_its_own_kind_and_no_tower_settings():
+    """A Gram-release run has no towers, epochs or optimizer: its run page says ease_dp and lists
+    none of the two-tower's settings (fit_gram adds the mechanism and the EASE settings)."""
+    params = run_params(load_config(REPO / "configs" / "ease_dp.yaml"), "synthetic-seed0")
+    assert params["model.kind"] == "ease_dp" and params["privacy.mode"] == "dp"
+    assert not {"model.temperature", "model.embedding_dim", "train.lr", "train.epochs", "privacy.max_grad_norm"} & set(params)
+    assert params["train.seed"] == load_config(REPO / "configs" / "ease_dp.yaml").trainer.seed
+
+
+def test_artifacts_go_beside_sqlite_where_configured_and_never_to_an_unstated_place(tmp_path):
+    from training.tracking import default_artifact_location
+
+    assert default_artifact_location(f"sqlite:///{tmp_path}/mlflow.db") == (tmp_path / "mlartifacts").as_uri()
+    assert default_artifact_location(f"sqlite:///{tmp_path}/mlflow.db", str(tmp_path / "a")) == (tmp_path / "a").as_uri()
+    assert default_artifact_location("postgresql://db/mlflow", "s3://bucket/mlflow") == "s3://bucket/mlflow"
+    assert default_artifact_location("http://127.0.0.1:5000") is None  # a tracking server decides
+    for uri in ("postgresql+psycopg://u@db/mlflow", "mysql://u@db/mlflow"):
+        with pytest.raises(ValueError, match="tracking.artifact_location: a (postgresql|mysql) tracking store"):
+            default_artifact_location(uri)
