@@ -1,5 +1,6 @@
 """Hot swap under load: two real registered training runs, `trustrec promote` + `trustrec serve --reload`
-while a thread keeps sending requests -> no failed request, and the served version changes."""
+while a thread keeps sending requests through the HAProxy ingress (what `trustrec serve` runs) -> no
+failed request, and the served version changes."""
 import os
 import shutil
 import sqlite3
@@ -87,7 +88,7 @@ def test_promote_then_reload_swaps_versions_under_load_with_no_failed_request(tr
     raw["applications"][0]["args"]["tracking_uri"] = tracking_uri
     config.write_text(yaml.safe_dump(raw))
 
-    url = start(config, num_cpus=2)
+    url = start(config, num_cpus=2, ingress="haproxy")  # `trustrec serve`'s default data plane (serving/ingress.py)
     replicas_before = model_replicas()
     stream = Stream(url)
     try:
