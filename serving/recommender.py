@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 MMR_POOL_FACTOR, MMR_MIN_POOL = 5, 50  # MMR re-ranks the top max(5k, 50) candidates
 MAX_MEMO_ANSWERS = 8  # distinct (k, exclude_seen, λ) answers memoized per cached user state
+MAX_BLANK_ANSWERS = 64  # ... and for the users nothing is known about, shared (Recommender._blank)
 
 
 def _copy_answer(answer: dict) -> dict:
@@ -83,6 +84,7 @@ class Recommender:
         self._cache: OrderedDict[str, UserState] = OrderedDict()
         self._cache_generation: int | None = None
         self._cache_lock = threading.Lock()  # batches and explanations run in worker threads
+        self._blank_answers: dict[tuple, dict] = {}  # the answer to a user nothing is known about, per (k, exclude_seen, λ)
         self.model_version = model_version
         self.diversity = diversity
         self.genre_index = {name: i for i, name in enumerate(self.manifest["genres"])}
@@ -217,8 +219,9 @@ class Recommender:
         key = (k, exclude_seen, lam)
         results: list[dict | None] = [None] * len(user_ids)
         todo = []
+        blank = [self._blank(u, s) for u, s in zip(user_ids, states)]
         for i, state in enumerate(states):
-            hit = state.memo.get("answers", {}).get(key)
+            hit = (self._blank_answers if blank[i] else state.memo.get("answers", {})).get(key)
             if hit is None:
                 todo.append(i)
             else:
@@ -226,11 +229,17 @@ class Recommender:
         if todo:
             fresh = self._recommend_states([user_ids[i] for i in todo], [states[i] for i in todo], k, exclude_seen, lam)
             for i, answer in zip(todo, fresh):
-                answers = states[i].memo.setdefault("answers", {})
-                if len(answers) < MAX_MEMO_ANSWERS:  # a client cycling through λ values cannot grow it without bound
+                answers = self._blank_answers if blank[i] else states[i].memo.setdefault("answers", {})
+                if len(answers) < (MAX_BLANK_ANSWERS if blank[i] else MAX_MEMO_ANSWERS):  # a client cycling through λ values cannot grow it without bound
                     answers[key] = answer
                 results[i] = _copy_answer(answer)
         return results  # type: ignore[return-value]
+
+    def _blank(self, user_id: str, state: UserState) -> bool:
+        """A user the model has no row for and the store holds nothing about (no history, no profile
+        or stated tastes, nothing blocked): every such user gets the same popularity answer, shared
+        across users (a new visitor's id is seen once, so a per-user memo would never hit)."""
+        return len(state.items) == 0 and len(state.blocked) == 0 and state.profile is None and self.user_vocab.get(user_id) is None
 
     def _recommend_states(self, user_ids: list[str], states: list[UserState], k: int, exclude_seen: bool, lam: float) -> list[dict]:
         rows = [self.user_vocab.get(u) for u in user_ids]

@@ -256,3 +256,28 @@ def test_a_repeated_request_reuses_its_answer_until_the_store_changes(trained_ru
         rec.recommend("u3", k=k)
     assert len(rec._cache["u3"].memo["answers"]) == MAX_MEMO_ANSWERS
     store.close()
+
+
+def test_users_nothing_is_known_about_share_one_answer_and_a_stated_taste_leaves_it(trained_run, tmp_path):
+    """New visitors (no row in the model, nothing in the store) all get the same popularity answer,
+    computed once per (k, exclude_seen, λ); one who states a taste gets their own."""
+    import sqlite3
+
+    from features.consent import set_preferences
+
+    path = tmp_path / "features.db"
+    with sqlite3.connect(trained_run.root / "features.db") as src, sqlite3.connect(path) as dst:
+        src.backup(dst)
+    store = FeatureStore(f"sqlite:///{path}")
+    rec = Recommender.from_dir(trained_run.result.artifact_dir, store=store)
+    calls: list[int] = []
+    popular = rec._popular
+    rec._popular = lambda *a, **kw: calls.append(1) or popular(*a, **kw)
+    first = rec.recommend("new-visitor-1", k=10, diversity=0.5)
+    assert rec.recommend("new-visitor-2", k=10, diversity=0.5) == first and len(calls) == 1
+    assert first["personalized"] is False
+    genre = rec.items[int(rec.popular[-1])]["genres"][0]  # a genre of a not-so-popular item
+    set_preferences(store, "new-visitor-3", liked_genres=[genre])
+    steered = rec.recommend("new-visitor-3", k=10, diversity=0.5)
+    assert len(calls) == 2 and steered["personalized"] is True and steered != first  # stated tastes steer the list
+    store.close()
