@@ -93,6 +93,11 @@ def configure(ingress: str, max_ongoing_requests: int | None = None, max_queued_
         "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(folder),
         "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(folder / "server-state"),
         "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": str(folder / "metrics.sock"),
+        # the routes run on the replica's own event loop, not a second Python thread: with two threads, a
+        # call that releases the GIL (SQLite, ONNX Runtime) waited for the HTTP thread to give it back
+        # (up to the 5 ms switch interval). 600 rps, MMR on, one 30 s run each: p50 1.75 -> 1.33 ms,
+        # p99 6.45 -> 4.71 ms (the no-op app, run the same way: p99 3.83 -> 3.25)
+        "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
     }
     if max_ongoing_requests is not None and max_ongoing_requests > 0:
         settings[SERVER_MAXCONN_ENV] = str(max_ongoing_requests)
