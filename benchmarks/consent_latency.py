@@ -52,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--user", default="u1", help="user whose consent flips (default u1)")
     p.add_argument("--flips", type=int, default=50, help="consent changes measured (default 50)")
     p.add_argument("--k", type=int, default=10)
+    p.add_argument("--ingress", choices=("haproxy", "proxy"), default="haproxy", help="HTTP data plane (default haproxy, as `trustrec serve`)")
     args = p.parse_args(argv)
 
     import requests
@@ -69,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
             model = stack.enter_context(servers.prepared_model(argparse.Namespace(model=None)))
         root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="consent-latency-")))
         model = replace(model, store_url=copy_store(model.store_url, root / "bench-features.db"))
-        url = stack.enter_context(servers.ray_serve(args.config or REPO / "configs" / "serve.yaml", model))
+        url = stack.enter_context(servers.ray_serve(args.config or REPO / "configs" / "serve.yaml", model, ingress=args.ingress))
 
         session = requests.Session()
         headers = {"Authorization": f"Bearer {user_token(os.environ['TRUSTREC_TOKEN_SECRET'], args.user)}"}
@@ -101,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
 
     result = {
         "flips": args.flips,
+        "ingress": args.ingress,
         "consent_change_to_changed_answer_ms": percentiles(change_ms),
         "put_consent_ms": percentiles(put_ms),
         "recommend_ms": percentiles(rec_ms),
