@@ -13,6 +13,17 @@ def store(trained_run):
     s.close()
 
 
+def own_store(trained_run, tmp_path) -> tuple[FeatureStore, Recommender]:
+    """A copy of the session's store (tests that write to it) and a Recommender over it."""
+    import sqlite3
+
+    path = tmp_path / "features.db"
+    with sqlite3.connect(trained_run.root / "features.db") as src, sqlite3.connect(path) as dst:
+        src.backup(dst)
+    store = FeatureStore(f"sqlite:///{path}")
+    return store, Recommender.from_dir(trained_run.result.artifact_dir, store=store)
+
+
 @pytest.fixture(scope="module")
 def rec(trained_run, store):
     return Recommender.from_dir(trained_run.result.artifact_dir, store=store)
@@ -169,17 +180,11 @@ def test_an_item_bias_bundle_scores_with_the_bias_and_compares_items_without_it(
 def test_the_user_cache_reads_nothing_twice_and_never_serves_past_a_change(trained_run, tmp_path):
     """Per-replica cache keyed by the store's change counter: an unchanged store costs one read
     (the counter) per request; any change shows on the very next request."""
-    import sqlite3
-
     from sqlalchemy import event
 
     from features.consent import record_consent, set_preferences
 
-    path = tmp_path / "features.db"
-    with sqlite3.connect(trained_run.root / "features.db") as src, sqlite3.connect(path) as dst:
-        src.backup(dst)
-    store = FeatureStore(f"sqlite:///{path}")
-    rec = Recommender.from_dir(trained_run.result.artifact_dir, store=store)
+    store, rec = own_store(trained_run, tmp_path)
     statements: list[str] = []
     event.listen(store.engine, "before_cursor_execute", lambda conn, cur, stmt, *a: statements.append(stmt))
 
@@ -194,7 +199,7 @@ def test_the_user_cache_reads_nothing_twice_and_never_serves_past_a_change(train
     assert statements == [] and counter_reads == []
     assert cold_reads > 1
 
-    other = FeatureStore(f"sqlite:///{path}")  # another replica's connection
+    other = FeatureStore(str(store.engine.url))  # another replica's connection
     record_consent(other, "u3", {"personalization": False})
     assert rec.recommend("u3", k=10)["personalized"] is False  # the very next request
     record_consent(other, "u3", {"personalization": True})
@@ -215,16 +220,10 @@ def test_a_repeated_request_reuses_its_answer_until_the_store_changes(trained_ru
     """The answer is memoized on the cached user state: a repeat runs neither the user tower nor
     the top-k; each caller gets its own copy; a store change or another (k, exclude_seen, λ)
     computes afresh; at most MAX_MEMO_ANSWERS answers are kept per user."""
-    import sqlite3
-
     from features.consent import set_preferences
     from serving.recommender import MAX_MEMO_ANSWERS
 
-    path = tmp_path / "features.db"
-    with sqlite3.connect(trained_run.root / "features.db") as src, sqlite3.connect(path) as dst:
-        src.backup(dst)
-    store = FeatureStore(f"sqlite:///{path}")
-    rec = Recommender.from_dir(trained_run.result.artifact_dir, store=store)
+    store, rec = own_store(trained_run, tmp_path)
     runs: list[int] = []
     session_run = rec.session.run
 
@@ -261,15 +260,9 @@ def test_a_repeated_request_reuses_its_answer_until_the_store_changes(trained_ru
 def test_users_nothing_is_known_about_share_one_answer_and_a_stated_taste_leaves_it(trained_run, tmp_path):
     """New visitors (no row in the model, nothing in the store) all get the same popularity answer,
     computed once per (k, exclude_seen, λ); one who states a taste gets their own."""
-    import sqlite3
-
     from features.consent import set_preferences
 
-    path = tmp_path / "features.db"
-    with sqlite3.connect(trained_run.root / "features.db") as src, sqlite3.connect(path) as dst:
-        src.backup(dst)
-    store = FeatureStore(f"sqlite:///{path}")
-    rec = Recommender.from_dir(trained_run.result.artifact_dir, store=store)
+    store, rec = own_store(trained_run, tmp_path)
     calls: list[int] = []
     popular = rec._popular
     rec._popular = lambda *a, **kw: calls.append(1) or popular(*a, **kw)
