@@ -20,7 +20,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # harness and siblings by name
 import harness  # noqa: E402  (puts the repository on sys.path too)
 from harness import REPO  # noqa: E402
-from training.config import ConfigError, load_config  # noqa: E402
 
 DEFAULT_CONFIG = REPO / "configs" / "hybrid.yaml"
 ITEM_GOAL, GENRE_GOAL = 1.5, 0.8
@@ -50,10 +49,7 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         overrides += [*harness.offline(tmp), *args.set]
-        try:
-            cfg = load_config(args.config, overrides)
-        except ConfigError as e:
-            print(f"cold_start: error: {e}", file=sys.stderr)
+        if (cfg := harness.load(args.config, overrides, "cold_start: error")) is None:
             return 2
         k = cfg.task.eval_k
         results: dict[str, dict[str, float]] = {}
@@ -66,21 +62,15 @@ def main(argv: list[str] | None = None) -> int:
 
     goals: dict[str, dict] = {}
     if "item_cold_start" in results:
-        r = results["item_cold_start"]
-        goals["item_ratio_vs_content"] = {"goal": ITEM_GOAL, "value": round(r["ratio_vs_content"], 4), "met": r["ratio_vs_content"] >= ITEM_GOAL}
+        goals["item_ratio_vs_content"] = harness.goal(ITEM_GOAL, results["item_cold_start"]["ratio_vs_content"])
     if "user_cold_start" in results:
-        r = results["user_cold_start"]
-        goals["user_genre_match"] = {"goal": GENRE_GOAL, "value": round(r["hybrid/genre_match"], 4), "met": r["hybrid/genre_match"] >= GENRE_GOAL}
+        goals["user_genre_match"] = harness.goal(GENRE_GOAL, results["user_cold_start"]["hybrid/genre_match"])
     report = {
-        "dataset": name,
-        "config": harness.repo_relative(args.config),
-        "overrides": [o for o in overrides if not o.startswith(("export.output_dir=", "trainer.checkpoint_dir=", "data.path="))],
-        "k": k,
+        "dataset": name, "config": harness.repo_relative(args.config),
+        "overrides": [o for o in overrides if not o.startswith(("export.output_dir=", "trainer.checkpoint_dir=", "data.path="))], "k": k,
         "holdout": {"items": args.item_holdout, "users": args.user_holdout, "seed": args.seed, "item_truth": args.truth},
-        "results": {exp: {key: round(v, 4) for key, v in m.items()} for exp, m in results.items()},
-        "goals": goals,
-        "seconds": round(seconds, 1),
-    }
+        "results": {exp: {key: round(v, 4) for key, v in m.items()} for exp, m in results.items()}, "goals": goals, "seconds": round(seconds, 1),
+    }  # fmt: skip
     out = harness.write(report, args, f"cold_start_{name}", script=__file__, argv=argv, libraries=["torch", "torchrec"])
 
     print(f"\n{name}: cold start, k={k}  ({seconds:.0f} s)")

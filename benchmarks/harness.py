@@ -17,7 +17,6 @@ import math
 import os
 import platform
 import shlex
-import shutil
 import subprocess
 import sys
 import time
@@ -107,6 +106,24 @@ def offline(tmp: str | Path, tag: str = "") -> list[str]:
             f"export.output_dir={tmp}/bundle{tag}", f"trainer.checkpoint_dir={tmp}/ckpt{tag}"]  # fmt: skip
 
 
+def load(config: str | Path, overrides: Sequence[str], error: str, prepare: bool = False) -> Any:
+    """training.config.load_config(config, overrides), with `prepare` (config, training.pipeline.prepare of it:
+    the data and its split); None after printing "<error>: <why>" on stderr where the config, the data or the
+    split is bad (ConfigError, DataFormatError and pydantic's errors are ValueErrors)."""
+    from training.config import load_config
+
+    try:
+        cfg = load_config(config, overrides)
+        if not prepare:
+            return cfg
+        from training.pipeline import prepare as split
+
+        return cfg, split(cfg)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"{error}: {e}", file=sys.stderr)
+        return None
+
+
 def numbers(p: argparse.ArgumentParser, flag: str, text: str, kind: Callable[[str], Any] = int) -> list:
     """'0,1,2' -> [0, 1, 2] (empty items skipped; order and repeats kept); else a parser error naming `flag`."""
     try:
@@ -120,6 +137,11 @@ def users_with(csr: Any) -> Any:
     import numpy as np
 
     return np.flatnonzero(np.diff(csr[0]) > 0)
+
+
+def goal(target: Any, value: float, met: bool | None = None) -> dict:
+    """A goal's entry in a report: the target, the value (rounded to 4) and whether it is met (default value >= target)."""
+    return {"goal": target, "value": round(value, 4), "met": value >= target if met is None else met}
 
 
 def summarize(per_seed: list[dict[str, float]]) -> dict:
@@ -185,17 +207,12 @@ def _gpu() -> str | None:
     """The GPU(s) by name: through torch when the script already imported it, else nvidia-smi; None without one."""
     torch = sys.modules.get("torch")
     if torch is not None:
-        if not torch.cuda.is_available():
-            return None
-        return ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
-    if shutil.which("nvidia-smi"):
-        try:
-            out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True, timeout=10)
-            names = [line.strip() for line in out.stdout.splitlines() if line.strip()]
-            return ", ".join(names) or None
-        except (OSError, subprocess.SubprocessError):
-            return None
-    return None
+        return ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())) if torch.cuda.is_available() else None
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):  # no nvidia-smi, or it hung
+        return None
+    return ", ".join(line.strip() for line in out.stdout.splitlines() if line.strip()) or None
 
 
 def version(dist: str) -> str | None:
@@ -210,16 +227,9 @@ def machine(libraries: Iterable[str] = ()) -> dict:
     """What ran the benchmark: CPU, cores, RAM, GPU, platform, Python, the given libraries' versions
     (absent ones left out; numpy always) and the 1-minute load average (> cores: timings inflated)."""
     libs = {name: version(name) for name in dict.fromkeys(["numpy", *libraries])}
-    return {
-        "cpu": cpu_model(),
-        "cores": os.cpu_count(),
-        "ram_gib": _ram_gib(),
-        "gpu": _gpu(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "libraries": {k: v for k, v in libs.items() if v is not None},
-        "load_average_1m": round(os.getloadavg()[0], 2),
-    }
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "ram_gib": _ram_gib(), "gpu": _gpu(), "platform": platform.platform(),
+            "python": platform.python_version(), "libraries": {k: v for k, v in libs.items() if v is not None},
+            "load_average_1m": round(os.getloadavg()[0], 2)}  # fmt: skip
 
 
 def describe(m: Any) -> str:

@@ -193,14 +193,18 @@ def cornac_dataset(train: Any, n_users: int, n_items: int, seed: int | None = SE
 
 
 class _Cornac(_Base):
-    """Wraps a cornac Recommender; scores come from its own `score(user_idx)` (all items)."""
+    """Wraps a cornac Recommender (the class `_model()` gives, made with `params`); scores come from its
+    own `score(user_idx)` (all items)."""
 
-    def _make(self):
+    def __init__(self, **params: Any):
+        self.params, self.seed = params, params["seed"]
+
+    def _model(self) -> type:
         raise NotImplementedError
 
     def fit(self, train: CSR, n_users: int, n_items: int) -> None:
         self._remember(train, n_users, n_items)
-        self.model = self._make()  # fresh model: cornac BPR draws its init from an RNG made in __init__
+        self.model = self._model()(**self.params, verbose=False)  # fresh model: cornac BPR draws its init from an RNG made in __init__
         self.model.fit(cornac_dataset(train, n_users, n_items, self.seed))
 
     def _raw(self, users: np.ndarray) -> np.ndarray:
@@ -217,13 +221,12 @@ class CornacBPR(_Cornac):
     name = "bpr"
 
     def __init__(self, k: int = 200, max_iter: int = 200, learning_rate: float = 0.01, lambda_reg: float = 0.001, seed: int | None = SEED):
-        self.k, self.max_iter, self.learning_rate, self.lambda_reg, self.seed = k, max_iter, learning_rate, lambda_reg, seed
+        super().__init__(k=k, max_iter=max_iter, learning_rate=learning_rate, lambda_reg=lambda_reg, seed=seed)
 
-    def _make(self):
+    def _model(self) -> type:
         from cornac.models import BPR
 
-        # with a seed cornac trains single-threaded (deterministic), whatever num_threads says
-        return BPR(k=self.k, max_iter=self.max_iter, learning_rate=self.learning_rate, lambda_reg=self.lambda_reg, seed=self.seed, verbose=False)
+        return BPR  # with a seed cornac trains single-threaded (deterministic), whatever num_threads says
 
 
 class CornacBiVAE(_Cornac):
@@ -237,21 +240,10 @@ class CornacBiVAE(_Cornac):
 
     name = "bivae"
 
-    def __init__(
-        self,
-        k: int = 100,
-        encoder_structure: Sequence[int] = (200,),
-        act_fn: str = "tanh",
-        likelihood: str = "pois",
-        n_epochs: int = 500,
-        batch_size: int = 1024,
-        learning_rate: float = 0.001,
-        seed: int | None = SEED,
-        use_gpu: bool = False,
-        num_threads: int | None = 1,
-    ):
-        self.k, self.encoder_structure, self.act_fn, self.likelihood = k, list(encoder_structure), act_fn, likelihood
-        self.n_epochs, self.batch_size, self.learning_rate, self.seed, self.use_gpu = n_epochs, batch_size, learning_rate, seed, use_gpu
+    def __init__(self, k: int = 100, encoder_structure: Sequence[int] = (200,), act_fn: str = "tanh", likelihood: str = "pois", n_epochs: int = 500,
+                 batch_size: int = 1024, learning_rate: float = 0.001, seed: int | None = SEED, use_gpu: bool = False, num_threads: int | None = 1):
+        super().__init__(k=k, encoder_structure=list(encoder_structure), act_fn=act_fn, likelihood=likelihood, n_epochs=n_epochs,
+                         batch_size=batch_size, learning_rate=learning_rate, seed=seed, use_gpu=use_gpu)  # fmt: skip
         # torch intra-op threads during fit / scores (restored after); None: leave torch's setting.
         # 1 by default: the batches are small, and on a busy 2-core box 2 threads ran ~10x slower.
         self.num_threads = num_threads
@@ -260,21 +252,10 @@ class CornacBiVAE(_Cornac):
         with _torch_threads(self.num_threads):
             super().fit(train, n_users, n_items)
 
-    def _make(self):
+    def _model(self) -> type:
         from cornac.models import BiVAECF
 
-        return BiVAECF(
-            k=self.k,
-            encoder_structure=self.encoder_structure,
-            act_fn=self.act_fn,
-            likelihood=self.likelihood,
-            n_epochs=self.n_epochs,
-            batch_size=self.batch_size,
-            learning_rate=self.learning_rate,
-            seed=self.seed,
-            use_gpu=self.use_gpu,
-            verbose=False,
-        )
+        return BiVAECF
 
     def _raw(self, users: np.ndarray) -> np.ndarray:
         import torch
@@ -321,15 +302,8 @@ class ImplicitALS(_Base):
         confidence = x.copy()
         confidence.data = (1.0 + self.alpha * confidence.data).astype(np.float32)
         with threadpool_limits(limits=1, user_api="blas"):  # implicit checks BLAS threads in __init__
-            model = AlternatingLeastSquares(
-                factors=self.factors,
-                regularization=self.regularization,
-                alpha=1.0,
-                iterations=self.iterations,
-                calculate_training_loss=False,
-                num_threads=self.num_threads,
-                random_state=self.seed,
-            )
+            model = AlternatingLeastSquares(factors=self.factors, regularization=self.regularization, alpha=1.0, iterations=self.iterations,
+                                            calculate_training_loss=False, num_threads=self.num_threads, random_state=self.seed)
             model.fit(confidence, show_progress=False)
         self.user_factors = np.asarray(model.user_factors, dtype=np.float32)
         self.item_factors = np.asarray(model.item_factors, dtype=np.float32)
@@ -351,9 +325,8 @@ def _fit_evaluate(peer: Peer, prepared: Any, fit_on: Any, truth: Any, k: int) ->
     return {**evaluate_scores(peer.scores, harness.users_with(truth), fit_on, truth, n_items, k=k), "fit_s": fit_s}
 
 
-def tune(
-    peer_factory: Callable[..., Peer], grid: list[dict[str, Any]], prepared: Any, k: int = 10
-) -> tuple[dict[str, Any], float, list[dict[str, Any]]]:
+def tune(peer_factory: Callable[..., Peer], grid: list[dict[str, Any]], prepared: Any, k: int = 10
+         ) -> tuple[dict[str, Any], float, list[dict[str, Any]]]:
     """Grid search on validation: fit on `prepared.train`, NDCG@k on `prepared.val` (train excluded).
 
     Returns (best_params, best_val_ndcg, table); table has one row per grid point, in grid
@@ -406,10 +379,8 @@ def _effective(factory: Callable[..., Peer], params: dict[str, Any]) -> dict[str
     return {key: list(v) if isinstance(v, tuple) else v for key, v in bound.arguments.items()}
 
 
-def run_peers(
-    prepared: Any, k: int = 10, names: Sequence[str] = ("popularity", "ease", "bpr", "bivae", "als"), fast: bool = False,
-    seed: int | None = None,
-) -> dict[str, dict[str, Any]]:
+def run_peers(prepared: Any, k: int = 10, names: Sequence[str] = ("popularity", "ease", "bpr", "bivae", "als"), fast: bool = False,
+              seed: int | None = None) -> dict[str, dict[str, Any]]:
     """Tune (if the peer has a grid) on train -> val, refit on seen, evaluate on test.
 
     `prepared` needs .train, .val, .seen, .test CSRs (pairs or rated triples) and
@@ -448,22 +419,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--names", default=",".join(PEERS), help="comma-separated peers")
     p.add_argument("--fast", action="store_true", help="small grids / few iterations (smoke run)")
     args = p.parse_args(argv)
-
-    from training.config import load_config
-    from training.pipeline import prepare
-
     spec = f"ml100k:{args.data}" if Path(args.data).is_dir() else args.data  # --data FOLDER meant ML-100k before specs
     data = harness.dataset(p, spec, harness.ALL_KINDS, source=True)
     if data is None:
         return 2
     protocol = harness.protocol(p, data, args.protocol)
     config = "two_tower_ml100k.yaml" if data.kind == "ml100k" else "two_tower.yaml"  # only its data, split and eval_k are used
-    try:
-        cfg = load_config(REPO / "configs" / config, [*data.overrides, f"split.protocol={protocol}", "tracking.enabled=false", "store.load=false"])
-        prepared = prepare(cfg)
-    except (ValueError, FileNotFoundError) as e:  # ConfigError, DataFormatError and pydantic's errors are ValueErrors
-        print(f"peers.py: error: --data {args.data}: {e}", file=sys.stderr)
+    overrides = [*data.overrides, f"split.protocol={protocol}", "tracking.enabled=false", "store.load=false"]
+    if (loaded := harness.load(REPO / "configs" / config, overrides, f"peers.py: error: --data {args.data}", prepare=True)) is None:
         return 2
+    cfg, prepared = loaded
     k = cfg.task.eval_k
     names = [n.strip() for n in args.names.split(",") if n.strip()]
     results = run_peers(prepared, k=k, names=names, fast=args.fast)
