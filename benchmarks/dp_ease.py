@@ -56,25 +56,21 @@ ACCOUNTANT_NOTE = ("(k, lambda) chosen on validation NDCG: that selection reads 
 
 # ---------------------------------------------------------------- the mechanism (training/privacy/gram.py's)
 
-from training.privacy.gram import add_noise, gaussian_delta, gaussian_sigma  # noqa: E402,F401  (the product's accountant and noise)
+from training.privacy.gram import add_noise, gaussian_sigma  # noqa: E402  (the product's accountant and noise)
 from training.privacy.gram import noise_lambda as fixed_lambda  # noqa: E402  (λ = σ·√(2·n_items), the fixed row's)
 from peers import ease_weights  # noqa: E402  (EASE's B from a PSD Gram matrix: Cholesky solve; peers.EASE's too)
 
 CONFIGS = {"ml100k": REPO / "configs" / "two_tower_ml100k.yaml", "synthetic": REPO / "configs" / "two_tower.yaml"}  # the split's config
 
 
-def unit_rows(histories: np.ndarray) -> np.ndarray:
-    """Each row scaled to unit L2 norm (all-zero rows stay zero): one user's x^ x^ᵀ then has Frobenius norm 1."""
+def noisy_gram(histories: np.ndarray, sigma: float, rng: np.random.Generator | None) -> np.ndarray:
+    """Σ_u x^_u x^_uᵀ of the rows of dense `histories` (users x items) scaled to unit L2 norm (all-zero
+    rows stay zero: one user's x^ x^ᵀ has Frobenius norm 1) plus the product's release noise
+    (training.privacy.gram.add_noise: N(0, σ²) diagonal, N(0, σ²/2) strict upper, mirrored; one
+    (n_items, n_items) standard-normal draw from `rng`). σ = 0: no noise, rng unread."""
     x = np.asarray(histories, dtype=np.float64)
     n = np.sqrt((x * x).sum(axis=1, keepdims=True))
-    return np.divide(x, n, out=np.zeros_like(x), where=n > 0)
-
-
-def noisy_gram(histories: np.ndarray, sigma: float, rng: np.random.Generator | None) -> np.ndarray:
-    """Σ_u x^_u x^_uᵀ of the unit-norm rows of dense `histories` (users x items) plus the product's
-    release noise (training.privacy.gram.add_noise: N(0, σ²) diagonal, N(0, σ²/2) strict upper,
-    mirrored; one (n_items, n_items) standard-normal draw from `rng`). σ = 0: no noise, rng unread."""
-    x = unit_rows(histories)
+    x = np.divide(x, n, out=np.zeros_like(x), where=n > 0)
     return add_noise(x.T @ x, sigma, rng)
 
 
@@ -102,9 +98,8 @@ def psd_project(gram: np.ndarray, rank: int | None = None, eig: tuple[np.ndarray
 
 def dense(csr, n_users: int, n_items: int) -> np.ndarray:
     """Binary users x items matrix of a (indptr, indices, ...) CSR."""
-    indptr, indices = csr[0], csr[1]
     x = np.zeros((n_users, n_items))
-    x[np.repeat(np.arange(n_users), np.diff(indptr)), indices] = 1.0
+    x[np.repeat(np.arange(n_users), np.diff(csr[0])), csr[1]] = 1.0
     return x
 
 
@@ -131,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     name = source.name
     overrides = ["tracking.enabled=false", "store.load=false", f"privacy.audit_holdout={args.audit_holdout}", *args.set, *source.overrides]
     cfg = load_config(CONFIGS[name], overrides)  # the non-private config: the split is the same for both
-    k = cfg.task.eval_k
+    k, key = cfg.task.eval_k, f"ndcg@{cfg.task.eval_k}"
     started = time.perf_counter()
     data = prepare(cfg)
     n_users, n_items = data.dataset.n_users, data.dataset.n_items
@@ -139,20 +134,16 @@ def main(argv: list[str] | None = None) -> int:
     members = np.flatnonzero(x_train.sum(axis=1) > 0)
     delta = cfg.privacy.delta if cfg.privacy.delta is not None else 1.0 / len(members)
     val_users, test_users = harness.users_with(data.val), harness.users_with(data.test)
-
-    def val_metrics(b: np.ndarray) -> dict[str, float]:
-        return evaluate_scores(lambda u: x_train[u] @ b, val_users, data.train[:2], data.val[:2], n_items, k=k)
-
-    def test_metrics(b: np.ndarray) -> dict[str, float]:
-        return evaluate_scores(lambda u: x_seen[u] @ b, test_users, data.seen[:2], data.test[:2], n_items, k=k)
-
-    pop = popularity_metrics(data, k)[f"ndcg@{k}"]
+    val_metrics = lambda b: evaluate_scores(lambda u: x_train[u] @ b, val_users, data.train[:2], data.val[:2], n_items, k=k)  # noqa: E731
+    test_metrics = lambda b: evaluate_scores(lambda u: x_seen[u] @ b, test_users, data.seen[:2], data.test[:2], n_items, k=k)  # noqa: E731
+    pop = popularity_metrics(data, k)[key]
     print(f"{name}: {len(members)} training users (members), {n_items} items, delta {delta:.4g}; "
-          f"popularity (non-private) test ndcg@{k} {pop:.4f}", flush=True)  # fmt: skip
+          f"popularity (non-private) test {key} {pop:.4f}", flush=True)  # fmt: skip
 
     results = []
     for eps in epsilons:
         sigma = 0.0 if math.isinf(eps) else gaussian_sigma(eps, delta)
+        lam_fixed = fixed_lambda(sigma, n_items) if sigma > 0 else None
         runs = []
         for seed in seeds if sigma > 0 else seeds[:1]:  # no noise: every seed is the same release
             t0 = time.perf_counter()
@@ -161,52 +152,43 @@ def main(argv: list[str] | None = None) -> int:
             grid = []
             for rank in RANKS:
                 g = psd_project(gram, rank, eig)
-                for lam in LAMS:
-                    grid.append({"rank": rank or n_items, "lam": lam, "val_ndcg": val_metrics(ease_weights(g, lam))[f"ndcg@{k}"]})
+                grid += [{"rank": rank or n_items, "lam": lam, "val_ndcg": val_metrics(ease_weights(g, lam))[key]} for lam in LAMS]
             best = max(grid, key=lambda r: r["val_ndcg"])  # ties: the earlier grid point
             b = ease_weights(psd_project(gram, None if best["rank"] == n_items else best["rank"], eig), best["lam"])
             run = {"seed": seed, "rank": best["rank"], "lam": best["lam"], "val_ndcg": best["val_ndcg"], "test": test_metrics(b), "grid": grid}
+            line = f"  eps={eps:g} seed {seed}: val-tuned k={best['rank']} lam={best['lam']:g} (val {best['val_ndcg']:.4f}) -> test {key} {run['test'][key]:.4f}"
             if sigma > 0:
-                lam_fixed = fixed_lambda(sigma, n_items)
                 run["fixed"] = {"rank": n_items, "lam": lam_fixed, "test": test_metrics(ease_weights(psd_project(gram, None, eig), lam_fixed))}
+                line += f"; fixed lam={lam_fixed:.1f} -> {run['fixed']['test'][key]:.4f}"
             run["seconds"] = time.perf_counter() - t0
             runs.append(run)
-            line = f"  eps={eps:g} seed {seed}: val-tuned k={best['rank']} lam={best['lam']:g} (val {best['val_ndcg']:.4f}) -> test ndcg@{k} {run['test'][f'ndcg@{k}']:.4f}"
-            if "fixed" in run:
-                line += f"; fixed lam={run['fixed']['lam']:.1f} -> {run['fixed']['test'][f'ndcg@{k}']:.4f}"
             print(line + f" ({run['seconds']:.0f}s)", flush=True)
         row = {"epsilon": eps, "delta": delta, "sigma": sigma, "noise_seeds": [r["seed"] for r in runs],
                "val_tuned": harness.summarize([r["test"] for r in runs]), "runs": runs}  # fmt: skip
         if sigma > 0:
-            row["fixed"] = {"rank": n_items, "lam": fixed_lambda(sigma, n_items), **harness.summarize([r["fixed"]["test"] for r in runs])}
+            row["fixed"] = {"rank": n_items, "lam": lam_fixed, **harness.summarize([r["fixed"]["test"] for r in runs])}
         results.append(row)
 
     report = {
-        "dataset": name,
-        "split": f"{CONFIGS[name].relative_to(REPO)}, ms-recommenders stratified, privacy.audit_holdout={args.audit_holdout}",
-        "k": k,
-        "n_members": int(len(members)),
-        "delta": delta,
+        "dataset": name, "split": f"{CONFIGS[name].relative_to(REPO)}, ms-recommenders stratified, privacy.audit_holdout={args.audit_holdout}",
+        "k": k, "n_members": int(len(members)), "delta": delta,
         "mechanism": "unit-L2 rows; Gram + N(0, s^2) diagonal, N(0, s^2/2) strict upper (mirrored); s = analytic Gaussian mechanism at L2 sensitivity 1",
-        "grid": {"ranks": [r or n_items for r in RANKS], "lams": LAMS},
-        "accounting": ACCOUNTANT_NOTE,
-        "popularity_ndcg": pop,
-        "results": results,
-        "seconds": round(time.perf_counter() - started, 1),
-    }
+        "grid": {"ranks": [r or n_items for r in RANKS], "lams": LAMS}, "accounting": ACCOUNTANT_NOTE, "popularity_ndcg": pop,
+        "results": results, "seconds": round(time.perf_counter() - started, 1),
+    }  # fmt: skip
     out = harness.write(report, args, "dp_ease", script=__file__, argv=argv, libraries=["scipy", "torch"])
 
     cols = [f"ndcg@{k}", f"precision@{k}", f"recall@{k}", f"map@{k}"]
+    cells = lambda m: "".join(f"  {m[c]:.4f} ± {m[c + '_std']:.4f}" for c in cols)  # noqa: E731
     print(f"\n{name}: DP-EASE, {len(members)} members, delta {delta:.3g}  ({report['seconds']:.0f} s); mean ± std over noise seeds")
     print(f"{'eps':>5}{'sigma':>8}  {'row':<24}" + "".join(f"{c:>18}" for c in cols) + "   (k, lambda) per seed")
     for row in results:
-        cells = lambda m: "".join(f"  {m[c]:.4f} ± {m[c + '_std']:.4f}" for c in cols)  # noqa: E731
         picks = ", ".join(f"({r['rank']}, {r['lam']:g})" for r in row["runs"])
         print(f"{row['epsilon']:>5g}{row['sigma']:>8.3f}  {'val-tuned':<24}" + cells(row["val_tuned"]) + f"   {picks}")
         if "fixed" in row:
             label = f"fixed (lam={row['fixed']['lam']:.1f})"
             print(f"{'':>13}  {label:<24}" + cells(row["fixed"]) + f"   (all, {row['fixed']['lam']:.1f})")
-    print(f"  popularity (non-private) ndcg@{k}: {pop:.4f}")
+    print(f"  popularity (non-private) {key}: {pop:.4f}")
     print(f"  note: {ACCOUNTANT_NOTE}")
     print(f"\nwrote {out}")
     return 0

@@ -57,21 +57,14 @@ def run(config: str, overrides: list[str], tmp: str, tag: str) -> dict:
     cfg = load_config(REPO / "configs" / config, [*overrides, *harness.offline(tmp, f"-{tag}")])
     started = time.perf_counter()
     result = train(cfg)
-    k = cfg.task.eval_k
-    return {
-        "test_ndcg": result.metrics[f"test/ndcg@{k}"],
-        "test": {key.removeprefix("test/"): v for key, v in result.metrics.items() if key.startswith("test/")},
-        "best_val_ndcg": result.fit.best_metric,
-        "best_step": result.fit.best_epoch,
-        "steps_run": result.fit.epochs_run,
-        "fit_s": result.fit.seconds,
-        "wall_s": time.perf_counter() - started,
-        "val_curve": [row[f"val/ndcg@{k}"] for row in result.fit.history if f"val/ndcg@{k}" in row],
-        "val_rounds": [int(row["epoch"]) for row in result.fit.history if f"val/ndcg@{k}" in row],
-        "clients_per_round": [int(row["federated/clients_fit"]) for row in result.fit.history if "federated/clients_fit" in row],
-        "privacy": result.fit.privacy,
-        "config": {"file": f"configs/{config}", "overrides": overrides},
-    }
+    k, fit, wall_s = cfg.task.eval_k, result.fit, time.perf_counter() - started
+    val = [row for row in fit.history if f"val/ndcg@{k}" in row]
+    test = {key.removeprefix("test/"): v for key, v in result.metrics.items() if key.startswith("test/")}
+    return {"test_ndcg": result.metrics[f"test/ndcg@{k}"], "test": test,
+            "best_val_ndcg": fit.best_metric, "best_step": fit.best_epoch, "steps_run": fit.epochs_run, "fit_s": fit.seconds, "wall_s": wall_s,
+            "val_curve": [row[f"val/ndcg@{k}"] for row in val], "val_rounds": [int(row["epoch"]) for row in val],
+            "clients_per_round": [int(row["federated/clients_fit"]) for row in fit.history if "federated/clients_fit" in row],
+            "privacy": fit.privacy, "config": {"file": f"configs/{config}", "overrides": overrides}}  # fmt: skip
 
 
 def central_row(path: str) -> dict:
@@ -167,29 +160,21 @@ def main(argv: list[str] | None = None) -> int:
         row["goal_met"] = bool(row["ratio_test_ndcg"] >= share and (ml1m or row["steps_run"] <= 100))
         if row.get("clients_per_round"):
             row["clients_per_round_mean"] = sum(row["clients_per_round"]) / len(row["clients_per_round"])
-    report = {
-        "dataset": name,
-        "protocol": harness.PROTOCOLS["given"] if ml1m else "ms-recommenders stratified per item 75/25 seed 42",
-        "k": 10,
-        "goal": "federated test NDCG@10 >= 90 % of centralized without DP (6,040 one-user clients), and the DP figure at eps 8"
-        if ml1m else "federated test NDCG@10 >= 95 % of centralized within <= 100 rounds",
-        "goal_share": share,
-        "centralized": central,
-        "federated": federated,
-        "timing_note": "wall times from a shared machine are indicative only; rerun on a quiet one",
-    }
+    goal = ("federated test NDCG@10 >= 90 % of centralized without DP (6,040 one-user clients), and the DP figure at eps 8" if ml1m
+            else "federated test NDCG@10 >= 95 % of centralized within <= 100 rounds")  # fmt: skip
+    report = {"dataset": name, "protocol": harness.PROTOCOLS["given"] if ml1m else "ms-recommenders stratified per item 75/25 seed 42", "k": 10,
+              "goal": goal, "goal_share": share, "centralized": central, "federated": federated,
+              "timing_note": "wall times from a shared machine are indicative only; rerun on a quiet one"}  # fmt: skip
     out = harness.write(report, args, f"federated_{name}", script=__file__, argv=argv, libraries=["torch", "flwr", "ray", "opacus"])
     png = Path(args.plot or out.with_suffix(".png"))
     plot(report, png)
 
     print(f"\n{name} / {report['protocol']}")
-    print(f"{'model':<24}{'test ndcg@10':>14}{'% of central':>14}{'rounds':>8}{'clients/rd':>12}{'epsilon':>9}{'fit s':>9}")
-    print(f"{'centralized':<24}{central['test_ndcg']:>14.4f}{100.0:>14.1f}{str(central['steps_run'] or '-'):>8}{'-':>12}{'-':>9}{central['fit_s']:>9.0f}")
-    for v, row in federated.items():
-        eps = row["privacy"].get("epsilon")
-        per = row.get("clients_per_round_mean")
-        print(f"{'federated ' + v:<24}{row['test_ndcg']:>14.4f}{100 * row['ratio_test_ndcg']:>14.1f}{row['steps_run']:>8}"
-              f"{'-' if per is None else f'{per:.1f}':>12}{'-' if eps is None else f'{eps:.2f}':>9}{row['fit_s']:>9.0f}")  # fmt: skip
+    rows = [["centralized", central["test_ndcg"], 100.0, central["steps_run"] or None, None, None, central["fit_s"]]]
+    rows += [[f"federated {v}", row["test_ndcg"], 100 * row["ratio_test_ndcg"], row["steps_run"], row.get("clients_per_round_mean"),
+              row["privacy"].get("epsilon"), row["fit_s"]] for v, row in federated.items()]  # fmt: skip
+    head = ["model", "test ndcg@10", "% of central", "rounds", "clients/rd", "epsilon", "fit s"]
+    print(harness.table(head, rows, digits=(4, 1, 0, 1, 2, 0), first=24, width=13))
     print("(centralized 'rounds' = epochs; clients/rd = mean clients that trained per round)")
     print(f"\nwrote {out} and {png}")
     return 0

@@ -76,26 +76,19 @@ def shards_in_memory(cfg, device):
     return (indptr, np.concatenate(items).astype(np.int64), np.concatenate(ratings)), shards_context(shards), TwoTower(spec, device=device), task
 
 
-def time_checkpoints(trainer, saves: list[float]) -> None:
-    """Record how long each per-epoch checkpoint takes (at 1M x 1M, model + Adam state is ~1.5 GB:
-    a save longer than a capped epoch's steps), so the steps' own rate can be reported beside it."""
-    save = trainer._save
+def instrument(trainer, saves: list[float], setups: list[float]) -> None:
+    """Record how long each per-epoch checkpoint takes (`saves`; at 1M x 1M, model + Adam state is ~1.5 GB:
+    a save longer than a capped epoch's steps) and each epoch's setup (`setups`): the time to its first
+    batch (hide mask, shuffle and CSR split of the whole data, or the device layout), paid once per epoch,
+    so a capped epoch (steps_per_epoch) over-weights it. The steps' own rate is reported without both."""
+    save, batches = trainer._save, trainer._batches
 
     def timed_save(*a, **kw):
         t = time.perf_counter()
         save(*a, **kw)
         saves.append(time.perf_counter() - t)
 
-    trainer._save = timed_save
-
-
-def time_epoch_setup(trainer, setups: list[float]) -> None:
-    """Record each epoch's setup: the time to its first batch (hide mask, shuffle and CSR split of the
-    whole data, or the device layout). Paid once per epoch, so a capped epoch (steps_per_epoch)
-    over-weights it; the steps' own rate is reported without it beside the plain one."""
-    batches = trainer._batches
-
-    def timed(*a, **kw):
+    def timed_batches(*a, **kw):
         it = iter(batches(*a, **kw))
         t = time.perf_counter()
         first = next(it, None)
@@ -104,7 +97,7 @@ def time_epoch_setup(trainer, setups: list[float]) -> None:
             yield first
             yield from it
 
-    trainer._batches = timed
+    trainer._save, trainer._batches = timed_save, timed_batches
 
 
 # -- one measurement (runs in the child process) ----------------------------------------------
@@ -126,43 +119,32 @@ def measure(spec: dict) -> None:
     rank, world = 0, 1
     if distributed:
         rank, world, _ = D.init_process_group(cfg.distributed, device)
+    shards, dp = cfg.distributed.data == "shards", cfg.privacy.mode == "dp"
     stamps: list[float] = []
     saves: list[float] = []  # seconds of each epoch's checkpoint (single-process trainer)
     setups: list[float] = []  # seconds from each epoch's start to its first batch (single-process trainer)
+    on_epoch = lambda epoch, metrics: stamps.append(time.perf_counter())  # noqa: E731
     started = time.perf_counter()
-    if cfg.distributed.data == "shards" and not distributed:  # the single-process trainer on the shards, read into memory
-        data, ctx, model, task = shards_in_memory(cfg, device)
-        on_epoch = lambda epoch, metrics: stamps.append(time.perf_counter())  # noqa: E731
-        m = cfg.model
-        trainer = Trainer(model, task, cfg.trainer, cfg.task.history_dropout, m.user_id_dropout, device, on_epoch=on_epoch)
-        time_checkpoints(trainer, saves)
-        time_epoch_setup(trainer, setups)
-        started = time.perf_counter()
-        trainer.fit(data, None, None, ctx)
-        times = [started, *stamps]
-        epochs = [b - a for a, b in zip(times, times[1:])]
-        users, interactions = int((np.diff(data[0]) > 0).sum()), int(data[0][-1])
-        if cfg.trainer.steps_per_epoch is not None:
-            capped = min(users, cfg.trainer.steps_per_epoch * cfg.trainer.batch_size)
-            interactions, users = round(interactions * capped / max(users, 1)), capped
-    elif cfg.distributed.data == "shards":
+    if shards and distributed:
         fit = D._run_shards(cfg, device, rank, world, False)
         epochs = [fit.seconds / max(fit.epochs_run, 1)] * fit.epochs_run if rank == 0 else []
         from features.shards import ShardSet
 
-        shards = ShardSet.open(cfg.distributed.shards_path)
+        shard_set = ShardSet.open(cfg.distributed.shards_path)
         local = max(cfg.trainer.batch_size // world, 1)
-        steps = min(shards.users_for(r, world) for r in range(world)) // local
-        users, interactions = steps * local * world, steps * local * world * shards.manifest["rows"] / max(shards.n_users, 1)
+        steps = min(shard_set.users_for(r, world) for r in range(world)) // local
+        users, interactions = steps * local * world, steps * local * world * shard_set.manifest["rows"] / max(shard_set.n_users, 1)
     else:
-        data = prepare(cfg)
-        ds = data.dataset
-        ctx = context(cfg, ds)
-        seed_everything(cfg.trainer.seed)
-        model = build_model(cfg, ds, ctx, device)
-        task = RetrievalTask(cfg.task, item_counts(data.train, ds.n_items), cfg.model.item_id_dropout)
-        on_epoch = lambda epoch, metrics: stamps.append(time.perf_counter())  # noqa: E731
-        if cfg.privacy.mode == "dp":  # DP-SGD (Opacus): its own loop, timed through the tracker it reports epochs to
+        if shards:  # the single-process trainer on the shards, read into memory
+            train, ctx, model, task = shards_in_memory(cfg, device)
+        else:
+            data = prepare(cfg)
+            ds, train = data.dataset, data.train
+            ctx = context(cfg, ds)
+            seed_everything(cfg.trainer.seed)
+            model = build_model(cfg, ds, ctx, device)
+            task = RetrievalTask(cfg.task, item_counts(data.train, ds.n_items), cfg.model.item_id_dropout)
+        if dp and not shards:  # DP-SGD (Opacus): its own loop, timed through the tracker it reports epochs to
             from training.privacy.dp import fit_dp
             from training.tracking import Tracker
 
@@ -173,25 +155,23 @@ def measure(spec: dict) -> None:
 
             started = time.perf_counter()
             fit_dp(cfg, model, task, data, ctx, device, Stamps(False, "", ""))
-        elif distributed:
-            plan = D.plan_sharding(model, world, device.type, D.allowed_sharding_types(cfg.distributed, device.type), batch_size=cfg.trainer.batch_size, pg=dist.GroupMember.WORLD)
-            trainer = D.DistributedTrainer(cfg, model, task, device, rank, world, plan, on_epoch=on_epoch)
         else:
-            m = cfg.model
-            trainer = Trainer(model, task, cfg.trainer, cfg.task.history_dropout, m.user_id_dropout, device, m.demographics_dropout, m.stated_dropout, on_epoch=on_epoch)
-        if cfg.privacy.mode != "dp":
-            if not distributed:
-                time_checkpoints(trainer, saves)
-                time_epoch_setup(trainer, setups)
+            if distributed:
+                plan = D.plan_sharding(model, world, device.type, D.allowed_sharding_types(cfg.distributed, device.type), batch_size=cfg.trainer.batch_size, pg=dist.GroupMember.WORLD)
+                trainer = D.DistributedTrainer(cfg, model, task, device, rank, world, plan, on_epoch=on_epoch)
+            else:
+                m = cfg.model
+                dropouts = () if shards else (m.demographics_dropout, m.stated_dropout)  # the shards' context has neither feature
+                trainer = Trainer(model, task, cfg.trainer, cfg.task.history_dropout, m.user_id_dropout, device, *dropouts, on_epoch=on_epoch)
+                instrument(trainer, saves, setups)
             started = time.perf_counter()
-            trainer.fit(data.train, None, None, ctx)
+            trainer.fit(train, None, None, ctx)
         times = [started, *stamps]
         epochs = [b - a for a, b in zip(times, times[1:])]
-        users = int((np.diff(data.train[0]) > 0).sum())
+        users, interactions = int((np.diff(train[0]) > 0).sum()), int(train[0][-1])
         last = users % cfg.trainer.batch_size
         users -= last if distributed and 0 < last < world else 0  # a last batch with fewer users than ranks is skipped
-        interactions = int(data.train[0][-1])
-        if cfg.trainer.steps_per_epoch is not None and not distributed and cfg.privacy.mode != "dp":  # a capped epoch
+        if cfg.trainer.steps_per_epoch is not None and not distributed and (shards or not dp):  # a capped epoch
             capped = min(users, cfg.trainer.steps_per_epoch * cfg.trainer.batch_size)
             interactions, users = round(interactions * capped / max(users, 1)), capped
     memory = {"peak_rss_mb": harness.peak_rss_mb(),
