@@ -44,16 +44,18 @@ def pm(m: dict, key: str) -> str:
 # ---------------------------------------------------------------- one function per JSON shape: JSON -> rows
 
 
-def _quality_parts(r: dict) -> tuple[int, dict, str, dict, dict, str]:
-    """A quality JSON's k, models, metric key, trustrec models, peers and a seeds label."""
+def _quality_parts(r: dict) -> tuple[int, str, dict, dict, str, Row]:
+    """A quality JSON's k, metric key, trustrec models, peers, a seeds label and the row of every model's figure."""
     k, models = r["k"], r["models"]
+    key, ranked = f"ndcg@{k}", sorted(models, key=lambda m: -models[m][f"ndcg@{k}"])
     ours = {m: v for m, v in models.items() if m.startswith("trustrec")}
     peers = {m: v for m, v in models.items() if not m.startswith("trustrec")}
-    return k, models, f"ndcg@{k}", ours, peers, f"seed{'s' if len(r['seeds']) > 1 else ''} {','.join(map(str, r['seeds']))}"
+    every = (f"every model's test NDCG@{k} ({r['protocol']})", ", ".join(f"{m} {models[m][key]:.4f}" for m in ranked), met(None))
+    return k, key, ours, peers, f"seed{'s' if len(r['seeds']) > 1 else ''} {','.join(map(str, r['seeds']))}", every
 
 
 def quality_rows(r: dict) -> list[Row]:
-    k, models, key, ours, peers, seeds = _quality_parts(r)
+    k, key, ours, peers, seeds, every = _quality_parts(r)
     rows = []
     if "trustrec-two-tower" in ours:
         tt = ours["trustrec-two-tower"][key]
@@ -64,25 +66,20 @@ def quality_rows(r: dict) -> list[Row]:
         if peers:
             peer = max(peers, key=lambda m: peers[m][key])
             rows.append((f"NDCG@{k} above every peer", f"{best} {ours[best][key]:.4f} vs {peer} {peers[peer][key]:.4f}", met(ours[best][key] > peers[peer][key])))
-    others = sorted(models, key=lambda m: -models[m][key])
-    rows.append((f"every model's test NDCG@{k} ({r['protocol']})", ", ".join(f"{m} {models[m][key]:.4f}" for m in others), met(None)))
-    return rows
+    return [*rows, every]
 
 
 def quality_other_rows(r: dict, within: float | None = None) -> list[Row]:
     """A dataset the recipes were not tuned on: the best trustrec model against the best peer
     (above it; or, with `within`, at most that share below it), and every model's figure."""
-    k, models, key, ours, peers, seeds = _quality_parts(r)
-    rows = []
-    if ours and peers:
-        best, peer = max(ours, key=lambda m: ours[m][key]), max(peers, key=lambda m: peers[m][key])
-        gap = ours[best][key] / peers[peer][key] - 1
-        goal = f"best trustrec NDCG@{k} above every peer" if within is None else f"best trustrec NDCG@{k} within {within:.0%} of the best peer or above"
-        ok = ours[best][key] > peers[peer][key] if within is None else gap >= -within
-        rows.append((goal, f"{best} {pm(ours[best], key)} vs {peer} {pm(peers[peer], key)} ({gap:+.1%}; {seeds})", met(ok)))
-    others = sorted(models, key=lambda m: -models[m][key])
-    rows.append((f"every model's test NDCG@{k} ({r['protocol']})", ", ".join(f"{m} {models[m][key]:.4f}" for m in others), met(None)))
-    return rows
+    k, key, ours, peers, seeds, every = _quality_parts(r)
+    if not (ours and peers):
+        return [every]
+    best, peer = max(ours, key=lambda m: ours[m][key]), max(peers, key=lambda m: peers[m][key])
+    gap = ours[best][key] / peers[peer][key] - 1
+    goal = f"best trustrec NDCG@{k} above every peer" if within is None else f"best trustrec NDCG@{k} within {within:.0%} of the best peer or above"
+    ok = ours[best][key] > peers[peer][key] if within is None else gap >= -within
+    return [(goal, f"{best} {pm(ours[best], key)} vs {peer} {pm(peers[peer], key)} ({gap:+.1%}; {seeds})", met(ok)), every]
 
 
 def peers_rows(r: dict) -> list[Row]:
@@ -136,8 +133,7 @@ def dp_ease_rows(r: dict) -> list[Row]:
 
 
 def federated_rows(r: dict) -> list[Row]:
-    c = r["centralized"]
-    rows = []
+    c, rows = r["centralized"], []
     for name, f in r["federated"].items():
         text = f"{pct(f['ratio_test_ndcg'], 1)} of centralized ({f['test_ndcg']:.4f} vs {c['test_ndcg']:.4f}), {f['steps_run']} rounds run"
         if "rounds_to_95pct_val" in f:  # silos: how soon validation got within 95 % of central
@@ -172,16 +168,12 @@ def consent_rows(r: dict) -> list[Row]:
     return [(f"consent change → changed answer: p95 < {r['goal_ms']:g} ms", text, met(r["meets_goal_p95"]))]
 
 
-def _div(d) -> str:
-    return "MMR off" if d in (None, "none") else f"MMR {d}"
-
-
 def serve_load_rows(r: dict) -> list[Row]:
-    rows = []
+    rows, div = [], lambda d: "MMR off" if d in (None, "none") else f"MMR {d}"  # noqa: E731
     for key, g in r["goals"].items():
         status = met(g["met"]) if g.get("measured", True) else "not measured"
         if key == "p99_at_300rps":
-            text = "; ".join(f"{_div(d)}: " + ", ".join(f"{x['p99_ms']:.1f} ms at {x['rps']:g}/s" + (f" ({x['errors']} errors)" if x["errors"] else "") for x in v["rows"])
+            text = "; ".join(f"{div(d)}: " + ", ".join(f"{x['p99_ms']:.1f} ms at {x['rps']:g}/s" + (f" ({x['errors']} errors)" if x["errors"] else "") for x in v["rows"])
                              for d, v in g["per_diversity"].items())  # fmt: skip
         elif key == "p99_vs_noop":
             ratios = [x["p99_over_noop"] for x in g["rows"] if x["p99_over_noop"] is not None]
@@ -226,8 +218,7 @@ def train_throughput_rows(r: dict) -> list[Row]:
 
 
 def ann_rows(r: dict) -> list[Row]:
-    g, c = r["goal"], r["catalog"]
-    k = c["k"]
+    g, c, k = r["goal"], r["catalog"], r["catalog"]["k"]
     param = next(p for p in ("nprobe", "ef_search") if p in g)
     text = f"{g['index']} {param} {g[param]}: recall@{k} {g[f'recall@{k}']:.3f}, p95 {g['p95_ms_1_thread']} ms, p50 {g['p50_ms_1_thread']} ms (1 thread, batch 1), {c['items']:,} items × {c['dim']}"
     return [(f"top-{k}: p95 ≤ {g['latency_goal_ms']:g} ms/query and recall@{k} ≥ {g['recall_goal']:g}", text, met(g["met"]))]
@@ -330,25 +321,25 @@ def render_area(title: str, sources: list[Source], records: dict[str, dict]) -> 
     return "\n".join(lines)
 
 
+HEAD = """# Results
+
+<!-- generated by `python benchmarks/results_page.py` from docs/results/*.json: edit those, not this page -->
+
+The current figure for every goal, one table per area. Each row comes from a JSON of record in
+[`docs/results/`](results/) (a benchmark run with `--record` writes it, with the command, the date and
+the machine) and this page is generated from them by `python benchmarks/results_page.py`; a test fails
+when the two disagree. How each figure came about, and every earlier one: [BENCHMARKS.md](BENCHMARKS.md),
+the lab notebook. Timings depend on the machine and its load; quality figures are deterministic for
+a given command. Status: met, **not met**, reported (no goal), or not measured (no JSON of record yet:
+the row names the command that makes it). 〃: as the row above."""
+
+
 def render(records: dict[str, dict]) -> str:
     known = {s.name for _, sources in AREAS for s in sources}
-    head = [
-        "# Results",
-        "",
-        "<!-- generated by `python benchmarks/results_page.py` from docs/results/*.json: edit those, not this page -->",
-        "",
-        "The current figure for every goal, one table per area. Each row comes from a JSON of record in",
-        "[`docs/results/`](results/) (a benchmark run with `--record` writes it, with the command, the date and",
-        "the machine) and this page is generated from them by `python benchmarks/results_page.py`; a test fails",
-        "when the two disagree. How each figure came about, and every earlier one: [BENCHMARKS.md](BENCHMARKS.md),",
-        "the lab notebook. Timings depend on the machine and its load; quality figures are deterministic for",
-        "a given command. Status: met, **not met**, reported (no goal), or not measured (no JSON of record yet:",
-        "the row names the command that makes it). 〃: as the row above.",
-    ]
     body = [render_area(title, sources, records) for title, sources in AREAS]
     extra = sorted(set(records) - known)
     tail = ["", f"Not shown (no area reads them): {', '.join(f'docs/results/{n}.json' for n in extra)}."] if extra else []
-    return "\n".join(head) + "\n\n" + "\n\n".join(body) + "\n" + "\n".join(tail) + ("\n" if tail else "")
+    return HEAD + "\n\n" + "\n\n".join(body) + "\n" + "\n".join(tail) + ("\n" if tail else "")
 
 
 def load(folder: Path) -> dict[str, dict]:
