@@ -125,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     builds, rows = {}, []
 
     def measure(kind: str, param: str, value: int, index) -> None:
+        setattr(index, param, value)  # ef_search / nprobe: a search-time setting, no rebuild
         _, found = index.search(queries, args.k)
         _, found_ex = index.search(queries, args.k, exclude)
         leak = int(sum(np.isin(f, e).sum() for f, e in zip(found_ex, exclude)))
@@ -148,10 +149,8 @@ def main(argv: list[str] | None = None) -> int:
         faiss.omp_set_num_threads(os.cpu_count() or 1)  # k-means and list assignment are parallel and deterministic
         ivf = build("ivf", lambda: IvfTopK(items, args.nlist))
         faiss.omp_set_num_threads(1)
-        builds["ivf"]["nlist"] = ivf.nlist
-        builds["ivf"]["default_nprobe"] = ivf.nprobe
+        builds["ivf"].update(nlist=ivf.nlist, default_nprobe=ivf.nprobe)
         for nprobe in args.nprobe or sorted({max(1, ivf.nlist // 64), ivf.nprobe, max(1, ivf.nlist // 16)}):
-            ivf.nprobe = nprobe
             measure("ivf", "nprobe", nprobe, ivf)
         del ivf
     if args.only in (None, "hnsw"):
@@ -159,7 +158,6 @@ def main(argv: list[str] | None = None) -> int:
         hnsw = build("hnsw", lambda: HnswTopK(items, args.m, args.ef_construction, max(args.ef_search), args.build_threads))
         builds["hnsw"].update(m=args.m, ef_construction=args.ef_construction, build_threads=args.build_threads)
         for ef in args.ef_search:
-            hnsw.ef_search = ef
             measure("hnsw", "ef_search", ef, hnsw)
         del hnsw
 

@@ -29,26 +29,19 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # harness and siblings by name
 import harness  # noqa: E402  (puts the repository on sys.path too)
-from harness import REPO  # noqa: E402
-
-
-def _small_chunks(n_items: int) -> None:
-    """features/synthetic draws 2,048 users x n_items logits at once (200k items: 3.3 GB an array);
-    bound the block to ~4M floats. The data is the same (one generator stream, drawn row after row;
-    checked: identical interactions and ratings for chunks of 2,048 and 37)."""
-    import features.synthetic
-
-    features.synthetic._USER_CHUNK = max(1, min(2048, (1 << 22) // n_items))
 
 
 def phase(name: str, overrides: list[str], n_items: int, requests: int) -> dict:
     """One phase in this process; returns its figures with its peak RSS and wall time."""
+    import features.synthetic
     import numpy as np
 
     from training.config import load_config
 
-    _small_chunks(n_items)
-    cfg = load_config(REPO / "configs" / "two_tower.yaml", overrides)
+    # features/synthetic draws 2,048 users x n_items logits at once (200k items: 3.3 GB an array); bound the block to ~4M
+    # floats. The data is the same (one generator stream, drawn row after row; checked: identical for chunks of 2,048 and 37)
+    features.synthetic._USER_CHUNK = max(1, min(2048, (1 << 22) // n_items))
+    cfg = load_config(harness.CONFIGS / "two_tower.yaml", overrides)
     start = time.perf_counter()
     out: dict = {}
     if name == "train":
@@ -67,17 +60,14 @@ def phase(name: str, overrides: list[str], n_items: int, requests: int) -> dict:
         from training.pipeline import context, prepare
 
         out["ndcg@10"] = evaluate_bundle(cfg, cfg.export.output_dir)["test/ndcg_at_10"]
-        peak = harness.peak_rss_mb()
+        out["peak_rss_mb"] = harness.peak_rss_mb()  # evaluate_bundle's peak, before the tower-only pass
         data = prepare(cfg)
         bundle = open_bundle(Path(cfg.export.output_dir))
-        spec, items = TowerSpec(**bundle.manifest["model"]["spec"]), bundle.item_vectors
+        spec, items, ctx = TowerSpec(**bundle.manifest["model"]["spec"]), bundle.item_vectors, context(cfg, data.dataset)
         width = items.shape[1] - bundle.manifest["blend"]["rank"]  # the tower's coordinates
-        ctx = context(cfg, data.dataset)
-        users = harness.users_with(data.test)
-        tower = evaluation.evaluate_scores(lambda b: bundle.user_vectors(user_feed(spec, ctx, b, data.seen))[:, :width] @ items[:, :width].T,
-                                           users, data.seen[:2], data.test[:2], spec.n_items, k=10, batch_size=max(1, (1 << 22) // spec.n_items))
-        out["tower_ndcg@10"] = tower["ndcg@10"]
-        out["peak_rss_mb"] = peak  # evaluate_bundle's peak, before the tower-only pass
+        scores = lambda b: bundle.user_vectors(user_feed(spec, ctx, b, data.seen))[:, :width] @ items[:, :width].T  # noqa: E731
+        out["tower_ndcg@10"] = evaluation.evaluate_scores(scores, harness.users_with(data.test), data.seen[:2], data.test[:2], spec.n_items, k=10,
+                                                          batch_size=max(1, (1 << 22) // spec.n_items))["ndcg@10"]  # fmt: skip
     elif name == "serve":
         from features.store import FeatureStore
         from serving.recommender import Recommender
@@ -111,11 +101,11 @@ def size_report(n_items: int, args: argparse.Namespace, tmp: Path) -> dict:
     serve = run_phase("serve", overrides, n_items, args.requests)
     bundle = tmp / f"bundle-{n_items}"
     mb = lambda p: p.stat().st_size / 1e6  # noqa: E731
+    tower, items, whole = mb(bundle / "user_tower.onnx"), mb(bundle / "item_embeddings.npy"), sum(mb(p) for p in bundle.iterdir() if p.is_file())
     return {
         "n_items": n_items, "n_users": args.users, "blend": train["blend"],
         "ndcg@10": {"tower": evaluate["tower_ndcg@10"], "blend": evaluate["ndcg@10"], "blend_in_training": train["ndcg@10"]},
-        "size_mb": {"served": mb(bundle / "user_tower.onnx") + mb(bundle / "item_embeddings.npy"), "user_tower_onnx": mb(bundle / "user_tower.onnx"),
-                    "item_embeddings": mb(bundle / "item_embeddings.npy"), "bundle": sum(mb(p) for p in bundle.iterdir() if p.is_file())},
+        "size_mb": {"served": tower + items, "user_tower_onnx": tower, "item_embeddings": items, "bundle": whole},
         "peak_rss_mb": {"train": train["peak_rss_mb"], "evaluate": evaluate["peak_rss_mb"], "serve": serve["peak_rss_mb"]},
         "seconds": {"pipeline": train["wall_s"] + evaluate["wall_s"], "train_phase": train["wall_s"], "train_s_reported": train["train_s"],
                     "blend": train["blend_s"], "evaluate": evaluate["wall_s"]},
@@ -136,17 +126,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--phase", help=argparse.SUPPRESS)
     p.add_argument("--phase-args", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.phase:
-        a = json.loads(args.phase_args)
-        print(json.dumps(phase(args.phase, a["overrides"], a["n_items"], a["requests"])))
+    if args.phase:  # one phase, in its own process (run_phase)
+        print(json.dumps(phase(args.phase, **json.loads(args.phase_args))))
         return 0
     sizes = harness.numbers(p, "--sizes", args.sizes)
     harness.numbers(p, "--lambdas", args.lambdas, float)
     harness.numbers(p, "--weights", args.weights, float)
-    rows = []
     with tempfile.TemporaryDirectory(prefix="blend_scale-") as tmp:
-        for n in sizes:
-            rows.append(size_report(n, args, Path(tmp)))
+        rows = [size_report(n, args, Path(tmp)) for n in sizes]
     report = {"settings": {k: getattr(args, k) for k in ("users", "interactions", "epochs", "lambdas", "weights", "requests", "set")}, "sizes": rows}
     out = harness.write(report, args, "blend_scale", script=__file__, argv=argv, libraries=["torch", "onnxruntime", "scipy"])
     print(harness.table(

@@ -19,9 +19,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # harness and siblings by name
 import harness  # noqa: E402  (puts the repository on sys.path too)
-from harness import REPO  # noqa: E402
 
-DEFAULT_CONFIG = REPO / "configs" / "hybrid.yaml"
+DEFAULT_CONFIG = harness.CONFIGS / "hybrid.yaml"
 ITEM_GOAL, GENRE_GOAL = 1.5, 0.8
 
 

@@ -44,7 +44,6 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # harness and siblings by name
 import harness  # noqa: E402  (puts the repository on sys.path too)
-from harness import REPO  # noqa: E402
 
 NOISE_SEED_OFFSET = 1000
 RANKS = [16, 32, 64, 128, 256, None]  # None: all items (PSD projection only)
@@ -60,7 +59,7 @@ from training.privacy.gram import add_noise, gaussian_sigma  # noqa: E402  (the 
 from training.privacy.gram import noise_lambda as fixed_lambda  # noqa: E402  (λ = σ·√(2·n_items), the fixed row's)
 from peers import ease_weights  # noqa: E402  (EASE's B from a PSD Gram matrix: Cholesky solve; peers.EASE's too)
 
-CONFIGS = {"ml100k": REPO / "configs" / "two_tower_ml100k.yaml", "synthetic": REPO / "configs" / "two_tower.yaml"}  # the split's config
+CONFIGS = {"ml100k": harness.CONFIGS / "two_tower_ml100k.yaml", "synthetic": harness.CONFIGS / "two_tower.yaml"}  # the split's config
 
 
 def noisy_gram(histories: np.ndarray, sigma: float, rng: np.random.Generator | None) -> np.ndarray:
@@ -116,19 +115,19 @@ def main(argv: list[str] | None = None) -> int:
     if not epsilons or not seeds or any(e <= 0 for e in epsilons):
         p.error("give at least one epsilon (> 0) and one noise seed")
 
-    from training.config import load_config
     from training.evaluation import evaluate_scores
-    from training.pipeline import popularity_metrics, prepare
+    from training.pipeline import popularity_metrics
 
     source = harness.dataset(p, args.data, list(CONFIGS))
     if source is None:
         return 2
     name = source.name
     overrides = ["tracking.enabled=false", "store.load=false", f"privacy.audit_holdout={args.audit_holdout}", *args.set, *source.overrides]
-    cfg = load_config(CONFIGS[name], overrides)  # the non-private config: the split is the same for both
-    k, key = cfg.task.eval_k, f"ndcg@{cfg.task.eval_k}"
     started = time.perf_counter()
-    data = prepare(cfg)
+    if (loaded := harness.load(CONFIGS[name], overrides, "dp_ease.py: error", prepare=True)) is None:  # the non-private config: the same split
+        return 2
+    cfg, data = loaded
+    k, key = cfg.task.eval_k, f"ndcg@{cfg.task.eval_k}"
     n_users, n_items = data.dataset.n_users, data.dataset.n_items
     x_train, x_seen = dense(data.train, n_users, n_items), dense(data.seen, n_users, n_items)
     members = np.flatnonzero(x_train.sum(axis=1) > 0)
@@ -170,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         results.append(row)
 
     report = {
-        "dataset": name, "split": f"{CONFIGS[name].relative_to(REPO)}, ms-recommenders stratified, privacy.audit_holdout={args.audit_holdout}",
+        "dataset": name, "split": f"{harness.repo_relative(CONFIGS[name])}, ms-recommenders stratified, privacy.audit_holdout={args.audit_holdout}",
         "k": k, "n_members": int(len(members)), "delta": delta,
         "mechanism": "unit-L2 rows; Gram + N(0, s^2) diagonal, N(0, s^2/2) strict upper (mirrored); s = analytic Gaussian mechanism at L2 sensitivity 1",
         "grid": {"ranks": [r or n_items for r in RANKS], "lams": LAMS}, "accounting": ACCOUNTANT_NOTE, "popularity_ndcg": pop,

@@ -37,7 +37,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # harness and siblings by name
 import harness  # noqa: E402  (puts the repository on sys.path too)
-from harness import REPO  # noqa: E402
 from training.config import load_config  # noqa: E402
 from training.pipeline import train  # noqa: E402
 
@@ -50,11 +49,11 @@ VARIANTS = {
 }  # fmt: skip
 # ML-1M implicit: overrides on top of configs/two_tower_ml1m_federated.yaml (dp adds the target epsilon)
 ML1M_VARIANTS = {"plain": [], "dp": ["federated.dp=true"]}
-ML1M_CENTRAL = REPO / "benchmarks" / "results" / "quality_ml1m-implicit_given.json"
+ML1M_CENTRAL = harness.RESULTS / "quality_ml1m-implicit_given.json"
 
 
 def run(config: str, overrides: list[str], tmp: str, tag: str) -> dict:
-    cfg = load_config(REPO / "configs" / config, [*overrides, *harness.offline(tmp, f"-{tag}")])
+    cfg = load_config(harness.CONFIGS / config, [*overrides, *harness.offline(tmp, f"-{tag}")])
     started = time.perf_counter()
     result = train(cfg)
     k, fit, wall_s = cfg.task.eval_k, result.fit, time.perf_counter() - started
@@ -121,16 +120,13 @@ def main(argv: list[str] | None = None) -> int:
     source = harness.dataset(p, args.data, ["ml100k", "ml1m-implicit"])
     if source is None:
         return 2
-    name, data = source.name, source.overrides
     ml1m = source.kind == "ml1m-implicit"
+    name, data = source.name, [*source.overrides, *(["split.protocol=given"] if ml1m else [])]
     table_ = ML1M_VARIANTS if ml1m else VARIANTS
     variants = [v for v in (args.variants if args.variants is not None else ("plain,dp" if ml1m else "silos")).split(",") if v]
-    unknown = set(variants) - set(table_)
-    if unknown:
+    if unknown := set(variants) - set(table_):
         p.error(f"--variants: unknown {sorted(unknown)} (choose from {', '.join(table_)})")
     config, share = ("two_tower_ml1m_federated.yaml", 0.90) if ml1m else ("two_tower_ml100k_federated.yaml", 0.95)
-    if ml1m:
-        data = [*data, "split.protocol=given"]
     rounds = [] if args.rounds is None and ml1m else [f"federated.rounds={args.rounds or 100}"]
     central_from = args.central_from or (str(ML1M_CENTRAL) if ml1m and ML1M_CENTRAL.exists() else None)
 
@@ -150,10 +146,9 @@ def main(argv: list[str] | None = None) -> int:
             federated[v] = run(config, data + rounds + table_[v] + extra + args.set, tmp, v)
             print(f"federated {v}: test NDCG@10 {federated[v]['test_ndcg']:.4f}, {federated[v]['steps_run']} rounds, {federated[v]['fit_s']:.0f} s", flush=True)
 
-    level = central["best_val_ndcg"] if central.get("best_val_ndcg") is not None else None
+    target = None if central.get("best_val_ndcg") is None else share * central["best_val_ndcg"]
     for row in federated.values():
         row["ratio_test_ndcg"] = row["test_ndcg"] / central["test_ndcg"]
-        target = None if level is None else share * level
         row["rounds_to_goal_val"] = None if target is None else next((r for r, v in zip(row.get("val_rounds") or range(1, len(row["val_curve"]) + 1), row["val_curve"]) if v >= target), None)
         if not ml1m:
             row["rounds_to_95pct_val"] = row["rounds_to_goal_val"]  # the key benchmarks/results_page.py reads
@@ -174,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     rows += [[f"federated {v}", row["test_ndcg"], 100 * row["ratio_test_ndcg"], row["steps_run"], row.get("clients_per_round_mean"),
               row["privacy"].get("epsilon"), row["fit_s"]] for v, row in federated.items()]  # fmt: skip
     head = ["model", "test ndcg@10", "% of central", "rounds", "clients/rd", "epsilon", "fit s"]
-    print(harness.table(head, rows, digits=(4, 1, 0, 1, 2, 0), first=24, width=13))
+    print(harness.table(head, rows, digits=(4, 1, 0, 1, 2, 0), first=24, width=14))
     print("(centralized 'rounds' = epochs; clients/rd = mean clients that trained per round)")
     print(f"\nwrote {out} and {png}")
     return 0

@@ -29,6 +29,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 RESULTS = REPO / "benchmarks" / "results"  # scratch (git-ignored)
 RECORD = REPO / "docs" / "results"  # figures of record (committed); docs/RESULTS.md is made from them
+CONFIGS = REPO / "configs"  # the product's training configs
 SHARED = REPO.parent / "shared" / "data"
 
 # ---------------------------------------------------------------- datasets
@@ -173,12 +174,10 @@ def run_child(cmd: Sequence[str], what: str, env: dict | None = None, tail: int 
 def _proc(path: str, key: str) -> str | None:
     """The value after `key` on its line of a /proc file (None where absent or unreadable)."""
     try:
-        for line in Path(path).read_text(encoding="utf-8").splitlines():
-            if line.startswith(key):
-                return line.split(":", 1)[1].strip()
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
     except OSError:
-        pass
-    return None
+        return None
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith(key)), None)
 
 
 def cpu_model() -> str:

@@ -104,8 +104,7 @@ def run_ab(pop: Population, experiments: int) -> dict:
     personal = pop.top_k(everyone, K, noise=1.0, rng=np.random.default_rng(7))
     arms = {"popularity": lambda u: np.tile(popular, (len(u), 1)), "personalized": lambda u: personal[u]}
     weights = {"popularity": 0.5, "personalized": 0.5}
-    cover = {"absolute": 0, "relative": 0}
-    srm_fp = 0
+    cover, srm_fp = {"absolute": 0, "relative": 0}, 0
     for seed in range(experiments):
         log = simulate_experiment(pop, arms, weights, 4000, np.random.default_rng(seed))
         t, c = log.true_ctr["personalized"], log.true_ctr["popularity"]

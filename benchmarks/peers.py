@@ -47,7 +47,6 @@ import scipy.sparse as sp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # harness and siblings by name
 import harness  # noqa: E402  (stdlib only; puts the repository on sys.path too)
-from harness import REPO  # noqa: E402
 from training.evaluation import as_csr, evaluate_scores  # noqa: E402  (numpy only)
 
 CSR = tuple[np.ndarray, np.ndarray]  # (indptr, indices) over users, like training.evaluation
@@ -61,9 +60,7 @@ def pair(csr: Any) -> CSR:
     Peers are fitted on binary interactions (the MS Recommenders BPR / BiVAE runs treat
     every rating as a positive; cornac's BiVAE binarizes anyway), so ratings are dropped.
     """
-    if hasattr(csr, "indptr") and hasattr(csr, "indices"):
-        return as_csr(csr)
-    return as_csr(tuple(csr)[:2])
+    return as_csr(csr if hasattr(csr, "indptr") and hasattr(csr, "indices") else tuple(csr)[:2])
 
 
 class Peer(Protocol):
@@ -76,14 +73,14 @@ class Peer(Protocol):
         ...
 
 
-def to_scipy(train: Any, n_users: int, n_items: int, dtype: Any = np.float32) -> sp.csr_matrix:
+def to_scipy(train: Any, n_users: int, n_items: int) -> sp.csr_matrix:
     """Binary user x item scipy CSR (ones) from a CSR pair or scipy-like object."""
     indptr, indices = pair(train)
     if len(indptr) != n_users + 1:
         raise ValueError(f"train CSR has {len(indptr) - 1} rows, expected n_users={n_users}")
     if len(indices) and (indices.min() < 0 or indices.max() >= n_items):
         raise ValueError(f"item index out of range for n_items={n_items}")
-    return sp.csr_matrix((np.ones(len(indices), dtype=dtype), indices, indptr), shape=(n_users, n_items))
+    return sp.csr_matrix((np.ones(len(indices), dtype=np.float32), indices, indptr), shape=(n_users, n_items))
 
 
 class _Base:
@@ -132,8 +129,7 @@ class Popularity(_Base):
         # Unlike the learned peers, popularity needs no history: cold users get the same list.
         if not hasattr(self, "counts"):
             raise RuntimeError("popularity: call fit() before scores()")
-        users = np.asarray(users).reshape(-1)
-        return np.tile(self.counts, (len(users), 1))
+        return np.tile(self.counts, (np.size(users), 1))
 
 
 def ease_weights(gram: np.ndarray, lam: float) -> np.ndarray:
@@ -182,8 +178,7 @@ def cornac_dataset(train: Any, n_users: int, n_items: int, seed: int | None = SE
     """
     from cornac.data import Dataset
 
-    x = to_scipy(train, n_users, n_items)
-    coo = x.tocoo()
+    coo = to_scipy(train, n_users, n_items).tocoo()
     triplets = list(zip(coo.row.tolist(), coo.col.tolist(), [1.0] * coo.nnz))
     uid_map = OrderedDict((u, u) for u in range(n_users))
     iid_map = OrderedDict((i, i) for i in range(n_items))
@@ -267,13 +262,10 @@ class CornacBiVAE(_Cornac):
 @contextmanager
 def _torch_threads(n: int | None):
     """Temporarily run torch with n intra-op threads (restored afterwards); None: no change."""
-    if n is None:
-        yield
-        return
     import torch
 
     before = torch.get_num_threads()
-    torch.set_num_threads(n)
+    torch.set_num_threads(n or before)
     try:
         yield
     finally:
@@ -426,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
     protocol = harness.protocol(p, data, args.protocol)
     config = "two_tower_ml100k.yaml" if data.kind == "ml100k" else "two_tower.yaml"  # only its data, split and eval_k are used
     overrides = [*data.overrides, f"split.protocol={protocol}", "tracking.enabled=false", "store.load=false"]
-    if (loaded := harness.load(REPO / "configs" / config, overrides, f"peers.py: error: --data {args.data}", prepare=True)) is None:
+    if (loaded := harness.load(harness.CONFIGS / config, overrides, f"peers.py: error: --data {args.data}", prepare=True)) is None:
         return 2
     cfg, prepared = loaded
     k = cfg.task.eval_k

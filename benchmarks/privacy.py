@@ -40,7 +40,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # harness and siblings by name
 import harness  # noqa: E402  (puts the repository on sys.path too)
-from harness import REPO  # noqa: E402
 from training.config import ConfigError, load_config  # noqa: E402
 
 # model -> config file under configs/ (ml100k: its tuned recipe; any other dataset: the generic one)
@@ -95,11 +94,11 @@ def goals(rows: list[dict]) -> dict:
     for r in rows:
         eps, tag = r["epsilon"], f"{r['model']}_eps_{r['epsilon']:g}"
         if eps in RATIO_GOALS and r["ratio_to_non_private"] is not None:
-            out[f"{tag}_ratio"] = {"goal": RATIO_GOALS[eps], "value": round(r["ratio_to_non_private"], 4), "met": r["ratio_to_non_private"] >= RATIO_GOALS[eps]}
+            out[f"{tag}_ratio"] = harness.goal(RATIO_GOALS[eps], r["ratio_to_non_private"])
         if not math.isinf(eps) and eps >= 1:
-            out[f"{tag}_above_popularity"] = {"goal": round(r["popularity_ndcg@10"], 4), "value": round(r["ndcg@10"], 4), "met": r["ndcg@10"] > r["popularity_ndcg@10"]}
+            out[f"{tag}_above_popularity"] = harness.goal(round(r["popularity_ndcg@10"], 4), r["ndcg@10"], r["ndcg@10"] > r["popularity_ndcg@10"])
         if eps <= AUC_GOAL_EPS and r["audit_auc"] is not None:
-            out[f"{tag}_audit_auc"] = {"goal": AUC_GOAL, "value": round(r["audit_auc"], 4), "met": r["audit_auc"] <= AUC_GOAL}
+            out[f"{tag}_audit_auc"] = harness.goal(AUC_GOAL, r["audit_auc"], r["audit_auc"] <= AUC_GOAL)
     return out
 
 
@@ -134,10 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     if missing := [m for m, f in references.items() if f is None]:
         p.error(f"--references: unknown {missing}; choose from {list(available)} or 'none'")
     common = [*source.overrides, f"split.protocol={source.protocol}", f"privacy.audit_holdout={args.audit_holdout}", *args.set]
-    plan = [(m, math.inf, f) for m, f in references.items()] if math.inf in epsilons else []
-    for eps in epsilons:  # in the order given (inf above: the reference first)
-        if not math.isinf(eps):
-            plan += [(m, eps, MODELS[m][0] if source.kind == "ml100k" else MODELS[m][1]) for m in models]
+    plan = [(m, math.inf, f) for m, f in references.items()] if math.inf in epsilons else []  # the references first
+    plan += [(m, eps, MODELS[m][0 if source.kind == "ml100k" else 1]) for eps in epsilons if not math.isinf(eps) for m in models]  # in the order given
     rows, merged = [], []
     for earlier in map(lambda f: json.loads(Path(f).read_text()), args.merge):
         merged.append({"command": earlier.get("command"), "date": earlier.get("date"), "load_average_1m": earlier.get("machine", {}).get("load_average_1m")})
@@ -158,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
             runs = []
             for seed in seeds:
                 extra = [] if math.isinf(eps) else [f"privacy.target_epsilon={eps}", *args.dp_set]
-                run = run_one(REPO / "configs" / config, [*common, f"trainer.seed={seed}", *extra], not args.no_audit, args.bootstrap)
+                run = run_one(harness.CONFIGS / config, [*common, f"trainer.seed={seed}", *extra], not args.no_audit, args.bootstrap)
                 runs.append({"seed": seed, **run})
                 audit = f", audit AUC {max(a['auc'] for a in run['audit'].values()):.3f}" if "audit" in run else ""
                 print(f"  {model} eps={eps:g} seed {seed}: NDCG@{K} {run['ndcg@10']:.4f}{audit} ({run['train_s']:.0f} s)", flush=True)

@@ -24,12 +24,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # harness and siblings by name
 import harness  # noqa: E402  (puts the repository on sys.path too)
-from harness import REPO  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
     p = harness.parser(__doc__, "time_to_target_<config>_<stage>")
-    p.add_argument("--config", default=str(REPO / "configs" / "two_tower_ml100k.yaml"))
+    p.add_argument("--config", default=str(harness.CONFIGS / "two_tower_ml100k.yaml"))
     p.add_argument("--data", default=None, help="ML-100k folder (default: $TRUSTREC_ML100K or ../shared/data/ml-100k)")
     p.add_argument("--stage", choices=["select", "refit"], default="select")
     p.add_argument("--target", type=float, default=0.45)
@@ -39,7 +38,6 @@ def main(argv: list[str] | None = None) -> int:
 
     import tempfile
 
-    import numpy as np
     import torch
 
     from training import evaluation
@@ -63,10 +61,10 @@ def main(argv: list[str] | None = None) -> int:
         seed_everything(cfg.trainer.seed)
         ctx = context(cfg, ds)
         model = build_model(cfg, ds, ctx, device)
-        fit_on = data.train if args.stage == "select" else data.seen
+        select = args.stage == "select"
+        fit_on = data.train if select else data.seen
         task = RetrievalTask(cfg.task, item_counts(fit_on, ds.n_items), cfg.model.item_id_dropout)
-        users = np.flatnonzero(np.diff(data.test[0]) > 0)
-        key = f"ndcg@{task.k}"
+        users, key = harness.users_with(data.test), f"ndcg@{task.k}"
         clock = {"start": time.perf_counter(), "paused": 0.0}
         curve: list[dict[str, float]] = []
 
@@ -76,29 +74,18 @@ def main(argv: list[str] | None = None) -> int:
             test = evaluation.ranking_metrics(task.topk(model, ctx, data.seen, users, device), data.test[:2], users, task.k, ds.n_items)[key]
             clock["paused"] += time.perf_counter() - t0
             curve.append({"epoch": epoch, "seconds": round(trained_s, 4), f"test/{key}": round(test, 4), **{k: round(v, 4) for k, v in metrics.items()}})
-            print(f"epoch {epoch:3d}  {trained_s:7.1f}s  test/{key}={test:.4f}" + (f"  val/{key}={metrics[f'val/{key}']:.4f}" if f"val/{key}" in metrics else ""), flush=True)
+            val = f"  val/{key}={metrics[f'val/{key}']:.4f}" if f"val/{key}" in metrics else ""
+            print(f"epoch {epoch:3d}  {trained_s:7.1f}s  test/{key}={test:.4f}" + val, flush=True)
 
         m = cfg.model
         trainer = Trainer(model, task, cfg.trainer, cfg.task.history_dropout, m.user_id_dropout, device, m.demographics_dropout, m.stated_dropout, on_epoch=probe)
         clock["start"] = time.perf_counter()
-        if args.stage == "select":
-            trainer.fit(data.train, data.train, data.val, ctx)
-        else:
-            trainer.fit(data.seen, None, None, ctx)
+        trainer.fit(fit_on, data.train if select else None, data.val if select else None, ctx)  # refit: no validation
 
     hit = next((row for row in curve if row[f"test/{key}"] >= args.target), None)
-    report = {
-        "config": str(args.config),
-        "overrides": args.set,
-        "stage": args.stage,
-        "threads": args.threads,
-        "target": args.target,
-        "reached": hit is not None,
-        "epoch": hit["epoch"] if hit else None,
-        "seconds": hit["seconds"] if hit else None,
-        "best_test": max(row[f"test/{key}"] for row in curve),
-        "curve": curve,
-    }
+    report = {"config": str(args.config), "overrides": args.set, "stage": args.stage, "threads": args.threads, "target": args.target,
+              "reached": hit is not None, "epoch": hit["epoch"] if hit else None, "seconds": hit["seconds"] if hit else None,
+              "best_test": max(row[f"test/{key}"] for row in curve), "curve": curve}  # fmt: skip
     out = harness.write(report, args, f"time_to_target_{Path(args.config).stem}_{args.stage}", script=__file__, argv=argv, libraries=["torch", "torchrec"])
     if hit:
         print(f"\ntest/{key} >= {args.target} at epoch {hit['epoch']} after {hit['seconds']:.1f}s of training ({args.threads} threads)")

@@ -34,18 +34,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # harness and siblings by name
 import harness  # noqa: E402  (puts the repository on sys.path too)
-from harness import REPO  # noqa: E402
-
-
-def overrides(args, device: str, threads: int, ckpt: Path) -> list[str]:
-    return [
-        f"data.synthetic.n_users={args.users}", f"data.synthetic.n_items={args.items}",
-        f"data.synthetic.mean_interactions_per_user={args.per_user}", f"trainer.batch_size={args.batch_size}",
-        f"trainer.epochs={args.epochs}", f"trainer.device={device}", "trainer.amp=true", "trainer.progress=false",
-        f"trainer.num_threads={threads}", f"trainer.checkpoint_dir={ckpt}", "tracking.enabled=false",
-        *([f"trainer.steps_per_epoch={args.steps_per_epoch}"] if args.steps_per_epoch else []),
-        *(["distributed.data=shards", f"distributed.shards_path={args.shards}"] if args.shards else []), *args.set,
-    ]  # fmt: skip
 
 
 def shards_in_memory(cfg, device):
@@ -215,21 +203,23 @@ def run_mode(mode: str, args, workdir: Path) -> dict:
     cores = os.cpu_count() or 1
     threads = args.threads or max(1, cores // world)  # default: the host's cores split between the ranks
     out = workdir / f"{mode}.json"
-    spec = {"mode": mode if mode not in ("trainer", "cuda-trainer") else "trainer", "config": args.config, "out": str(out),
-            "overrides": overrides(args, "cuda" if cuda else "cpu", threads, workdir / f"ckpt-{mode}"),
+    overrides = [
+        f"data.synthetic.n_users={args.users}", f"data.synthetic.n_items={args.items}",
+        f"data.synthetic.mean_interactions_per_user={args.per_user}", f"trainer.batch_size={args.batch_size}",
+        f"trainer.epochs={args.epochs}", f"trainer.device={'cuda' if cuda else 'cpu'}", "trainer.amp=true", "trainer.progress=false",
+        f"trainer.num_threads={threads}", f"trainer.checkpoint_dir={workdir / f'ckpt-{mode}'}", "tracking.enabled=false",
+        *([f"trainer.steps_per_epoch={args.steps_per_epoch}"] if args.steps_per_epoch else []),
+        *(["distributed.data=shards", f"distributed.shards_path={args.shards}"] if args.shards else []), *args.set,
+    ]  # fmt: skip
+    spec = {"mode": mode if mode not in ("trainer", "cuda-trainer") else "trainer", "config": args.config, "out": str(out), "overrides": overrides,
             "device_name": torch.cuda.get_device_name(0) if cuda else f"{harness.cpu_model()} ({cores} cores)"}  # fmt: skip
     spec_path = workdir / f"{mode}.spec.json"
     spec_path.write_text(json.dumps(spec))
-    pythonpath = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))  # keep the caller's (a private site dir)
+    pythonpath = os.pathsep.join(filter(None, [str(harness.REPO), os.environ.get("PYTHONPATH")]))  # keep the caller's (a private site dir)
     env = {**os.environ, "PYTHONPATH": pythonpath, "OMP_NUM_THREADS": str(threads)}
-    if "dmp" in mode:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}", __file__, "--child", str(spec_path)]
-    else:
-        cmd = [sys.executable, __file__, "--child", str(spec_path)]
-    harness.run_child(cmd, mode, env, tail=3000)
-    row = json.loads(out.read_text())
-    row["mode"] = mode
-    return row
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}"] if "dmp" in mode else []
+    harness.run_child([sys.executable, *launcher, __file__, "--child", str(spec_path)], mode, env, tail=3000)
+    return {**json.loads(out.read_text()), "mode": mode}
 
 
 def table(rows: list[dict]) -> str:
@@ -245,7 +235,7 @@ def table(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = harness.parser(__doc__, "train_throughput")
     p.add_argument("--child", help=argparse.SUPPRESS)
-    p.add_argument("--config", default=str(REPO / "configs" / "two_tower.yaml"))
+    p.add_argument("--config", default=str(harness.CONFIGS / "two_tower.yaml"))
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
     p.add_argument("--users", type=int, default=20_000, help="synthetic users (default 20000)")
     p.add_argument("--items", type=int, default=5_000, help="synthetic items (default 5000)")
@@ -273,8 +263,7 @@ def main(argv: list[str] | None = None) -> int:
             modes += ["trainer"] + (["cuda-trainer"] if torch.cuda.is_available() else [])
         # asked for by name: more ranks than GPUs, sharing them round robin (e.g. 2 ranks on one GPU)
         modes += [m for m in wanted if torch.cuda.is_available() and m.startswith("cuda-dmp-") and m.rsplit("-", 1)[1].isdigit() and m not in modes]
-        unknown = [m for m in wanted if m not in modes]
-        if unknown:
+        if unknown := [m for m in wanted if m not in modes]:
             p.error(f"--modes: {unknown} not available here (choose from {modes})")
         modes = wanted
     rows = []
