@@ -34,13 +34,12 @@ def evaluate_bundle(cfg: TrainConfig, model_uri: str) -> dict[str, float]:
     else:
         spec = TowerSpec(**raw)
         n_users, n_items = spec.n_users, spec.n_items
-        # side features are rebuilt from the config: refuse a config that would feed the bundle differently
-        built = {"model.rating_weighted": (manifest["features"]["rating_weighted"], cfg.model.rating_weighted)}
-        if spec.use_content:
-            built["model.title_buckets"] = (spec.n_title, cfg.model.title_buckets)
-        for key, (bundle_value, config_value) in built.items():
-            if bundle_value != config_value:
-                raise ValueError(f"{key}: the model was exported with {bundle_value!r}, the config says {config_value!r}")
+        # the features are built as the bundle was trained, whatever the config says: a search (search.space)
+        # may have chosen model.rating_weighted, and the manifest is the contract (serving reads it too)
+        built = {"rating_weighted": manifest["features"]["rating_weighted"]} | ({"title_buckets": spec.n_title} if spec.use_content else {})
+        if any(getattr(cfg.model, key) != value for key, value in built.items()):
+            log.info("evaluate: features as the bundle was built: %s", built)
+            cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update=built)})
     if (n_users, n_items) != (data.dataset.n_users, data.dataset.n_items):
         raise ValueError(f"model has {n_users} users / {n_items} items, config data has {data.dataset.n_users} / {data.dataset.n_items}")
 

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from training.config import TrainConfig
@@ -44,6 +45,18 @@ def candidates(space: dict[str, list[Any]]) -> list[dict[str, Any]]:
     """Every combination of the space's values, in the order the space lists them (keys, then values)."""
     keys = list(space)
     return [dict(zip(keys, values)) for values in itertools.product(*(space[k] for k in keys))]
+
+
+def effective_space(space: dict[str, list[Any]], train: tuple) -> dict[str, list[Any]]:
+    """The space without the values that cannot differ on this data: where every training rating is the
+    same (implicit feedback), a rating-weighted history mean is the plain mean, so `model.rating_weighted`
+    keeps False only (otherwise its candidates would train the same model twice)."""
+    values = space.get("model.rating_weighted")
+    ratings = train[2] if len(train) > 2 else np.zeros(0)
+    if values is None or len(values) < 2 or (len(ratings) and np.ptp(ratings) > 0):
+        return space
+    log.info("search: every training rating is the same: model.rating_weighted stays false")
+    return {**space, "model.rating_weighted": [False]}
 
 
 def rung_epochs(min_epochs: int, eta: int, max_epochs: int) -> list[int]:
@@ -79,7 +92,7 @@ def search(cfg: TrainConfig, data: Any, device: torch.device) -> SearchResult:
     from training.tune import trial_config
 
     s = cfg.search
-    grid = candidates(s.space)
+    grid = candidates(effective_space(s.space, data.train))
     configs = [trial_config(cfg, params) for params in grid]  # a bad key or value fails here, before any training
     started = time.perf_counter()
     alive = list(range(len(grid)))

@@ -184,7 +184,7 @@ def test_promote_refuses_a_run_with_no_version(runs):
 
 
 def test_early_stopping_params_are_shown_without_a_new_group():
-    params = run_params(load_config(REPO / "configs" / "two_tower_ease.yaml"), "synthetic-seed0")
+    params = run_params(load_config(REPO / "configs" / "two_tower_ease.yaml", ["trainer.min_delta=0.005"]), "synthetic-seed0")
     assert params["train.min_delta"] == 0.005 and params["train.epochs"] == 100 and len(params) <= 30
     params = run_params(load_config(REPO / "configs" / "two_tower.yaml", ["trainer.max_seconds=900"]), "synthetic-seed0")
     assert params["train.epochs"] == "100 (max 900 s)"

@@ -5,7 +5,7 @@ import pytest
 
 from training.config import ConfigError, load_config
 from training.pipeline import prepare, train
-from training.search import candidates, rung_epochs, search, survivors
+from training.search import candidates, effective_space, rung_epochs, search, survivors
 from training.trainer import pick_device
 
 DATA = ["data.synthetic.n_users=120", "data.synthetic.n_items=80", "data.synthetic.n_genres=4", "data.synthetic.mean_interactions_per_user=12"]
@@ -16,6 +16,19 @@ def test_candidates_are_every_combination_in_listed_order():
     assert candidates({"a": [1, 2], "b": ["x", "y", "z"]}) == [
         {"a": 1, "b": "x"}, {"a": 1, "b": "y"}, {"a": 1, "b": "z"}, {"a": 2, "b": "x"}, {"a": 2, "b": "y"}, {"a": 2, "b": "z"}]  # fmt: skip
     assert candidates({"a": [0.5]}) == [{"a": 0.5}]
+
+
+def test_rating_weighting_leaves_the_space_where_every_rating_is_the_same():
+    import numpy as np
+
+    space = {"model.hidden_layers": [0, 1], "model.rating_weighted": [False, True]}
+    indptr, items = np.array([0, 2, 3]), np.array([0, 1, 1])
+    implicit = (indptr, items, np.ones(3, np.float32))  # e.g. ML-1M implicit: every rating 1.0
+    assert effective_space(space, implicit) == {"model.hidden_layers": [0, 1], "model.rating_weighted": [False]}
+    assert len(candidates(effective_space(space, implicit))) == 2  # not 4 candidates training 2 models twice
+    rated = (indptr, items, np.array([5.0, 3.0, 5.0], np.float32))
+    assert effective_space(space, rated) == space
+    assert effective_space({"model.hidden_layers": [0, 1]}, implicit) == {"model.hidden_layers": [0, 1]}
 
 
 def test_rung_epochs_multiply_by_eta_within_the_cap():
