@@ -133,8 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     if missing := [m for m, f in references.items() if f is None]:
         p.error(f"--references: unknown {missing}; choose from {list(available)} or 'none'")
     common = [*source.overrides, f"split.protocol={source.protocol}", f"privacy.audit_holdout={args.audit_holdout}", *args.set]
-    plan = [(m, math.inf, f) for m, f in references.items()] if math.inf in epsilons else []  # the references first
-    plan += [(m, eps, MODELS[m][0 if source.kind == "ml100k" else 1]) for eps in epsilons if not math.isinf(eps) for m in models]  # in the order given
+    # the references first, then the private models at each finite epsilon in the order given
+    plan = [(m, math.inf, f) for m, f in references.items()] if math.inf in epsilons else []
+    plan += [(m, eps, MODELS[m][0 if source.kind == "ml100k" else 1]) for eps in epsilons if not math.isinf(eps) for m in models]
     rows, merged = [], []
     for earlier in map(lambda f: json.loads(Path(f).read_text()), args.merge):
         merged.append({"command": earlier.get("command"), "date": earlier.get("date"), "load_average_1m": earlier.get("machine", {}).get("load_average_1m")})

@@ -145,7 +145,8 @@ def measure(spec: dict) -> None:
             fit_dp(cfg, model, task, data, ctx, device, Stamps(False, "", ""))
         else:
             if distributed:
-                plan = D.plan_sharding(model, world, device.type, D.allowed_sharding_types(cfg.distributed, device.type), batch_size=cfg.trainer.batch_size, pg=dist.GroupMember.WORLD)
+                types = D.allowed_sharding_types(cfg.distributed, device.type)
+                plan = D.plan_sharding(model, world, device.type, types, batch_size=cfg.trainer.batch_size, pg=dist.GroupMember.WORLD)
                 trainer = D.DistributedTrainer(cfg, model, task, device, rank, world, plan, on_epoch=on_epoch)
             else:
                 m = cfg.model
