@@ -12,8 +12,8 @@ around the batch call for a single request. Goal (issue 18): the p50 overhead <=
 With `--http`, the same comparison end to end: trustrec on Ray Serve (configs/serve.yaml, its
 ingress) started without and with the experiment in turn, `--http-passes` times each (alternating,
 so drift hits both), each pass an open-loop POST /v1/recommend load at `--rate` for `--duration` s
-(benchmarks/serve_load.py's client); the HTTP overhead is the difference of the medians of the
-passes' p50s. Prints a table and writes JSON (default benchmarks/results/experiment_overhead.json).
+(servers.open_loop_run, serve_load.py's client); the HTTP overhead is the difference of the medians of
+the passes' p50s. Prints a table and writes JSON (default benchmarks/results/experiment_overhead.json).
 """
 from __future__ import annotations
 
@@ -23,7 +23,6 @@ import os
 import secrets
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -79,25 +78,16 @@ def main(argv: list[str] | None = None) -> int:
 
 def over_http(args, model, users: list[str]) -> dict:
     """Open-loop HTTP passes against trustrec on Ray Serve, alternately without and with EXPERIMENT."""
-    import yaml
-
-    import serve_load
-
-    raw = yaml.safe_load(Path(args.config).read_text())
     passes: dict[str, list[dict]] = {"without": [], "with": []}
     order = [name for _ in range(args.http_passes) for name in ("without", "with")]
-    with tempfile.TemporaryDirectory(prefix="trustrec-bench-exp-") as tmp:
-        for i, name in enumerate(order):
-            servers.trustrec_app(raw).setdefault("args", {})["experiment"] = EXPERIMENT if name == "with" else None
-            config = Path(tmp) / f"serve-{i}.yaml"
-            config.write_text(yaml.safe_dump(raw))
-            with servers.ray_serve(config, model, ingress=args.ingress) as url:
-                serve_load.open_loop_run(url, users, 10, args.rate, 3.0, 10.0)  # warm connections and replicas
-                serve_load.settle(url)
-                row = serve_load.open_loop_run(url, users, 10, args.rate, args.duration, 10.0)
-            keep = {k: row[k] for k in ("p50_ms", "p95_ms", "p99_ms", "errors", "achieved_rps")}
-            print(f"  HTTP pass {i + 1}/{len(order)} {name:>7} experiment: " + ", ".join(f"{k} {v}" for k, v in keep.items()), flush=True)
-            passes[name].append(keep)
+    for i, name in enumerate(order):
+        with servers.ray_serve(args.config, model, ingress=args.ingress, experiment=EXPERIMENT if name == "with" else None) as url:
+            servers.open_loop_run(url, users, 10, args.rate, 3.0, 10.0)  # warm connections and replicas
+            servers.settle(url)
+            row = servers.open_loop_run(url, users, 10, args.rate, args.duration, 10.0)
+        keep = {k: row[k] for k in ("p50_ms", "p95_ms", "p99_ms", "errors", "achieved_rps")}
+        print(f"  HTTP pass {i + 1}/{len(order)} {name:>7} experiment: " + ", ".join(f"{k} {v}" for k, v in keep.items()), flush=True)
+        passes[name].append(keep)
     p50 = {name: statistics.median(r["p50_ms"] for r in rows) for name, rows in passes.items()}
     overhead = p50["with"] - p50["without"]
     print(f"HTTP p50 overhead {overhead:.3f} ms at {args.rate:.0f} rps (median of {args.http_passes} passes each; goal <= {GOAL_MS} ms)")

@@ -13,7 +13,7 @@ flight on the killed replica fails, the ingress routes the rest to the live one)
 HAProxy marks a replica down on connection errors and by health check) or `proxy` (Ray's Python
 proxy actor and its router). Ray 2.60 token auth: a private 0600 token for the run unless
 RAY_AUTH_* is set (servers.private_ray_token). Load is open loop:
-request i is sent at t0 + i / rate from a thread pool, whatever happened to earlier ones. Every
+request i is sent at t0 + i / rate (servers.open_loop_run), whatever happened to earlier ones. Every
 `--interval` seconds one live model replica actor is killed with `ray.kill` (found by name,
 SERVE_REPLICA::trustrec#Model#...). Per kill:
   failed       non-200 answers or transport errors among the requests sent from the kill until
@@ -30,8 +30,6 @@ from __future__ import annotations
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # harness and siblings by name
@@ -43,66 +41,23 @@ APP, MODEL = "trustrec", "Model"
 REPLICA_PREFIX = f"SERVE_REPLICA::{APP}#{MODEL}#"
 
 
-@dataclass
-class Outcome:
-    sent_at: float  # monotonic
-    latency_ms: float
-    ok: bool
-    detail: str = ""
+class OpenLoop(threading.Thread):
+    """servers.open_loop_run in a thread of its own until stop() (30 s timeout per request): every outcome recorded."""
 
-
-@dataclass
-class OpenLoop:
-    """Requests at a fixed rate from a thread pool until stopped; every outcome recorded."""
-
-    url: str
-    rate: float
-    users: list[str]
-    k: int = 10
-    workers: int = 32
-    outcomes: list[Outcome] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        self._stop = threading.Event()
-        self._lock = threading.Lock()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._local = threading.local()
+    def __init__(self, url: str, rate: float, users: list[str], k: int = 10) -> None:
+        self.outcomes: list[servers.Outcome] = []
+        self.halt = threading.Event()
+        load = {"stop": self.halt, "outcomes": self.outcomes}
+        super().__init__(target=servers.open_loop_run, args=(url, users, k, rate, 24 * 3600.0, 30.0), kwargs=load, daemon=True)  # a day at most
 
     def start(self) -> "OpenLoop":
-        self._thread.start()
+        super().start()
         return self
 
     def stop(self) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _send(self, i: int, scheduled: float) -> None:
-        import requests
-
-        session = getattr(self._local, "session", None) or requests.Session()
-        self._local.session = session
-        try:
-            r = session.post(f"{self.url}/v1/recommend", json={"user_id": self.users[i % len(self.users)], "k": self.k}, timeout=30)
-            ok, detail = r.status_code == 200, "" if r.status_code == 200 else f"{r.status_code} {r.text[:200]}"
-        except Exception as e:  # noqa: BLE001 - a transport error is a failed request, recorded
-            ok, detail = False, repr(e)[:200]
-        with self._lock:
-            self.outcomes.append(Outcome(scheduled, (time.monotonic() - scheduled) * 1000.0, ok, detail))
-
-    def _run(self) -> None:
-        with ThreadPoolExecutor(self.workers) as pool:
-            t0, i = time.monotonic(), 0
-            while not self._stop.is_set():
-                scheduled = t0 + i / self.rate
-                delay = scheduled - time.monotonic()
-                if delay > 0:
-                    time.sleep(delay)
-                pool.submit(self._send, i, scheduled)
-                i += 1
-
-    def between(self, start: float, end: float) -> list[Outcome]:
-        with self._lock:
-            return [o for o in self.outcomes if start <= o.sent_at < end]
+        """Stop sending; returns once every request sent has answered (or timed out)."""
+        self.halt.set()
+        self.join()
 
 
 def model_replicas() -> list[str]:
@@ -120,55 +75,45 @@ def model_status() -> tuple[str, dict]:
     return (dep.status if dep else "MISSING"), dict(dep.replica_states) if dep else {}
 
 
-def wait_recovered(killed: str, n_replicas: int, timeout_s: float = 120.0, poll_s: float = 0.05) -> float:
-    """Seconds from now until the deployment is HEALTHY, all `n_replicas` RUNNING, `killed` gone and replaced."""
+def wait_healthy(n_replicas: int, killed: str | None = None, timeout_s: float = 180.0) -> float:
+    """Seconds from now until the model deployment is HEALTHY with `n_replicas` RUNNING and, given `killed`, that replica gone
+    and replaced (a busy machine may also fail a health check and replace one)."""
     start = time.monotonic()
-    while time.monotonic() - start < timeout_s:
-        status, states = model_status()
-        names = model_replicas()
-        if status == "HEALTHY" and states.get("RUNNING") == n_replicas and len(states) == 1 and killed not in names and len(names) == n_replicas:
-            return time.monotonic() - start
-        time.sleep(poll_s)
-    raise TimeoutError(f"model deployment not recovered {timeout_s:.0f}s after killing {killed}: {model_status()}")
-
-
-def wait_healthy(n_replicas: int, timeout_s: float = 180.0) -> None:
-    """Until the model deployment is HEALTHY with `n_replicas` RUNNING (a busy machine may fail a health check and replace one)."""
-    start = time.monotonic()
-    while model_status() != ("HEALTHY", {"RUNNING": n_replicas}):
+    while model_status() != ("HEALTHY", {"RUNNING": n_replicas}) or killed in (names := model_replicas()) or len(names) != n_replicas:
         if time.monotonic() - start > timeout_s:
-            raise TimeoutError(f"model deployment not healthy after {timeout_s:.0f}s: {model_status()}")
-        time.sleep(0.1)
+            raise TimeoutError(f"model deployment not healthy {timeout_s:.0f}s after killing {killed}: {model_status()}")
+        time.sleep(0.05)
+    return time.monotonic() - start
 
 
-def inject(load: OpenLoop) -> dict:
-    """Kill one model replica under `load` and wait for Serve to replace it; returns when and how long."""
+def inject() -> dict:
+    """Kill one model replica (under load) and wait for Serve to replace it; returns when and how long."""
     import ray
 
     before = model_replicas()
     if not before:
         raise RuntimeError(f"no {REPLICA_PREFIX}* actor alive")
     victim = before[0]
-    t_kill = time.monotonic()
+    t_kill = time.perf_counter()  # the clock of Outcome.sent_at
     ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
-    return {"killed": victim.rsplit("#", 1)[-1], "t_kill": t_kill, "recovery_s": round(wait_recovered(victim, len(before)), 3)}
+    return {"killed": victim.rsplit("#", 1)[-1], "t_kill": t_kill, "recovery_s": round(wait_healthy(len(before), victim, 120.0), 3)}
 
 
 def window(load: OpenLoop, event: dict, settle_s: float = 1.0) -> dict:
     """The requests sent from the kill until recovery + settle_s, and how many failed. Call after
     load.stop(): a request is recorded when it has answered, and under backlog that is later."""
-    window = load.between(event["t_kill"], event["t_kill"] + event["recovery_s"] + settle_s)
+    window = [o for o in load.outcomes if event["t_kill"] <= o.sent_at < event["t_kill"] + event["recovery_s"] + settle_s]
     failed = [o for o in window if not o.ok]
     return {"requests_in_window": len(window), "failed_in_window": len(failed), "failures": sorted({o.detail for o in failed})[:5]}
 
 
 def run(url: str, users: list[str], rate: float, kills: int, interval: float, warmup: float, k: int = 10) -> dict:
     load = OpenLoop(url, rate, users, k).start()
-    t0, events = time.monotonic(), []
+    t0, events = time.perf_counter(), []
     try:
         time.sleep(warmup)
         for _ in range(kills):
-            events.append(inject(load))
+            events.append(inject())
             print(f"  killed replica {events[-1]['killed']}: recovered in {events[-1]['recovery_s']:.2f} s", flush=True)
             time.sleep(max(interval - events[-1]["recovery_s"], 0))
     finally:
@@ -179,15 +124,8 @@ def run(url: str, users: list[str], rate: float, kills: int, interval: float, wa
     done = list(load.outcomes)
     failed = [o for o in done if not o.ok]
     latencies = [o.latency_ms for o in done if o.ok]
-    return {
-        "rate_rps": rate,
-        "requests": len(done),
-        "failed": len(failed),
-        "failed_pct": round(100.0 * len(failed) / max(len(done), 1), 3),
-        **harness.stats(latencies, ("p50", "p99")),
-        "max_recovery_s": max((e["recovery_s"] for e in events), default=None),
-        "kills": events,
-    }
+    return {"rate_rps": rate, "requests": len(done), "failed": len(failed), "failed_pct": round(100.0 * len(failed) / max(len(done), 1), 3),
+            **harness.stats(latencies, ("p50", "p99")), "max_recovery_s": max((e["recovery_s"] for e in events), default=None), "kills": events}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -207,22 +145,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{url} ({args.ingress}): {len(model_replicas())} model replicas; {args.rate:.0f} rps, {args.kills} kills every {args.interval:.0f} s", flush=True)
         result = run(url, users, args.rate, args.kills, args.interval, args.warmup)
 
-    report = {
-        "config": str(args.config),
-        "ingress": args.ingress,
-        "ray": harness.version("ray"),
-        "goals": {"failed_pct_max": FAILED_GOAL * 100, "recovery_s_max": RECOVERY_GOAL_S},
-        "result": result,
-    }
-    out = harness.write(report, args, "serve_faults", script=__file__, argv=argv, libraries=["ray", "requests"])
+    report = {"config": str(args.config), "ingress": args.ingress, "ray": harness.version("ray"),
+              "goals": {"failed_pct_max": FAILED_GOAL * 100, "recovery_s_max": RECOVERY_GOAL_S}, "result": result}
+    out = harness.write(report, args, "serve_faults", script=__file__, argv=argv, libraries=["ray", "aiohttp"])
 
     r = result
     print(f"\nreplica kills, ingress {args.ingress}, ray {report['ray']}")
     print(f"| rate rps | requests | failed | failed % (goal ≤ {FAILED_GOAL * 100:.0f}) | max recovery s (goal ≤ {RECOVERY_GOAL_S:.0f}) | p50 ms | p99 ms |")
     print("|---:|---:|---:|---:|---:|---:|---:|")
     print(f"| {r['rate_rps']:.0f} | {r['requests']} | {r['failed']} | {r['failed_pct']:.2f} | {r['max_recovery_s']} | {r['p50_ms']} | {r['p99_ms']} |")
-    print()
-    print("| kill | replica | recovery s | failed / requests in window |")
+    print("\n| kill | replica | recovery s | failed / requests in window |")
     print("|---:|---|---:|---:|")
     for i, e in enumerate(r["kills"], 1):
         print(f"| {i} | {e['killed']} | {e['recovery_s']:.2f} | {e['failed_in_window']} / {e['requests_in_window']} |")

@@ -1,4 +1,4 @@
-"""benchmarks/serve_load.py: the open-loop client against a real aiohttp server on 127.0.0.1 that
+"""benchmarks/serve_load.py: the open-loop client (benchmarks/servers.py) against a real aiohttp server on 127.0.0.1 that
 answers after a known delay (every request counted, latency includes the delay, timed with a
 sub-millisecond clock: uvloop's loop.time() rounded them to whole ms), the pure functions that turn
 rows into ratios, goals and the overload verdict (hand-computed expected values), and the no-op
@@ -21,6 +21,13 @@ DELAY_S = 0.004
 @pytest.fixture(scope="module")
 def sl():
     return load_script("benchmarks/serve_load.py")
+
+
+@pytest.fixture(scope="module")
+def srv(sl):
+    import servers  # benchmarks/ is on sys.path once serve_load.py is loaded
+
+    return servers
 
 
 def _serve(port_box: list, stop: threading.Event) -> None:
@@ -70,8 +77,8 @@ def _run(coro):
         return runner.run(coro)
 
 
-def test_open_loop_counts_every_request_and_times_them_finely(sl, server_url):
-    out = _run(sl.open_loop(server_url, ["u1", "u2", "bad", "u3"], 10, rate=40, duration=1.0, timeout=5))
+def test_open_loop_counts_every_request_and_times_them_finely(srv, server_url):
+    out = _run(srv.open_loop(server_url, ["u1", "u2", "bad", "u3"], 10, rate=40, duration=1.0, timeout=5))
     assert out["requests"] == 40 and out["ok"] == 30 and out["errors"] == 10  # every 4th user answers 422
     assert out["error_kinds"] == {"HTTP 422": 10} and out["error_classes"] == {"503": 0, "timeout": 0, "other": 10}
     assert out["p50_ms"] >= DELAY_S * 1e3  # measured from the scheduled send: the server's delay is in it
@@ -83,9 +90,9 @@ def test_open_loop_counts_every_request_and_times_them_finely(sl, server_url):
     json.dumps(out)  # what the benchmark writes
 
 
-def test_open_loop_sends_the_diversity_and_times_503s_apart(sl, server_url):
+def test_open_loop_sends_the_diversity_and_times_503s_apart(srv, server_url):
     # the server answers 422 to any diversity but 0.5, so 0 x 422 proves the field went out as 0.5
-    out = _run(sl.open_loop(server_url, ["u1", "busy"], 10, rate=40, duration=1.0, timeout=5, diversity=0.5))
+    out = _run(srv.open_loop(server_url, ["u1", "busy"], 10, rate=40, duration=1.0, timeout=5, diversity=0.5))
     assert out["requests"] == 40 and out["ok"] == 20 and out["error_kinds"] == {"HTTP 503": 20}
     assert out["error_classes"] == {"503": 20, "timeout": 0, "other": 0} and out["diversity"] == 0.5
     shed = out["non_200_latency_ms"]["503"]
@@ -93,19 +100,19 @@ def test_open_loop_sends_the_diversity_and_times_503s_apart(sl, server_url):
     assert set(out["non_200_latency_ms"]) == {"503"} and out["non_200_body_sample"] == {"503": "Request dropped due to backpressure"}
 
 
-def test_request_body_and_diversity_values(sl):
-    assert sl.request_body("u1", 10, None) == {"user_id": "u1", "k": 10}  # no field: the config's default
-    assert sl.request_body("u1", 5, 0.5) == {"user_id": "u1", "k": 5, "diversity": 0.5}
+def test_request_body_and_diversity_values(sl, srv):
+    assert srv.request_body("u1", 10, None) == {"user_id": "u1", "k": 10}  # no field: the config's default
+    assert srv.request_body("u1", 5, 0.5) == {"user_id": "u1", "k": 5, "diversity": 0.5}
     assert sl.parse_diversity("none") is None and sl.parse_diversity("None") is None
     assert sl.parse_diversity("0.5") == 0.5 and sl.parse_diversity("1") == 1.0
     with pytest.raises(argparse.ArgumentTypeError):
         sl.parse_diversity("1.5")
 
 
-def test_error_classes(sl):
+def test_error_classes(srv):
     kinds = {"HTTP 503": 7, "HTTP 500": 2, "ServerTimeoutError": 3, "TimeoutError": 1, "unfinished": 4, "ClientOSError": 5}
-    assert sl.error_classes(kinds) == {"503": 7, "timeout": 3 + 1 + 4, "other": 2 + 5}
-    assert sl.error_classes({}) == {"503": 0, "timeout": 0, "other": 0}
+    assert srv.error_classes(kinds) == {"503": 7, "timeout": 3 + 1 + 4, "other": 2 + 5}
+    assert srv.error_classes({}) == {"503": 0, "timeout": 0, "other": 0}
 
 
 def _row(rps, p50, p99, errors=0, diversity=None, p95=None):
@@ -213,7 +220,7 @@ def test_table_has_a_line_per_target_diversity_and_rate(sl):
 
 
 @pytest.mark.ray
-def test_noop_app_answers_through_haproxy(sl):
+def test_noop_app_answers_through_haproxy(sl, srv):
     import requests
 
     from tests.conftest import REPO
@@ -222,5 +229,5 @@ def test_noop_app_answers_through_haproxy(sl):
         for _ in range(3):
             r = requests.post(f"{url}/v1/recommend", json={"user_id": "u1", "k": 10}, timeout=30)
             assert r.status_code == 200 and r.json() == sl.NOOP_BODY
-        out = _run(sl.open_loop(url, ["u1"], 10, rate=50, duration=1.0, timeout=10))
+        out = _run(srv.open_loop(url, ["u1"], 10, rate=50, duration=1.0, timeout=10))
         assert out["requests"] == out["ok"] == 50

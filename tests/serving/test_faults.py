@@ -42,12 +42,12 @@ def test_killed_model_replica_is_replaced_and_requests_keep_succeeding(server, f
     load = faults.OpenLoop(server, rate=40, users=users).start()
     try:
         while len(load.outcomes) < 40:  # load is flowing before the kill
-            load._thread.join(0.1)
-        event = faults.inject(load)
+            load.join(0.1)
+        event = faults.inject()
         after = faults.model_replicas()
         n = len(load.outcomes)
         while len(load.outcomes) < n + 40:  # and keeps flowing on the replacement
-            load._thread.join(0.1)
+            load.join(0.1)
     finally:
         load.stop()
 
