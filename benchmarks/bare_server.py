@@ -24,15 +24,14 @@ def make_api(recommender):
 
     api = FastAPI(title="trustrec-bare", version="0.1.0")
 
+    @api.post("/v1/recommend", response_model=RecommendResponse)
     async def recommend(request: RecommendRequest) -> dict:
         return recommender.recommend(request.user_id, request.k, request.exclude_seen, request.diversity)
 
+    @api.get("/healthz", response_model=Health)
     async def healthz() -> dict:
-        r = recommender
-        return {"status": "ok", "model_version": r.model_version, "provider": r.provider, "n_items": len(r.items)}
+        return {"status": "ok", "model_version": recommender.model_version, "provider": recommender.provider, "n_items": len(recommender.items)}
 
-    api.post("/v1/recommend", response_model=RecommendResponse)(recommend)
-    api.get("/healthz", response_model=Health)(healthz)
     return api
 
 

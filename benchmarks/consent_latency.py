@@ -29,6 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # harness and siblings by name
 import harness  # noqa: E402  (puts the repository on sys.path too)
+import servers  # noqa: E402
 from harness import REPO  # noqa: E402
 
 GOAL_MS = 1000.0
@@ -52,14 +53,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--user", default="u1", help="user whose consent flips (default u1)")
     p.add_argument("--flips", type=int, default=50, help="consent changes measured (default 50)")
     p.add_argument("--k", type=int, default=10)
-    p.add_argument("--ingress", choices=("haproxy", "proxy"), default="haproxy", help="HTTP data plane (default haproxy, as `trustrec serve`)")
+    p.add_argument("--ingress", choices=servers.INGRESSES, default="haproxy", help="HTTP data plane (default haproxy, as `trustrec serve`)")
     args = p.parse_args(argv)
 
     import requests
     import yaml
 
     os.environ.setdefault("TRUSTREC_TOKEN_SECRET", secrets.token_hex(16))  # before Ray starts: replicas inherit it
-    import servers  # sibling script
     from serving.auth import user_token
 
     with contextlib.ExitStack() as stack:
@@ -86,34 +86,24 @@ def main(argv: list[str] | None = None) -> int:
             rec_ms.append((time.perf_counter() - t) * 1000)
         put_ms, change_ms, polls = [], [], []
         for _ in range(args.flips):
-            target = not state
+            state = not state
             t0 = time.perf_counter()
-            r = session.put(f"{url}/v1/users/{args.user}/consent", json={"personalization": target}, headers=headers, timeout=30)
-            r.raise_for_status()
+            session.put(f"{url}/v1/users/{args.user}/consent", json={"personalization": state}, headers=headers, timeout=30).raise_for_status()
             put_ms.append((time.perf_counter() - t0) * 1000)
-            n = 0
-            while True:
+            n = 1
+            while recommend()["personalized"] != state:  # until the answer shows the new state
                 n += 1
-                if recommend()["personalized"] == target:
-                    break
             change_ms.append((time.perf_counter() - t0) * 1000)
             polls.append(n)
-            state = target
 
-    result = {
-        "flips": args.flips,
-        "ingress": args.ingress,
-        "consent_change_to_changed_answer_ms": percentiles(change_ms),
-        "put_consent_ms": percentiles(put_ms),
-        "recommend_ms": percentiles(rec_ms),
-        "changed_on_the_very_next_request": sum(n == 1 for n in polls) / len(polls),
-        "goal_ms": GOAL_MS,
-        "meets_goal_p95": percentiles(change_ms)["p95"] < GOAL_MS,
-    }
-    print(f"{'':<36}{'p50 ms':>10}{'p95 ms':>10}{'max ms':>10}")
-    for label, key in (("consent PUT -> changed answer", "consent_change_to_changed_answer_ms"), ("consent PUT alone", "put_consent_ms"), ("POST /v1/recommend", "recommend_ms")):
-        s = result[key]
-        print(f"{label:<36}{s['p50']:>10.1f}{s['p95']:>10.1f}{s['max']:>10.1f}")
+    change = percentiles(change_ms)
+    result = {"flips": args.flips, "ingress": args.ingress, "consent_change_to_changed_answer_ms": change, "put_consent_ms": percentiles(put_ms),
+              "recommend_ms": percentiles(rec_ms), "changed_on_the_very_next_request": sum(n == 1 for n in polls) / len(polls),
+              "goal_ms": GOAL_MS, "meets_goal_p95": change["p95"] < GOAL_MS}  # fmt: skip
+    keys = {"consent PUT -> changed answer": "consent_change_to_changed_answer_ms", "consent PUT alone": "put_consent_ms",
+            "POST /v1/recommend": "recommend_ms"}
+    rows = [(label, result[k]["p50"], result[k]["p95"], result[k]["max"]) for label, k in keys.items()]
+    print(harness.table(["", "p50 ms", "p95 ms", "max ms"], rows, digits=1, first=36, width=10))
     print(f"changed on the very next request: {result['changed_on_the_very_next_request']:.0%} of {args.flips} flips; goal p95 < {GOAL_MS:.0f} ms: {'met' if result['meets_goal_p95'] else 'MISSED'}")
     out = harness.write(result, args, "consent_latency", script=__file__, argv=argv, libraries=["ray", "onnxruntime"])
     print(f"written to {out}")

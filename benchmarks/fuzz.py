@@ -36,6 +36,7 @@ trains its own into a temporary directory).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -46,6 +47,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # harness and siblings by name
 import harness  # noqa: E402  (puts the repository on sys.path too)
+import servers  # noqa: E402
 
 # Every check of schemathesis 4.32 (`schemathesis.checks.CHECKS`) with what it covers against this API.
 CHECKS = {
@@ -74,7 +76,6 @@ PROBES = {  # harness checks (not schemathesis'): auth behaviour the schemathesi
     "cross_user_token": "scenarios: another user's genuine token gets 403 on GET .../data and DELETE; the owner's token gets 200",
 }
 NOT_APPLICABLE = ("ensure_resource_availability", "object_level_authorization")
-INFORMATIONAL = ("negative_data_rejection", "positive_data_acceptance")
 GOALS = {
     "server errors": ("not_a_server_error",),
     "schema violations": ("status_code_conformance", "content_type_conformance", "response_headers_conformance", "response_schema_conformance"),
@@ -82,7 +83,7 @@ GOALS = {
     "protocol": ("unsupported_method", "allow_header_conformance", "use_after_free"),
 }
 MUST_PASS = tuple(c for group in GOALS.values() for c in group)
-RESPONSE_CHECKS = ("not_a_server_error", "status_code_conformance", "content_type_conformance", "response_headers_conformance", "response_schema_conformance")
+RESPONSE_CHECKS = ("not_a_server_error", *GOALS["schema violations"])  # what a probe's response is judged by
 ADMIN_ENV = "TRUSTREC_ADMIN_TOKEN"  # serving.config.AuthArgs.admin_token_env's default
 SECRET_ENV = "TRUSTREC_TOKEN_SECRET"  # ... and user_secret_env's
 INVALID_BEARER = "Bearer SCHEMATHESIS-INVALID-VALUE"  # what ignored_auth sends too
@@ -96,10 +97,8 @@ def _is_missing_auth(case) -> bool:
     return getattr(data, "scenario", None) == CoverageScenario.MISSING_PARAMETER and str(getattr(data, "parameter", "")).lower() == "authorization"
 
 
-def fuzz(
-    url: str, examples: int, min_cases: int, seed: int, token: str | None = None, *, user_secret: str | None = None,
-    timeout: float = 10.0, max_rounds: int = 20, time_limit: float | None = None, scenarios: int = 25, progress: bool = True,
-) -> dict:
+def fuzz(url: str, examples: int, min_cases: int, seed: int, token: str | None = None, *, user_secret: str | None = None, timeout: float = 10.0,
+         max_rounds: int = 20, time_limit: float | None = None, scenarios: int = 25, progress: bool = True) -> dict:
     """Fuzz a live server at `url` (the admin `token` sent on every request, so the user-data routes
     are exercised past authentication; `user_secret` enables the cross-user probe); returns counts
     per operation/phase, per status and per check, samples of failures and probe statistics."""
@@ -197,30 +196,24 @@ def fuzz(
             recorder.record_response(case_id=case.id, response=schemathesis.Response.from_any(response))
         judge(case, response, headers_sent, where, list(CHECKS), recorder)
         op = case.operation
-        if (
-            200 <= response.status_code < 300 and case.method.upper() == op.method.upper()
-            and get_security_parameters(op) and has_effective_optional_auth(op, op.schema.raw_schema)
-        ):
-            optional_auth_probe(case, response, where)
+        if (200 <= response.status_code < 300 and case.method.upper() == op.method.upper()
+                and get_security_parameters(op) and has_effective_optional_auth(op, op.schema.raw_schema)):  # the optional_auth probes
+            anonymous = case.derive(headers={h: v for h, v in (case.headers or {}).items() if h.lower() != "authorization"})
+            probe("optional_auth", anonymous, None, where, lambda s: 200 <= s < 300, "2xx: the route is open without a token")
+            probe("optional_auth", anonymous, {"Authorization": INVALID_BEARER}, where, lambda s: s == 401, "401: a token that is sent is checked")
         return response
 
-    def probe(kind: str, case, headers_sent, where: str, expect, expectation: str):
+    def probe(kind: str, case, headers_sent, where: str, expect, expectation: str) -> None:
         """A request of the harness' own: its status must satisfy `expect`; its response goes through the response checks."""
         response = send(case, headers_sent, f"{where} [probe {kind}]")
         if response is None:
             fail(kind, where, "no response", f"{describe(case, None, headers_sent)} || no response")
-            return None
+            return
         probes[kind][response.status_code] += 1
         runs[kind] += 1
         if not expect(response.status_code):
             fail(kind, where, response.status_code, f"{describe(case, response, headers_sent)} || expected {expectation}")
         judge(case, response, headers_sent, f"{where} [probe {kind}]", RESPONSE_CHECKS)
-        return response
-
-    def optional_auth_probe(case, response, where: str) -> None:
-        anonymous = case.derive(headers={h: v for h, v in (case.headers or {}).items() if h.lower() != "authorization"})
-        probe("optional_auth", anonymous, None, where, lambda s: 200 <= s < 300, "2xx: the route is open without a token")
-        probe("optional_auth", anonymous, {"Authorization": INVALID_BEARER}, where, lambda s: s == 401, "401: a token that is sent is checked")
 
     def out_of_time() -> bool:
         return time_limit is not None and time.perf_counter() - started > time_limit
@@ -237,40 +230,37 @@ def fuzz(
         # 2. scenarios for the stateful checks (and the cross-user probe)
         from serving.auth import user_token
 
-        ops = {name: by_label.get(label) for name, label in [
-            ("recommend", "POST /v1/recommend"), ("consent", "PUT /v1/users/{user_id}/consent"), ("event", "POST /v1/events"),
-            ("data", "GET /v1/users/{user_id}/data"), ("delete", "DELETE /v1/users/{user_id}"),
-        ]}
+        labels = {"recommend": "POST /v1/recommend", "consent": "PUT /v1/users/{user_id}/consent", "event": "POST /v1/events",
+                  "data": "GET /v1/users/{user_id}/data", "delete": "DELETE /v1/users/{user_id}"}
+        ops = {name: by_label.get(label) for name, label in labels.items()}
+        run_tag, where, json_body = secrets.token_hex(3), "[scenario lifecycle]", "application/json"
+
+        def step(op: str, after=None, **made):
+            """A case of ops[op] made with `made`, run and recorded in this lifecycle after the case `after`: (case, response)."""
+            case = ops[op].Case(**made)
+            return case, run_case(case, f"{ops[op].label} {where}", bar, rec, parent_id=after.id if after else None)
+
         if all(ops.values()) and auth:
-            run_tag = secrets.token_hex(3)
             for i in range(scenarios):
                 user, other = f"fuzz-{run_tag}-{i}", f"fuzz-{run_tag}-{i}-other"
-                rec, where = ScenarioRecorder(label=f"lifecycle {i}"), "[scenario lifecycle]"
-                path = {"user_id": user}
-                steps = {}
-                create = ops["consent"].Case(path_parameters=path, body={"personalization": True, "training": True}, media_type="application/json")
-                steps["create"] = run_case(create, f"{ops['consent'].label} {where}", bar, rec)
-                asked = ops["recommend"].Case(body={"user_id": user, "k": 5}, media_type="application/json")
-                answer = run_case(asked, f"{ops['recommend'].label} {where}", bar, rec, parent_id=create.id)
+                rec, path, steps = ScenarioRecorder(label=f"lifecycle {i}"), {"user_id": user}, {}
+                create, steps["create"] = step("consent", path_parameters=path, body={"personalization": True, "training": True}, media_type=json_body)
+                _, answer = step("recommend", create, body={"user_id": user, "k": 5}, media_type=json_body)
                 try:  # an item the catalog knows (an unknown one is a 422)
                     item = answer.json()["items"][0]["item_id"]
                 except Exception:  # noqa: BLE001
                     item = "1"
-                event = ops["event"].Case(body={"user_id": user, "item_id": item, "rating": 1.0}, media_type="application/json")
-                steps["event"] = run_case(event, f"{ops['event'].label} {where}", bar, rec, parent_id=create.id)
-                read = ops["data"].Case(path_parameters=path)
-                steps["read"] = run_case(read, f"{ops['data'].label} {where}", bar, rec, parent_id=create.id)
+                _, steps["event"] = step("event", create, body={"user_id": user, "item_id": item, "rating": 1.0}, media_type=json_body)
+                read, steps["read"] = step("data", create, path_parameters=path)
                 if user_secret:
-                    probe("cross_user_token", read, {"Authorization": f"Bearer {user_token(user_secret, other)}"}, f"{ops['data'].label} {where}", lambda s: s == 403, "403: another user's token")
-                    probe("cross_user_token", read, {"Authorization": f"Bearer {user_token(user_secret, user)}"}, f"{ops['data'].label} {where}", lambda s: s == 200, "200: the owner's token")
-                    erase_as_other = ops["delete"].Case(path_parameters=path)
-                    probe("cross_user_token", erase_as_other, {"Authorization": f"Bearer {user_token(user_secret, other)}"}, f"{ops['delete'].label} {where}", lambda s: s == 403, "403: another user's token")
-                erase = ops["delete"].Case(path_parameters=path)
-                steps["erase"] = run_case(erase, f"{ops['delete'].label} {where}", bar, rec, parent_id=read.id)
-                again = ops["data"].Case(path_parameters=path)
-                steps["read after erase"] = run_case(again, f"{ops['data'].label} {where}", bar, rec, parent_id=erase.id)
-                rewrite = ops["consent"].Case(path_parameters=path, body={"training": True}, media_type="application/json")
-                steps["write after erase"] = run_case(rewrite, f"{ops['consent'].label} {where}", bar, rec, parent_id=erase.id)
+                    as_other, as_owner = ({"Authorization": f"Bearer {user_token(user_secret, who)}"} for who in (other, user))
+                    probe("cross_user_token", read, as_other, f"{ops['data'].label} {where}", lambda s: s == 403, "403: another user's token")
+                    probe("cross_user_token", read, as_owner, f"{ops['data'].label} {where}", lambda s: s == 200, "200: the owner's token")
+                    erase_other = ops["delete"].Case(path_parameters=path)
+                    probe("cross_user_token", erase_other, as_other, f"{ops['delete'].label} {where}", lambda s: s == 403, "403: another user's token")
+                erase, steps["erase"] = step("delete", read, path_parameters=path)
+                _, steps["read after erase"] = step("data", erase, path_parameters=path)
+                _, steps["write after erase"] = step("consent", erase, path_parameters=path, body={"training": True}, media_type=json_body)
                 scenario_stats["run"] += 1
                 codes = {k: (r.status_code if r is not None else None) for k, r in steps.items()}
                 scenario_stats["use_after_free judged"] += all(c is not None and 200 <= c < 300 for c in (codes["create"], codes["read"], codes["erase"]))
@@ -286,18 +276,13 @@ def fuzz(
                         break
                     label = f"{op.label} [fuzzing {mode.value}]"
 
-                    @settings(
-                        max_examples=examples,
-                        deadline=None,
-                        database=None,
-                        phases=[Phase.explicit, Phase.generate],
-                        suppress_health_check=list(HealthCheck),
-                    )
+                    @hypothesis_seed(seed + rounds)
+                    @settings(max_examples=examples, deadline=None, database=None, phases=[Phase.explicit, Phase.generate],
+                              suppress_health_check=list(HealthCheck))
                     @given(case=op.as_strategy(generation_mode=mode))
                     def test(case) -> None:
                         run_case(case, label, bar)  # called right here, in this iteration: `label` is this one's
 
-                    test = hypothesis_seed(seed + rounds)(test)
                     try:
                         test()
                     except Exception as e:  # an operation without invalid inputs (GET /healthz) cannot be negated
@@ -305,44 +290,19 @@ def fuzz(
                             raise
             rounds += 1
 
-    checks = {
-        name: {
-            "failures": failures.get(name, 0), "responses_judged": runs.get(name, 0), "covers": how,
-            "applicable": name not in NOT_APPLICABLE, "goal": name in MUST_PASS,
-        }
-        for name, how in {**CHECKS, **PROBES}.items()
-    }
-    return {
-        "cases": dict(sorted(cases.items())),
-        "total_cases": sum(cases.values()),
-        "phases": dict(phases),
-        "statuses": {str(k): v for k, v in sorted(statuses.items())},
-        "failures": {c: failures.get(c, 0) for c in (*CHECKS, *PROBES)},
-        "checks": checks,
-        "schemathesis_checks_not_run": unlisted,
-        "probes": {k: {"sent": sum(v.values()), "statuses": {str(s): n for s, n in sorted(v.items(), key=str)}} for k, v in probes.items()},
-        "scenarios": dict(scenario_stats),
-        "lost_requests": len(lost),
-        "lost_samples": lost[:5],
-        "check_errors": len(check_errors),
-        "check_error_samples": check_errors[:5],
-        "samples": dict(samples),
-        "failures_by_operation": {f"{c}: {where}": n for (c, where), n in by_operation.most_common()},
-        "rounds": rounds,
-        "fuzz_seconds": round(time.perf_counter() - started, 1),
-    }
-
-
-def goal_met(result: dict, min_cases: int) -> bool:
-    return (
-        all(result["failures"][c] == 0 for c in MUST_PASS)
-        and result["total_cases"] >= min_cases and result["lost_requests"] == 0 and result["check_errors"] == 0
-    )
+    checks = {name: {"failures": failures.get(name, 0), "responses_judged": runs.get(name, 0), "covers": how,
+                     "applicable": name not in NOT_APPLICABLE, "goal": name in MUST_PASS} for name, how in {**CHECKS, **PROBES}.items()}
+    return {"cases": dict(sorted(cases.items())), "total_cases": sum(cases.values()), "phases": dict(phases),
+            "statuses": {str(k): v for k, v in sorted(statuses.items())}, "failures": {c: failures.get(c, 0) for c in (*CHECKS, *PROBES)},
+            "checks": checks, "schemathesis_checks_not_run": unlisted,
+            "probes": {k: {"sent": sum(v.values()), "statuses": {str(s): n for s, n in sorted(v.items(), key=str)}} for k, v in probes.items()},
+            "scenarios": dict(scenario_stats), "lost_requests": len(lost), "lost_samples": lost[:5], "check_errors": len(check_errors),
+            "check_error_samples": check_errors[:5], "samples": dict(samples),
+            "failures_by_operation": {f"{c}: {where}": n for (c, where), n in by_operation.most_common()},
+            "rounds": rounds, "fuzz_seconds": round(time.perf_counter() - started, 1)}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
-    import servers  # sibling script
-
     p = harness.parser(__doc__, "fuzz")
     servers.model_flags(p)
     p.add_argument("--examples", type=int, default=200, help="Hypothesis examples per (operation, mode) and round (default 200)")
@@ -357,37 +317,33 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     started = time.perf_counter()
-    kwargs = dict(timeout=args.timeout, max_rounds=args.max_rounds, time_limit=args.time_limit, scenarios=args.scenarios, progress=not args.no_progress)
-    if args.url:
-        result = fuzz(args.url.rstrip("/"), args.examples, args.min_cases, args.seed, os.environ.get(ADMIN_ENV), user_secret=os.environ.get(SECRET_ENV), **kwargs)
-    else:
-        # the server we start gets a fresh admin token and user-token secret (Ray's local cluster inherits
+    if not args.url:  # the server we start gets a fresh admin token and user-token secret (Ray's local cluster inherits
         # the environment); the fuzz edits and erases users, so point it only at a store you can lose
-        token = os.environ.setdefault(ADMIN_ENV, secrets.token_urlsafe(24))
-        secret = os.environ.setdefault(SECRET_ENV, secrets.token_urlsafe(24))
-        with servers.prepared_model(args) as model, servers.ray_serve(args.config, model) as url:
-            result = fuzz(url, args.examples, args.min_cases, args.seed, token, user_secret=secret, **kwargs)
+        os.environ.setdefault(ADMIN_ENV, secrets.token_urlsafe(24))
+        os.environ.setdefault(SECRET_ENV, secrets.token_urlsafe(24))
+    with contextlib.ExitStack() as stack:
+        model = None if args.url else stack.enter_context(servers.prepared_model(args))
+        url = args.url.rstrip("/") if args.url else stack.enter_context(servers.ray_serve(args.config, model))
+        token, secret = os.environ.get(ADMIN_ENV), os.environ.get(SECRET_ENV)
+        result = fuzz(url, args.examples, args.min_cases, args.seed, token, user_secret=secret, timeout=args.timeout, max_rounds=args.max_rounds,
+                      time_limit=args.time_limit, scenarios=args.scenarios, progress=not args.no_progress)
     seconds = time.perf_counter() - started
-    met = goal_met(result, args.min_cases)
-    report = {
-        **result,
-        "goal": {"groups": {k: list(v) for k, v in GOALS.items()}, "must_pass": list(MUST_PASS), "min_cases": args.min_cases, "met": met},
-        "seconds": round(seconds, 1),
-    }
+    met = (all(result["failures"][c] == 0 for c in MUST_PASS) and result["total_cases"] >= args.min_cases
+           and result["lost_requests"] == 0 and result["check_errors"] == 0)
+    goal = {"groups": {k: list(v) for k, v in GOALS.items()}, "must_pass": list(MUST_PASS), "min_cases": args.min_cases, "met": met}
+    report = {**result, "goal": goal, "seconds": round(seconds, 1)}
     out = harness.write(report, args, "fuzz", script=__file__, argv=argv, libraries=["schemathesis", "ray"])
 
     print(f"\nschemathesis fuzz of /openapi.json: {result['total_cases']} cases in {seconds:.0f} s, {result['fuzz_seconds']:.0f} s fuzzing")
     print(f"  phases: {result['phases']}  fuzzing rounds: {result['rounds']}  scenarios: {result['scenarios'].get('run', 0)} "
           f"(use_after_free judged in {result['scenarios'].get('use_after_free judged', 0)})")
-    for key, n in result["cases"].items():
-        print(f"  {key:<72} {n:>6}")
+    print(harness.table(["case", "requests"], result["cases"].items(), first=82, width=9))
     print(f"  statuses: {result['statuses']}")
     for kind, p_ in result["probes"].items():
         print(f"  probes {kind}: {p_['sent']} sent, statuses {p_['statuses']}")
-    print(f"  {'check':<30} {'failures':>9} {'judged':>8}")
-    for c, row in result["checks"].items():
-        mark = "  (goal: 0)" if row["goal"] else "  (not applicable)" if not row["applicable"] else "  (reported)"
-        print(f"  {c:<30} {row['failures']:>9} {row['responses_judged']:>8}{mark}")
+    rows = [[c, r["failures"], r["responses_judged"], "goal: 0" if r["goal"] else "reported" if r["applicable"] else "not applicable"]
+            for c, r in result["checks"].items()]
+    print(harness.table(["check", "failures", "judged", "counts as"], rows, first=30, width=16))
     print(f"  lost requests: {result['lost_requests']}  check errors: {result['check_errors']}")
     for where, n in list(result["failures_by_operation"].items())[:15]:
         print(f"  {n:>6}  {where}")
