@@ -118,3 +118,19 @@ def test_quality_other_rows_compare_the_best_of_ours_with_the_best_peer_by_hand(
     r["models"]["ease"]["ndcg@10"] = 0.3740  # -1.34 %: not within 1 %
     assert rp.quality_other_rows(r, within=0.01)[0][2] == "**not met**"
     assert rp.quality_other_rows(r)[1][1].startswith("ease 0.3740, trustrec-two-tower-ease 0.3690, bivae 0.3450")
+
+
+def test_a_privacy_ratio_is_judged_against_the_best_trustrec_model_of_the_quality_record_too():
+    # the run's own reference is the two-tower (0.30); the dataset's quality record holds a blend at 0.40:
+    # 0.285 / 0.30 = 95 % >= 90 % (met against the run's reference) but 0.285 / 0.40 = 71.25 % < 90 % -> not met
+    privacy = {"k": 10, "non_private_reference": {"model": "trustrec-two-tower", "ndcg@10": 0.30},
+               "rows": [{"model": "ease_dp", "epsilon": 8.0, "ndcg@10": 0.285, "ndcg@10_std": 0.001}],
+               "goals": {"ease_dp_eps_8_ratio": {"goal": 0.9, "value": 0.95, "met": True}}}  # fmt: skip
+    quality = {"models": {"trustrec-two-tower-ease": {"ndcg@10": 0.40}, "trustrec-two-tower": {"ndcg@10": 0.30}, "ease": {"ndcg@10": 0.45}}}
+    (label, text, status), = rp.privacy_rows(privacy, quality)
+    assert label == "ease_dp NDCG@10 ≥ 90 % of the best non-private model at ε = 8"
+    assert text == "95.0 % (0.2850 ± 0.0010) of trustrec-two-tower 0.3000; 71.2 % of trustrec-two-tower-ease 0.4000 (the quality record, its own split)"
+    assert status == "**not met**"  # a peer (ease 0.45) is no trustrec model: it sets no bar
+    # no better trustrec model in the quality record (or none at all): the run's own reference decides
+    assert rp.privacy_rows(privacy, {"models": {"trustrec-two-tower": {"ndcg@10": 0.25}}})[0][2] == "met"
+    assert rp.privacy_rows(privacy)[0] == (label, "95.0 % (0.2850 ± 0.0010) of trustrec-two-tower 0.3000", "met")
