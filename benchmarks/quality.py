@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--protocol", choices=list(harness.PROTOCOLS), default=None, help="split protocol (default: given for a dataset shipped with its test part, else stratified)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra config overrides")
     p.add_argument("--peers", default=ALL_PEERS, help=f"comma-separated peers, or '' for none (default {ALL_PEERS})")
-    p.add_argument("--models", default=None, help="comma-separated trustrec models to train (default: all of the dataset's)")
+    p.add_argument("--models", default=None, help="comma-separated trustrec models to train (default: all of the dataset's; '' for none: the peers alone)")
     p.add_argument("--recipes", choices=["auto", "generic"], default="auto",
                    help="auto: ML-100k's tuned configs on ML-100k, the generic ones elsewhere; generic: the generic ones everywhere")
     p.add_argument("--seeds", default="0", help="comma-separated model seeds (default 0); the split stays seed 42")
@@ -152,10 +152,11 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         p.error(f"--models: unknown {unknown}; choose from {list(available)}")
     chosen = available if args.models is None else {m: available[m] for m in args.models.split(",") if m}
-    if not chosen:
-        p.error("--models: name at least one model")
+    data_config = next(iter(chosen.values()), GENERIC["trustrec-two-tower"])  # --models '': the peers alone, on the same data and split
+    if not chosen and not args.peers:
+        p.error("--models / --peers: name at least one model or peer")
     try:  # the data and the split every model and peer below uses; bad data or --set fails here, before any training
-        cfg = load_config(REPO / "configs" / next(iter(chosen.values())), [*overrides, "tracking.enabled=false", "store.load=false"])
+        cfg = load_config(REPO / "configs" / data_config, [*overrides, "tracking.enabled=false", "store.load=false"])
         prepared = prepare(cfg)
         k = cfg.task.eval_k
     except (ValueError, FileNotFoundError) as e:  # ConfigError, DataFormatError and pydantic's errors are ValueErrors
@@ -182,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{model} seed {seed}: ndcg@{k} {row[f'ndcg@{k}']:.4f} (best epoch {row['best_epoch']:.0f}, {row['train_s']:.0f}s)", flush=True)
         for seed in seeds:
             for peer in peers:
-                job = {"phase": "peer", "peer": peer, "seed": seed, "config": next(iter(chosen.values())),
+                job = {"phase": "peer", "peer": peer, "seed": seed, "config": data_config,
                        "overrides": [*overrides, *harness.offline(tmp, f"p{seed}")]}
                 metrics = measured(job, args.in_process)
                 params.setdefault(peer, []).append(metrics.pop("params"))

@@ -93,7 +93,7 @@ def test_any_dataset_end_to_end_one_json_per_dataset_with_spec_label_and_peer_pa
     monkeypatch.setattr(quality.harness, "RESULTS", tmp_path / "results")
     monkeypatch.chdir(tmp_path)
     a = _lines_file(tmp_path / "a" / "train.txt")
-    args = ["--peers", "popularity,ease", "--seeds", "0", "--models", "trustrec-two-tower", *TINY_MODEL]
+    args = ["--peers", "popularity,ease", "--seeds", "0", "--models", "trustrec-two-tower", "--in-process", *TINY_MODEL]
     assert quality.main(["--data", f"lines:{a}", *args]) == 0
     # a second dataset, shipped with its test part, named through a YAML data block: the given split by default
     _lines_file(tmp_path / "b" / "train.txt", seed=1, test=True)
@@ -136,3 +136,34 @@ def test_models_of_a_dataset_are_the_generic_recipes_except_ml100k():
         chosen = quality.configs(kind)
         assert chosen["trustrec-two-tower"] == "two_tower.yaml" and chosen["trustrec-hybrid"] == "hybrid.yaml"
         assert not any("ml100k" in f for f in chosen.values())
+
+
+def test_cost_columns_come_from_a_process_per_phase_and_the_in_process_run_has_the_same_quality(tmp_path):
+    import json
+
+    a = _lines_file(tmp_path / "a" / "train.txt")
+    args = ["--data", f"lines:{a}", "--models", "trustrec-two-tower", "--peers", "popularity", "--seeds", "0", *TINY_MODEL]
+    assert quality.main([*args, "--out", str(tmp_path / "child.json")]) == 0
+    assert quality.main([*args, "--in-process", "--out", str(tmp_path / "here.json")]) == 0
+    child, here = (json.loads((tmp_path / f"{n}.json").read_text())["models"] for n in ("child", "here"))
+    ours = child["trustrec-two-tower"]
+    for key in ("train_peak_mb", "evaluate_peak_mb", "serve_peak_mb", "pipeline_s", "bundle_mb", "served_mb", "serve_ms"):
+        assert ours[key] > 0, key
+    assert ours["served_mb"] <= ours["bundle_mb"] and ours["pipeline_s"] >= ours["train_s"]
+    assert child["popularity"]["train_peak_mb"] > 0
+    assert "train_peak_mb" not in here["trustrec-two-tower"] and "serve_peak_mb" not in here["trustrec-two-tower"]
+    for model in ("trustrec-two-tower", "popularity"):  # the same seeded run in a child process and here
+        assert here[model]["ndcg@10"] == child[model]["ndcg@10"]
+
+
+def test_models_empty_runs_the_peers_alone_on_the_same_split(tmp_path, capsys):
+    import json
+
+    a = _lines_file(tmp_path / "a" / "train.txt")
+    out = tmp_path / "peers.json"
+    assert quality.main(["--data", f"lines:{a}", "--models", "", "--peers", "popularity", "--seeds", "0,1", "--in-process", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert set(report["models"]) == {"popularity"} and len(report["models"]["popularity"]["per_seed"]) == 2
+    with pytest.raises(SystemExit) as e:
+        quality.main(["--data", "synthetic", "--models", "", "--peers", ""])
+    assert e.value.code == 2 and "--models / --peers" in capsys.readouterr().err
