@@ -255,6 +255,17 @@ def test_pipeline_exports_the_blend_and_offline_evaluation_reproduces_it(blended
     for k, v in result.metrics.items():
         if k.startswith("test/"):
             assert offline[k] == pytest.approx(v, abs=1e-4), k
+    # the wide vectors make smaller scoring batches (the history bags' gather is bounded): same metrics
+    import training.offline as offline_module
+
+    sizes = []
+    real = offline_module.evaluation.evaluate_scores
+    spy = lambda *a, **kw: sizes.append(kw["batch_size"]) or real(*a, **kw)  # noqa: E731
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(offline_module.evaluation, "evaluate_scores", spy)
+        mp.setattr(offline_module, "SCORE_FLOATS", 20_000 * (64 + rank))  # ~20,000 gathered rows
+        assert evaluate_bundle(cfg, str(result.artifact_dir)) == offline
+    assert 16 <= sizes[0] < 1024
 
 
 def test_serving_compares_items_on_the_tower_coordinates_only(blended):
