@@ -69,6 +69,39 @@ def test_a_spent_budget_ends_rung_0_after_its_first_candidate():
     assert result.chosen == {"task.history_dropout": 0.2}
 
 
+@pytest.mark.parametrize("budget, rungs", [(150.0, [1]), (170.0, [1, 2])])
+def test_a_later_rung_whose_estimated_time_would_pass_the_budget_is_skipped(monkeypatch, budget, rungs):
+    """A controlled clock: every fit of e epochs takes 10·e seconds and scores its dropout. 8 candidates:
+    rung 0 (1 epoch) spends 80 s; rung 1 (4 x 2 epochs) is estimated at 10 s/epoch x 8 epochs = 80 s more,
+    so it runs within 170 s but not within 150 s; rung 2 (2 x 4 epochs, +80 s) would pass 170 s."""
+    from types import SimpleNamespace
+
+    import training.search as search_module
+    from training.trainer import FitResult
+
+    clock = [0.0]
+
+    class Timed:  # stands in for training.trainer.Trainer inside the search
+        monitor = "val/ndcg@10"
+
+        def __init__(self, model, task, cfg, history_dropout, *args):
+            self.epochs, self.score = cfg.epochs, history_dropout
+
+        def fit(self, *args, **kwargs):
+            clock[0] += 10.0 * self.epochs
+            return FitResult(best_epoch=self.epochs, best_metric=self.score, epochs_run=self.epochs, seconds=10.0 * self.epochs)
+
+    monkeypatch.setattr(search_module, "Trainer", Timed)
+    monkeypatch.setattr(search_module, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    cfg = load_config(None, [*DATA, *SMALL, "trainer.epochs=4", "search.enabled=true", "search.min_epochs=1", "search.eta=2", f"search.budget_s={budget}",
+                             "search.space={task.history_dropout: [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]}"])  # fmt: skip
+    result = search_module.search(cfg, prepare(cfg), pick_device("cpu"))
+    assert [r["epochs"] for r in result.rungs] == rungs
+    assert [len(r["candidates"]) for r in result.rungs] == [8, 4][: len(rungs)]
+    assert result.chosen == {"task.history_dropout": 0.8}  # the best of the last rung run
+    assert result.seconds == 80.0 * len(rungs)
+
+
 def test_the_run_trains_with_the_chosen_settings_and_logs_them(tmp_path):
     import mlflow
 
