@@ -148,6 +148,10 @@ class PrivacyConfig(_Section):
     # (figures: training/privacy/gram.py's docstring)
     gram_lambda_rule: Literal["noise", "noise_snr"] = "noise_snr"
     gram_lambda_factor: float = Field(2.7, gt=0)
+    # gram: weight mu of the popularity prior added to the released Gram before EASE (post-processing:
+    # mu * r r^T / sum r, r = the release's row sums); null: mu = max(0, rho - 3) / 2 (public constants
+    # only: 0 at eps >= 2 on ML-100k and ML-1M, 1.28 at eps 1 on ML-100k); 0: no prior. Chosen on validation
+    gram_prior_weight: float | None = Field(None, ge=0)
     # gram: rank of the served vectors (B factored by its own subspace); null: exact, n_items coordinates
     gram_rank: int | None = Field(None, gt=0)
     # --- dp: user-level DP-SGD (one example = one user; Poisson sampling, per-user clipping, noise).

@@ -174,11 +174,60 @@ def test_the_release_uses_the_configured_lambda_rule(tmp_path):
         lam = factor * sigma * math.sqrt(2 * data.dataset.n_items) * (sigma * data.dataset.n_items / n if rule == "noise_snr" else 1.0)
         assert fit.privacy["lambda"] == pytest.approx(lam) and model.lam == pytest.approx(lam)
         assert fit.privacy["lambda_rule"].startswith(f"{factor:g} * ")
-        want = gram.release(data.seen, data.dataset.n_items, sigma, lam, None, np.random.default_rng(cfg.trainer.seed))
+        mu = gram.prior_weight(sigma, data.dataset.n_items, n)
+        assert fit.privacy["prior_weight"] == pytest.approx(mu) and model.prior == pytest.approx(mu)
+        want = gram.release(data.seen, data.dataset.n_items, sigma, lam, None, np.random.default_rng(cfg.trainer.seed), mu)
         np.testing.assert_array_equal(model.item_factors, want.item_factors)
     cfg = load_config(REPO / "configs" / "ease_dp.yaml", tiny_overrides(tmp_path) + SMALL + ["privacy.gram_lambda=3.5"])
     model, fit = gram.fit_gram(cfg, prepare(cfg), Tracker(False, "", ""))
     assert model.lam == 3.5 and fit.privacy["lambda_rule"] == "privacy.gram_lambda"
+
+
+def test_prior_weight_and_popularity_prior_by_hand():
+    # rho = sigma * n_items / members: 2 * 30 / 10 = 6 -> mu = (6 - 3) / 2 = 1.5; rho 3 or below -> 0
+    assert gram.prior_weight(2.0, 30, 10) == pytest.approx(1.5)
+    assert gram.prior_weight(1.0, 30, 10) == 0.0 and gram.prior_weight(0.0, 30, 10) == 0.0
+    assert gram.prior_weight(0.5, 1682, 754) == 0.0  # ML-100k at eps 8 (sigma ~0.47): no prior
+    # r = (2, 1, -1 -> 0): r r^T / 3, whose row sums are r again
+    prior = gram.popularity_prior(np.array([2.0, 1.0, -1.0]))
+    np.testing.assert_allclose(prior, np.array([[4, 2, 0], [2, 1, 0], [0, 0, 0]]) / 3.0)
+    np.testing.assert_allclose(prior.sum(1), [2.0, 1.0, 0.0])
+    assert not gram.popularity_prior(np.array([-1.0, -2.0])).any()
+    with pytest.raises(ValueError, match="members"):
+        gram.prior_weight(1.0, 8, 0)
+
+
+def test_the_prior_is_post_processing_of_the_release():
+    """release(prior=μ) is EASE on released + μ·r rᵀ/Σr, r the released row sums: nothing else is read,
+    and the fallback stays the released row sums (the prior does not touch what is reported)."""
+    n_items, sigma, lam, mu = 12, 0.8, 3.0, 1.5
+    csr = random_history(40, n_items, 0.3, seed=9)
+    model = gram.release(csr, n_items, sigma, lam, None, np.random.default_rng(5), mu)
+    released = gram.add_noise(gram.gram_statistic(csr, n_items), sigma, np.random.default_rng(5))
+    r = released.sum(1)
+    p, q, _ = gram.ease_from_release(released + mu * np.outer(np.clip(r, 0, None), np.clip(r, 0, None)) / np.clip(r, 0, None).sum(), lam, None, noisy=True)
+    np.testing.assert_allclose(model.scores(np.eye(n_items)), p @ q.T, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(model.cold_scores, r, atol=1e-12)
+    plain = gram.release(csr, n_items, sigma, lam, None, np.random.default_rng(5))
+    assert model.prior == mu and plain.prior == 0.0
+    assert not np.allclose(model.scores(np.eye(n_items)), plain.scores(np.eye(n_items)), atol=1e-4)  # the prior moves B
+
+
+def test_a_small_epsilon_turns_the_prior_on_and_the_config_can_turn_it_off(tmp_path):
+    from training.pipeline import prepare
+    from training.tracking import Tracker
+
+    cfg = load_config(REPO / "configs" / "ease_dp.yaml", tiny_overrides(tmp_path) + SMALL + ["privacy.target_epsilon=0.2"])
+    data = prepare(cfg)
+    n = int((np.diff(data.seen[0]) > 0).sum())
+    sigma = gram.gaussian_sigma(0.2, 1.0 / n)
+    mu = gram.prior_weight(sigma, data.dataset.n_items, n)
+    assert mu > 0  # rho > 3 on this small user base at eps 0.2
+    model, fit = gram.fit_gram(cfg, data, Tracker(False, "", ""))
+    assert model.prior == pytest.approx(mu) and fit.privacy["prior_rule"] == gram.PRIOR_TEXT
+    cfg = load_config(REPO / "configs" / "ease_dp.yaml", tiny_overrides(tmp_path) + SMALL + ["privacy.target_epsilon=0.2", "privacy.gram_prior_weight=0"])
+    model, fit = gram.fit_gram(cfg, prepare(cfg), Tracker(False, "", ""))
+    assert model.prior == 0.0 and fit.privacy["prior_rule"] == "privacy.gram_prior_weight"
 
 
 def test_config_refusals_name_the_key(tmp_path):
@@ -190,6 +239,7 @@ def test_config_refusals_name_the_key(tmp_path):
         ("ease_dp.yaml", ["privacy.gram_lambda=-1"], "privacy.gram_lambda"),
         ("ease_dp.yaml", ["privacy.gram_lambda_factor=0"], "privacy.gram_lambda_factor"),
         ("ease_dp.yaml", ["privacy.gram_lambda_rule=spectral"], "privacy.gram_lambda_rule"),
+        ("ease_dp.yaml", ["privacy.gram_prior_weight=-1"], "privacy.gram_prior_weight"),
     )
     for config, extra, key in cases:
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
