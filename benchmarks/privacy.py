@@ -15,12 +15,16 @@ runs the non-private references (`--references`, default every trustrec model be
 trains on the dataset: the ML-100k tuned recipes, else the generic ones) on the same split;
 `ratio_to_non_private` is a row's NDCG@10 over the best reference's. Every run holds out the same
 seeded share of users (`--audit-holdout`, privacy.audit_holdout: the audit's non-members, never
-trained, validated or tested on); the split is the dataset's protocol (ML-1M implicit: `given`;
+trained, validated or tested on), drawn anew for each seed (privacy.audit_seed = the seed; `--audit-split
+fixed`: audit_seed 0 for all, as before 2026-12-06): with one fixed draw, every seed shared that
+draw's chance difference between the two groups (ML-100k: an attack on a DP-EASE model at ε 0.02,
+where (ε, δ)-DP bounds any attack's AUC to ~0.51, scored 0.540 on both seeds), so the mean over
+seeds could not average it out; the split is the dataset's protocol (ML-1M implicit: `given`;
 ML-100k: stratified). δ = 1 / training users (the configs' default).
 
 JSON `rows`, one per (model, ε): model, epsilon, ndcg@10 (mean over --seeds), ndcg@10_std
-(population std), ratio_to_non_private, popularity_ndcg@10 (raw counts on the same split: not
-private), audit_auc (the worse of the loss and calibrated attacks, each averaged over seeds), the
+(population std), ratio_to_non_private, popularity_ndcg@10 (raw counts on the same splits: not
+private; mean over seeds), audit_auc (the worse of the loss and calibrated attacks, each averaged over seeds), the
 privacy block of the run (σ, δ, ...), and per seed: NDCG@10, the audit's AUCs with their 95 %
 bootstrap CIs, train seconds. Rows are written after every run. `--merge FILE` (repeatable) starts
 from earlier outputs' rows (same dataset and holdout): a slow model can be added later, and
@@ -71,7 +75,7 @@ def summarize(model: str, eps: float, config: str, runs: list[dict]) -> dict:
     """One row of the JSON from the seeds' figures (ratio filled in by `ratios`)."""
     ndcg = [r["ndcg@10"] for r in runs]
     row = {"model": model, "epsilon": eps, "ndcg@10": statistics.fmean(ndcg), "ndcg@10_std": statistics.pstdev(ndcg), "ratio_to_non_private": None,
-           "popularity_ndcg@10": runs[0]["popularity_ndcg@10"], "audit_auc": None, "config": config, "seeds": [r["seed"] for r in runs]}  # fmt: skip
+           "popularity_ndcg@10": statistics.fmean(r["popularity_ndcg@10"] for r in runs), "audit_auc": None, "config": config, "seeds": [r["seed"] for r in runs]}  # fmt: skip
     audited = [r["audit"] for r in runs if "audit" in r]
     if audited:
         row["audit_auc"] = max(statistics.fmean(a[name]["auc"] for a in audited) for name in audited[0])
@@ -114,9 +118,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every run (repeatable)")
     p.add_argument("--dp-set", action="append", default=[], metavar="KEY=VALUE", help="override for the private runs only (repeatable)")
     p.add_argument("--audit-holdout", type=float, default=0.2, help="share of users held out as the audit's non-members (default 0.2)")
+    p.add_argument("--audit-split", choices=("per-seed", "fixed"), default="per-seed", help="the non-members drawn anew per seed (privacy.audit_seed = seed; default) or one draw (audit_seed 0) for every seed")
     p.add_argument("--no-audit", action="store_true", help="skip the membership-inference audit")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the AUC CI (default 1000)")
-    p.add_argument("--merge", action="append", default=[], metavar="FILE", help="JSON of an earlier run (same --data and --audit-holdout) whose rows this run keeps and adds to (repeatable; with --epsilons inf --references none: only combine)")
+    p.add_argument("--merge", action="append", default=[], metavar="FILE", help="JSON of an earlier run (same --data, --audit-holdout and --audit-split) whose rows this run keeps and adds to (repeatable; with --epsilons inf --references none: only combine)")
     args = p.parse_args(argv)
     epsilons = list(dict.fromkeys(harness.numbers(p, "--epsilons", args.epsilons, float)))
     seeds = harness.numbers(p, "--seeds", args.seeds)
@@ -139,14 +144,15 @@ def main(argv: list[str] | None = None) -> int:
     rows, merged = [], []
     for earlier in map(lambda f: json.loads(Path(f).read_text()), args.merge):
         merged.append({"command": earlier.get("command"), "date": earlier.get("date"), "load_average_1m": earlier.get("machine", {}).get("load_average_1m")})
-        if (earlier["dataset"], earlier["audit_holdout"]) != (source.name, args.audit_holdout):
-            p.error(f"--merge: {earlier['dataset']} with audit holdout {earlier['audit_holdout']}, not --data {source.name} --audit-holdout {args.audit_holdout}")
+        if (earlier["dataset"], earlier["audit_holdout"], earlier.get("audit_split", "fixed")) != (source.name, args.audit_holdout, args.audit_split):
+            p.error(f"--merge: {earlier['dataset']} with audit holdout {earlier['audit_holdout']} ({earlier.get('audit_split', 'fixed')} split), "
+                    f"not --data {source.name} --audit-holdout {args.audit_holdout} --audit-split {args.audit_split}")
         rows = [r for r in rows if (r["model"], r["epsilon"]) not in {(e["model"], e["epsilon"]) for e in earlier["rows"]}] + earlier["rows"]
     started = time.perf_counter()
 
     def write(final: bool = False) -> tuple[Path, dict]:
         best = ratios(rows)
-        report = {"dataset": source.name, "protocol": source.protocol, "audit_holdout": args.audit_holdout, "k": K, "seeds": seeds,
+        report = {"dataset": source.name, "protocol": source.protocol, "audit_holdout": args.audit_holdout, "audit_split": args.audit_split, "k": K, "seeds": seeds,
                   "non_private_reference": best, "rows": rows, "goals": goals(rows), "merged_from": merged,
                   "overrides": common, "dp_overrides": args.dp_set, "seconds": round(time.perf_counter() - started, 1)}  # fmt: skip
         return harness.write(report, args, f"privacy_{source.name}", script=__file__, argv=argv, libraries=["torch", "opacus", "scipy"], record=final and args.record), report
@@ -156,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
             runs = []
             for seed in seeds:
                 extra = [] if math.isinf(eps) else [f"privacy.target_epsilon={eps}", *args.dp_set]
-                run = run_one(harness.CONFIGS / config, [*common, f"trainer.seed={seed}", *extra], not args.no_audit, args.bootstrap)
+                split = [f"privacy.audit_seed={seed if args.audit_split == 'per-seed' else 0}"]
+                run = run_one(harness.CONFIGS / config, [*common, f"trainer.seed={seed}", *split, *extra], not args.no_audit, args.bootstrap)
                 runs.append({"seed": seed, **run})
                 audit = f", audit AUC {max(a['auc'] for a in run['audit'].values()):.3f}" if "audit" in run else ""
                 print(f"  {model} eps={eps:g} seed {seed}: NDCG@{K} {run['ndcg@10']:.4f}{audit} ({run['train_s']:.0f} s)", flush=True)

@@ -21,10 +21,11 @@ def seed(s, ndcg, loss, calibrated, pop=0.2):
 def test_rows_by_hand():
     # ndcg 0.30, 0.33, 0.36: mean 0.33, pstdev sqrt((9 + 0 + 9)e-4 / 3) = 0.024495
     # audit: loss mean (0.50 + 0.52 + 0.54) / 3 = 0.52, calibrated mean (0.56 + 0.50 + 0.47) / 3 = 0.51 -> 0.52 (the worse attack)
-    row = privacy.summarize("ease_dp", 8.0, "configs/x.yaml", [seed(0, 0.30, 0.50, 0.56), seed(1, 0.33, 0.52, 0.50), seed(2, 0.36, 0.54, 0.47)])
+    # popularity: each seed held out its own users, so its own popularity list: mean (0.2 + 0.21 + 0.22) / 3 = 0.21
+    row = privacy.summarize("ease_dp", 8.0, "configs/x.yaml", [seed(0, 0.30, 0.50, 0.56), seed(1, 0.33, 0.52, 0.50, 0.21), seed(2, 0.36, 0.54, 0.47, 0.22)])
     assert row["ndcg@10"] == pytest.approx(0.33) and row["ndcg@10_std"] == pytest.approx(0.0244949, abs=1e-7)
     assert row["audit_auc"] == pytest.approx(0.52) and row["audit_statistic"] == "rank"
-    assert row["popularity_ndcg@10"] == 0.2 and row["seeds"] == [0, 1, 2]
+    assert row["popularity_ndcg@10"] == pytest.approx(0.21) and row["seeds"] == [0, 1, 2]
     assert row["privacy"] == {"mode": "dp", "epsilon": 8.0}  # nested blocks (the ledger) left out
     ref_a = privacy.summarize("trustrec-two-tower", math.inf, "a", [seed(0, 0.40, 0.6, 0.6)])
     ref_b = privacy.summarize("trustrec-hybrid", math.inf, "b", [seed(0, 0.44, 0.6, 0.6)])
@@ -57,6 +58,13 @@ def test_a_real_run_writes_the_rows_and_merges(tmp_path, capsys):
     assert ease["audit_statistic"] == "rank" and ref["audit_statistic"] == "softmax"
     s0, s1 = ease["per_seed"]
     assert s0["ndcg@10"] != s1["ndcg@10"]  # the seed is the noise seed: two releases
+    # each seed draws its own non-members (audit_seed = seed): other training users, so another popularity list
+    assert report["audit_split"] == "per-seed" and s0["popularity_ndcg@10"] != s1["popularity_ndcg@10"]
+    fixed = tmp_path / "fixed.json"
+    assert privacy.main(["--data", "synthetic", "--epsilons", "2", "--models", "ease_dp", "--references", "none", "--seeds", "0,1", "--audit-split", "fixed",
+                         "--no-audit", "--out", str(fixed), *small]) == 0  # fmt: skip
+    f0, f1 = json.loads(fixed.read_text())["rows"][0]["per_seed"]
+    assert f0["popularity_ndcg@10"] == f1["popularity_ndcg@10"] and f0["popularity_ndcg@10"] in (s0["popularity_ndcg@10"], s1["popularity_ndcg@10"])
     # --merge only: the rows come back with the same ratio, and a mismatched holdout is refused
     both = tmp_path / "b.json"
     assert privacy.main(["--data", "synthetic", "--epsilons", "inf", "--references", "none", "--merge", str(first), "--out", str(both), *small]) == 0
@@ -66,6 +74,9 @@ def test_a_real_run_writes_the_rows_and_merges(tmp_path, capsys):
     with pytest.raises(SystemExit):
         privacy.main(["--data", "synthetic", "--epsilons", "inf", "--references", "none", "--merge", str(first), "--audit-holdout", "0.3", "--out", str(both)])
     assert "--merge" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # a per-seed file merged into a fixed-split run: other users, refused
+        privacy.main(["--data", "synthetic", "--epsilons", "inf", "--references", "none", "--merge", str(first), "--audit-split", "fixed", "--out", str(both)])
+    assert "--audit-split" in capsys.readouterr().err
 
 
 def test_ml1m_implicit_absent_is_reported_as_skipped(tmp_path, monkeypatch, capsys):
