@@ -118,6 +118,27 @@ def test_round_book_keeps_the_best_round_and_stops_on_patience():
     assert [row["train/loss"] for row in book.history] == [1.0, 0.5, 1 / 3, 0.25]
 
 
+def test_with_client_dp_the_last_round_is_released_and_patience_stops_nothing():
+    """Choosing the best validation round, or stopping on it, would read the users' validation data
+    outside the accountant: under client-level DP the book releases the last round (DP-SGD's rule)."""
+    book = RoundBook(rounds=5, patience=2, monitor="val/ndcg@10", progress=False, select_on_validation=False)
+    for r, ndcg in enumerate([0.1, 0.3, 0.2, 0.25, 0.22], start=1):
+        book.on_fit([(1, {"train_loss": 1.0 / r})])
+        book.on_params(r, [np.full(2, float(r))], {})
+        book.on_evaluate([(1, {"ndcg@10": ndcg})])
+    assert not book.stopped and book.rounds_run == 5  # three rounds without a gain: patience 2 would have stopped at round 4
+    weights, released = book.released()
+    assert released == 5 and weights[0].tolist() == [5.0, 5.0]
+    assert book.best_round == 2  # still recorded, not released
+    plain = RoundBook(rounds=5, patience=9, monitor="val/ndcg@10", progress=False)
+    for r, ndcg in enumerate([0.1, 0.3, 0.2], start=1):
+        plain.on_fit([(1, {"train_loss": 1.0})])
+        plain.on_params(r, [np.full(2, float(r))], {})
+        plain.on_evaluate([(1, {"ndcg@10": ndcg})])
+    weights, released = plain.released()
+    assert released == 2 and weights[0].tolist() == [2.0, 2.0]  # without DP: the best validation round
+
+
 def test_round_without_an_aggregate_fails_loudly():
     book = RoundBook(rounds=2, patience=5, monitor="val/ndcg@10", progress=False)
     with pytest.raises(RuntimeError, match="round 1: no aggregate"):
@@ -302,6 +323,7 @@ def test_pipeline_writes_the_privacy_block_into_the_manifest(federated_run):
     assert privacy["mode"] == "federated" and privacy["strategy"] == "fedavg" and privacy["partition"] == "silos"
     assert privacy["clients"] == 3 and privacy["clients_per_round"] == 3 and privacy["rounds"] == 2
     assert privacy["secure_aggregation"] is True and privacy["client_dp"] is True
+    assert privacy["release"].startswith("the last round") and result.fit.best_epoch == result.fit.epochs_run == 2
     assert privacy["epsilon"] == pytest.approx(client_level_epsilon(0.5, 2, 1 / 3)) and privacy["epsilon"] > 0
     assert (privacy["delta"], privacy["noise_multiplier"], privacy["clipping_norm"]) == (pytest.approx(1 / 3), 0.5, 2.0)
     assert math.isfinite(result.metrics["test/ndcg@10"])

@@ -79,6 +79,7 @@ def privacy_block(cfg: TrainConfig, n_clients: int, rounds_run: int) -> dict[str
             "delta": delta,
             "noise_multiplier": sigma,
             "clipping_norm": fed.clipping_norm,
+            "release": "the last round's weights (validation picks no round and stops nothing)",
             "accountant": "rdp (opacus), no sampling amplification" if q == 1.0 else f"rdp (opacus), poisson-subsampled gaussian, sample_rate {q}, steps = rounds",
         })  # fmt: skip
         if q < 1.0:
@@ -118,7 +119,7 @@ def simulate(cfg: TrainConfig, model: TwoTower, parts: list[ClientData], ctx: Co
         stated_dropout=m.stated_dropout, item_id_dropout=m.item_id_dropout, seed=t.seed, uniform_weights=fed.dp,
         dp=fed.dp, secagg=fed.secagg, audit_dir=fed.audit_dir, optimizer=fed.client_optimizer,
     )  # fmt: skip
-    book = RoundBook(fed.rounds, fed.patience, f"val/ndcg@{cfg.task.eval_k}", fed.progress)
+    book = RoundBook(fed.rounds, fed.patience, f"val/ndcg@{cfg.task.eval_k}", fed.progress, select_on_validation=not fed.dp)
     book.max_seconds = None if fed.max_minutes is None else 60.0 * fed.max_minutes
     if fed.evaluation == "server":
         if data is None:
@@ -156,9 +157,10 @@ def fit_federated(cfg: TrainConfig, model: TwoTower, task: RetrievalTask, data, 
     log.info("federated: %d clients (%s), up to %d rounds, strategy %s", len(parts), cfg.federated.partition, cfg.federated.rounds, cfg.federated.strategy)
     with tempfile.TemporaryDirectory(prefix="trustrec-fl-") as tmp:
         book = simulate(cfg, model, parts, ctx, Path(tmp) / "clients", data)
-    if book.best_weights is None:
+    weights, released = book.released()
+    if weights is None or book.best_weights is None:
         raise RuntimeError("federated: no round was evaluated")
-    set_weights(model, tuple(model.state_dict().keys()), book.best_weights)
+    set_weights(model, tuple(model.state_dict().keys()), weights)
     model.to(device)
     history = [{"epoch": int(row["round"]), **row} for row in book.history]
     for row in history:
@@ -166,4 +168,5 @@ def fit_federated(cfg: TrainConfig, model: TwoTower, task: RetrievalTask, data, 
     privacy = privacy_block(cfg, len(parts), book.rounds_run)
     if "epsilon" in privacy:
         tracker.log_metrics({"privacy/epsilon": privacy["epsilon"], "privacy/delta": privacy["delta"]})
-    return FitResult(book.best_round, book.best, book.rounds_run, history, time.perf_counter() - started, privacy)
+    monitor = [row[book.monitor] for row in book.history if row.get("round") == released and book.monitor in row]
+    return FitResult(released, monitor[0] if monitor else float("nan"), book.rounds_run, history, time.perf_counter() - started, privacy)

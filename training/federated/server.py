@@ -56,6 +56,10 @@ class RoundBook:
     eval_every: int = 1
     eval_users: int = 0  # users the server-side evaluation scores (for the clients_evaluate column)
     max_seconds: float | None = None  # stop after the first evaluated round past this wall-clock budget
+    # False (client-level DP): validation neither stops the run (patience) nor picks the released round,
+    # which is the last one; validation is still recorded. Choosing a round on the users' validation
+    # data would read them outside the accountant, as early stopping would for DP-SGD (it releases its last model)
+    select_on_validation: bool = True
     _bad: int = 0
     _bar: Any = None
     _started: float | None = None
@@ -107,7 +111,7 @@ class RoundBook:
             self.best_weights = [np.array(w, copy=True) for w in self.weights]
         else:
             self._bad += 1
-        if self._bad >= self.patience:
+        if self.select_on_validation and self._bad >= self.patience:
             self.stopped = True
             log.info("federated early stop at round %d: no %s gain for %d rounds", r, self.monitor, self._bad)
         if self.max_seconds is not None and row.get("federated/elapsed_s", 0.0) > self.max_seconds:
@@ -115,6 +119,11 @@ class RoundBook:
             log.info("federated stop at round %d: the %.0f s budget is spent", r, self.max_seconds)
         self._bar.update(1)
         self._bar.set_postfix({self.monitor: f"{row.get(self.monitor, float('nan')):.4f}", "loss": f"{row.get('train/loss', float('nan')):.4f}"})
+
+    def released(self) -> tuple[list[np.ndarray] | None, int]:
+        """(weights, round) the run publishes: the best validation round's, or with
+        `select_on_validation` False the last round's."""
+        return (self.best_weights, self.best_round) if self.select_on_validation else (self.weights, self.rounds_run)
 
     def close(self) -> None:
         if self._bar is not None:
