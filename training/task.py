@@ -98,12 +98,17 @@ class RetrievalTask:
         return model.user_arch(user_features(model.spec, ctx, users, history, device))
 
     @torch.no_grad()
-    def topk(self, model: TwoTower, ctx: Context, history: CSR, users: np.ndarray, device: torch.device, batch_size: int = 1024) -> np.ndarray:
-        """Top-k item indices per user (history items excluded), scored as served."""
+    def topk(self, model: TwoTower, ctx: Context, history: CSR, users: np.ndarray, device: torch.device, batch_size: int | None = None) -> np.ndarray:
+        """Top-k item indices per user (history items excluded), scored as served. `batch_size` None:
+        users per score block sized by the catalog (`blend.block_rows`: ~4M floats, at most 1,024 users),
+        so a 200k-item catalog scores 20 users at a time instead of a 1,024 x 200k (819 MB) block."""
+        from training.blend import block_rows
+
         was_training = model.training
         model.eval()
         item_vec = self.item_embeddings(model, ctx, device)
         out = [np.zeros((0, self.k), np.int64)]
+        batch_size = batch_size or block_rows(len(item_vec))
         for start in range(0, len(users), batch_size):
             batch = users[start : start + batch_size]
             scores = (self.user_embeddings(model, ctx, batch, history, device) @ item_vec.T).float().cpu().numpy()

@@ -213,6 +213,26 @@ def test_metrics_keys_range_and_mode_restored(tiny):
     torch.testing.assert_close(task.user_embeddings(model, ctx, np.array([0, 1]), hist, CPU), direct)
 
 
+def test_topk_score_blocks_follow_the_catalog_size_with_the_same_lists(tiny, monkeypatch):
+    """The default batch is blend.block_rows(n_items): with a 60-float block and 30 items, 2 users a
+    block (24 blocks for 48 users); the lists equal one-user and all-at-once batches."""
+    from training import blend
+
+    ctx, train, spec = tiny
+    torch.manual_seed(0)
+    model = TwoTower(spec)
+    task = RetrievalTask(TaskConfig(eval_k=5), np.ones(spec.n_items))
+    users = np.arange(spec.n_users)
+    whole = task.topk(model, ctx, train, users, CPU, batch_size=len(users))
+    np.testing.assert_array_equal(task.topk(model, ctx, train, users, CPU, batch_size=1), whole)
+    monkeypatch.setattr(blend, "SCORE_BLOCK", 60)
+    calls = []
+    embed = task.user_embeddings
+    monkeypatch.setattr(task, "user_embeddings", lambda *a: calls.append(len(a[2])) or embed(*a))
+    np.testing.assert_array_equal(task.topk(model, ctx, train, users, CPU), whole)
+    assert calls == [2] * 24
+
+
 # -- item-id dropout ---------------------------------------------------------------------------------
 def recording_towers(monkeypatch, model: TwoTower, n_users: int) -> list[torch.Tensor]:
     """Pin the towers to constant vectors and record the item ids each item-tower call receives."""
