@@ -27,7 +27,7 @@ JSON `rows`, one per (model, ε): model, epsilon, ndcg@10 (mean over --seeds), n
 private; mean over seeds), audit_auc (the worse of the loss and calibrated attacks, each averaged over seeds), the
 privacy block of the run (σ, δ, ...), and per seed: NDCG@10, the audit's AUCs with their 95 %
 bootstrap CIs, train seconds. Rows are written after every run. `--merge FILE` (repeatable) starts
-from earlier outputs' rows (same dataset and holdout): a slow model can be added later, and
+from earlier outputs' rows (same dataset, holdout and audit split): a slow model can be added later, and
 `--epsilons inf --references none --merge A --merge B` only combines A and B.
 Goals (issue 17): NDCG@10 >= 90 % of the best non-private model at ε 8 and >= 70 % at ε 1 (ML-1M);
 above popularity at every ε >= 1; audit AUC <= 0.55 at ε <= 8. Exit 2 when the data is absent.

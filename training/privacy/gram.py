@@ -205,7 +205,7 @@ def prior_weight(sigma: float, n_items: int, members: int) -> float:
 def popularity_prior(row_sums: np.ndarray) -> np.ndarray:
     """The independence model r rᵀ / Σr of the released row sums r (negatives clipped to 0): the Gram
     that users who pick items in proportion to their popularity, and nothing else, would give.
-    Its row sums are r again, so adding μ times it keeps the fallback's order. All zeros when Σr ≤ 0."""
+    Its row sums are r again. All zeros when Σr ≤ 0. (The fallback list reads r before the prior is added.)"""
     r = np.clip(np.asarray(row_sums, np.float64), 0.0, None)
     total = r.sum()
     return np.outer(r, r) / total if total > 0 else np.zeros((len(r), len(r)))
