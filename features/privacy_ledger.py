@@ -97,6 +97,9 @@ def record(
     Returns the entry's id and the covered users' composed spend after it (the model card's figure)."""
     hashes = sorted({store.subject_hash(u) for u in user_ids})
     with store.transaction() as conn:
+        # the entries are keyed by hashes under this salt: pin it, as tombstones do, so that a later run under
+        # another salt is refused instead of seeing new users with nothing spent (the budget silently reset)
+        store.record_salt_fingerprint(conn)
         before = _worst(conn, hashes)
         if total is not None and before.epsilon + epsilon > total + 1e-12:
             raise BudgetExceeded(_refusal(before, epsilon, total))

@@ -472,8 +472,9 @@ class FeatureStore:
         if expected is not None and not hmac.compare_digest(expected, salt_fingerprint(salt)):
             where = f"{self.consent.salt_env} differs from" if env is not None else f"{self.consent.salt_env} is not set, and the store's own salt is not"
             raise ErasureSaltError(
-                f"{where} the salt this store's erasure tombstones were written with: erased users would not be recognised "
-                f"and would come back. Set {self.consent.salt_env} to the salt used at erasure (the store keeps its fingerprint)."
+                f"{where} the salt this store's erasure tombstones or privacy-ledger entries were written with: erased users would "
+                f"not be recognised and would come back, and spent privacy budgets would read as unspent. Set {self.consent.salt_env} "
+                f"to the salt used before (the store keeps its fingerprint)."
             )
         self._salt = salt
         return salt

@@ -53,6 +53,36 @@ def test_a_release_past_the_budget_is_refused_and_leaves_the_ledger_as_it_was(st
     assert check(store, ["alice"], 100.0, total=None).epsilon == 4.0  # no budget configured: never refused
 
 
+def test_a_run_under_another_salt_is_refused_instead_of_resetting_the_budget(store, store_url, monkeypatch):
+    """Entries are keyed by hashes under the salt: under another one every user would look new, with
+    nothing spent. The first entry pins the salt's fingerprint; any other salt is refused, and the
+    right one still composes."""
+    from features.store import ErasureSaltError
+
+    release(store, ["alice", "bob"], 4.0, 1e-5, total=5)
+    monkeypatch.setenv("TRUSTREC_ERASURE_SALT", "another-salt")
+    other = FeatureStore(store_url)
+    try:
+        with pytest.raises(ErasureSaltError, match="TRUSTREC_ERASURE_SALT differs"):
+            check(other, ["alice"], 4.0, total=5)
+    finally:
+        other.close()
+    monkeypatch.delenv("TRUSTREC_ERASURE_SALT")
+    unset = FeatureStore(store_url)
+    try:
+        with pytest.raises(ErasureSaltError, match="not set"):
+            unset.check_erasure_salt()  # what training and serving run at start-up
+    finally:
+        unset.close()
+    monkeypatch.setenv("TRUSTREC_ERASURE_SALT", SALT)
+    again = FeatureStore(store_url)
+    try:
+        with pytest.raises(BudgetExceeded):
+            check(again, ["alice"], 4.0, total=5)
+    finally:
+        again.close()
+
+
 def test_ids_are_kept_only_as_keyed_hashes_and_erasure_leaves_the_accounting(store):
     release(store, ["alice", "bob"], 2.0, 1e-5)
     release(store, ["alice"], 3.0, 1e-5)
