@@ -207,7 +207,12 @@ class FederatedConfig(_Section):
     min_clients: int = Field(2, ge=1)  # Flower waits for at least this many clients per round
     local_epochs: int = Field(3, gt=0)  # passes over the client's users per round: fewer rounds, more drift
     local_batch_size: int = Field(32, gt=0)  # users per local step; a silo holds ~100 users, so a few steps
-    strategy: Literal["fedavg", "fedadam", "fedprox"] = "fedavg"  # plain averaging is the baseline
+    # gram: federated EASE (training/federated/gram.py): each client sends its users' item Gram part once,
+    # the server sums (adding DP noise with dp) and fits EASE; rounds = ceil(clients / clients per round)
+    strategy: Literal["fedavg", "fedadam", "fedprox", "gram"] = "fedavg"  # plain averaging is the baseline
+    # gram without dp and without privacy.gram_lambda: EASE's lambda chosen on validation over these (the
+    # peers' EASE grid span: ML-100k chose 600, ML-1M implicit 1,600)
+    gram_lambdas: list[float] = Field(default_factory=lambda: [50.0, 100.0, 200.0, 400.0, 800.0, 1600.0, 3200.0])
     proximal_mu: float = Field(0.01, ge=0)  # fedprox: pull local weights back to the global ones
     server_lr: float = Field(0.01, gt=0)  # fedadam: server-side Adam step on the averaged update
     # the clients' local optimizer. adam (fresh each round, at trainer.lr): what the silos use. sgd: a

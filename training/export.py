@@ -334,7 +334,7 @@ def write_ease_artifacts(model: Any, dataset: Dataset, history: CSR, out_dir: st
                 "name": "user_embedding", "dtype": "float32", "shape": ["batch", item_embeddings.shape[1]],
                 "l2_normalized": False, "item_bias": False, "similarity_dims": item_embeddings.shape[1],
             },  # fmt: skip
-            "score": "user_embedding @ item_embeddings.T (EASE on the DP-released item Gram matrix: x_u B; training/privacy/gram.py)",
+            "score": f"user_embedding @ item_embeddings.T (EASE on {model.statistic}: x_u B; training/privacy/gram.py)",
             "blend": None,
             "ease": model.describe(),
             "user_oov_index": dataset.n_users,
@@ -346,5 +346,5 @@ def write_ease_artifacts(model: Any, dataset: Dataset, history: CSR, out_dir: st
             "provenance": {**provenance, "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
         }
         write_manifest(tmp, manifest)
-    log.info("DP-EASE artifacts written to %s (parity max abs %.2e)", out_dir, worst)
+    log.info("EASE artifacts (%s) written to %s (parity max abs %.2e)", model.kind, out_dir, worst)
     return manifest

@@ -227,6 +227,11 @@ def train(cfg: TrainConfig, resume: bool = False, tracker: Tracker | None = None
 
             gram_model, fit = fit_gram(cfg, data, tracker)
             result = finish(cfg, gram_model, None, data, None, fit, tracker, device, {"data": data_prov})
+        elif cfg.privacy.mode == "federated" and cfg.federated.strategy == "gram":  # federated EASE: summed Gram parts, no tower
+            from training.federated.gram import fit_federated_gram
+
+            gram_model, fit = fit_federated_gram(cfg, data, context(cfg, ds), tracker)
+            result = finish(cfg, gram_model, None, data, None, fit, tracker, device, {"data": data_prov})
         else:
             ctx = context(cfg, ds)
             model = build_model(cfg, ds, ctx, device)
@@ -253,7 +258,7 @@ def finish(cfg: TrainConfig, model: TwoTower, task: RetrievalTask, data: Prepare
     A DP-EASE model (training.privacy.gram.GramEase, privacy.mechanism gram) comes as `model` with task and ctx None."""
     ds = data.dataset
     users = np.flatnonzero(np.diff(data.test[0]) > 0)
-    gram = model if getattr(model, "kind", None) == "ease_dp" else None
+    gram = model if getattr(model, "kind", None) in ("ease_dp", "ease_federated") else None
     k = cfg.task.eval_k if task is None else task.k
     item_vec = gram.item_vectors() if gram is not None else task.item_embeddings(model, ctx, device).float().cpu().numpy()
     fitted = None

@@ -69,11 +69,21 @@ def privacy_label(cfg: "TrainConfig", privacy: dict[str, Any] | None = None) -> 
     return "nonprivate"
 
 
+def model_kind(cfg: "TrainConfig") -> str:
+    """The manifest's model.kind this config trains: `ease_dp` (privacy.mechanism gram), `ease_federated`
+    (federated.strategy gram), else model.kind."""
+    if cfg.privacy.mode == "dp" and cfg.privacy.mechanism == "gram":
+        return "ease_dp"
+    if cfg.privacy.mode == "federated" and cfg.federated.strategy == "gram":
+        return "ease_federated"
+    return cfg.model.kind
+
+
 def run_name(cfg: "TrainConfig", dataset_name: str, privacy: dict[str, Any] | None = None) -> str:
     """`tracking.run_name` when set, else model-dataset-privacy-seed: `two_tower-ml100k-dp-eps8-s0`."""
     if cfg.tracking.run_name:
         return cfg.tracking.run_name
-    parts = (cfg.model.kind, dataset_label(cfg.data.source, dataset_name), privacy_label(cfg, privacy), f"s{cfg.trainer.seed}")
+    parts = (model_kind(cfg), dataset_label(cfg.data.source, dataset_name), privacy_label(cfg, privacy), f"s{cfg.trainer.seed}")
     return "-".join(parts)
 
 
@@ -81,15 +91,17 @@ def run_params(cfg: "TrainConfig", dataset_name: str) -> dict[str, Any]:
     """The params a run page lists: what tells runs apart, in four groups. Everything else is in
     the run's config.yaml and config_flat.json artifacts (the flattened config is ~120 keys)."""
     d, s, m, t, tr, p, fed = cfg.data, cfg.split, cfg.model, cfg.task, cfg.trainer, cfg.privacy, cfg.federated
-    if p.mode == "dp" and p.mechanism == "gram":  # DP-EASE (training/privacy/gram.py): no towers, no epochs, no optimizer
-        from training.privacy.gram import KIND
-
+    if model_kind(cfg).startswith("ease_"):  # DP-EASE / federated EASE: no towers, no epochs, no optimizer
         gram = {"data.source": d.source, "data.dataset": dataset_name,
                 "data.split": s.protocol if s.protocol == "leave_last_n" else f"{s.protocol} by {s.by}, ratio {s.ratio:g}",
-                "data.split_seed": s.seed, "model.kind": KIND, "model.features": "history",
+                "data.split_seed": s.seed, "model.kind": model_kind(cfg), "model.features": "history",
                 "train.seed": tr.seed,  # the release's noise seed
                 "train.eval_k": t.eval_k, "privacy.mode": p.mode, "privacy.audit_holdout": p.audit_holdout,
                 "privacy.target_epsilon": p.target_epsilon, "privacy.noise_multiplier": p.noise_multiplier, "privacy.delta": p.delta}  # fmt: skip
+        if p.mode == "federated":  # the privacy.* keys above are DP-EASE's; a federated Gram reads federated.*
+            gram.update({"privacy.target_epsilon": fed.target_epsilon if fed.dp else None, "privacy.noise_multiplier": fed.noise_multiplier if fed.dp else None,
+                         "privacy.delta": fed.dp_delta, "privacy.fl_strategy": fed.strategy, "privacy.fl_client_dp": fed.dp,
+                         "privacy.fl_partition": fed.partition if fed.partition == "user" else f"silos x{fed.n_silos}", "privacy.fl_fraction_fit": fed.fraction_fit})  # fmt: skip
         return {k: ("" if v is None else v) for k, v in gram.items()}  # fit_gram adds privacy.mechanism and the EASE settings
     switches = {"user_id": m.use_user_id, "genres": m.use_genres, "content": m.use_content, "title": m.use_content and m.use_title,
                 "demographics": m.use_demographics, "stated": m.use_stated, "rating_weighted": m.rating_weighted, "item_bias": m.item_bias}  # fmt: skip

@@ -261,6 +261,8 @@ class GramEase:
     cold_scores: np.ndarray  # the released Gram's row sums (n_items,): the fallback ranking
     prior: float = 0.0  # μ of the popularity prior added before EASE (0: none)
     kind: str = KIND
+    statistic: str = "the DP-released item Gram matrix"  # what B was fitted on (the manifest's `score` line)
+    fallback: str = "row sums of the released Gram"  # what cold_scores are
 
     def item_vectors(self) -> np.ndarray:
         return np.asarray(self.item_factors, np.float32)
@@ -287,7 +289,7 @@ class GramEase:
         return np.argsort(-self.cold_scores, kind="stable")[:n]
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": "ease", "lambda": self.lam, "rank": self.rank, "n_items": self.n_items, "prior_weight": self.prior, "fallback": "row sums of the released Gram"}
+        return {"kind": "ease", "lambda": self.lam, "rank": self.rank, "n_items": self.n_items, "prior_weight": self.prior, "fallback": self.fallback}
 
 
 def ease_from_release(g: np.ndarray, lam: float, rank: int | None, noisy: bool) -> tuple[np.ndarray, np.ndarray, int]:
@@ -308,12 +310,23 @@ def release(history: CSR, n_items: int, sigma: float, lam: float, rank: int | No
     """The whole mechanism on `history` (every user with a row is a member): clip, Gram, noise, then
     post-processing only: `prior` μ > 0 adds μ·`popularity_prior` of the released row sums before EASE.
     σ = 0: no noise (not private; tests and the ε = ∞ reference)."""
-    g = add_noise(gram_statistic(history, n_items), sigma, rng)
-    cold = g.sum(axis=1)  # the released matrix's row sums, read before anything overwrites g
+    return release_statistic(gram_statistic(history, n_items), sigma, lam, rank, rng, prior)
+
+
+def release_statistic(g: np.ndarray, sigma: float, lam: float, rank: int | None, rng: np.random.Generator, prior: float = 0.0,
+                      kind: str = KIND, statistic: str = "the DP-released item Gram matrix", diagonal_fallback: bool = False) -> GramEase:
+    """`release` from the statistic G (n_items x n_items, float64, symmetric; overwritten): noise, then
+    post-processing only. The federated Gram (training/federated/gram.py) enters here with the sum
+    the clients sent, so both paths share the mechanism after the statistic. `diagonal_fallback`
+    (a non-private binary Gram, whose diagonal is the item user counts): the fallback ranks by the
+    diagonal instead of the row sums (which there weigh each user by their history length)."""
+    g = add_noise(g, sigma, rng)
+    cold = np.diag(g).copy() if diagonal_fallback else g.sum(axis=1)  # read before anything overwrites g
     if prior > 0:
         g += prior * popularity_prior(cold)
     p, q, k = ease_from_release(g, lam, rank, noisy=sigma > 0)
-    return GramEase(n_items, float(lam), k, p.astype(np.float32), q.astype(np.float32), cold, float(prior))
+    fallback = "diagonal of the Gram (item user counts)" if diagonal_fallback else "row sums of the released Gram"
+    return GramEase(len(g), float(lam), k, p.astype(np.float32), q.astype(np.float32), cold, float(prior), kind, statistic, fallback)
 
 
 # --------------------------------------------------------------------------- the pipeline's fit
@@ -373,6 +386,6 @@ def fit_gram(cfg: TrainConfig, data, tracker) -> tuple[GramEase, FitResult]:
 
 def gram_run_name(cfg: TrainConfig, dataset_name: str, privacy: dict[str, Any] | None) -> str:
     """`ease_dp-ml100k-dp-eps8-s0`: the tracking run name with this model's kind."""
-    from training.tracking import dataset_label, privacy_label
+    from training.tracking import dataset_label, model_kind, privacy_label
 
-    return cfg.tracking.run_name or "-".join((KIND, dataset_label(cfg.data.source, dataset_name), privacy_label(cfg, privacy), f"s{cfg.trainer.seed}"))
+    return cfg.tracking.run_name or "-".join((model_kind(cfg), dataset_label(cfg.data.source, dataset_name), privacy_label(cfg, privacy), f"s{cfg.trainer.seed}"))

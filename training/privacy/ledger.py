@@ -46,7 +46,12 @@ def check_before_training(cfg: TrainConfig, data) -> None:
         return
     from features.privacy_ledger import check
 
-    planned = cfg.privacy.target_epsilon if cfg.privacy.mode == "dp" and cfg.privacy.target_epsilon else 0.0
+    p, fed = cfg.privacy, cfg.federated
+    planned = 0.0  # unknown before training (a sigma without a target): the release itself is checked again when recorded
+    if p.mode == "dp" and p.target_epsilon:
+        planned = p.target_epsilon
+    elif p.mode == "federated" and fed.dp and fed.target_epsilon:
+        planned = fed.target_epsilon
     store = _store(cfg)
     try:
         before = check(store, covered_users(data), planned, cfg.privacy.total_epsilon)
