@@ -9,6 +9,7 @@ r"""Federated (Flower) vs centralized two-tower: NDCG@10, rounds, wall time.
     python benchmarks/federated.py --data ml1m-implicit              # issue 17: 6,040 one-user clients, plain + DP at eps 8
     python benchmarks/federated.py --data ml1m-implicit --variants dp --epsilon 8 --out /tmp/dp.json   # one variant
     python benchmarks/federated.py --data ml1m-implicit --variants '' --reuse /tmp/plain.json --reuse /tmp/dp.json --record
+    python benchmarks/federated.py --data ml1m-implicit --variants gram,gram_dp --epsilon 8   # federated EASE, plain + DP
 
 ML-100k: same split (MS Recommenders protocol: 75/25 stratified per item, seed 42), same model and
 metric code for every row. Federated validation is the mean over all users of each client's own val
@@ -22,6 +23,9 @@ DP (`plain`) and with client-level DP at --epsilon (`dp`, delta 1/6,040, RDP acc
 subsampled Gaussian). The centralized row is reused from benchmarks/results/quality_ml1m-implicit_given.json
 (benchmarks/quality.py, the generic two-tower recipe) unless --central-from names another report.
 Goal: federated test NDCG@10 >= 90 % of centralized without DP, and the DP figure at eps 8.
+`gram` / `gram_dp` (configs/ease_federated_ml1m.yaml): federated EASE, every client sending its item
+Gram part once (training/federated/gram.py); their rows also carry `ratio_to_centralized` against
+the same record's centralized EASE and best trustrec model.
 --reuse takes federated rows from earlier reports of this script (variants run in parallel).
 
 Prints a table, writes JSON (default benchmarks/results/federated_<data>.json) and a PNG of
@@ -47,8 +51,10 @@ VARIANTS = {
     "user": ["federated.partition=user", "federated.fraction_fit=0.1", "federated.fraction_evaluate=0.1", "federated.min_clients=10",
              "federated.local_batch_size=1", "federated.patience=30"],
 }  # fmt: skip
-# ML-1M implicit: overrides on top of configs/two_tower_ml1m_federated.yaml (dp adds the target epsilon)
-ML1M_VARIANTS = {"plain": [], "dp": ["federated.dp=true"]}
+# ML-1M implicit: (config, overrides) per variant (dp variants add the target epsilon). plain / dp: the
+# two-tower by FedAdam; gram / gram_dp: federated EASE (each client sends its Gram part once)
+ML1M_VARIANTS = {"plain": ("two_tower_ml1m_federated.yaml", []), "dp": ("two_tower_ml1m_federated.yaml", ["federated.dp=true"]),
+                 "gram": ("ease_federated_ml1m.yaml", []), "gram_dp": ("ease_federated_ml1m.yaml", ["federated.dp=true"])}  # fmt: skip
 ML1M_CENTRAL = harness.RESULTS / "quality_ml1m-implicit_given.json"
 
 
@@ -58,11 +64,15 @@ def run(config: str, overrides: list[str], tmp: str, tag: str) -> dict:
     result = train(cfg)
     k, fit, wall_s = cfg.task.eval_k, result.fit, time.perf_counter() - started
     val = [row for row in fit.history if f"val/ndcg@{k}" in row]
+    per_round = [int(row["federated/clients_fit"]) for row in fit.history if "federated/clients_fit" in row]
+    if not per_round and (fit.privacy or {}).get("strategy") == "gram":  # federated EASE: fixed cohorts, each client once
+        n, c = fit.privacy["clients"], fit.privacy["clients_per_round"]
+        per_round = [min(c, n - r * c) for r in range(fit.privacy["rounds"])]
     test = {key.removeprefix("test/"): v for key, v in result.metrics.items() if key.startswith("test/")}
     return {"test_ndcg": result.metrics[f"test/ndcg@{k}"], "test": test,
             "best_val_ndcg": fit.best_metric, "best_step": fit.best_epoch, "steps_run": fit.epochs_run, "fit_s": fit.seconds, "wall_s": wall_s,
             "val_curve": [row[f"val/ndcg@{k}"] for row in val], "val_rounds": [int(row["epoch"]) for row in val],
-            "clients_per_round": [int(row["federated/clients_fit"]) for row in fit.history if "federated/clients_fit" in row],
+            "clients_per_round": per_round,
             "privacy": fit.privacy, "config": {"file": f"configs/{config}", "overrides": overrides}}  # fmt: skip
 
 
@@ -91,6 +101,8 @@ def plot(report: dict, path: Path) -> None:
     if central["val_curve"]:
         ax.plot(range(1, len(central["val_curve"]) + 1), central["val_curve"], color="gray", lw=1, alpha=0.7, label="centralized, per epoch")
     for name, row in report["federated"].items():
+        if not row["val_curve"]:  # federated EASE: one pass, no rounds of training to plot
+            continue
         ax.plot(row.get("val_rounds") or range(1, len(row["val_curve"]) + 1), row["val_curve"], marker=".", lw=1.2, label=f"federated: {name}")
     ax.set_xlabel("round")
     ax.set_ylabel(f"validation NDCG@{report['k']}")
@@ -126,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     variants = [v for v in (args.variants if args.variants is not None else ("plain,dp" if ml1m else "silos")).split(",") if v]
     if unknown := set(variants) - set(table_):
         p.error(f"--variants: unknown {sorted(unknown)} (choose from {', '.join(table_)})")
-    config, share = ("two_tower_ml1m_federated.yaml", 0.90) if ml1m else ("two_tower_ml100k_federated.yaml", 0.95)
+    config, share = (None, 0.90) if ml1m else ("two_tower_ml100k_federated.yaml", 0.95)
     rounds = [] if args.rounds is None and ml1m else [f"federated.rounds={args.rounds or 100}"]
     central_from = args.central_from or (str(ML1M_CENTRAL) if ml1m and ML1M_CENTRAL.exists() else None)
 
@@ -142,8 +154,9 @@ def main(argv: list[str] | None = None) -> int:
         for path in args.reuse:
             federated.update(json.loads(Path(path).read_text())["federated"])
         for v in variants:
-            extra = [f"federated.target_epsilon={args.epsilon}"] if v == "dp" else []
-            federated[v] = run(config, data + rounds + table_[v] + extra + args.set, tmp, v)
+            extra = [f"federated.target_epsilon={args.epsilon}"] if v.endswith("dp") else []
+            file, overrides = table_[v] if ml1m else (config, table_[v])
+            federated[v] = run(file, data + ([] if v.startswith("gram") else rounds) + overrides + extra + args.set, tmp, v)
             print(f"federated {v}: test NDCG@10 {federated[v]['test_ndcg']:.4f}, {federated[v]['steps_run']} rounds, {federated[v]['fit_s']:.0f} s", flush=True)
 
     target = None if central.get("best_val_ndcg") is None else share * central["best_val_ndcg"]
@@ -157,6 +170,13 @@ def main(argv: list[str] | None = None) -> int:
             row["clients_per_round_mean"] = sum(row["clients_per_round"]) / len(row["clients_per_round"])
     goal = ("federated test NDCG@10 >= 90 % of centralized without DP (6,040 one-user clients), and the DP figure at eps 8" if ml1m
             else "federated test NDCG@10 >= 95 % of centralized within <= 100 rounds")  # fmt: skip
+    quality = next((f for f in (ML1M_CENTRAL, harness.RECORD / ML1M_CENTRAL.name) if f.exists()), None)
+    if ml1m and quality is not None:  # federated EASE's own centralized twin, and the best centralized model, from the same record
+        models = json.loads(quality.read_text())["models"]
+        best = max((m for m in models if m.startswith("trustrec")), key=lambda m: models[m]["ndcg@10"])
+        refs = {"ease": models["ease"]["ndcg@10"], best: models[best]["ndcg@10"]}
+        for v, row in federated.items():
+            row["ratio_to_centralized"] = {m: row["test_ndcg"] / value for m, value in refs.items()}
     report = {"dataset": name, "protocol": harness.PROTOCOLS["given"] if ml1m else "ms-recommenders stratified per item 75/25 seed 42", "k": 10,
               "goal": goal, "goal_share": share, "centralized": central, "federated": federated,
               "timing_note": "wall times from a shared machine are indicative only; rerun on a quiet one"}  # fmt: skip

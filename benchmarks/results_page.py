@@ -156,7 +156,10 @@ def federated_rows(r: dict) -> list[Row]:
             text += f", {f['clients_per_round_mean']:.0f} clients a round"
             eps = (f.get("privacy") or {}).get("epsilon")
             text += f", ε {eps:.2f}" if eps is not None else ""
-        rows.append((f"{name}: {r['goal']}", text, met(f["goal_met"] if name != "dp" or "rounds_to_95pct_val" in f else None)))
+        if f.get("ratio_to_centralized"):  # federated EASE: also against its centralized twin and the best centralized model
+            text += "; " + ", ".join(f"{pct(v, 1)} of centralized {m}" for m, v in f["ratio_to_centralized"].items())
+        dp = name in ("dp", "gram_dp") and "rounds_to_95pct_val" not in f
+        rows.append((f"{name}: {r['goal']}", text, met(None if dp else f["goal_met"])))
     return rows
 
 
