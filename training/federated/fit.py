@@ -104,11 +104,31 @@ def server_evaluator(cfg: TrainConfig, model: TwoTower, data, ctx: Context):
     return evaluate
 
 
+def run_flower(server_app, client_app, nodes: int, fed) -> None:
+    """Flower's simulation of `nodes` supernodes on a local Ray (one actor per `num_cpus_per_client`
+    cores, `ray_num_cpus` in all), Flower's per-round INFO logs muted, Ray shut down after."""
+    from flwr.simulation import run_simulation
+
+    init_args: dict[str, Any] = {"address": "local", "include_dashboard": False, "logging_level": "warning", "log_to_driver": False}
+    if fed.ray_num_cpus:
+        init_args["num_cpus"] = fed.ray_num_cpus
+    backend = {"client_resources": {"num_cpus": fed.num_cpus_per_client, "num_gpus": 0.0}, "init_args": init_args}
+    flwr_log = logging.getLogger("flwr")
+    level = flwr_log.level
+    flwr_log.setLevel(logging.WARNING)  # Flower logs every round at INFO; the tqdm bar says enough
+    try:
+        run_simulation(server_app, client_app, num_supernodes=nodes, backend_config=backend)
+    finally:
+        flwr_log.setLevel(level)
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+
+
 def simulate(cfg: TrainConfig, model: TwoTower, parts: list[ClientData], ctx: Context, store: Path, data=None) -> RoundBook:
     """Run the Flower simulation; returns the server's round book (history, best weights).
     `data` (train / val CSRs): needed by evaluation: server."""
-    from flwr.simulation import run_simulation
-
     fed, m, t = cfg.federated, cfg.model, cfg.trainer
     names = tuple(model.state_dict().keys())
     write_client_store(store, parts)
@@ -129,22 +149,10 @@ def simulate(cfg: TrainConfig, model: TwoTower, parts: list[ClientData], ctx: Co
     strategy = build_strategy(fed, len(parts), get_weights(model), book, seed=t.seed)
     nodes = device_slots(len(parts), fed.fraction_fit) if fed.sampling == "poisson" else len(parts)
     max_weight = 1.0 if fed.dp else float(max(len(p.users) for p in parts))
-    init_args: dict[str, Any] = {"address": "local", "include_dashboard": False, "logging_level": "warning", "log_to_driver": False}
-    if fed.ray_num_cpus:
-        init_args["num_cpus"] = fed.ray_num_cpus
-    backend = {"client_resources": {"num_cpus": fed.num_cpus_per_client, "num_gpus": 0.0}, "init_args": init_args}
-    flwr_log = logging.getLogger("flwr")
-    level = flwr_log.level
-    flwr_log.setLevel(logging.WARNING)  # Flower logs every round at INFO; the tqdm bar says enough
     try:
-        run_simulation(make_server_app(fed, strategy, book, max_weight), make_client_app(plan), num_supernodes=nodes, backend_config=backend)
+        run_flower(make_server_app(fed, strategy, book, max_weight), make_client_app(plan), nodes, fed)
     finally:
-        flwr_log.setLevel(level)
         book.close()
-        import ray
-
-        if ray.is_initialized():
-            ray.shutdown()
     if len(book.history) < book.rounds_run:
         raise RuntimeError(f"federated: {book.rounds_run} rounds ran but only {len(book.history)} were evaluated (a client failed; see the Flower log)")
     return book

@@ -61,10 +61,6 @@ KIND = "ease_federated"  # the manifest's model.kind and the MLflow `model` tag
 MECHANISM = "gaussian gram release (federated ease), user-level, noise added by the server"
 
 
-def is_federated_gram(cfg: TrainConfig) -> bool:
-    return cfg.privacy.mode == "federated" and cfg.federated.strategy == "gram"
-
-
 def check(cfg: TrainConfig) -> None:
     fed = cfg.federated
     if fed.secagg:
@@ -205,7 +201,8 @@ def simulate_gram(cfg: TrainConfig, parts: list[ClientData], n_items: int, store
     """One pass of the clients through Flower's simulation (Ray backend); returns the server's sums."""
     from flwr.server import LegacyContext, ServerApp, ServerConfig
     from flwr.server.workflow import DefaultWorkflow
-    from flwr.simulation import run_simulation
+
+    from training.federated.fit import run_flower
 
     fed = cfg.federated
     write_client_store(store, parts)
@@ -220,22 +217,10 @@ def simulate_gram(cfg: TrainConfig, parts: list[ClientData], n_items: int, store
         legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=book.rounds), strategy=strategy)
         DefaultWorkflow()(grid, legacy)
 
-    init_args: dict[str, Any] = {"address": "local", "include_dashboard": False, "logging_level": "warning", "log_to_driver": False}
-    if fed.ray_num_cpus:
-        init_args["num_cpus"] = fed.ray_num_cpus
-    backend = {"client_resources": {"num_cpus": fed.num_cpus_per_client, "num_gpus": 0.0}, "init_args": init_args}
-    flwr_log = logging.getLogger("flwr")
-    level = flwr_log.level
-    flwr_log.setLevel(logging.WARNING)
     try:
-        run_simulation(app, make_gram_client_app(str(store), n_items, fed.dp), num_supernodes=cohort, backend_config=backend)
+        run_flower(app, make_gram_client_app(str(store), n_items, fed.dp), cohort, fed)
     finally:
-        flwr_log.setLevel(level)
         book.close()
-        import ray
-
-        if ray.is_initialized():
-            ray.shutdown()
     if len(book.reported) != len(parts):
         raise RuntimeError(f"federated gram: {len(book.reported)} of {len(parts)} clients reported (a round failed; see the Flower log)")
     return book
