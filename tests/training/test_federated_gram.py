@@ -174,7 +174,8 @@ def dp_cli_run(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("fed_gram_dp")
     overrides = tiny_overrides(root) + [f"data.synthetic.n_users={N_USERS}", f"data.synthetic.n_items={N_ITEMS}", "federated.fraction_fit=0.25",
-                                        "federated.ray_num_cpus=2", "federated.progress=false", "federated.dp=true", f"federated.target_epsilon={DP_EPS}"]  # fmt: skip
+                                        "federated.ray_num_cpus=2", "federated.progress=false", "federated.dp=true", f"federated.target_epsilon={DP_EPS}",
+                                        "tracking.register_model=true", "tracking.alias=champion"]  # fmt: skip
     args = ["train", "--config", str(REPO / "configs" / "ease_federated.yaml"), *sum((["--set", o] for o in overrides), [])]
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TRUSTREC_ERASURE_SALT", "fed-gram-salt")
@@ -238,3 +239,45 @@ def test_the_bundle_evaluates_and_the_ledger_refuses_a_retrain_past_the_budget(d
     assert json.loads((root / "artifacts" / "manifest.json").read_text())["provenance"]["run_id"] == manifest["provenance"]["run_id"]
     assert main(["privacy-budget", "--store-url", f"sqlite:///{root}/features.db"]) == 0
     assert capsys.readouterr().out.count("federated ease") == 1  # still one release
+
+
+@pytest.mark.ray
+def test_ray_serve_serves_the_registered_federated_bundle_over_http(dp_cli_run, tmp_path, monkeypatch):
+    """The champion from the registry behind a real Ray Serve on 127.0.0.1: its card names the
+    federated mechanism and the ledger's figure, and a known user's list over HTTP is the in-process one."""
+    import requests
+    import yaml
+
+    from features.store import FeatureStore
+    from serving.ingress import free_port
+    from serving.launch import start, stop
+    from serving.recommender import Recommender
+
+    root, overrides, _, manifest = dp_cli_run
+    monkeypatch.setenv("TRUSTREC_ERASURE_SALT", "fed-gram-salt")
+    cfg = load_config(REPO / "configs" / "ease_federated.yaml", overrides)
+    serve_cfg = yaml.safe_load((REPO / "configs" / "serve.yaml").read_text())
+    serve_cfg["http_options"]["port"] = free_port()
+    serve_cfg["applications"][0]["args"].update(tracking_uri=cfg.tracking.tracking_uri, store_url=cfg.store.url)
+    (tmp_path / "serve.yaml").write_text(yaml.safe_dump(serve_cfg))
+    store = FeatureStore(cfg.store.url)
+    try:
+        local = Recommender.from_uri("models:/trustrec@champion", store=store, tracking_uri=cfg.tracking.tracking_uri)
+        with store.engine.connect() as conn:
+            user = conn.exec_driver_sql("SELECT user_id FROM users ORDER BY user_id LIMIT 1").scalar()
+        want = local.recommend(user, k=5)
+        url = start(tmp_path / "serve.yaml", num_cpus=2)
+        try:
+            card = requests.get(f"{url}/v1/model", timeout=30).json()
+            assert card["kind"] == "ease_federated" and card["privacy"]["mode"] == "federated"
+            assert card["privacy"]["epsilon"] == pytest.approx(DP_EPS, abs=1e-6) and card["privacy"]["cumulative_epsilon"] == pytest.approx(DP_EPS, abs=1e-6)
+            assert card["privacy"]["details"]["mechanism"].startswith("gaussian gram release (federated")
+            got = requests.post(f"{url}/v1/recommend", json={"user_id": user, "k": 5}, timeout=30)
+            assert got.status_code == 200, got.text
+            assert [i["item_id"] for i in got.json()["items"]] == [i["item_id"] for i in want["items"]] and got.json()["personalized"]
+            bad = requests.post(f"{url}/v1/recommend", json={"user_id": user, "k": "many"}, timeout=30)
+            assert bad.status_code == 422 and "k" in bad.text
+        finally:
+            stop()
+    finally:
+        store.close()
