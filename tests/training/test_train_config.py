@@ -33,7 +33,7 @@ def test_ml100k_yaml_validates_and_falls_back_to_defaults():
     assert cfg.trainer.batch_size == TrainConfig().trainer.batch_size  # not in the file: the default
 
 
-@pytest.mark.parametrize("path", sorted(p.name for p in CONFIGS.glob("two_tower*.yaml")))
+@pytest.mark.parametrize("path", sorted(p.name for pattern in ("two_tower*.yaml", "ease_*.yaml") for p in CONFIGS.glob(pattern)))
 def test_every_key_in_the_shipped_files_is_used(path):
     """Each leaf in the YAML reaches the config (no key silently ignored or renamed)."""
     raw = flatten(yaml.safe_load((CONFIGS / path).read_text()))
