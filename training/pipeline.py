@@ -255,7 +255,8 @@ def finish(cfg: TrainConfig, model: TwoTower, task: RetrievalTask, data: Prepare
            device: torch.device, provenance: dict[str, Any] | None = None, artifacts: dict[str, Any] | None = None) -> RunResult:
     """After any fit (central, private, federated, distributed rank 0): test -> export -> feature
     store -> MLflow. `provenance` adds to the manifest's provenance, `artifacts` are extra JSON files for the run.
-    A DP-EASE model (training.privacy.gram.GramEase, privacy.mechanism gram) comes as `model` with task and ctx None."""
+    A Gram model (training.privacy.gram.GramEase: DP-EASE, privacy.mechanism gram, or federated EASE,
+    federated.strategy gram) comes as `model` with task and ctx None."""
     ds = data.dataset
     users = np.flatnonzero(np.diff(data.test[0]) > 0)
     gram = model if getattr(model, "kind", None) in ("ease_dp", "ease_federated") else None
