@@ -75,6 +75,20 @@ def test_the_server_clips_a_part_past_one_user_and_refuses_malformed_ones():
     assert plain.clipped == 0 and plain.seen[2, 2] == 5.0
 
 
+def test_a_failed_or_missing_client_stops_the_run_instead_of_shrinking_the_sum():
+    """Flower reports a client's failure to aggregate_fit: the strategy raises (the run then fails
+    loudly, fit_federated_gram checks every client reported) instead of releasing a partial Gram."""
+    from training.federated.gram import gram_strategy
+
+    book = GramBook(3, np.arange(4), 2, None, False, False)
+    strategy = gram_strategy(book)
+    with pytest.raises(RuntimeError, match="1 client\\(s\\) failed"):
+        strategy.aggregate_fit(1, [], [RuntimeError("device went away")])
+    with pytest.raises(RuntimeError, match="0 replies for 2 clients"):
+        strategy.aggregate_fit(1, [], [])
+    assert not book.reported and not book.seen.any()
+
+
 def test_the_cohorts_cover_every_client_once():
     book = GramBook(2, np.random.default_rng(0).permutation(23), 5, None, False, False)
     assert book.rounds == 5

@@ -123,7 +123,6 @@ class GramBook:
         self.train = np.zeros((n_items, n_items)) if train_too else None
         self.reported: set[int] = set()
         self.clipped = 0
-        self.started = time.perf_counter()
         self.bar = tqdm(total=len(order), desc="federated gram (clients)", disable=not progress)
 
     def cohort_of(self, server_round: int) -> np.ndarray:
