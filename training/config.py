@@ -148,10 +148,21 @@ class PrivacyConfig(_Section):
     # (figures: training/privacy/gram.py's docstring)
     gram_lambda_rule: Literal["noise", "noise_snr"] = "noise_snr"
     gram_lambda_factor: float = Field(2.7, gt=0)
+    # gram, gram_lambda null: the rule's lambda is raised to at least floor * members / n_items (floor times the
+    # Gram's mean diagonal), where EASE on the noiseless unit-row Gram is at its best: validation, c = 8 best on
+    # ML-1M, c = 16 on ML-100k (-1.4 % at 8). Binds only for user bases much larger than the catalog (the noise
+    # rule's lambda falls as 1/members); 0: no floor
+    gram_lambda_floor: float = Field(8.0, ge=0)
     # gram: weight mu of the popularity prior added to the released Gram before EASE (post-processing:
     # mu * r r^T / sum r, r = the release's row sums); null: mu = max(0, rho - 3) / 2 (public constants
     # only: 0 at eps >= 2 on ML-100k and ML-1M, 1.28 at eps 1 on ML-100k); 0: no prior. Chosen on validation
     gram_prior_weight: float | None = Field(None, ge=0)
+    # gram: share f of the budget spent on a second statistic released with the Gram, the popularity vector
+    # sum of unit-norm histories (1/sigma_gram^2 = (1 - f)/sigma^2, 1/sigma_pop^2 = f/sigma^2: the same
+    # (epsilon, delta)); the fallback list and the prior then read both. null: f = min(0.3, max(0, (rho - 3) / 10))
+    # (public constants only: 0 on ML-1M at eps >= 1 and on ML-100k at eps >= 2, 0.26 at eps 1 on ML-100k);
+    # 0: the Gram only. Chosen on validation (training/privacy/gram.py's docstring)
+    gram_popularity_share: float | None = Field(None, ge=0, lt=1)
     # gram: rank of the served vectors (B factored by its own subspace); null: exact, n_items coordinates
     gram_rank: int | None = Field(None, gt=0)
     # --- dp: user-level DP-SGD (one example = one user; Poisson sampling, per-user clipping, noise).

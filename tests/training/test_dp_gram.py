@@ -98,6 +98,96 @@ def test_sigma_is_the_tightest_analytic_gaussian_and_opacus_prv_agrees(eps, delt
     assert eps <= prv <= eps + 0.03  # PRV's upper bound within its discretisation error of the exact ε
 
 
+# --------------------------------------------------------------------------- the popularity vector beside the Gram
+def test_popularity_share_and_split_sigma_by_hand():
+    # rho = sigma * n_items / members; f = min(0.3, max(0, (rho - 3) / 10))
+    assert gram.popularity_share(1.0, 30, 10) == 0.0  # rho 3: none
+    assert gram.popularity_share(1.5, 30, 10) == pytest.approx(0.15)  # rho 4.5
+    assert gram.popularity_share(4.0, 30, 10) == pytest.approx(0.3)  # rho 12: capped
+    assert gram.popularity_share(0.524, 3706, 4832) == 0.0  # ML-1M at eps 8 (rho 0.4): the whole budget on the Gram
+    # f = 0.2 at sigma 1: 1/sigma_G^2 = 0.8, 1/sigma_v^2 = 0.2
+    sg, sv = gram.split_sigma(1.0, 0.2)
+    assert (sg, sv) == (pytest.approx(1 / math.sqrt(0.8)), pytest.approx(1 / math.sqrt(0.2)))
+    assert 1 / sg**2 + 1 / sv**2 == pytest.approx(1.0)
+    assert gram.split_sigma(0.7, 0.0) == (0.7, math.inf)
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ValueError, match="gram_popularity_share"):
+            gram.split_sigma(1.0, bad)
+    with pytest.raises(ValueError, match="members"):
+        gram.popularity_share(1.0, 8, 0)
+
+
+def test_the_joint_release_moves_by_at_most_one_noise_unit_of_the_single_release():
+    """Sensitivity of the pair (φ(G), v) in its own noise units: removing a user moves it by
+    √(‖φ(ΔG)‖²/σ_G² + ‖Δv‖²/σ_v²) = √((1 − f) + f)/σ = 1/σ, the Mahalanobis distance one release at σ
+    and sensitivity 1 allows; so the pair is (ε, δ)-DP for the σ of (ε, δ)."""
+    n_items, sigma, share = 15, 0.8, 0.25
+    csr = random_history(40, n_items, 0.3, seed=1)
+    sg, sv = gram.split_sigma(sigma, share)
+    g, v = gram.gram_statistic(csr, n_items), gram.popularity_statistic(csr, n_items)
+    lengths = np.diff(csr[0])
+    for u in range(40):
+        rest = without_user(csr, u)
+        dg, dv = g - gram.gram_statistic(rest, n_items), v - gram.popularity_statistic(rest, n_items)
+        assert np.linalg.norm(dv) == pytest.approx(1.0 if lengths[u] else 0.0, abs=1e-12)  # one unit row
+        moved = math.sqrt(np.sum(phi(dg) ** 2) / sg**2 + np.sum(dv**2) / sv**2)
+        assert moved == pytest.approx(1.0 / sigma if lengths[u] else 0.0, abs=1e-12)
+    # the vector by hand: users {0, 2} and {1}: (1/√2, 1, 1/√2)
+    np.testing.assert_allclose(gram.popularity_statistic((np.array([0, 2, 3]), np.array([0, 2, 1])), 3), [2**-0.5, 1.0, 2**-0.5])
+
+
+@pytest.mark.parametrize("eps,share", [(1.0, 0.26), (0.5, 0.3)])
+def test_opacus_prv_composes_the_two_releases_to_the_single_release_epsilon(eps, share):
+    """An accountant we did not write: Opacus' PRV composes the Gram at σ_G and the vector at σ_v
+    (each a Gaussian mechanism at sensitivity 1, sampled at rate 1, once) to the ε of one release at σ."""
+    from opacus.accountants import PRVAccountant
+
+    delta = 1 / 754
+    sigma = gram.gaussian_sigma(eps, delta)
+    acc = PRVAccountant()
+    acc.history = [(s, 1.0, 1) for s in gram.split_sigma(sigma, share)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        prv = acc.get_epsilon(delta, eps_error=0.01)
+    assert eps - 0.01 <= prv <= eps + 0.03
+    alone = PRVAccountant()
+    alone.history = [(gram.split_sigma(sigma, share)[0], 1.0, 1)]  # the Gram alone is cheaper: the vector is not free
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        assert alone.get_epsilon(delta, eps_error=0.01) < eps - 0.05
+
+
+def test_combine_popularity_by_hand():
+    r, v = np.array([10.0, 4.0, -2.0]), np.array([3.0, 1.0, 0.0])
+    # var_r = (3 + 1) * 1^2 / 2 = 2; c = 14 / 4 = 3.5; var_v = (3.5 * 0.5)^2 = 3.0625
+    want = (r / 2 + 3.5 * v / 3.0625) / (1 / 2 + 1 / 3.0625)
+    np.testing.assert_allclose(gram.combine_popularity(r, v, 1.0, 0.5), want, rtol=1e-12)
+    assert want[0] == pytest.approx(10.19753, abs=1e-5)
+    np.testing.assert_allclose(gram.combine_popularity(r, v, 0.0, 0.5), r)  # a noiseless side wins outright
+    np.testing.assert_allclose(gram.combine_popularity(r, v, 1.0, 0.0), 3.5 * v)
+
+
+def test_a_release_with_a_share_is_post_processing_of_both_noised_statistics():
+    n_items, sigma, lam, mu, share = 12, 1.2, 3.0, 0.8, 0.3
+    csr = random_history(40, n_items, 0.3, seed=9)
+    model = gram.release(csr, n_items, sigma, lam, None, np.random.default_rng(5), mu, share)
+    sg, sv = gram.split_sigma(sigma, share)
+    rng = np.random.default_rng(5)
+    released = gram.add_noise(gram.gram_statistic(csr, n_items), sg, rng)  # the Gram's draw first,
+    vector = gram.popularity_statistic(csr, n_items) + sv * rng.standard_normal(n_items)  # then the vector's
+    pop = gram.combine_popularity(released.sum(1), vector, sg, sv)
+    p, q, _ = gram.ease_from_release(released + mu * gram.popularity_prior(pop), lam, None, noisy=True)
+    np.testing.assert_allclose(model.scores(np.eye(n_items)), p @ q.T, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(model.cold_scores, pop, atol=1e-12)
+    assert model.popularity(5).tolist() == np.argsort(-pop, kind="stable")[:5].tolist()
+    assert "popularity vector" in model.describe()["fallback"]
+    # share 0 is the Gram-only release at the full sigma, drawn exactly as before the vector existed
+    plain = gram.release(csr, n_items, sigma, lam, None, np.random.default_rng(5), mu, 0.0)
+    again = gram.release(csr, n_items, sigma, lam, None, np.random.default_rng(5), mu)
+    np.testing.assert_array_equal(plain.cold_scores, again.cold_scores)
+    np.testing.assert_allclose(plain.cold_scores, gram.add_noise(gram.gram_statistic(csr, n_items), sigma, np.random.default_rng(5)).sum(1), atol=1e-12)
+
+
 def test_no_noise_is_ease_on_the_released_gram_and_plain_ease_at_equal_lengths():
     n_items, lam = 12, 0.7
     csr = random_history(50, n_items, 0.3, seed=2)
@@ -141,14 +231,22 @@ def test_a_served_rank_factors_b_by_its_own_subspace():
 def test_release_lambda_rules_by_hand():
     # sigma 0.5, 8 items: the noise matrix's spectral norm sigma * sqrt(2 * 8) = 0.5 * 4 = 2
     assert gram.noise_lambda(0.5, 8) == pytest.approx(2.0)
-    assert gram.release_lambda(0.5, 8, 100, "noise", 1.0) == pytest.approx(2.0)  # the old default
-    assert gram.release_lambda(0.5, 8, 100, "noise", 3.0) == pytest.approx(6.0)  # members not read
+    assert gram.release_lambda(0.5, 8, 100, "noise", 1.0, 0.0) == pytest.approx(2.0)  # the old default (no floor)
+    assert gram.release_lambda(0.5, 8, 100, "noise", 3.0, 0.0) == pytest.approx(6.0)  # members not read
     # noise_snr: factor * rho * sigma * sqrt(2n), rho = sigma * n_items / members
     # sigma 0.5, 8 items, 4 members: rho = 0.5 * 8 / 4 = 1, lambda = 2.5 * 1 * 2 = 5
     assert gram.release_lambda(0.5, 8, 4, "noise_snr", 2.5) == pytest.approx(5.0)
     # sigma 3, 18 items, 27 members: rho = 3 * 18 / 27 = 2, sigma * sqrt(36) = 18, lambda = 2 * 2 * 18 = 72
     assert gram.release_lambda(3.0, 18, 27, "noise_snr", 2.0) == pytest.approx(72.0)
     assert gram.release_lambda(3.0, 18, 27) == pytest.approx(2.7 * 2 * 18)  # the defaults: noise_snr, factor 2.7
+    # the floor: floor * members / n_items, the noiseless Gram's scale. 100 members on 8 items: 8 * 100 / 8 = 100
+    assert gram.release_lambda(0.5, 8, 100, "noise", 1.0) == pytest.approx(100.0)  # default floor 8 binds
+    assert gram.release_lambda(0.5, 8, 100, "noise", 1.0, 0.5) == pytest.approx(6.25)
+    # a large user base: sigma 0.5, 1,000 items, 40,000 members: rho 0.0125, the rule gives 2.7 * 0.0125 * 0.5 * sqrt(2000)
+    # = 0.75, far under EASE's own need; the floor gives 8 * 40 = 320
+    assert gram.release_lambda(0.5, 1000, 40000, floor=0.0) == pytest.approx(2.7 * 0.0125 * 0.5 * math.sqrt(2000))
+    assert gram.release_lambda(0.5, 1000, 40000) == pytest.approx(320.0)
+    assert gram.lambda_text("noise_snr", 2.7, 8.0).startswith("max(2.7 * (sigma * n_items / members)") and "8 * members / n_items" in gram.lambda_text("noise", 1.0, 8.0)
     # the diagonal's mean really is members / n_items before noise (each unit row adds 1 to the trace)
     csr = random_history(30, 9, 0.4, seed=8)
     members = int((np.diff(csr[0]) > 0).sum())
@@ -157,6 +255,8 @@ def test_release_lambda_rules_by_hand():
         gram.release_lambda(1.0, 8, 4, "spectral", 1.0)
     with pytest.raises(ValueError, match=r"privacy\.gram_lambda_factor"):
         gram.release_lambda(1.0, 8, 4, "noise", 0.0)
+    with pytest.raises(ValueError, match=r"privacy\.gram_lambda_floor"):
+        gram.release_lambda(1.0, 8, 4, "noise", 1.0, -1.0)
 
 
 def test_the_release_uses_the_configured_lambda_rule(tmp_path):
@@ -172,8 +272,9 @@ def test_the_release_uses_the_configured_lambda_rule(tmp_path):
         n = int((np.diff(data.seen[0]) > 0).sum())
         sigma = gram.gaussian_sigma(2.0, 1.0 / n)
         lam = factor * sigma * math.sqrt(2 * data.dataset.n_items) * (sigma * data.dataset.n_items / n if rule == "noise_snr" else 1.0)
+        lam = max(lam, 8.0 * n / data.dataset.n_items)  # the default floor
         assert fit.privacy["lambda"] == pytest.approx(lam) and model.lam == pytest.approx(lam)
-        assert fit.privacy["lambda_rule"].startswith(f"{factor:g} * ")
+        assert fit.privacy["lambda_rule"].startswith(f"max({factor:g} * ")
         mu = gram.prior_weight(sigma, data.dataset.n_items, n)
         assert fit.privacy["prior_weight"] == pytest.approx(mu) and model.prior == pytest.approx(mu)
         want = gram.release(data.seen, data.dataset.n_items, sigma, lam, None, np.random.default_rng(cfg.trainer.seed), mu)
@@ -221,13 +322,40 @@ def test_a_small_epsilon_turns_the_prior_on_and_the_config_can_turn_it_off(tmp_p
     data = prepare(cfg)
     n = int((np.diff(data.seen[0]) > 0).sum())
     sigma = gram.gaussian_sigma(0.2, 1.0 / n)
-    mu = gram.prior_weight(sigma, data.dataset.n_items, n)
+    sigma_gram = gram.split_sigma(sigma, gram.popularity_share(sigma, data.dataset.n_items, n))[0]  # the rules read the Gram's sigma
+    mu = gram.prior_weight(sigma_gram, data.dataset.n_items, n)
     assert mu > 0  # rho > 3 on this small user base at eps 0.2
     model, fit = gram.fit_gram(cfg, data, Tracker(False, "", ""))
     assert model.prior == pytest.approx(mu) and fit.privacy["prior_rule"] == gram.PRIOR_TEXT
     cfg = load_config(REPO / "configs" / "ease_dp.yaml", tiny_overrides(tmp_path) + SMALL + ["privacy.target_epsilon=0.2", "privacy.gram_prior_weight=0"])
     model, fit = gram.fit_gram(cfg, prepare(cfg), Tracker(False, "", ""))
     assert model.prior == 0.0 and fit.privacy["prior_rule"] == "privacy.gram_prior_weight"
+
+
+def test_a_small_epsilon_releases_the_popularity_vector_and_the_config_can_turn_it_off(tmp_path):
+    from training.pipeline import prepare
+    from training.tracking import Tracker
+
+    cfg = load_config(REPO / "configs" / "ease_dp.yaml", tiny_overrides(tmp_path) + SMALL + ["privacy.target_epsilon=0.2"])
+    data = prepare(cfg)
+    n, n_items = int((np.diff(data.seen[0]) > 0).sum()), data.dataset.n_items
+    sigma = gram.gaussian_sigma(0.2, 1.0 / n)
+    share = gram.popularity_share(sigma, n_items, n)
+    assert share > 0
+    sg, sv = gram.split_sigma(sigma, share)
+    model, fit = gram.fit_gram(cfg, data, Tracker(False, "", ""))
+    priv = fit.privacy
+    assert priv["popularity_share"] == pytest.approx(share) and priv["popularity_rule"] == gram.SHARE_TEXT
+    assert priv["sigma"] == pytest.approx(sigma) and priv["epsilon"] == pytest.approx(0.2, rel=1e-6)  # the guarantee is the single release's
+    assert (priv["sigma_gram"], priv["sigma_popularity"]) == (pytest.approx(sg), pytest.approx(sv))
+    assert priv["lambda"] == pytest.approx(gram.release_lambda(sg, n_items, n)) and model.prior == pytest.approx(gram.prior_weight(sg, n_items, n))
+    want = gram.release(data.seen, n_items, sigma, priv["lambda"], None, np.random.default_rng(cfg.trainer.seed), model.prior, share)
+    np.testing.assert_array_equal(model.cold_scores, want.cold_scores)
+    assert priv["fallback"] == model.fallback and "popularity vector" in model.fallback
+    cfg = load_config(REPO / "configs" / "ease_dp.yaml", tiny_overrides(tmp_path) + SMALL + ["privacy.target_epsilon=0.2", "privacy.gram_popularity_share=0"])
+    model, fit = gram.fit_gram(cfg, prepare(cfg), Tracker(False, "", ""))
+    assert fit.privacy["sigma_popularity"] is None and fit.privacy["sigma_gram"] == pytest.approx(sigma)
+    assert fit.privacy["popularity_rule"] == "privacy.gram_popularity_share" and model.fallback == "row sums of the released Gram"
 
 
 def test_config_refusals_name_the_key(tmp_path):
@@ -238,8 +366,11 @@ def test_config_refusals_name_the_key(tmp_path):
         ("ease_dp.yaml", ["privacy.gram_rank=0"], "privacy.gram_rank"),
         ("ease_dp.yaml", ["privacy.gram_lambda=-1"], "privacy.gram_lambda"),
         ("ease_dp.yaml", ["privacy.gram_lambda_factor=0"], "privacy.gram_lambda_factor"),
+        ("ease_dp.yaml", ["privacy.gram_lambda_floor=-1"], "privacy.gram_lambda_floor"),
         ("ease_dp.yaml", ["privacy.gram_lambda_rule=spectral"], "privacy.gram_lambda_rule"),
         ("ease_dp.yaml", ["privacy.gram_prior_weight=-1"], "privacy.gram_prior_weight"),
+        ("ease_dp.yaml", ["privacy.gram_popularity_share=1"], "privacy.gram_popularity_share"),
+        ("ease_dp.yaml", ["privacy.gram_popularity_share=-0.1"], "privacy.gram_popularity_share"),
     )
     for config, extra, key in cases:
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
@@ -267,8 +398,12 @@ def refit(cfg):
     data = prepare(cfg)
     p = cfg.privacy
     n = int((np.diff(data.seen[0]) > 0).sum())
+    n_items = data.dataset.n_items
     sigma = gram.gaussian_sigma(p.target_epsilon, 1.0 / n)
-    return data, n, sigma, gram.release(data.seen, data.dataset.n_items, sigma, gram.release_lambda(sigma, data.dataset.n_items, n, p.gram_lambda_rule, p.gram_lambda_factor), None, np.random.default_rng(cfg.trainer.seed))
+    share = gram.popularity_share(sigma, n_items, n)
+    sg = gram.split_sigma(sigma, share)[0]
+    lam, mu = gram.release_lambda(sg, n_items, n, p.gram_lambda_rule, p.gram_lambda_factor, p.gram_lambda_floor), gram.prior_weight(sg, n_items, n)
+    return data, n, sigma, gram.release(data.seen, n_items, sigma, lam, None, np.random.default_rng(cfg.trainer.seed), mu, share)
 
 
 def test_gram_run_records_its_guarantee_in_manifest_mlflow_and_ledger(gram_run):

@@ -111,6 +111,9 @@ def test_config_refusals_name_the_key(tmp_path):
         check(config(tmp_path, "federated.sampling=poisson", "federated.evaluation=server"))
     with pytest.raises(ConfigError, match="federated.target_epsilon"):
         check(config(tmp_path, "federated.target_epsilon=8"))
+    with pytest.raises(ConfigError, match=r"privacy\.gram_popularity_share"):  # clients send no popularity vector
+        check(config(tmp_path, "federated.dp=true", "privacy.gram_popularity_share=0.2"))
+    check(config(tmp_path, "federated.dp=true", "privacy.gram_popularity_share=0"))  # 0 (and null) are the Gram alone
     with pytest.raises(ValueError, match="strategy"):
         config(tmp_path, "federated.strategy=gramm")
 

@@ -51,7 +51,7 @@ from training.config import ConfigError, TrainConfig
 from training.data import CSR
 from training.federated.partition import ClientData, read_client_data, write_client_store
 from training.federated.server import sampled_clients
-from training.privacy.gram import (ACCOUNTANT, CLIPPING, LAMBDA_TEXT, PRIOR_TEXT, GramEase, ease_from_release, gaussian_epsilon, gaussian_sigma,
+from training.privacy.gram import (ACCOUNTANT, CLIPPING, PRIOR_TEXT, GramEase, ease_from_release, gaussian_epsilon, gaussian_sigma, lambda_text,
                                    prior_weight, release_lambda, release_statistic)  # fmt: skip
 from training.trainer import FitResult
 
@@ -69,6 +69,9 @@ def check(cfg: TrainConfig) -> None:
         raise ConfigError("federated.sampling: must be flower with federated.strategy=gram (every client sends its part exactly once)")
     if fed.target_epsilon is not None and not fed.dp:
         raise ConfigError("federated.target_epsilon: needs federated.dp=true")
+    if cfg.privacy.gram_popularity_share:
+        raise ConfigError("privacy.gram_popularity_share: not with federated.strategy=gram (clients send their Gram part only; "
+                          "the fallback and the prior read the released Gram's row sums)")  # fmt: skip
 
 
 # --------------------------------------------------------------------------- the client's part
@@ -268,7 +271,8 @@ def fit_federated_gram(cfg: TrainConfig, data, ctx, tracker) -> tuple[GramEase, 
     if p.gram_lambda is not None:
         lam, rule = p.gram_lambda, "privacy.gram_lambda"
     elif fed.dp:
-        lam, rule = release_lambda(sigma, n_items, n, p.gram_lambda_rule, p.gram_lambda_factor), LAMBDA_TEXT[p.gram_lambda_rule].format(factor=p.gram_lambda_factor)
+        lam = release_lambda(sigma, n_items, n, p.gram_lambda_rule, p.gram_lambda_factor, p.gram_lambda_floor)
+        rule = lambda_text(p.gram_lambda_rule, p.gram_lambda_factor, p.gram_lambda_floor)
     else:
         lam, val_scores = choose_lambda(book.symmetric(book.train), list(fed.gram_lambdas), data.train, data.val, cfg.task.eval_k)
         rule = "validation over federated.gram_lambdas (server-side evaluation)"

@@ -21,6 +21,15 @@ The mechanism (user level; neighbouring datasets: add or remove one user's whole
    Φ(1/(2σ) − εσ) − e^ε Φ(−1/(2σ) − εσ) ≤ δ (`gaussian_sigma`), valid for every ε > 0. One release,
    so no composition: the accountant is that formula (`ACCOUNTANT`). δ defaults to 1 / members.
 
+   **With a popularity vector** (`privacy.gram_popularity_share` f > 0, `popularity_share`): the
+   same release also carries v = Σ_u x̂_u (one user moves it by ‖x̂_u‖ = 1), so the pair (φ(G), v) is
+   noised with N(0, σ_G²) and N(0, σ_v²), 1/σ_G² = (1 − f)/σ², 1/σ_v² = f/σ² (`split_sigma`).
+   Scaled by its noise, (φ(G)/σ_G, v/σ_v) + N(0, I), one user moves it by at most
+   √(1/σ_G² + 1/σ_v²) = 1/σ: the Gaussian mechanism at sensitivity 1/σ and noise 1, which is the
+   single release at σ and sensitivity 1. So (ε, δ) and the accountant are unchanged; f only decides
+   how the budget divides (`test_dp_gram.py` checks the distance by hand and Opacus' PRV accountant
+   composes the two to the same ε).
+
 4. **Post-processing (free under DP).** Everything after the release reads only the released
    matrix G̃ and public constants (σ, n_items, the config): PSD projection (negative eigenvalues
    of G̃ set to 0), EASE (Steck 2019) with λ from public constants only (σ, n_items, the config;
@@ -28,8 +37,9 @@ The mechanism (user level; neighbouring datasets: add or remove one user's whole
    (`training.blend.ease_inplace`), optionally factored to `privacy.gram_rank` by B's own
    subspace (`training.blend.factorize` with x = None: the users' data is never read again), and
    the fallback list: the released G̃'s row sums, which before noise are the item user counts
-   exactly (Σ_j x̂_ui x̂_uj = x_ui · Σ_j x_uj / ‖x_u‖² = x_ui), so the bundle's popularity list is
-   the private model's own, never raw counts.
+   exactly (Σ_j x̂_ui x̂_uj = x_ui · Σ_j x_uj / ‖x_u‖² = x_ui), combined with the released popularity
+   vector when there is one (below), so the bundle's popularity list is the private model's own,
+   never raw counts.
 
 The λ rule (`privacy.gram_lambda_rule`, `privacy.gram_lambda_factor`, `release_lambda`). `noise`:
 λ = f·σ√(2·n_items), the noise matrix's expected spectral norm (f = 1: the default until issue 17).
@@ -77,6 +87,24 @@ ML-1M ε 1 (ρ 2.3) μ 0 best (μ 0.5 −1 %), ε 0.5 (ρ 4.2) μ 1 +6 %. A prio
 it on ML-100k and ML-1M implicit has no genres: not kept. On test (benchmarks/privacy.py, seeds 0-2,
 the same per-seed splits with and without it): ML-100k ε 1 0.2434 vs 0.2293, ε 0.5 0.1270 vs 0.0958,
 ε 2 0.3121 vs 0.3126 (μ 0.07); popularity 0.2499.
+
+The popularity vector (`privacy.gram_popularity_share`, `popularity_share`, `combine_popularity`).
+The row sums r of the release estimate the item user counts, but each sums n_items noisy entries
+(noise std σ·√((n_items + 1)/2): 75 on ML-100k at ε 1 against a most-popular count near 350), so at
+small ε the fallback list and the prior's shape were themselves noisy: ranking by r scored 0.068
+validation NDCG@10 on ML-100k at ε 1 against 0.101 for exact counts. A vector released beside the
+Gram has one noise draw per item instead: with f = 0.26 of the budget it ranks at 0.094. The two
+estimates are averaged with inverse-variance weights (v brought to count units by Σr / Σv), and
+the fallback and the prior read that; λ and μ follow their rules at σ_G. The share costs the Gram
+noise (σ_G = σ/√(1 − f)), so it pays only where the Gram is too noisy to beat popularity: the rule
+f = min(0.3, max(0, (ρ − 3)/10)) (public constants, as μ's; 0 wherever μ is 0 at σ). Read off
+ML-100k validation (train release, validation truth, noise and audit seeds 0-2), ratio σ_v/σ_G
+∈ {1.5, 2, 3, 4} (f 0.31, 0.2, 0.1, 0.06) against none: ε 8 (ρ 1.05) every f lowers NDCG@10 (0.1453
+→ 0.1420-0.1447), ε 2 (ρ 3.1) likewise (0.1213 → 0.1163-0.1202), ε 1 (ρ 5.6) f 0.31 0.0925 → 0.1020,
+ε 0.5 (ρ 9.9) f 0.31 0.0445 → 0.0799 (exact popularity: 0.1009). The rule's own validation, same
+protocol: ε 2 (f 0.014) 0.1211 vs 0.1213, ε 1.5 (f 0.10) 0.1124 vs 0.1124, ε 1 (f 0.26) **0.1025**
+vs 0.0925, ε 0.5 (f 0.3) **0.0795** vs 0.0445; 0 at ε ≥ 4. ML-1M implicit: f = 0 at ε ≥ 1 (ρ ≤ 2.3).
+The federated Gram does not send the vector (`training/federated/gram.py` refuses a share).
 
 A user's scores are x_u B computed from their own history (on their device or at request time from
 the store; the history is not released by the bundle). Served form: user vector z_u = x_u P_k
@@ -168,25 +196,37 @@ def noise_lambda(sigma: float, n_items: int) -> float:
 
 
 LAMBDA_RULES = ("noise", "noise_snr")  # privacy.gram_lambda_rule
-LAMBDA_TEXT = {"noise": "{factor:g} * sigma * sqrt(2 * n_items) (no data read)",
-               "noise_snr": "{factor:g} * (sigma * n_items / members) * sigma * sqrt(2 * n_items) (no data read)"}  # fmt: skip
+LAMBDA_TEXT = {"noise": "max({factor:g} * sigma * sqrt(2 * n_items), {floor:g} * members / n_items) (no data read)",
+               "noise_snr": "max({factor:g} * (sigma * n_items / members) * sigma * sqrt(2 * n_items), {floor:g} * members / n_items) (no data read)"}  # fmt: skip
 
 
-def release_lambda(sigma: float, n_items: int, members: int, rule: str = "noise_snr", factor: float = 2.7) -> float:
-    """EASE's λ from public constants only (`privacy.gram_lambda_rule`, `privacy.gram_lambda_factor`):
+def lambda_text(rule: str, factor: float, floor: float) -> str:
+    """The manifest's / MLflow's `lambda_rule` line of `release_lambda` with these settings."""
+    return LAMBDA_TEXT[rule].format(factor=factor, floor=floor)
+
+
+def release_lambda(sigma: float, n_items: int, members: int, rule: str = "noise_snr", factor: float = 2.7, floor: float = 8.0) -> float:
+    """EASE's λ from public constants only (`privacy.gram_lambda_rule`, `privacy.gram_lambda_factor`,
+    `privacy.gram_lambda_floor`):
     `noise`: factor · σ√(2·n_items) (the noise matrix's spectral norm, `noise_lambda`);
     `noise_snr`: factor · ρ · σ√(2·n_items) with ρ = σ·n_items / members, the noise-to-signal ratio
     of the released diagonal (noise std σ; the noiseless diagonal's mean is trace G / n_items =
     members / n_items, every member's unit row adding exactly 1 to the trace). `members` is the
-    count δ = 1/members is already set from (see the module docstring)."""
+    count δ = 1/members is already set from (see the module docstring).
+    Either is raised to at least floor · members / n_items: floor times the mean diagonal, the scale
+    at which EASE on the *noiseless* unit-row Gram is at its best (a large user base makes ρ, and the
+    noise rule's λ, small; the Gram still needs EASE's own regularisation). floor 0: none."""
     if rule not in LAMBDA_RULES:
         raise ValueError(f"privacy.gram_lambda_rule: {rule!r} is not one of {LAMBDA_RULES}")
     if not factor > 0:
         raise ValueError(f"privacy.gram_lambda_factor must be > 0, got {factor}")
+    if not floor >= 0:
+        raise ValueError(f"privacy.gram_lambda_floor must be >= 0, got {floor}")
     if members < 1:
         raise ValueError(f"release_lambda: members must be >= 1, got {members}")
     base = factor * noise_lambda(sigma, n_items)
-    return base * sigma * n_items / members if rule == "noise_snr" else base
+    lam = base * sigma * n_items / members if rule == "noise_snr" else base
+    return max(lam, floor * members / n_items)
 
 
 PRIOR_TEXT = "max(0, rho - 3) / 2, rho = sigma * n_items / members (no data read)"
@@ -200,6 +240,49 @@ def prior_weight(sigma: float, n_items: int, members: int) -> float:
     if members < 1:
         raise ValueError(f"prior_weight: members must be >= 1, got {members}")
     return max(0.0, sigma * n_items / members - 3.0) / 2.0
+
+
+SHARE_TEXT = "min(0.3, max(0, (rho - 3) / 10)), rho = sigma * n_items / members (no data read)"
+
+
+def popularity_share(sigma: float, n_items: int, members: int) -> float:
+    """The share f of the budget that the popularity vector gets (`privacy.gram_popularity_share: null`),
+    from public constants only: f = min(0.3, max(0, (ρ − 3) / 10)), ρ = σ·n_items / members as for
+    `prior_weight`. 0 (no second release: the whole budget on the Gram) while ρ ≤ 3, where the Gram's
+    own row sums rank items well enough; up to 0.3 at ρ ≥ 6. Read off validation (module docstring)."""
+    if members < 1:
+        raise ValueError(f"popularity_share: members must be >= 1, got {members}")
+    return min(0.3, max(0.0, (sigma * n_items / members - 3.0) / 10.0))
+
+
+def split_sigma(sigma: float, share: float) -> tuple[float, float]:
+    """(σ_G, σ_v) of the joint release that spends `share` f of a Gaussian mechanism of noise σ (at L2
+    sensitivity 1) on the popularity vector: 1/σ_G² = (1 − f)/σ², 1/σ_v² = f/σ², so 1/σ_G² + 1/σ_v² =
+    1/σ² and the pair is exactly as private as one release at σ (module docstring, step 3).
+    f = 0: (σ, inf), no vector released. σ = 0 (no noise): (0, 0)."""
+    if not 0 <= share < 1:
+        raise ValueError(f"privacy.gram_popularity_share must be in [0, 1), got {share}")
+    if share == 0:
+        return sigma, math.inf
+    return sigma / math.sqrt(1.0 - share), sigma / math.sqrt(share)
+
+
+def combine_popularity(row_sums: np.ndarray, vector: np.ndarray, sigma_gram: float, sigma_vector: float) -> np.ndarray:
+    """Item popularity from both released statistics, in user-count units (post-processing only).
+
+    r, the released Gram's row sums, estimates the item user counts with noise variance
+    (n_items + 1)·σ_G²/2 per item (a diagonal entry at σ_G² and n_items − 1 strict-upper ones at σ_G²/2);
+    v, the released popularity vector Σ_u x̂_u, counts each user of the item with weight 1/√|x_u|,
+    noise variance σ_v². v is put in r's units by c = Σr₊ / Σv₊ (released quantities) and the two are
+    averaged with inverse-variance weights: (r/var_r + c·v/var_v) / (1/var_r + 1/var_v)."""
+    r, v = np.asarray(row_sums, np.float64), np.asarray(vector, np.float64)
+    n = len(r)
+    var_r = (n + 1) * sigma_gram**2 / 2.0
+    c = np.clip(r, 0, None).sum() / max(np.clip(v, 0, None).sum(), 1e-300)
+    var_v = (c * sigma_vector) ** 2
+    if var_r == 0 or var_v == 0:  # no noise on one side: take it
+        return r.copy() if var_r == 0 else c * v
+    return (r / var_r + c * v / var_v) / (1.0 / var_r + 1.0 / var_v)
 
 
 def popularity_prior(row_sums: np.ndarray) -> np.ndarray:
@@ -218,6 +301,13 @@ def unit_rows(x: sp.spmatrix) -> sp.csr_matrix:
     norms = np.sqrt(np.asarray(x.multiply(x).sum(axis=1)).ravel())
     x.data /= np.repeat(np.where(norms > 0, norms, 1.0), np.diff(x.indptr))
     return x
+
+
+def popularity_statistic(history: CSR, n_items: int) -> np.ndarray:
+    """The popularity vector released beside G when `privacy.gram_popularity_share` > 0: v = Σ_u x̂_u
+    (each user's unit row, so one user moves it by ‖x̂_u‖ = 1), dense float64 (n_items,)."""
+    x = unit_rows(blend.binary_matrix(history, np.arange(len(history[0]) - 1), n_items))
+    return np.asarray(x.sum(axis=0), dtype=np.float64).ravel()
 
 
 def gram_statistic(history: CSR, n_items: int) -> np.ndarray:
@@ -258,7 +348,7 @@ class GramEase:
     rank: int
     user_factors: np.ndarray  # P (n_items x rank), float32
     item_factors: np.ndarray  # Q (n_items x rank), float32
-    cold_scores: np.ndarray  # the released Gram's row sums (n_items,): the fallback ranking
+    cold_scores: np.ndarray  # the released item popularity (n_items,): the fallback ranking and the prior's shape
     prior: float = 0.0  # μ of the popularity prior added before EASE (0: none)
     kind: str = KIND
     statistic: str = "the DP-released item Gram matrix"  # what B was fitted on (the manifest's `score` line)
@@ -306,26 +396,38 @@ def ease_from_release(g: np.ndarray, lam: float, rank: int | None, noisy: bool) 
     return p * c, q / c, k
 
 
-def release(history: CSR, n_items: int, sigma: float, lam: float, rank: int | None, rng: np.random.Generator, prior: float = 0.0) -> GramEase:
-    """The whole mechanism on `history` (every user with a row is a member): clip, Gram, noise, then
-    post-processing only: `prior` μ > 0 adds μ·`popularity_prior` of the released row sums before EASE.
-    σ = 0: no noise (not private; tests and the ε = ∞ reference)."""
-    return release_statistic(gram_statistic(history, n_items), sigma, lam, rank, rng, prior)
+def release(history: CSR, n_items: int, sigma: float, lam: float, rank: int | None, rng: np.random.Generator, prior: float = 0.0,
+            share: float = 0.0) -> GramEase:
+    """The whole mechanism on `history` (every user with a row is a member): clip, Gram (and, with
+    `share` f > 0, the popularity vector), noise at σ split by `split_sigma`, then post-processing
+    only: `prior` μ > 0 adds μ·`popularity_prior` of the released popularity before EASE. `lam` is
+    EASE's λ for the Gram as released (its rule reads σ_G). σ = 0: no noise (not private; tests and
+    the ε = ∞ reference)."""
+    sigma_gram, sigma_vector = split_sigma(sigma, share)
+    vector = popularity_statistic(history, n_items) if share > 0 else None
+    return release_statistic(gram_statistic(history, n_items), sigma_gram, lam, rank, rng, prior, vector=vector, vector_sigma=sigma_vector)
 
 
 def release_statistic(g: np.ndarray, sigma: float, lam: float, rank: int | None, rng: np.random.Generator, prior: float = 0.0,
-                      kind: str = KIND, statistic: str = "the DP-released item Gram matrix", diagonal_fallback: bool = False) -> GramEase:
-    """`release` from the statistic G (n_items x n_items, float64, symmetric; overwritten): noise, then
-    post-processing only. The federated Gram (training/federated/gram.py) enters here with the sum
-    the clients sent, so both paths share the mechanism after the statistic. `diagonal_fallback`
-    (a non-private binary Gram, whose diagonal is the item user counts): the fallback ranks by the
-    diagonal instead of the row sums (which there weigh each user by their history length)."""
+                      kind: str = KIND, statistic: str = "the DP-released item Gram matrix", diagonal_fallback: bool = False,
+                      vector: np.ndarray | None = None, vector_sigma: float = 0.0) -> GramEase:
+    """`release` from the statistic G (n_items x n_items, float64, symmetric; overwritten) at noise σ
+    (= σ_G), and optionally the popularity vector at `vector_sigma` (σ_v; noise drawn after G's):
+    noise, then post-processing only. The federated Gram (training/federated/gram.py) enters here
+    with the sum the clients sent, so both paths share the mechanism after the statistic.
+    `diagonal_fallback` (a non-private binary Gram, whose diagonal is the item user counts): the
+    fallback ranks by the diagonal instead of the row sums (which there weigh each user by their
+    history length). With a vector, the fallback and the prior read `combine_popularity`."""
     g = add_noise(g, sigma, rng)
     cold = np.diag(g).copy() if diagonal_fallback else g.sum(axis=1)  # read before anything overwrites g
+    fallback = "diagonal of the Gram (item user counts)" if diagonal_fallback else "row sums of the released Gram"
+    if vector is not None:
+        released = np.asarray(vector, np.float64) + (vector_sigma * rng.standard_normal(len(vector)) if vector_sigma > 0 else 0.0)
+        cold = combine_popularity(cold, released, sigma, vector_sigma)
+        fallback = "inverse-variance mean of the released Gram's row sums and the released popularity vector"
     if prior > 0:
         g += prior * popularity_prior(cold)
     p, q, k = ease_from_release(g, lam, rank, noisy=sigma > 0)
-    fallback = "diagonal of the Gram (item user counts)" if diagonal_fallback else "row sums of the released Gram"
     return GramEase(len(g), float(lam), k, p.astype(np.float32), q.astype(np.float32), cold, float(prior), kind, statistic, fallback)
 
 
@@ -347,12 +449,14 @@ def fit_gram(cfg: TrainConfig, data, tracker) -> tuple[GramEase, FitResult]:
     delta = p.delta if p.delta is not None else 1.0 / n
     sigma = p.noise_multiplier if p.target_epsilon is None else gaussian_sigma(p.target_epsilon, delta)
     epsilon = gaussian_epsilon(sigma, delta)
-    lam = p.gram_lambda if p.gram_lambda is not None else release_lambda(sigma, n_items, n, p.gram_lambda_rule, p.gram_lambda_factor)
-    mu = p.gram_prior_weight if p.gram_prior_weight is not None else prior_weight(sigma, n_items, n)
-    model = release(data.seen, n_items, sigma, lam, p.gram_rank, np.random.default_rng(cfg.trainer.seed), mu)
+    share = p.gram_popularity_share if p.gram_popularity_share is not None else popularity_share(sigma, n_items, n)
+    sigma_gram, sigma_vector = split_sigma(sigma, share)
+    lam = p.gram_lambda if p.gram_lambda is not None else release_lambda(sigma_gram, n_items, n, p.gram_lambda_rule, p.gram_lambda_factor, p.gram_lambda_floor)
+    mu = p.gram_prior_weight if p.gram_prior_weight is not None else prior_weight(sigma_gram, n_items, n)
+    model = release(data.seen, n_items, sigma, lam, p.gram_rank, np.random.default_rng(cfg.trainer.seed), mu, share)
     seconds = time.perf_counter() - started
-    log.info("DP-EASE: %d users, %d items, sigma %.4f (epsilon %.4g, delta %.3g, %s), lambda %.4g, prior %.3g, rank %d (%.1fs)",
-             n, n_items, sigma, epsilon, delta, ACCOUNTANT, lam, mu, model.rank, seconds)  # fmt: skip
+    log.info("DP-EASE: %d users, %d items, sigma %.4f (epsilon %.4g, delta %.3g, %s; Gram %.4f, popularity share %.2f), lambda %.4g, prior %.3g, rank %d (%.1fs)",
+             n, n_items, sigma, epsilon, delta, ACCOUNTANT, sigma_gram, share, lam, mu, model.rank, seconds)  # fmt: skip
     privacy = {
         "mode": "dp",
         "unit": "user",
@@ -368,17 +472,25 @@ def fit_gram(cfg: TrainConfig, data, tracker) -> tuple[GramEase, FitResult]:
         "releases": 1,
         "training_users": int(n),
         "lambda": float(lam),
-        "lambda_rule": "privacy.gram_lambda" if p.gram_lambda is not None else LAMBDA_TEXT[p.gram_lambda_rule].format(factor=p.gram_lambda_factor),
+        "lambda_rule": "privacy.gram_lambda" if p.gram_lambda is not None else lambda_text(p.gram_lambda_rule, p.gram_lambda_factor, p.gram_lambda_floor),
         "rank": int(model.rank),
         "prior_weight": float(mu),
         "prior_rule": "privacy.gram_prior_weight" if p.gram_prior_weight is not None else PRIOR_TEXT,
+        "sigma_gram": float(sigma_gram),
+        "sigma_popularity": float(sigma_vector) if share > 0 else None,  # None: no popularity vector released
+        "popularity_share": float(share),
+        "popularity_rule": "privacy.gram_popularity_share" if p.gram_popularity_share is not None else SHARE_TEXT,
+        "fallback": model.fallback,
         "noise_seed": cfg.trainer.seed,
     }
     if tracker.enabled:
-        tracker.log_metrics({"privacy/epsilon": epsilon, "privacy/delta": delta, "privacy/sigma": sigma, "privacy/noise_multiplier": sigma, "ease/lambda": lam, "ease/rank": float(model.rank), "ease/prior_weight": mu})
+        tracker.log_metrics({"privacy/epsilon": epsilon, "privacy/delta": delta, "privacy/sigma": sigma, "privacy/noise_multiplier": sigma, "privacy/sigma_gram": sigma_gram,
+                             "privacy/popularity_share": share, "ease/lambda": lam, "ease/rank": float(model.rank), "ease/prior_weight": mu})  # fmt: skip
         tracker.mlflow.log_params({"privacy.mechanism": p.mechanism, "privacy.gram_lambda": "" if p.gram_lambda is None else p.gram_lambda, "privacy.gram_rank": "" if p.gram_rank is None else p.gram_rank,
                                   "privacy.gram_lambda_rule": p.gram_lambda_rule, "privacy.gram_lambda_factor": p.gram_lambda_factor,
-                                  "privacy.gram_prior_weight": "" if p.gram_prior_weight is None else p.gram_prior_weight})
+                                  "privacy.gram_lambda_floor": p.gram_lambda_floor,
+                                  "privacy.gram_prior_weight": "" if p.gram_prior_weight is None else p.gram_prior_weight,
+                                  "privacy.gram_popularity_share": "" if p.gram_popularity_share is None else p.gram_popularity_share})
         tracker.mlflow.set_tags({"model": KIND, "privacy.mode": "dp", "privacy.unit": "user", "privacy.mechanism": MECHANISM, "privacy.accountant": ACCOUNTANT,
                                  "privacy.epsilon": f"{epsilon:.3f}", "privacy.delta": f"{delta:.3g}"})  # fmt: skip
     return model, FitResult(1, float("nan"), 1, [], seconds, privacy)
