@@ -67,6 +67,14 @@ noisy counts (post-processing of the same release): within ±1 % of the full cat
 on ML-100k (t ∈ {1, 2, 3}) and +0.4 % on ML-1M at ε 1 (seed 0), not worth a second code path;
 spiked-Wigner eigenvalue shrinkage (at ε 1 it keeps 1-2 eigenpairs: popularity only, below EASE);
 EASE without the diag(P) normalisation (ridge): equal within noise.
+The floor (`privacy.gram_lambda_floor` c, default 8): either rule's λ is raised to at least
+c · members / n_items, c times the noiseless Gram's mean diagonal. The noise rule falls as
+σ² / members, so for user bases much larger than the catalog it dropped below what EASE needs
+on the noiseless Gram itself (ML-1M at 4x the users, `benchmarks/dp_scaling.py`: λ 3.5 against a
+best of 6-12, and 4x no better than 2x). c from noiseless validation (unit-row Gram of train,
+validation truth): best c = 8 on ML-1M (val NDCG@10 0.1499; 4: 0.1491, 16: 0.1475) and 16 on
+ML-100k (0.1741; 8: 0.1716). It binds at none of the recorded figures (ML-100k floor 3.6, ML-1M
+10.4, below the rule's λ at every ε ≤ 8).
 On the test split (benchmarks/privacy.py, noise seeds 0-2, the same noise draws, vs λ = σ√(2n)):
 ML-100k 0.3822 vs 0.3911 at ε 8 (−2.3 %), 0.2330 vs 0.2117 at ε 1 (+10 %; popularity 0.2498);
 ML-1M 0.3038 vs 0.3049 at ε 8, 0.2057 vs 0.2104 at ε 1 (−2.2 %): validation (10 % of train) is a
