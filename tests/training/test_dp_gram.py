@@ -387,6 +387,7 @@ def gram_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("gram_run")
     cfg = load_config(REPO / "configs" / "ease_dp.yaml", tiny_overrides(root) + SMALL + [
         "privacy.target_epsilon=2", "privacy.audit_holdout=0.25", "tracking.register_model=true", "tracking.alias=champion",
+        "privacy.gram_popularity_share=0.2",  # the rule gives 0 at this rho; the bundle carries the two-statistic release end to end
     ])  # fmt: skip
     return cfg, train(cfg)
 
@@ -400,7 +401,7 @@ def refit(cfg):
     n = int((np.diff(data.seen[0]) > 0).sum())
     n_items = data.dataset.n_items
     sigma = gram.gaussian_sigma(p.target_epsilon, 1.0 / n)
-    share = gram.popularity_share(sigma, n_items, n)
+    share = p.gram_popularity_share if p.gram_popularity_share is not None else gram.popularity_share(sigma, n_items, n)
     sg = gram.split_sigma(sigma, share)[0]
     lam, mu = gram.release_lambda(sg, n_items, n, p.gram_lambda_rule, p.gram_lambda_factor, p.gram_lambda_floor), gram.prior_weight(sg, n_items, n)
     return data, n, sigma, gram.release(data.seen, n_items, sigma, lam, None, np.random.default_rng(cfg.trainer.seed), mu, share)
@@ -417,14 +418,18 @@ def test_gram_run_records_its_guarantee_in_manifest_mlflow_and_ledger(gram_run):
     assert privacy["mode"] == "dp" and privacy["unit"] == "user" and privacy["training_users"] == n
     assert privacy["mechanism"] == gram.MECHANISM and privacy["accountant"] == "analytic gaussian (Balle & Wang 2018)"
     assert privacy["epsilon"] == pytest.approx(2.0, rel=1e-8) and privacy["delta"] == pytest.approx(1 / n)
-    assert privacy["sigma"] == pytest.approx(sigma) and privacy["lambda"] == pytest.approx(2.7 * (sigma * 60 / 90) * sigma * math.sqrt(2 * 60))  # noise_snr, factor 2.7
+    sg = sigma / math.sqrt(0.8)  # 20 % of the budget went to the popularity vector: 1/sg^2 = 0.8/sigma^2
+    assert privacy["sigma"] == pytest.approx(sigma) and privacy["lambda"] == pytest.approx(2.7 * (sg * 60 / 90) * sg * math.sqrt(2 * 60))  # noise_snr, factor 2.7
+    assert privacy["sigma_gram"] == pytest.approx(sg) and privacy["sigma_popularity"] == pytest.approx(sigma / math.sqrt(0.2))
+    assert privacy["popularity_share"] == 0.2 and "popularity vector" in privacy["fallback"] and "popularity vector" in manifest["ease"]["fallback"]
     assert "unit L2 norm" in privacy["clipping"]
     assert privacy["ledger"]["cumulative_epsilon"] == pytest.approx(2.0) and privacy["ledger"]["releases"] == 1
     assert manifest["model"]["kind"] == "ease_dp" and manifest["features"]["user"] == ["history"]
     assert max(manifest["parity"].values()) <= cfg.export.parity_atol
     run = MlflowClient(cfg.tracking.tracking_uri).get_run(result.run_id)
     assert run.data.metrics["privacy/epsilon"] == pytest.approx(privacy["epsilon"])
-    assert run.data.metrics["privacy/sigma"] == pytest.approx(sigma)
+    assert run.data.metrics["privacy/sigma"] == pytest.approx(sigma) and run.data.metrics["privacy/sigma_gram"] == pytest.approx(sg)
+    assert run.data.metrics["privacy/popularity_share"] == pytest.approx(0.2) and run.data.params["privacy.gram_popularity_share"] == "0.2"
     assert run.data.tags["privacy.mechanism"] == gram.MECHANISM and run.data.tags["privacy.accountant"] == gram.ACCOUNTANT
     assert run.data.tags["model"] == "ease_dp" and run.info.run_name == "ease_dp-synthetic-dp-eps2-s0"
     assert result.model_version == "1"  # registered like any model
@@ -442,7 +447,8 @@ def test_gram_run_records_its_guarantee_in_manifest_mlflow_and_ledger(gram_run):
 
 def test_gram_bundle_serves_the_release_unchanged(gram_run):
     """The ONNX tower the Recommender runs gives x P of the refitted release; a known user's list is
-    the top of x B without their history; an unknown user gets the release's row-sum ranking."""
+    the top of x B without their history; an unknown user gets the release's own popularity ranking
+    (here the row sums and the popularity vector combined)."""
     from features.store import FeatureStore
     from serving.recommender import Recommender, UserState
 
