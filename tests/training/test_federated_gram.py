@@ -14,7 +14,7 @@ import scipy.sparse as sp
 
 from training import blend
 from training.config import ConfigError, load_config
-from training.federated.gram import GramBook, check, contribution, frobenius
+from training.federated.gram import GramBook, check, contribution, frobenius, item_set
 from training.privacy import gram
 
 from tests.conftest import REPO, tiny_overrides
@@ -51,15 +51,38 @@ def test_a_client_part_by_hand():
     assert frobenius(np.array([0, 0]), np.array([0, 1]), np.array([3.0, 2.0])) == pytest.approx(np.sqrt(9 + 2 * 4))
 
 
-def test_the_server_clips_a_part_past_one_user_and_refuses_malformed_ones():
-    book = GramBook(3, np.arange(3), 3, bound=1.0, train_too=False, progress=False, one_user=True)
+def test_a_one_user_client_sends_its_item_set_and_the_server_builds_the_part():
+    train, val = csr([[0, 1], [5], [1, 2, 3]]), csr([[2], [], [3]])
+    assert item_set([train, val], 2).tolist() == [1, 2, 3] and item_set([train, val], 2).dtype == np.int32  # item 3 once
+    for bound, w in ((1.0, 1 / 3), (None, 1.0)):  # under DP the server weighs the set 1/|x| (unit part), else 1
+        book = GramBook(4, np.arange(2), 2, bound=bound, train_too=True, progress=False, one_user=True)
+        assert book.form == "items"
+        book.add(0, [item_set([train, val], 0), item_set([train], 0)], users=1)
+        # the same sums the client's (row, col, value) part would have given
+        np.testing.assert_allclose(book.symmetric(book.seen), dense(contribution([train, val], np.array([0]), 4, unit=bound is not None), 4))
+        np.testing.assert_allclose(book.symmetric(book.train), dense(contribution([train], np.array([0]), 4, unit=bound is not None), 4))
+        assert book.seen[0, 1] == pytest.approx(w)
+    dp = GramBook(5, np.arange(6), 6, bound=1.0, train_too=False, progress=False, one_user=True)
+    dp.add(0, [np.array([4, 0, 2], np.int32)], users=9)  # unsorted, claims 9 users: still exactly one unit part
+    assert np.linalg.norm(dp.symmetric(dp.seen.copy())) == pytest.approx(1.0) and dp.clipped == 0
+    for bad, match in (([np.array([1, 1])], "twice"), ([np.array([0, 5])], "outside"), ([np.array([0.5])], "malformed"),
+                       ([np.array([0]), np.array([1])], "arrays")):  # fmt: skip
+        with pytest.raises(RuntimeError, match=match):
+            dp.add(len(dp.reported) + 1, bad, users=1)
+    dp.add(9, [np.zeros(0, np.int32)], users=1)  # an empty history adds nothing
+    assert np.linalg.norm(dp.symmetric(dp.seen.copy())) == pytest.approx(1.0)
+
+
+def test_the_server_clips_a_silo_part_past_its_users_and_refuses_malformed_ones():
+    book = GramBook(3, np.arange(3), 3, bound=1.0, train_too=False, progress=False)
+    assert book.form == "pairs"
     honest = [np.array([0, 0, 1]), np.array([0, 1, 1]), np.array([0.5, 0.5, 0.5])]  # unit part of items {0, 1}
     book.add(0, honest, users=1)
-    greedy = [np.array([2]), np.array([2]), np.array([5.0])]  # norm 5, claims 7 users: still one user's bound
-    book.add(1, greedy, users=7)
+    greedy = [np.array([2]), np.array([2]), np.array([5.0])]  # norm 5 from a silo reporting 2 users
+    book.add(1, greedy, users=2)
     assert book.clipped == 1
     full = book.symmetric(book.seen)
-    assert full[2, 2] == pytest.approx(1.0)  # scaled to norm 1
+    assert full[2, 2] == pytest.approx(2.0)  # scaled to two users' bound
     assert full[0, 1] == full[1, 0] == pytest.approx(0.5)
     with pytest.raises(RuntimeError, match="twice"):
         book.add(1, honest, users=1)
@@ -166,6 +189,19 @@ def test_without_dp_the_federated_model_is_centralized_ease(plain_run):
     counts = np.asarray(x.sum(axis=0)).ravel()
     popular = manifest["popularity"][:5]
     assert popular == data.dataset.item_vocab.decode(np.argsort(-counts, kind="stable")[:5])
+
+
+@pytest.mark.ray
+def test_silos_send_gram_parts_and_reach_the_same_model(plain_run, tmp_path):
+    """4 silos of 10 users send (row, col, value) parts instead of item sets; the sum, the λ choice
+    and so the model are those of the 40 one-user clients."""
+    from training.pipeline import train
+
+    root, _, result = plain_run
+    silo = train(config(tmp_path, "federated.partition=silos", "federated.n_silos=4", "federated.fraction_fit=0.5"))
+    assert silo.fit.privacy["clients"] == 4 and "upper triangle" in silo.fit.privacy["message"]
+    assert "item set" in result.fit.privacy["message"] and silo.fit.privacy["lambda"] == result.fit.privacy["lambda"]
+    np.testing.assert_allclose(np.load(tmp_path / "artifacts" / "item_embeddings.npy"), np.load(root / "artifacts" / "item_embeddings.npy"), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.ray

@@ -8,11 +8,14 @@ rounds), no model is sent down and nothing iterates. The server then fits EASE a
 training does, so without DP the federated model equals centralized EASE on the same data
 (`test_federated_gram.py` checks it to float precision).
 
-What a client sends: the upper triangle (diagonal included) of its users' summed contribution
-Σ_{u in client} w_u x_u x_uᵀ over their train + validation items, as (row, col, value) arrays. Its
-interactions, user indices and side features stay on the device, but the message is a function of
-them: for a one-user client it determines the user's item set, as an embedding-table gradient would
-its rows. So the server is trusted with the messages, as in Flower's central DP without secure
+What a client sends. A one-user client (`partition: user`, cross-device) sends its user's item set
+(train + validation, distinct item indices) and the server adds w·x xᵀ itself: the Gram part of one
+user determines the item set (its diagonal) and the set determines the part, so the server learns
+exactly what it did from the part, in |x| integers instead of |x|(|x|+1)/2 triples (ML-1M: 6.6 KB
+instead of 22 MB for the heaviest user). A client holding several users (`silos`) sends the upper
+triangle (diagonal included) of its users' summed contribution Σ_{u in client} w_u x_u x_uᵀ as
+(row, col, value) arrays, which reveals less than their item sets. Interactions, user indices and
+side features stay on the device. So the server is trusted with the messages, as in Flower's central DP without secure
 aggregation (`secagg` is refused: SecAgg+ masks dense vectors of one shape, and a dense n_items²
 message per device is 55 MB on ML-1M). What leaves the server is the model, and under DP that is
 covered by (ε, δ).
@@ -20,9 +23,9 @@ covered by (ε, δ).
 Weights w_u: without DP 1 (x binary: the centralized EASE Gram XᵀX). With `federated.dp`,
 w_u = 1 / |x_u|, i.e. each user's row scaled to unit L2 norm as DP-EASE does
 (training/privacy/gram.py): one user's part then has Frobenius norm exactly 1, and the server
-enforces it: it scales any client's contribution whose Frobenius norm exceeds the number of users it
-holds (1 under `partition: user`, the users it reports under `silos`) down to that bound, so one user
-changes the sum by at most 1 even if their device misbehaves (`partition: user`). After the last
+enforces it: from an item set it builds the unit part itself (norm 1 whatever the device sends), and
+it scales any silo's contribution whose Frobenius norm exceeds the number of users it reports down to
+that bound, so one user changes the sum by at most 1 even if their device misbehaves. After the last
 round the server adds the Gaussian noise of the analytic Gaussian mechanism at sensitivity 1 once,
 σ = `gaussian_sigma(federated.target_epsilon, δ)` (δ = `federated.dp_delta` or 1 / clients), and
 everything after is post-processing of that release with the DP-EASE rules (λ, popularity prior,
@@ -88,6 +91,12 @@ def contribution(histories: list[CSR], users: np.ndarray, n_items: int, unit: bo
     return [upper.row.astype(np.int32), upper.col.astype(np.int32), upper.data.astype(np.float64)]
 
 
+def item_set(histories: list[CSR], user: int) -> np.ndarray:
+    """The sorted, distinct items of one user over `histories` (int32): what a one-user client sends."""
+    items = [h[1][h[0][user] : h[0][user + 1]] for h in histories]
+    return np.unique(np.concatenate(items)).astype(np.int32) if items else np.zeros(0, np.int32)
+
+
 def frobenius(rows: np.ndarray, cols: np.ndarray, values: np.ndarray) -> float:
     """‖A‖_F of the symmetric A whose upper triangle these arrays hold (off-diagonal entries count twice)."""
     weight = np.where(rows == cols, 1.0, 2.0)
@@ -96,17 +105,20 @@ def frobenius(rows: np.ndarray, cols: np.ndarray, values: np.ndarray) -> float:
 
 def make_gram_client_app(store: str, n_items: int, unit: bool):
     """ClientApp whose node plays the client named in each fit config (`client`): it loads that
-    client's storage, nothing else, and replies with its Gram part (train + val; plus train alone
-    when the config asks, `train_too`)."""
+    client's storage, nothing else, and replies with its part (train + val; plus train alone when
+    the config asks, `train_too`): its item set when the config says `form: items` (one user), else
+    the upper triangle of its users' Gram part."""
     from flwr.client import ClientApp, NumPyClient
 
     class _Client(NumPyClient):
         def fit(self, parameters, config):
             data = read_client_data(store, int(config["client"]))
-            arrays = contribution([data.train, data.val], data.users, n_items, unit)
-            if config.get("train_too"):
-                arrays += contribution([data.train], data.users, n_items, unit)
-            return arrays, len(data.users), {}
+            parts = [[data.train, data.val]] + ([[data.train]] if config.get("train_too") else [])
+            if config.get("form") == "items":
+                if len(data.users) != 1:
+                    raise RuntimeError(f"federated gram: client {config['client']} holds {len(data.users)} users; form 'items' is for one-user clients")
+                return [item_set(h, int(data.users[0])) for h in parts], 1, {}
+            return [a for h in parts for a in contribution(h, data.users, n_items, unit)], len(data.users), {}
 
         def evaluate(self, parameters, config):
             return 0.0, 0, {}
@@ -116,7 +128,12 @@ def make_gram_client_app(store: str, n_items: int, unit: bool):
 
 # --------------------------------------------------------------------------- the server
 class GramBook:
-    """Server-side sums: the Gram of train + val (`seen`) and, when λ is chosen on validation, of train."""
+    """Server-side sums: the Gram of train + val (`seen`) and, when λ is chosen on validation, of train.
+
+    One-user clients (`one_user`, partition: user) send their item set (`form: items`), and the
+    server adds w·x xᵀ itself (w = 1, or 1/|x| under a `bound`: exactly Frobenius norm 1, so nothing
+    needs clipping and a misbehaving device can send no other values). Other clients send the upper
+    triangle of their part, which the server clips to `bound` times the users they hold."""
 
     def __init__(self, n_items: int, order: np.ndarray, cohort: int, bound: float | None, train_too: bool, progress: bool, one_user: bool = False):
         self.n_items, self.order, self.cohort, self.bound, self.train_too = n_items, order, cohort, bound, train_too
@@ -131,13 +148,24 @@ class GramBook:
     def cohort_of(self, server_round: int) -> np.ndarray:
         return self.order[(server_round - 1) * self.cohort : server_round * self.cohort]
 
+    @property
+    def form(self) -> str:
+        """What clients are asked to send: `items` (one-user clients) or `pairs`."""
+        return "items" if self.one_user else "pairs"
+
     def add(self, client: int, arrays: list[np.ndarray], users: int) -> None:
         if client in self.reported:
             raise RuntimeError(f"federated gram: client {client} reported twice")
         self.reported.add(client)
-        if len(arrays) != (6 if self.train_too else 3):
-            raise RuntimeError(f"federated gram: client {client} sent {len(arrays)} arrays, expected {6 if self.train_too else 3}")
+        per = 1 if self.one_user else 3
+        if len(arrays) != (2 * per if self.train_too else per):
+            raise RuntimeError(f"federated gram: client {client} sent {len(arrays)} arrays, expected {2 * per if self.train_too else per}")
         targets = (self.seen, self.train) if self.train_too else (self.seen,)
+        if self.one_user:
+            for target, items in zip(targets, arrays):
+                self.add_items(client, target, np.asarray(items))
+            self.bar.update(1)
+            return
         for target, (rows, cols, values) in zip(targets, (arrays[0:3], arrays[3:6])):
             rows, cols = np.asarray(rows, np.int64), np.asarray(cols, np.int64)
             if len(rows) and (rows.min() < 0 or cols.max() >= self.n_items or np.any(rows > cols)):
@@ -150,6 +178,21 @@ class GramBook:
                     self.clipped += 1
             target[rows, cols] += values  # (row, col) pairs are unique within one client's COO
         self.bar.update(1)
+
+    def add_items(self, client: int, target: np.ndarray, items: np.ndarray) -> None:
+        """target += w·x xᵀ (upper triangle) of one user's item set, w = 1/|x| under a bound, else 1."""
+        if items.ndim != 1 or (len(items) and not np.issubdtype(items.dtype, np.integer)):
+            raise RuntimeError(f"federated gram: client {client} sent a malformed item set")
+        items = items.astype(np.int64)
+        if len(items) and (items.min() < 0 or items.max() >= self.n_items):
+            raise RuntimeError(f"federated gram: client {client} sent items outside 0..{self.n_items - 1}")
+        if len(np.unique(items)) != len(items):
+            raise RuntimeError(f"federated gram: client {client} sent an item twice")
+        if not len(items):
+            return
+        items = np.sort(items)
+        rows, cols = np.triu_indices(len(items))
+        target[items[rows], items[cols]] += 1.0 / len(items) if self.bound is not None else 1.0
 
     def symmetric(self, upper: np.ndarray) -> np.ndarray:
         """The full symmetric matrix from the accumulated upper triangle (in place)."""
@@ -175,7 +218,7 @@ def gram_strategy(book: GramBook):
             client_manager.wait_for(book.cohort)
             nodes = client_manager.all()
             proxies = [nodes[cid] for cid in sorted(nodes)][: len(chosen)]
-            config = {"server_round": server_round, "train_too": book.train_too}
+            config = {"server_round": server_round, "train_too": book.train_too, "form": book.form}
             self.assigned = {proxy.cid: int(c) for proxy, c in zip(proxies, chosen)}  # the server knows whom it asked
             return [(proxy, FitIns(parameters, {**config, "client": int(c)})) for proxy, c in zip(proxies, chosen)]
 
@@ -293,7 +336,8 @@ def fit_federated_gram(cfg: TrainConfig, data, ctx, tracker) -> tuple[GramEase, 
         "rounds": book.rounds,
         "secure_aggregation": False,
         "client_dp": fed.dp,
-        "message": "the upper triangle of the client's users' Gram part (row, col, value), train + validation items",
+        "message": ("the user's item set (train + validation), from which the server adds the user's Gram part" if book.form == "items"
+                    else "the upper triangle of the client's users' Gram part (row, col, value), train + validation items"),
         "lambda": float(lam),
         "lambda_rule": rule,
         "rank": int(model.rank),
