@@ -224,9 +224,30 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     stay readable in the file's free space until SQLite happens to reuse it (FeatureStore.checkpoint
     then clears the WAL; tests/features/test_erasure_hygiene.py scans the raw bytes)."""
     cur = dbapi_conn.cursor()
-    cur.execute("PRAGMA journal_mode=WAL")
-    cur.execute("PRAGMA secure_delete=ON")
-    cur.close()
+    try:
+        _set_wal(cur)
+        cur.execute("PRAGMA secure_delete=ON")
+    finally:
+        cur.close()
+
+
+def _set_wal(cur: Any, wait_s: float = 10.0) -> None:
+    """Switch the file to WAL once (the mode persists in the file: later connections only read it).
+    The switch needs the file to itself, and SQLite answers "database is locked" at once, without
+    its busy handler, when connections opening a new file together all try it (its deadlock
+    avoidance; replicas starting together hit it): so retry with a short backoff, bounded."""
+    deadline = time.monotonic() + wait_s
+    delay = 0.005
+    while True:
+        try:
+            if str(cur.execute("PRAGMA journal_mode").fetchone()[0]).lower() != "wal":
+                cur.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 0.2)
 
 
 class ErasureSaltError(ValueError):
