@@ -65,6 +65,8 @@ def test_a_one_user_client_sends_its_item_set_and_the_server_builds_the_part():
     dp = GramBook(5, np.arange(6), 6, bound=1.0, train_too=False, progress=False, one_user=True)
     dp.add(0, [np.array([4, 0, 2], np.int32)], users=9)  # unsorted, claims 9 users: still exactly one unit part
     assert np.linalg.norm(dp.symmetric(dp.seen.copy())) == pytest.approx(1.0) and dp.clipped == 0
+    np.testing.assert_allclose(dp.vector, np.array([1, 0, 1, 0, 1]) / np.sqrt(3))  # the user's unit row: the popularity vector's part
+    assert GramBook(5, np.arange(1), 1, None, False, False, one_user=True).vector is None  # without DP none is kept
     for bad, match in (([np.array([1, 1])], "twice"), ([np.array([0, 5])], "outside"), ([np.array([0.5])], "malformed"),
                        ([np.array([0]), np.array([1])], "arrays")):  # fmt: skip
         with pytest.raises(RuntimeError, match=match):
@@ -134,9 +136,11 @@ def test_config_refusals_name_the_key(tmp_path):
         check(config(tmp_path, "federated.sampling=poisson", "federated.evaluation=server"))
     with pytest.raises(ConfigError, match="federated.target_epsilon"):
         check(config(tmp_path, "federated.target_epsilon=8"))
-    with pytest.raises(ConfigError, match=r"privacy\.gram_popularity_share"):  # clients send no popularity vector
-        check(config(tmp_path, "federated.dp=true", "privacy.gram_popularity_share=0.2"))
-    check(config(tmp_path, "federated.dp=true", "privacy.gram_popularity_share=0"))  # 0 (and null) are the Gram alone
+    for extra in (["federated.partition=silos"], []):  # silos send no item sets; without DP there is nothing to share
+        with pytest.raises(ConfigError, match=r"privacy\.gram_popularity_share"):
+            check(config(tmp_path, *extra, *(["federated.dp=true"] if extra else []), "privacy.gram_popularity_share=0.2"))
+    check(config(tmp_path, "federated.dp=true", "privacy.gram_popularity_share=0.2"))  # one-user clients under DP: the server builds it
+    check(config(tmp_path, "federated.dp=true", "federated.partition=silos", "privacy.gram_popularity_share=0"))  # 0 (and null): the Gram alone
     with pytest.raises(ValueError, match="strategy"):
         config(tmp_path, "federated.strategy=gramm")
 
@@ -228,7 +232,8 @@ def dp_cli_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("fed_gram_dp")
     overrides = tiny_overrides(root) + [f"data.synthetic.n_users={N_USERS}", f"data.synthetic.n_items={N_ITEMS}", "federated.fraction_fit=0.25",
                                         "federated.ray_num_cpus=2", "federated.progress=false", "federated.dp=true", f"federated.target_epsilon={DP_EPS}",
-                                        "tracking.register_model=true", "tracking.alias=champion"]  # fmt: skip
+                                        "tracking.register_model=true", "tracking.alias=champion",
+                                        "privacy.gram_popularity_share=0.2"]  # the rule gives 0 here; the popularity vector end to end  # fmt: skip
     args = ["train", "--config", str(REPO / "configs" / "ease_federated.yaml"), *sum((["--set", o] for o in overrides), [])]
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TRUSTREC_ERASURE_SALT", "fed-gram-salt")
@@ -253,10 +258,13 @@ def test_with_dp_the_release_is_centralized_dp_ease_and_is_accounted(dp_cli_run,
     data = prepare(cfg)
     n_items = data.dataset.n_items
     sigma = gram.gaussian_sigma(DP_EPS, 1 / N_USERS)
-    lam = gram.release_lambda(sigma, n_items, N_USERS)
+    sigma_gram = sigma / np.sqrt(0.8)  # 20 % of the budget on the popularity vector
+    lam = gram.release_lambda(sigma_gram, n_items, N_USERS)
     assert privacy["sigma"] == pytest.approx(sigma) and privacy["lambda"] == pytest.approx(lam)
-    # centralized DP-EASE on the same members with the same seed: the same statistic and the same noise draw
-    central = gram.release(data.seen, n_items, sigma, lam, None, np.random.default_rng(cfg.trainer.seed), gram.prior_weight(sigma, n_items, N_USERS))
+    assert privacy["sigma_gram"] == pytest.approx(sigma_gram) and privacy["sigma_popularity"] == pytest.approx(sigma / np.sqrt(0.2))
+    assert privacy["popularity_share"] == 0.2 and "popularity vector" in privacy["fallback"]
+    # centralized DP-EASE on the same members with the same seed: the same statistics and the same noise draws
+    central = gram.release(data.seen, n_items, sigma, lam, None, np.random.default_rng(cfg.trainer.seed), gram.prior_weight(sigma_gram, n_items, N_USERS), 0.2)
     np.testing.assert_allclose(np.load(root / "artifacts" / "item_embeddings.npy"), central.item_vectors(), rtol=1e-5, atol=1e-6)
     assert manifest["popularity"][:5] == data.dataset.item_vocab.decode(central.popularity(5))
     client = MlflowClient(cfg.tracking.tracking_uri)

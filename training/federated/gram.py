@@ -29,7 +29,9 @@ that bound, so one user changes the sum by at most 1 even if their device misbeh
 round the server adds the Gaussian noise of the analytic Gaussian mechanism at sensitivity 1 once,
 σ = `gaussian_sigma(federated.target_epsilon, δ)` (δ = `federated.dp_delta` or 1 / clients), and
 everything after is post-processing of that release with the DP-EASE rules (λ, popularity prior,
-rank: the `privacy.gram_*` keys). One release, no composition: user-level (ε, δ)-DP, the same
+rank: the `privacy.gram_*` keys). With one-user clients the server also sums their unit rows into
+the popularity vector and, where `privacy.gram_popularity_share` (or its rule) gives a share, releases
+it with the Gram as centralized DP-EASE does (the same joint Gaussian mechanism at σ). One release, no composition: user-level (ε, δ)-DP, the same
 guarantee and accountant as centralized DP-EASE, with the server trusted to add the noise.
 
 λ: `privacy.gram_lambda` when set; else under DP the public-constant rule of DP-EASE; else (no DP)
@@ -54,8 +56,8 @@ from training.config import ConfigError, TrainConfig
 from training.data import CSR
 from training.federated.partition import ClientData, read_client_data, write_client_store
 from training.federated.server import sampled_clients
-from training.privacy.gram import (ACCOUNTANT, CLIPPING, PRIOR_TEXT, GramEase, ease_from_release, gaussian_epsilon, gaussian_sigma, lambda_text,
-                                   prior_weight, release_lambda, release_statistic)  # fmt: skip
+from training.privacy.gram import (ACCOUNTANT, CLIPPING, PRIOR_TEXT, SHARE_TEXT, GramEase, ease_from_release, gaussian_epsilon, gaussian_sigma,
+                                   lambda_text, popularity_share, prior_weight, release_lambda, release_statistic, split_sigma)  # fmt: skip
 from training.trainer import FitResult
 
 log = logging.getLogger(__name__)
@@ -72,9 +74,9 @@ def check(cfg: TrainConfig) -> None:
         raise ConfigError("federated.sampling: must be flower with federated.strategy=gram (every client sends its part exactly once)")
     if fed.target_epsilon is not None and not fed.dp:
         raise ConfigError("federated.target_epsilon: needs federated.dp=true")
-    if cfg.privacy.gram_popularity_share:
-        raise ConfigError("privacy.gram_popularity_share: not with federated.strategy=gram (clients send their Gram part only; "
-                          "the fallback and the prior read the released Gram's row sums)")  # fmt: skip
+    if cfg.privacy.gram_popularity_share and not (fed.dp and fed.partition == "user"):
+        raise ConfigError("privacy.gram_popularity_share: with federated.strategy=gram only under federated.dp=true and federated.partition=user "
+                          "(the server builds the popularity vector from one-user clients' item sets; silos send Gram parts only)")  # fmt: skip
 
 
 # --------------------------------------------------------------------------- the client's part
@@ -141,6 +143,9 @@ class GramBook:
         self.rounds = math.ceil(len(order) / cohort)
         self.seen = np.zeros((n_items, n_items))
         self.train = np.zeros((n_items, n_items)) if train_too else None
+        # Σ x̂_u of train + val, the popularity vector DP-EASE may release beside the Gram: built from the
+        # item sets of one-user clients under a bound (privacy.gram_popularity_share); else None
+        self.vector = np.zeros(n_items) if one_user and bound is not None else None
         self.reported: set[int] = set()
         self.clipped = 0
         self.bar = tqdm(total=len(order), desc="federated gram (clients)", disable=not progress)
@@ -163,7 +168,7 @@ class GramBook:
         targets = (self.seen, self.train) if self.train_too else (self.seen,)
         if self.one_user:
             for target, items in zip(targets, arrays):
-                self.add_items(client, target, np.asarray(items))
+                self.add_items(client, target, np.asarray(items), vector=target is self.seen)
             self.bar.update(1)
             return
         for target, (rows, cols, values) in zip(targets, (arrays[0:3], arrays[3:6])):
@@ -179,8 +184,9 @@ class GramBook:
             target[rows, cols] += values  # (row, col) pairs are unique within one client's COO
         self.bar.update(1)
 
-    def add_items(self, client: int, target: np.ndarray, items: np.ndarray) -> None:
-        """target += w·x xᵀ (upper triangle) of one user's item set, w = 1/|x| under a bound, else 1."""
+    def add_items(self, client: int, target: np.ndarray, items: np.ndarray, vector: bool = False) -> None:
+        """target += w·x xᵀ (upper triangle) of one user's item set, w = 1/|x| under a bound, else 1;
+        with `vector`, also self.vector += x / √|x| (the user's unit row)."""
         if items.ndim != 1 or (len(items) and not np.issubdtype(items.dtype, np.integer)):
             raise RuntimeError(f"federated gram: client {client} sent a malformed item set")
         items = items.astype(np.int64)
@@ -193,6 +199,8 @@ class GramBook:
         items = np.sort(items)
         rows, cols = np.triu_indices(len(items))
         target[items[rows], items[cols]] += 1.0 / len(items) if self.bound is not None else 1.0
+        if vector and self.vector is not None:
+            self.vector[items] += 1.0 / math.sqrt(len(items))
 
     def symmetric(self, upper: np.ndarray) -> np.ndarray:
         """The full symmetric matrix from the accumulated upper triangle (in place)."""
@@ -310,20 +318,26 @@ def fit_federated_gram(cfg: TrainConfig, data, ctx, tracker) -> tuple[GramEase, 
     sigma = 0.0
     if fed.dp:
         sigma = fed.noise_multiplier if fed.target_epsilon is None else gaussian_sigma(fed.target_epsilon, delta)
+    # under DP with one-user clients part of the budget may go to the popularity vector, as in DP-EASE
+    share = 0.0
+    if fed.dp and book.vector is not None:
+        share = p.gram_popularity_share if p.gram_popularity_share is not None else popularity_share(sigma, n_items, n)
+    sigma_gram, sigma_vector = split_sigma(sigma, share)
     val_scores: dict[float, float] = {}
     if p.gram_lambda is not None:
         lam, rule = p.gram_lambda, "privacy.gram_lambda"
     elif fed.dp:
-        lam = release_lambda(sigma, n_items, n, p.gram_lambda_rule, p.gram_lambda_factor, p.gram_lambda_floor)
+        lam = release_lambda(sigma_gram, n_items, n, p.gram_lambda_rule, p.gram_lambda_factor, p.gram_lambda_floor)
         rule = lambda_text(p.gram_lambda_rule, p.gram_lambda_factor, p.gram_lambda_floor)
     else:
         lam, val_scores = choose_lambda(book.symmetric(book.train), list(fed.gram_lambdas), data.train, data.val, cfg.task.eval_k)
         rule = "validation over federated.gram_lambdas (server-side evaluation)"
     book.train = None
-    mu = (p.gram_prior_weight if p.gram_prior_weight is not None else prior_weight(sigma, n_items, n)) if fed.dp else 0.0
+    mu = (p.gram_prior_weight if p.gram_prior_weight is not None else prior_weight(sigma_gram, n_items, n)) if fed.dp else 0.0
     statistic = "the item Gram matrix summed over Flower clients" + (" (DP-released by the server)" if fed.dp else "")
-    model = release_statistic(book.symmetric(book.seen), sigma, lam, p.gram_rank, np.random.default_rng(cfg.trainer.seed), mu,
-                              kind=KIND, statistic=statistic, diagonal_fallback=not fed.dp)  # fmt: skip
+    model = release_statistic(book.symmetric(book.seen), sigma_gram, lam, p.gram_rank, np.random.default_rng(cfg.trainer.seed), mu,
+                              kind=KIND, statistic=statistic, diagonal_fallback=not fed.dp,
+                              vector=book.vector if share > 0 else None, vector_sigma=sigma_vector if share > 0 else 0.0)  # fmt: skip
     seconds = time.perf_counter() - started
     log.info("federated gram: %d clients in %d rounds (%.0fs), lambda %g, rank %d, sigma %.4g (%.0fs in all)", n, book.rounds, sums_s, lam, model.rank, sigma, seconds)
     privacy: dict[str, Any] = {
@@ -350,6 +364,9 @@ def fit_federated_gram(cfg: TrainConfig, data, ctx, tracker) -> tuple[GramEase, 
             "target_epsilon": fed.target_epsilon, "sigma": float(sigma), "noise_multiplier": float(sigma), "sensitivity": 1.0,
             "clipping": CLIPPING + "; the server scales down any client part above its users' bound", "releases": 1, "training_users": n,
             "prior_weight": float(mu), "prior_rule": "privacy.gram_prior_weight" if p.gram_prior_weight is not None else PRIOR_TEXT,
+            "sigma_gram": float(sigma_gram), "sigma_popularity": float(sigma_vector) if share > 0 else None, "popularity_share": float(share),
+            "popularity_rule": ("privacy.gram_popularity_share" if p.gram_popularity_share is not None else SHARE_TEXT) if book.vector is not None
+            else "none: silos send Gram parts only", "fallback": model.fallback,
             "noise_seed": cfg.trainer.seed,
         })  # fmt: skip
     if tracker.enabled:
@@ -357,7 +374,8 @@ def fit_federated_gram(cfg: TrainConfig, data, ctx, tracker) -> tuple[GramEase, 
                    "federated/sums_seconds": sums_s, "ease/lambda": lam, "ease/rank": float(model.rank)}  # fmt: skip
         metrics |= {f"ease/val_ndcg_lambda_{lam_:g}": v for lam_, v in val_scores.items()}
         if fed.dp:
-            metrics |= {"privacy/epsilon": privacy["epsilon"], "privacy/delta": delta, "privacy/sigma": sigma, "ease/prior_weight": mu}
+            metrics |= {"privacy/epsilon": privacy["epsilon"], "privacy/delta": delta, "privacy/sigma": sigma, "privacy/sigma_gram": sigma_gram,
+                        "privacy/popularity_share": share, "ease/prior_weight": mu}  # fmt: skip
         tracker.log_metrics(metrics)
         tracker.mlflow.set_tags({"model": KIND, "privacy.mode": "federated", "federated.strategy": "gram"})
     best = max(val_scores.values()) if val_scores else float("nan")
