@@ -18,6 +18,17 @@ DEFAULT_CONFIG = "configs/two_tower.yaml"
 DEFAULT_SERVE_CONFIG = "configs/serve.yaml"
 
 
+def default_config() -> str:
+    """The training config `--config` defaults to: configs/two_tower.yaml of the working directory,
+    else the one beside this package (a checkout or an editable install), so that commands that only
+    read the store or a bundle (`privacy-budget --store-url`, `evaluate --model`) work from any
+    directory; else the relative name, which load_config reports as not found."""
+    if Path(DEFAULT_CONFIG).is_file():
+        return DEFAULT_CONFIG
+    shipped = Path(__file__).resolve().parents[1] / DEFAULT_CONFIG
+    return str(shipped) if shipped.is_file() else DEFAULT_CONFIG
+
+
 def _table(metrics: dict[str, float]) -> str:
     width = max(len(k) for k in metrics)
     return "\n".join(f"  {k:<{width}}  {v:.4f}" for k, v in metrics.items())
@@ -373,7 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     def with_config(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--config", default=DEFAULT_CONFIG, help=f"training config YAML (default {DEFAULT_CONFIG})")
+        sp.add_argument("--config", default=default_config(), help=f"training config YAML (default {DEFAULT_CONFIG}; outside a checkout, trustrec's own)")
         sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value, e.g. trainer.epochs=5 (repeatable)")
 
     sp = sub.add_parser("train", help="train, evaluate, export, log to MLflow and register")

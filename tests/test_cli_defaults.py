@@ -1,0 +1,23 @@
+"""The CLI's default training config outside the repository: a user who runs `trustrec privacy-budget
+--store-url URL` from another directory gets the ledger, not "config file not found"."""
+from __future__ import annotations
+
+from cli.main import DEFAULT_CONFIG, default_config, main
+from features.store import FeatureStore
+
+from tests.conftest import REPO
+
+
+def test_privacy_budget_with_a_store_url_works_from_any_directory(tmp_path, monkeypatch, capsys):
+    url = f"sqlite:///{tmp_path / 'features.db'}"
+    monkeypatch.setenv("TRUSTREC_ERASURE_SALT", "cli-defaults-salt")
+    FeatureStore(url).close()
+    monkeypatch.chdir(tmp_path)  # no configs/ here
+    assert default_config() == str(REPO / DEFAULT_CONFIG)  # the checkout's own
+    assert main(["privacy-budget", "--store-url", url]) == 0
+    assert "no private release recorded in this store" in capsys.readouterr().out
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "two_tower.yaml").write_text("privacy:\n  total_epsilon: 3\n")
+    assert default_config() == DEFAULT_CONFIG  # the working directory's wins
+    assert main(["privacy-budget", "--store-url", url, "--json"]) == 0
+    assert '"budget_epsilon": 3.0' in capsys.readouterr().out
