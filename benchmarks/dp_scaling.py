@@ -77,7 +77,9 @@ def main(argv: list[str] | None = None) -> int:
         for eps in epsilons:
             for s in scales:
                 sigma = gram.gaussian_sigma(eps, 1.0 / (s * members)) / s
-                lam, mu = gram.release_lambda(sigma, n, members), gram.prior_weight(sigma, n, members)  # = the rules at s·m members, σ·s
+                # the rules at s·m members and σ·s, in this Gram's units (EASE on s·G + noise + λ_s I is EASE on
+                # G + noise/s + (λ_s/s) I): the noise rule and the floor (8·s·m/n)/s = 8·m/n both come out as below
+                lam, mu = gram.release_lambda(sigma, n, members), gram.prior_weight(sigma, n, members)
                 noisy = gram.add_noise(stat.copy(), sigma, np.random.default_rng(seed))
                 rows.setdefault((eps, s), []).append(val_ndcg(noisy, lam, True, data, users, k, mu))
                 print(f"seed {seed} eps {eps:g} x{s} ({s * members} members): sigma/s {sigma:.3f}, lambda {lam:.3g}, val ndcg@{k} {rows[(eps, s)][-1]:.4f} "
