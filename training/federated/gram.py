@@ -56,8 +56,7 @@ from training.config import ConfigError, TrainConfig
 from training.data import CSR
 from training.federated.partition import ClientData, read_client_data, write_client_store
 from training.federated.server import sampled_clients
-from training.privacy.gram import (ACCOUNTANT, CLIPPING, PRIOR_TEXT, SHARE_TEXT, GramEase, ease_from_release, gaussian_epsilon, gaussian_sigma,
-                                   lambda_text, popularity_share, prior_weight, release_lambda, release_statistic, split_sigma)  # fmt: skip
+from training.privacy.gram import ACCOUNTANT, CLIPPING, GramEase, ease_from_release, gaussian_epsilon, gaussian_sigma, release_rules, release_statistic
 from training.trainer import FitResult
 
 log = logging.getLogger(__name__)
@@ -318,22 +317,20 @@ def fit_federated_gram(cfg: TrainConfig, data, ctx, tracker) -> tuple[GramEase, 
     sigma = 0.0
     if fed.dp:
         sigma = fed.noise_multiplier if fed.target_epsilon is None else gaussian_sigma(fed.target_epsilon, delta)
-    # under DP with one-user clients part of the budget may go to the popularity vector, as in DP-EASE
-    share = 0.0
-    if fed.dp and book.vector is not None:
-        share = p.gram_popularity_share if p.gram_popularity_share is not None else popularity_share(sigma, n_items, n)
-    sigma_gram, sigma_vector = split_sigma(sigma, share)
+    # under DP, DP-EASE's rules (with one-user clients part of the budget may go to the popularity vector)
+    rules = release_rules(p, sigma, n_items, n, vector=book.vector is not None) if fed.dp else None
+    share = rules.share if rules else 0.0
+    sigma_gram, sigma_vector = (rules.sigma_gram, rules.sigma_vector) if rules else (0.0, 0.0)
     val_scores: dict[float, float] = {}
-    if p.gram_lambda is not None:
+    if rules:
+        lam, rule = rules.lam, rules.lam_rule
+    elif p.gram_lambda is not None:
         lam, rule = p.gram_lambda, "privacy.gram_lambda"
-    elif fed.dp:
-        lam = release_lambda(sigma_gram, n_items, n, p.gram_lambda_rule, p.gram_lambda_factor, p.gram_lambda_floor)
-        rule = lambda_text(p.gram_lambda_rule, p.gram_lambda_factor, p.gram_lambda_floor)
     else:
         lam, val_scores = choose_lambda(book.symmetric(book.train), list(fed.gram_lambdas), data.train, data.val, cfg.task.eval_k)
         rule = "validation over federated.gram_lambdas (server-side evaluation)"
     book.train = None
-    mu = (p.gram_prior_weight if p.gram_prior_weight is not None else prior_weight(sigma_gram, n_items, n)) if fed.dp else 0.0
+    mu = rules.mu if rules else 0.0
     statistic = "the item Gram matrix summed over Flower clients" + (" (DP-released by the server)" if fed.dp else "")
     model = release_statistic(book.symmetric(book.seen), sigma_gram, lam, p.gram_rank, np.random.default_rng(cfg.trainer.seed), mu,
                               kind=KIND, statistic=statistic, diagonal_fallback=not fed.dp,
@@ -363,11 +360,7 @@ def fit_federated_gram(cfg: TrainConfig, data, ctx, tracker) -> tuple[GramEase, 
             "mechanism": MECHANISM, "accountant": ACCOUNTANT, "epsilon": float(gaussian_epsilon(sigma, delta)), "delta": float(delta),
             "target_epsilon": fed.target_epsilon, "sigma": float(sigma), "noise_multiplier": float(sigma), "sensitivity": 1.0,
             "clipping": CLIPPING + "; the server scales down any client part above its users' bound", "releases": 1, "training_users": n,
-            "prior_weight": float(mu), "prior_rule": "privacy.gram_prior_weight" if p.gram_prior_weight is not None else PRIOR_TEXT,
-            "sigma_gram": float(sigma_gram), "sigma_popularity": float(sigma_vector) if share > 0 else None, "popularity_share": float(share),
-            "popularity_rule": ("privacy.gram_popularity_share" if p.gram_popularity_share is not None else SHARE_TEXT) if book.vector is not None
-            else "none: silos send Gram parts only", "fallback": model.fallback,
-            "noise_seed": cfg.trainer.seed,
+            **rules.block(), "fallback": model.fallback, "noise_seed": cfg.trainer.seed,
         })  # fmt: skip
     if tracker.enabled:
         metrics = {"federated/rounds": float(book.rounds), "federated/clients": float(n), "federated/clipped_clients": float(book.clipped),

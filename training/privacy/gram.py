@@ -439,6 +439,50 @@ def release_statistic(g: np.ndarray, sigma: float, lam: float, rank: int | None,
     return GramEase(len(g), float(lam), k, p.astype(np.float32), q.astype(np.float32), cold, float(prior), kind, statistic, fallback)
 
 
+# --------------------------------------------------------------------------- the rules of one release
+@dataclass(frozen=True)
+class ReleaseRules:
+    """What a release at σ spends where and fits with (public constants and the config only): the
+    popularity vector's share, the split σ_G / σ_v, EASE's λ and the prior's μ, each with its rule."""
+
+    share: float
+    sigma_gram: float
+    sigma_vector: float  # inf when no vector is released
+    lam: float
+    lam_rule: str
+    mu: float
+    mu_rule: str
+    share_rule: str
+
+    def block(self) -> dict[str, Any]:
+        """The privacy block's entries for these rules (manifest, /v1/model, MLflow)."""
+        return {"lambda": float(self.lam), "lambda_rule": self.lam_rule, "prior_weight": float(self.mu), "prior_rule": self.mu_rule,
+                "sigma_gram": float(self.sigma_gram), "sigma_popularity": float(self.sigma_vector) if self.share > 0 else None,
+                "popularity_share": float(self.share), "popularity_rule": self.share_rule}  # fmt: skip
+
+
+def release_rules(p: Any, sigma: float, n_items: int, members: int, vector: bool = True) -> ReleaseRules:
+    """`ReleaseRules` of the `privacy.gram_*` keys `p` for a release at σ over `members` users:
+    each key when set, else its rule (`popularity_share`, `release_lambda` and `prior_weight` at σ_G).
+    `vector` False: the path cannot release the popularity vector (federated silos), share 0."""
+    if vector:
+        share = p.gram_popularity_share if p.gram_popularity_share is not None else popularity_share(sigma, n_items, members)
+        share_rule = "privacy.gram_popularity_share" if p.gram_popularity_share is not None else SHARE_TEXT
+    else:
+        share, share_rule = 0.0, "none: no popularity vector on this path"
+    sigma_gram, sigma_vector = split_sigma(sigma, share)
+    if p.gram_lambda is not None:
+        lam, lam_rule = float(p.gram_lambda), "privacy.gram_lambda"
+    else:
+        lam = release_lambda(sigma_gram, n_items, members, p.gram_lambda_rule, p.gram_lambda_factor, p.gram_lambda_floor)
+        lam_rule = lambda_text(p.gram_lambda_rule, p.gram_lambda_factor, p.gram_lambda_floor)
+    if p.gram_prior_weight is not None:
+        mu, mu_rule = float(p.gram_prior_weight), "privacy.gram_prior_weight"
+    else:
+        mu, mu_rule = prior_weight(sigma_gram, n_items, members), PRIOR_TEXT
+    return ReleaseRules(share, sigma_gram, sigma_vector, lam, lam_rule, mu, mu_rule, share_rule)
+
+
 # --------------------------------------------------------------------------- the pipeline's fit
 def is_gram(cfg: TrainConfig) -> bool:
     return cfg.privacy.mode == "dp" and cfg.privacy.mechanism == "gram"
@@ -457,10 +501,8 @@ def fit_gram(cfg: TrainConfig, data, tracker) -> tuple[GramEase, FitResult]:
     delta = p.delta if p.delta is not None else 1.0 / n
     sigma = p.noise_multiplier if p.target_epsilon is None else gaussian_sigma(p.target_epsilon, delta)
     epsilon = gaussian_epsilon(sigma, delta)
-    share = p.gram_popularity_share if p.gram_popularity_share is not None else popularity_share(sigma, n_items, n)
-    sigma_gram, sigma_vector = split_sigma(sigma, share)
-    lam = p.gram_lambda if p.gram_lambda is not None else release_lambda(sigma_gram, n_items, n, p.gram_lambda_rule, p.gram_lambda_factor, p.gram_lambda_floor)
-    mu = p.gram_prior_weight if p.gram_prior_weight is not None else prior_weight(sigma_gram, n_items, n)
+    rules = release_rules(p, sigma, n_items, n)
+    share, sigma_gram, lam, mu = rules.share, rules.sigma_gram, rules.lam, rules.mu
     model = release(data.seen, n_items, sigma, lam, p.gram_rank, np.random.default_rng(cfg.trainer.seed), mu, share)
     seconds = time.perf_counter() - started
     log.info("DP-EASE: %d users, %d items, sigma %.4f (epsilon %.4g, delta %.3g, %s; Gram %.4f, popularity share %.2f), lambda %.4g, prior %.3g, rank %d (%.1fs)",
@@ -479,15 +521,8 @@ def fit_gram(cfg: TrainConfig, data, tracker) -> tuple[GramEase, FitResult]:
         "clipping": CLIPPING,
         "releases": 1,
         "training_users": int(n),
-        "lambda": float(lam),
-        "lambda_rule": "privacy.gram_lambda" if p.gram_lambda is not None else lambda_text(p.gram_lambda_rule, p.gram_lambda_factor, p.gram_lambda_floor),
         "rank": int(model.rank),
-        "prior_weight": float(mu),
-        "prior_rule": "privacy.gram_prior_weight" if p.gram_prior_weight is not None else PRIOR_TEXT,
-        "sigma_gram": float(sigma_gram),
-        "sigma_popularity": float(sigma_vector) if share > 0 else None,  # None: no popularity vector released
-        "popularity_share": float(share),
-        "popularity_rule": "privacy.gram_popularity_share" if p.gram_popularity_share is not None else SHARE_TEXT,
+        **rules.block(),  # lambda, prior, popularity share and the split sigma, each with its rule
         "fallback": model.fallback,
         "noise_seed": cfg.trainer.seed,
     }
