@@ -263,6 +263,7 @@ def test_with_dp_the_release_is_centralized_dp_ease_and_is_accounted(dp_cli_run,
     assert privacy["sigma"] == pytest.approx(sigma) and privacy["lambda"] == pytest.approx(lam)
     assert privacy["sigma_gram"] == pytest.approx(sigma_gram) and privacy["sigma_popularity"] == pytest.approx(sigma / np.sqrt(0.2))
     assert privacy["popularity_share"] == 0.2 and "popularity vector" in privacy["fallback"]
+    assert "from the item set" in privacy["clipping"] and "item set" in privacy["message"]  # one-user clients: nothing to clip
     # centralized DP-EASE on the same members with the same seed: the same statistics and the same noise draws
     central = gram.release(data.seen, n_items, sigma, lam, None, np.random.default_rng(cfg.trainer.seed), gram.prior_weight(sigma_gram, n_items, N_USERS), 0.2)
     np.testing.assert_allclose(np.load(root / "artifacts" / "item_embeddings.npy"), central.item_vectors(), rtol=1e-5, atol=1e-6)

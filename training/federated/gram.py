@@ -15,9 +15,9 @@ exactly what it did from the part, in |x| integers instead of |x|(|x|+1)/2 tripl
 instead of 22 MB for the heaviest user). A client holding several users (`silos`) sends the upper
 triangle (diagonal included) of its users' summed contribution Σ_{u in client} w_u x_u x_uᵀ as
 (row, col, value) arrays, which reveals less than their item sets. Interactions, user indices and
-side features stay on the device. So the server is trusted with the messages, as in Flower's central DP without secure
-aggregation (`secagg` is refused: SecAgg+ masks dense vectors of one shape, and a dense n_items²
-message per device is 55 MB on ML-1M). What leaves the server is the model, and under DP that is
+side features stay on the device. So the server is trusted with the messages, as in Flower's
+central DP without secure aggregation (`secagg` is refused: SecAgg+ masks dense vectors of one
+shape, and a dense n_items² message per device is 55 MB on ML-1M). What leaves the server is the model, and under DP that is
 covered by (ε, δ).
 
 Weights w_u: without DP 1 (x binary: the centralized EASE Gram XᵀX). With `federated.dp`,
@@ -31,8 +31,9 @@ round the server adds the Gaussian noise of the analytic Gaussian mechanism at s
 everything after is post-processing of that release with the DP-EASE rules (λ, popularity prior,
 rank: the `privacy.gram_*` keys). With one-user clients the server also sums their unit rows into
 the popularity vector and, where `privacy.gram_popularity_share` (or its rule) gives a share, releases
-it with the Gram as centralized DP-EASE does (the same joint Gaussian mechanism at σ). One release, no composition: user-level (ε, δ)-DP, the same
-guarantee and accountant as centralized DP-EASE, with the server trusted to add the noise.
+it with the Gram as centralized DP-EASE does (the same joint Gaussian mechanism at σ). One release,
+no composition: user-level (ε, δ)-DP, the same guarantee and accountant as centralized DP-EASE,
+with the server trusted to add the noise.
 
 λ: `privacy.gram_lambda` when set; else under DP the public-constant rule of DP-EASE; else (no DP)
 chosen on validation over `federated.gram_lambdas`: clients also send the Gram of their train items
@@ -94,8 +95,7 @@ def contribution(histories: list[CSR], users: np.ndarray, n_items: int, unit: bo
 
 def item_set(histories: list[CSR], user: int) -> np.ndarray:
     """The sorted, distinct items of one user over `histories` (int32): what a one-user client sends."""
-    items = [h[1][h[0][user] : h[0][user + 1]] for h in histories]
-    return np.unique(np.concatenate(items)).astype(np.int32) if items else np.zeros(0, np.int32)
+    return np.unique(np.concatenate([h[1][h[0][user] : h[0][user + 1]] for h in histories])).astype(np.int32)
 
 
 def frobenius(rows: np.ndarray, cols: np.ndarray, values: np.ndarray) -> float:
@@ -359,7 +359,9 @@ def fit_federated_gram(cfg: TrainConfig, data, ctx, tracker) -> tuple[GramEase, 
             "privacy_unit": "user" if fed.partition == "user" else "user (clients hold several)",
             "mechanism": MECHANISM, "accountant": ACCOUNTANT, "epsilon": float(gaussian_epsilon(sigma, delta)), "delta": float(delta),
             "target_epsilon": fed.target_epsilon, "sigma": float(sigma), "noise_multiplier": float(sigma), "sensitivity": 1.0,
-            "clipping": CLIPPING + "; the server scales down any client part above its users' bound", "releases": 1, "training_users": n,
+            "clipping": CLIPPING + ("; the server builds each user's unit part from the item set" if book.form == "items"
+                                    else "; the server scales down any client part above its users' bound"),
+            "releases": 1, "training_users": n,
             **rules.block(), "fallback": model.fallback, "noise_seed": cfg.trainer.seed,
         })  # fmt: skip
     if tracker.enabled:
