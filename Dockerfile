@@ -51,5 +51,7 @@ EXPOSE 8000
 # hadolint ignore=DL3025
 HEALTHCHECK --interval=30s --timeout=5s --start-period=120s --retries=3 \
   CMD curl -fsS http://127.0.0.1:8000/healthz || exit 1
+# `trustrec serve` is PID 1 and stops in order on SIGTERM, Docker's stop signal; behind HAProxy Ray Serve
+# drains for 30 s, so stop with `docker stop -t 45` (Docker's 10 s default ends in SIGKILL)
 ENTRYPOINT ["trustrec"]
 CMD ["serve", "--config", "configs/serve.yaml", "--host", "0.0.0.0"]

@@ -24,7 +24,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
@@ -122,11 +122,14 @@ def start(
     metrics_port: int | None = None,
     metrics_host: str = "127.0.0.1",
     ingress: str = "proxy",
+    after_init: Callable[[], Any] | None = None,
 ) -> str:
     """Start Ray (if needed) and deploy the app; returns the base URL once every replica is up and /healthz answers.
     `metrics_port`: Ray's Prometheus export port (Serve's and trustrec's metrics at /metrics), on
     `metrics_host`: 127.0.0.1, or 0.0.0.0 for every interface. `ingress`: the HTTP data plane,
-    `proxy` (Ray Serve's proxy actor) or `haproxy` (serving/ingress.py), set before Ray starts."""
+    `proxy` (Ray Serve's proxy actor) or `haproxy` (serving/ingress.py), set before Ray starts.
+    `after_init`: called once the Ray node this call starts is up (`serve_forever` puts its signal
+    handlers back there: `ray.init` replaced SIGTERM's)."""
     config = deploy_config(config_path, model_uri, port, host)
     host, port = config["http_options"]["host"], config["http_options"]["port"]
     new_node = "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
@@ -146,6 +149,8 @@ def start(
         if metrics_port:
             init["_metrics_export_port"] = metrics_port
         ray.init(**init)
+        if after_init is not None:
+            after_init()
     http_options = {**config["http_options"], "location": schema.proxy_location.value if schema.proxy_location else "HeadOnly"}
     client = serve_start(http_options=http_options, global_logging_config=config.get("logging_config"))  # the proxy's logging too
     client.deploy_apps(schema, _blocking=False)
@@ -303,33 +308,73 @@ def _wait_swapped(new_uri: str, timeout_s: float = 180.0) -> None:
 
 
 def stop() -> None:
+    """Shut Serve and Ray down (if this process runs them) and remove what `start` left on disk: the
+    state file first (a `--reload` must not find a cluster that is going away), the ingress files and
+    the Ray token last, each even when the shutdown before it was interrupted."""
     import ray
     from ray import serve
 
     path = _started.pop("state_file", None)
     if path is not None:
         path.unlink(missing_ok=True)
-    if ray.is_initialized():
-        serve.shutdown()
-        ray.shutdown()
-    cleanup_ingress(_started.pop("ingress_dir", None))
-    token = _started.pop("token_file", None)
-    if token is not None:  # after shutdown: Ray's processes are gone
-        token.unlink(missing_ok=True)
-        token.parent.rmdir()
-        for key in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH"):  # ours: a later start() in this process makes a new one
-            os.environ.pop(key, None)
+    try:
+        if ray.is_initialized():
+            try:
+                serve.shutdown()  # drains: behind HAProxy, replicas stay reachable for Ray's window (30 s)
+            finally:
+                ray.shutdown()
+    finally:
+        cleanup_ingress(_started.pop("ingress_dir", None))
+        token = _started.pop("token_file", None)
+        if token is not None:  # after shutdown: Ray's processes are gone
+            token.unlink(missing_ok=True)
+            token.parent.rmdir()
+            for key in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH"):  # ours: a later start() in this process makes a new one
+                os.environ.pop(key, None)
+
+
+class Stop(Exception):
+    """A stop signal (SIGTERM, or SIGINT where it is not ignored) reached `serve_forever`."""
+
+
+def _stop_on_signals() -> list[int]:
+    """SIGTERM -- what systemd, `docker stop` and Kubernetes send -- and SIGINT (Ctrl-C) raise `Stop` in
+    the main thread, so `serve_forever` shuts down in order and removes its files. Installed again
+    right after `ray.init`, whose own handler exits (or aborts) at once. A SIGINT the parent ignores (a job put in
+    the background by a script) stays ignored, as Unix tools do. `ignore_signals` then lets the
+    shutdown finish: a second signal arriving inside Ray's blocking calls is not a clean interrupt."""
+    import signal
+
+    def handler(signum: int, frame: Any) -> None:
+        raise Stop(signal.Signals(signum).name)
+
+    wanted = [signal.SIGTERM] + ([signal.SIGINT] if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN else [])
+    for signum in wanted:
+        signal.signal(signum, handler)
+    return wanted
+
+
+def ignore_signals(signums: list[int]) -> None:
+    import signal
+
+    for signum in signums:
+        signal.signal(signum, signal.SIG_IGN)
 
 
 def serve_forever(config_path: str | Path, model_uri: str | None = None, port: int | None = None, host: str | None = None,
                   metrics_port: int | None = None, metrics_host: str = "127.0.0.1", ingress: str = "proxy") -> None:
-    url = start(config_path, model_uri, port, host=host, metrics_port=metrics_port, metrics_host=metrics_host, ingress=ingress)
-    metrics = f"; Prometheus: http://{metrics_host}:{metrics_port}/metrics" if metrics_port else ""
-    print(f"trustrec serving on {url} through {ingress}  (OpenAPI: {url}/docs{metrics}; Ctrl-C to stop)", flush=True)
+    signums = _stop_on_signals()  # a signal while starting also stops in order...
     try:
+        url = start(config_path, model_uri, port, host=host, metrics_port=metrics_port, metrics_host=metrics_host, ingress=ingress,
+                    after_init=_stop_on_signals)  # ...and once `ray.init` has put its own SIGTERM handler in place, ours again
+        metrics = f"; Prometheus: http://{metrics_host}:{metrics_port}/metrics" if metrics_port else ""
+        print(f"trustrec serving on {url} through {ingress}  (OpenAPI: {url}/docs{metrics}; Ctrl-C or SIGTERM to stop)", flush=True)
         while True:
             time.sleep(3600)
-    except KeyboardInterrupt:
-        pass
+    except (KeyboardInterrupt, Stop) as e:
+        drain = " (behind HAProxy, Ray Serve keeps replicas reachable for its drain window, 30 s)" if ingress == "haproxy" else ""
+        print(f"trustrec serve: stopping on {e or 'SIGINT'}{drain}", flush=True)
     finally:
+        ignore_signals(signums)
         stop()
+        print("trustrec serve: stopped", flush=True)

@@ -34,6 +34,20 @@ def _private_ray_and_flower_state() -> None:
 _private_ray_and_flower_state()
 
 
+def _short_serve_drain() -> None:
+    """Behind the HAProxy ingress, Ray Serve keeps a stopping replica reachable for 30 s so load
+    balancers in front can deregister it (RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S), which made
+    every in-process `launch.stop()` of an HAProxy app wait 30 s. No test here has a load balancer in
+    front or measures that window; the lifecycle tests strip this, as a new user's shell would not
+    have it, and stop `trustrec serve` at Ray's default."""
+    import os
+
+    os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "1")
+
+
+_short_serve_drain()
+
+
 def load_script(relpath: str):
     """A repo script (benchmarks/x.py, scripts/y.py) as a module, loaded by path: `import
     benchmarks.x` would find the top-level `benchmarks` package opacus installs instead."""

@@ -16,6 +16,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -23,6 +24,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from serving import launch
 from serving.auth import user_token
 from tests.conftest import REPO
 from tests.serving.test_ray_serve_http import free_port
@@ -34,12 +36,13 @@ SECRETS = {"TRUSTREC_ADMIN_TOKEN": ADMIN, "TRUSTREC_TOKEN_SECRET": SECRET, "TRUS
 TRAIN = ["train", "--config", str(REPO / "configs" / "two_tower.yaml"), "--set", "trainer.epochs=3", "--set", "trainer.progress=false"]
 SERVE_CONFIG = str(REPO / "configs" / "serve.yaml")
 ERASED, FORGOTTEN = "u42", "u43"
+DRAIN = "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"  # tests/conftest.py shortens it; a new user's shell has Ray's default
 ERASED_BYTES = re.compile(rb"u42(?![0-9])")  # u42 and not u420..u429
 
 
 def environment(with_secrets: bool = True) -> dict[str, str]:
     # as a fresh shell: `trustrec serve` makes its own Ray token, `--reload` finds it through the state file
-    env = {k: v for k, v in os.environ.items() if k not in SECRETS and k != "RAY_ADDRESS" and not k.startswith("RAY_AUTH_")}
+    env = {k: v for k, v in os.environ.items() if k not in SECRETS and k not in ("RAY_ADDRESS", DRAIN) and not k.startswith("RAY_AUTH_")}
     return {**env, **SECRETS} if with_secrets else env
 
 
@@ -51,36 +54,48 @@ def cli(root: Path, *argv: str, with_secrets: bool = True, ok: bool = True) -> s
 
 
 class Server:
-    """`trustrec serve` as its own process (what an operator starts), restartable."""
+    """`trustrec serve` as its own process (what an operator starts), restartable; Ctrl-C reaches it
+    as from a terminal (a child of a background job would inherit SIGINT ignored)."""
 
     def __init__(self, root: Path):
         self.root, self.port, self.proc = root, free_port(), None
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = root / "serve.log"
+        self.leftovers: list[Path] = []
 
     def start(self) -> None:
+        tmp = Path(tempfile.gettempdir())
+        before, offset = set(tmp.glob("trhap-*")), self.log.stat().st_size if self.log.exists() else 0
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen([str(BIN / "trustrec"), "serve", "--config", SERVE_CONFIG, "--port", str(self.port)],
-                                         cwd=self.root, env=environment(), stdout=log, stderr=subprocess.STDOUT)
+                                         cwd=self.root, env=environment(), stdout=log, stderr=subprocess.STDOUT,
+                                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, self.log.read_text()[-3000:]
             try:
-                if requests.get(f"{self.url}/healthz", timeout=5).status_code == 200:
+                if requests.get(f"{self.url}/healthz", timeout=5).status_code == 200 and b"serving on" in self.log.read_bytes()[offset:]:
+                    state = launch.state_file(self.port)
+                    # what this server put on disk: its state file, its Ray token's folder, its HAProxy folder
+                    self.leftovers = [state, Path(json.loads(state.read_text())["auth_token_path"]).parent, *(set(tmp.glob("trhap-*")) - before)]
                     return
             except requests.RequestException:
                 pass
             time.sleep(1)
         raise TimeoutError(self.log.read_text()[-3000:])
 
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)  # what Ctrl-C does: serve_forever shuts Serve and Ray down
-            try:
-                self.proc.wait(90)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(30)
+    def stop(self, signum: int = signal.SIGTERM) -> int | None:
+        """Stop as an operator does (SIGTERM from systemd / docker / Kubernetes, SIGINT from Ctrl-C);
+        returns the exit code, None where it had to be killed."""
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else None
+        self.proc.send_signal(signum)
+        try:
+            return self.proc.wait(90)  # Ray Serve's drain behind HAProxy is 30 s
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(30)
+            return None
 
 
 @pytest.fixture(scope="module")
@@ -242,9 +257,25 @@ def test_6_a_bad_reload_costs_no_request(world):
     assert call(world, "GET", "/healthz").json()["model_version"] == "2"
 
 
+def assert_stopped_in_order(server: Server, code: int | None, signame: str) -> None:
+    log = server.log.read_text()
+    assert code == 0, f"`trustrec serve` did not stop on {signame} (exit {code}): {log[-2000:]}"
+    assert f"stopping on {signame}" in log and log.rstrip().endswith("trustrec serve: stopped"), log[-2000:]
+    assert len(server.leftovers) == 3 and [p for p in server.leftovers if p.exists()] == []  # nothing a --reload could find
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"{server.url}/healthz", timeout=5)
+
+
 def test_7_a_restart_keeps_everything(world):
     server = world["server"]
-    server.stop()
+    assert_stopped_in_order(server, server.stop(signal.SIGINT), "SIGINT")
     server.start()
     assert call(world, "GET", "/healthz").json()["model_version"] == "2"
     assert_decisions_hold(world)
+
+
+def test_8_sigterm_stops_it_in_order_and_leaves_nothing_behind(world):
+    server = world["server"]
+    assert_stopped_in_order(server, server.stop(signal.SIGTERM), "SIGTERM")
+    out = cli(world["root"], "serve", "--reload", "--config", SERVE_CONFIG, "--port", str(server.port), ok=False)
+    assert out.returncode != 0 and "no running `trustrec serve`" in out.stderr, out.stderr[-2000:]
