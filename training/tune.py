@@ -305,6 +305,19 @@ def _header(outcome_metric: str, best: Trial, n_trials: int, n_failed: int, seed
     return "\n".join(lines) + "\n"
 
 
+def tune_base(config: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    """The config every trial starts from: the file with its overrides, and its own in-training
+    search (`search.enabled`, configs/two_tower_ease.yaml) off. Left on, each trial would run that
+    search and overwrite the keys this one sampled (so a trial's params would not be what it
+    trained), inside a search of its own; the tuned config written at the end keeps it off, so
+    training it fits exactly the tuned values."""
+    base = load_config(config, overrides)
+    if base.search.enabled:
+        log.warning("%s: search.enabled is turned off in every trial and in the tuned config: `trustrec tune` samples the space itself", config or "the default config")
+        base = base.model_copy(update={"search": base.search.model_copy(update={"enabled": False})})
+    return base
+
+
 def run_tune(
     config: str | Path | None,
     overrides: list[str] | tuple[str, ...] = (),
@@ -323,7 +336,7 @@ def run_tune(
     if not metric.startswith("val/"):
         raise ConfigError(f"--metric {metric}: tune on a validation metric (val/...); choosing on the test split would overfit it")
     metric = mlflow_key(metric)  # the one metric naming: val/ndcg@10 is shown and looked up as val/ndcg_at_10
-    base = load_config(config, overrides)
+    base = tune_base(config, overrides)
     space = load_space(space_file)
     validate_space(base, space, str(space_file or "default search space"))
     out_path = Path(out) if out else default_out(config)

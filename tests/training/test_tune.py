@@ -14,7 +14,7 @@ from tests.conftest import REPO, tiny_overrides
 from cli.main import build_parser, cmd_tune
 from training.config import ConfigError, load_config
 from training.tracking import mlflow_key
-from training.tune import DEFAULT_SPACE, load_space, run_tune, trial_config, validate_space
+from training.tune import DEFAULT_SPACE, load_space, run_tune, trial_config, tune_base, validate_space
 
 CONFIG = REPO / "configs" / "two_tower.yaml"
 TINY = ["data.synthetic.n_users=150", "data.synthetic.n_items=120", "trainer.epochs=2"]
@@ -116,6 +116,19 @@ def test_no_model_registered_and_no_store_loaded(search, client):
 
 
 # -- no Ray needed ---------------------------------------------------------------------------
+def test_a_config_with_its_own_search_is_tuned_with_that_search_off(caplog):
+    """configs/two_tower_ease.yaml chooses model.hidden_layers / task.history_dropout on validation
+    inside training; under `trustrec tune` that search would overwrite what each trial sampled."""
+    generic = REPO / "configs" / "two_tower_ease.yaml"
+    assert load_config(generic).search.enabled
+    base = tune_base(generic, ["trainer.epochs=3"])
+    assert not base.search.enabled and "search.enabled is turned off" in caplog.text
+    assert base.model_copy(update={"search": load_config(generic).search}) == load_config(generic, ["trainer.epochs=3"])  # nothing else moved
+    assert not trial_config(base, {"task.history_dropout": 0.5}).search.enabled  # nor in the tuned config written from it
+    caplog.clear()
+    assert tune_base(CONFIG) == load_config(CONFIG) and caplog.text == ""  # no search of its own: untouched
+
+
 def test_default_space_is_valid():
     validate_space(load_config(CONFIG), load_space(None))
 
