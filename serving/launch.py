@@ -227,6 +227,18 @@ def validate_bundle(model_uri: str, args: AppArgs) -> None:
             store.close()
 
 
+def pid_alive(pid: Any) -> bool:
+    """Whether process `pid` exists (signal 0 checks without sending anything); a pid of another
+    user's process counts as alive."""
+    try:
+        os.kill(int(pid), 0)
+    except (TypeError, ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def reload(config_path: str | Path, model_uri: str | None = None, port: int | None = None, address: str | None = None) -> tuple[str | None, str]:
     """Hot swap: resolve the configured model URI (alias) again and push it to the running app's model
     deployment as a new `user_config`; replicas load it and swap in place. Returns (old URI, new URI).
@@ -241,6 +253,10 @@ def reload(config_path: str | Path, model_uri: str | None = None, port: int | No
         if not path.exists():
             raise FileNotFoundError(f"no running `trustrec serve` on port {port} ({path} missing); pass --address RAY_GCS_ADDRESS")
         state = json.loads(path.read_text())
+        if not pid_alive(state.get("pid")):  # killed (SIGKILL, a crash, a reboot) before it could remove the file
+            path.unlink(missing_ok=True)
+            raise FileNotFoundError(f"no running `trustrec serve` on port {port}: the process that wrote {path} (pid {state.get('pid')}) "
+                                    "has exited without stopping; the stale file is removed. Start the server again")
         address = state["address"]
         if state.get("auth_token_path") and not any(k in os.environ for k in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")):
             os.environ["RAY_AUTH_TOKEN_PATH"] = state["auth_token_path"]

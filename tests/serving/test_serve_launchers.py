@@ -75,3 +75,27 @@ def test_a_typo_in_the_model_user_config_fails_by_name():
 
     with pytest.raises(ValueError, match="model_url"):
         ModelConfig.model_validate({"model_url": "models:/trustrec@champion"})
+
+
+def test_reload_against_a_server_that_was_killed_says_so_at_once(tmp_path):
+    """A server killed without stopping (SIGKILL, a crash) leaves its state file behind; `--reload`
+    then named a dead Ray address and waited minutes on Ray's connection retries."""
+    import json
+
+    from serving.launch import state_file
+
+    port = free_port()
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    path = state_file(port)
+    path.write_text(json.dumps({"address": "127.0.0.1:9", "pid": gone.pid, "url": f"http://127.0.0.1:{port}", "auth_token_path": None}))
+    try:
+        started = time.monotonic()
+        out = subprocess.run([str(Path(sys.executable).parent / "trustrec"), "serve", "--reload", "--config", str(REPO / "configs" / "serve.yaml"),
+                              "--port", str(port)], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 2, out.stderr[-2000:]
+        assert f"no running `trustrec serve` on port {port}" in out.stderr and f"pid {gone.pid}" in out.stderr and "has exited" in out.stderr
+        assert not path.exists()  # the next --reload says "missing", a new server writes its own
+        assert time.monotonic() - started < 60
+    finally:
+        path.unlink(missing_ok=True)
