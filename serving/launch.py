@@ -113,6 +113,35 @@ def local_only_ray() -> None:
         constants.ENABLE_RAY_CLUSTER = False
 
 
+class PortInUseError(ValueError):
+    """The HTTP port is taken (by another `trustrec serve`, or anything else)."""
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Refuse a port something already listens on, naming the `trustrec serve` that holds it when its
+    state file says so. Without this a second server on a port started a whole Ray cluster whose
+    ingress could not bind, and overwrote the first server's state file (so `--reload` lost it)."""
+    import errno
+    import socket
+
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a port a stopped server left in TIME_WAIT is free
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            if e.errno != errno.EADDRINUSE:
+                raise
+            holder = ""
+            path = state_file(port)
+            try:
+                pid = json.loads(path.read_text()).get("pid")
+                holder = f" by `trustrec serve` (pid {pid}, {path})" if pid_alive(pid) else ""
+            except (OSError, ValueError):
+                pass
+            raise PortInUseError(f"--port {port}: {host}:{port} is already in use{holder}; stop that server, or pick another port "
+                                 "(`trustrec serve --reload` hot-swaps the model of a running one)") from None
+
+
 def start(
     config_path: str | Path,
     model_uri: str | None = None,
@@ -134,6 +163,8 @@ def start(
     host, port = config["http_options"]["host"], config["http_options"]["port"]
     new_node = "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
     token_path = None
+    if new_node:
+        check_port_free(host, port)  # before Ray starts: a second server on a port must not start a cluster, nor touch the first's state file
     if new_node:  # Ray's settings come from the environment, read when ray is imported or its processes start
         if metrics_host != "0.0.0.0":
             local_only_ray()
@@ -379,18 +410,21 @@ def ignore_signals(signums: list[int]) -> None:
 
 def serve_forever(config_path: str | Path, model_uri: str | None = None, port: int | None = None, host: str | None = None,
                   metrics_port: int | None = None, metrics_host: str = "127.0.0.1", ingress: str = "proxy") -> None:
-    signums = _stop_on_signals()  # a signal while starting also stops in order...
+    signums, announce = _stop_on_signals(), False  # a signal while starting also stops in order...
     try:
         url = start(config_path, model_uri, port, host=host, metrics_port=metrics_port, metrics_host=metrics_host, ingress=ingress,
                     after_init=_stop_on_signals)  # ...and once `ray.init` has put its own SIGTERM handler in place, ours again
         metrics = f"; Prometheus: http://{metrics_host}:{metrics_port}/metrics" if metrics_port else ""
         print(f"trustrec serving on {url} through {ingress}  (OpenAPI: {url}/docs{metrics}; Ctrl-C or SIGTERM to stop)", flush=True)
+        announce = True
         while True:
             time.sleep(3600)
     except (KeyboardInterrupt, Stop) as e:
         drain = " (behind HAProxy, Ray Serve keeps replicas reachable for its drain window, 30 s)" if ingress == "haproxy" else ""
         print(f"trustrec serve: stopping on {e or 'SIGINT'}{drain}", flush=True)
+        announce = True
     finally:
         ignore_signals(signums)
         stop()
-        print("trustrec serve: stopped", flush=True)
+        if announce:
+            print("trustrec serve: stopped", flush=True)

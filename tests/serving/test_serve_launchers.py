@@ -99,3 +99,33 @@ def test_reload_against_a_server_that_was_killed_says_so_at_once(tmp_path):
         assert time.monotonic() - started < 60
     finally:
         path.unlink(missing_ok=True)
+
+
+def test_a_second_server_on_a_taken_port_is_refused_before_ray_starts(tmp_path):
+    """Before: it started a whole Ray cluster whose ingress could not bind, and overwrote the running
+    server's state file, so `--reload` lost that server."""
+    import json
+    import socket
+
+    from serving.launch import state_file
+
+    trustrec = str(Path(sys.executable).parent / "trustrec")
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        path = state_file(port)
+        argv = [trustrec, "serve", "--config", str(REPO / "configs" / "serve.yaml"), "--port", str(port)]
+        try:
+            out = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+            assert out.returncode == 2 and f"--port {port}: 127.0.0.1:{port} is already in use;" in out.stderr, out.stderr[-2000:]
+            assert "Traceback" not in out.stderr and "serving on" not in out.stdout and "stopped" not in out.stdout
+            assert not path.exists() and not list(tmp_path.iterdir())  # no state file, no store, nothing
+            # a running `trustrec serve` (its state file names a live process: this one) is named as the holder
+            state = {"address": "127.0.0.1:9", "pid": os.getpid(), "url": f"http://127.0.0.1:{port}", "auth_token_path": None}
+            path.write_text(json.dumps(state))
+            out = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+            assert out.returncode == 2 and f"by `trustrec serve` (pid {os.getpid()}" in out.stderr, out.stderr[-2000:]
+            assert json.loads(path.read_text()) == state  # the holder's state file is left as it was
+        finally:
+            path.unlink(missing_ok=True)
