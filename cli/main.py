@@ -525,11 +525,28 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for name in ("features", "training", "serving", "bundle", "cli"):  # ours at INFO; libraries stay at WARNING
         logging.getLogger(name).setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    _sigterm_as_ctrl_c()
     try:
         return args.func(args)
     except (FileNotFoundError, ValueError) as e:  # training.config.ConfigError and pydantic's errors are ValueErrors
         print(f"trustrec {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:
+        print(f"trustrec {args.command}: stopped by {e or 'SIGINT'}", file=sys.stderr)
+        return 130
+
+
+def _sigterm_as_ctrl_c() -> None:
+    """SIGTERM (`kill`, a job scheduler, a container stop) ends a command as Ctrl-C does: by default
+    Python dies at once, so `trustrec train` left its MLflow run RUNNING forever and its staged
+    bundle folder behind; raised as KeyboardInterrupt, the run is marked KILLED and the staging
+    removed. `trustrec serve` installs its own handlers (serving/launch.py), and `ray.init` its own."""
+    import signal
+
+    def handler(signum: int, frame) -> None:
+        raise KeyboardInterrupt("SIGTERM")
+
+    signal.signal(signal.SIGTERM, handler)
 
 
 if __name__ == "__main__":

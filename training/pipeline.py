@@ -244,6 +244,9 @@ def train(cfg: TrainConfig, resume: bool = False, tracker: Tracker | None = None
                 tracker.log_params({f"search.chosen.{k}": v for k, v in searched.chosen.items()} | {"search.seconds": round(searched.seconds, 1)})
                 artifacts = {"search.json": fit.search}
             result = finish(cfg, model, task, data, ctx, fit, tracker, device, {"data": data_prov}, artifacts)
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM through the CLI: MLflow's status for a run its user stopped
+        tracker.end("KILLED")
+        raise
     except BaseException:
         tracker.end("FAILED")
         raise
