@@ -239,10 +239,11 @@ def pin_version(model_uri: str, tracking_uri: str | None) -> str:
     return f"models:/{name}/{version}"
 
 
-def validate_bundle(model_uri: str, args: AppArgs) -> None:
+def validate_bundle(model_uri: str, args: AppArgs, starting: bool = False) -> None:
     """Load the model a swap would push, run its ONNX user tower once and query the feature store,
     here, before any replica switches (what each replica's `reconfigure` would do). Raises
-    ValueError naming the reason: a missing or broken bundle never reaches the running app."""
+    ValueError naming the reason: a missing or broken bundle never reaches the running app.
+    `starting`: the same check before a server starts (`preflight`), worded for that."""
     from features.store import FeatureStore
     from serving.app import probe
     from serving.recommender import Recommender
@@ -252,10 +253,44 @@ def validate_bundle(model_uri: str, args: AppArgs) -> None:
         rec = Recommender.from_uri(model_uri, store, args.tracking_uri, args.force_cpu, args.diversity_lambda, args.index.model_dump())
         probe(rec, store)
     except Exception as e:  # noqa: BLE001 - every failure means "do not push"; the reason goes to the operator
+        if starting:
+            raise ValueError(f"cannot serve {model_uri}: it does not load ({type(e).__name__}: {e})") from None
         raise ValueError(f"not swapping to {model_uri}: it does not load ({type(e).__name__}: {e}); the running model keeps serving") from None
     finally:
         if store is not None:
             store.close()
+
+
+def sqlite_file(url: str | None) -> Path | None:
+    """The file of a `sqlite:///PATH` URL (None for any other URL)."""
+    prefix = "sqlite:///"
+    return Path(url[len(prefix) :]) if url and url.startswith(prefix) and ":memory:" not in url else None
+
+
+def preflight(config_path: str | Path, model_uri: str | None = None, port: int | None = None, host: str | None = None) -> str:
+    """Before `trustrec serve` starts Ray: the port must be free, and the model it would serve must
+    resolve and load here.
+    Without this, a new user who ran `trustrec serve` before `trustrec train` waited ~80 s for a
+    traceback saying "Failed to update the deployments ['Model']" (and got an empty mlflow.db).
+    Returns the pinned model URI; raises ValueError naming the reason and the way out."""
+    http, args, _ = load_serve_config(config_path)
+    check_port_free(host or http.host, port or http.port)
+    args = absolute_urls(args.model_copy(update={"model_uri": model_uri}) if model_uri else args)
+    uri = args.model_uri
+    if uri.startswith("models:/"):
+        registry = sqlite_file(args.tracking_uri)
+        if registry is not None and not registry.exists():
+            raise ValueError(f"cannot serve {uri}: no MLflow registry at {registry} (tracking_uri of {config_path}); "
+                             "train a model first (`trustrec train` registers it as @champion), or pass --model BUNDLE_DIR")
+        try:
+            uri = pin_version(uri, args.tracking_uri)
+        except Exception as e:  # noqa: BLE001 - MLflow's RestException / MlflowException: no such model or alias
+            raise ValueError(f"cannot serve {uri}: the registry at {args.tracking_uri} has no such model version ({e}); "
+                             "train one (`trustrec train` registers @champion) or promote one (`trustrec promote`), or pass --model BUNDLE_DIR") from None
+    elif "://" not in uri and not Path(uri).exists():
+        raise ValueError(f"cannot serve {uri}: no such bundle directory")
+    validate_bundle(uri, args, starting=True)
+    return uri
 
 
 def pid_alive(pid: Any) -> bool:
@@ -412,6 +447,7 @@ def serve_forever(config_path: str | Path, model_uri: str | None = None, port: i
                   metrics_port: int | None = None, metrics_host: str = "127.0.0.1", ingress: str = "proxy") -> None:
     signums, announce = _stop_on_signals(), False  # a signal while starting also stops in order...
     try:
+        preflight(config_path, model_uri, port, host)
         url = start(config_path, model_uri, port, host=host, metrics_port=metrics_port, metrics_host=metrics_host, ingress=ingress,
                     after_init=_stop_on_signals)  # ...and once `ray.init` has put its own SIGTERM handler in place, ours again
         metrics = f"; Prometheus: http://{metrics_host}:{metrics_port}/metrics" if metrics_port else ""

@@ -129,3 +129,22 @@ def test_a_second_server_on_a_taken_port_is_refused_before_ray_starts(tmp_path):
             assert json.loads(path.read_text()) == state  # the holder's state file is left as it was
         finally:
             path.unlink(missing_ok=True)
+
+
+def test_serve_before_any_training_says_what_to_do_at_once(tmp_path):
+    """A new user's first `trustrec serve` before `trustrec train`: before, Ray started, the replica
+    failed, and ~80 s later a traceback said "Failed to update the deployments ['Model']"."""
+    trustrec = str(Path(sys.executable).parent / "trustrec")
+    base = [trustrec, "serve", "--config", str(REPO / "configs" / "serve.yaml"), "--port", str(free_port())]
+    started = time.monotonic()
+    out = subprocess.run(base, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert f"no MLflow registry at {tmp_path / 'mlflow.db'}" in out.stderr and "`trustrec train`" in out.stderr
+    assert not (tmp_path / "mlflow.db").exists()  # the check created no registry
+    out = subprocess.run(base + ["--model", str(tmp_path / "nope")], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "no such bundle directory" in out.stderr, out.stderr[-2000:]
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "manifest.json").write_text("{}")
+    out = subprocess.run(base + ["--model", str(tmp_path / "broken")], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "it does not load (ManifestError" in out.stderr, out.stderr[-2000:]
+    assert time.monotonic() - started < 60  # no Ray started for any of them
