@@ -19,6 +19,8 @@ def operator_args(config: str | Path, store_url: str | None = None) -> AppArgs:
     `config`, the defaults (a store URL alone is enough to act on a store)."""
     if store_url and not Path(config).exists():
         return AppArgs()
+    if not Path(config).is_file():  # a command run outside the checkout: say what the file is for
+        raise FileNotFoundError(f"--config {config}: no such file (a serve config, for the store URL and consent regime; or pass --store-url)")
     return load_serve_config(config)[1]
 
 

@@ -28,8 +28,8 @@ def test_operator_args_come_from_the_serve_config_unless_only_a_store_url_is_giv
     assert args.store_url == "sqlite:///x.db" and args.audit.table is False
     assert operator_args(config, "sqlite:///y.db").audit.table is False  # the file exists: its settings hold
     assert operator_args(tmp_path / "none.yaml", "sqlite:///y.db") == AppArgs()  # a store URL alone is enough
-    with pytest.raises(FileNotFoundError):
-        operator_args(tmp_path / "none.yaml")  # neither
+    with pytest.raises(FileNotFoundError, match=r"none.yaml: no such file \(a serve config, for the store URL and consent regime; or pass --store-url\)"):
+        operator_args(tmp_path / "none.yaml")  # neither: `trustrec forget` outside the checkout says what the file is for
 
 
 def test_refusals_name_what_is_missing(tmp_path):
