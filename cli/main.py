@@ -527,6 +527,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(name).setLevel(logging.DEBUG if args.verbose else logging.INFO)
     _sigterm_as_ctrl_c()
     try:
+        _registry_must_exist(args)
         return args.func(args)
     except (FileNotFoundError, ValueError) as e:  # training.config.ConfigError and pydantic's errors are ValueErrors
         print(f"trustrec {args.command}: error: {e}", file=sys.stderr)
@@ -534,6 +535,18 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as e:
         print(f"trustrec {args.command}: stopped by {e or 'SIGINT'}", file=sys.stderr)
         return 130
+
+
+def _registry_must_exist(args: argparse.Namespace) -> None:
+    """`promote` / `report` / `audit` read runs from an MLflow registry: a SQLite one that is not there
+    (a fresh directory, a typo) is an error naming it, not a new empty mlflow.db MLflow would create."""
+    url = getattr(args, "tracking_uri", None)
+    prefix = "sqlite:///"
+    if args.command in ("promote", "report", "audit") and url and url.startswith(prefix) and ":memory:" not in url:
+        path = Path(url[len(prefix) :])
+        if not path.exists():
+            raise FileNotFoundError(f"--tracking-uri {url}: no MLflow registry at {path.resolve()} (not created); "
+                                    "run this where `trustrec train` wrote mlflow.db, or pass --tracking-uri")
 
 
 def _sigterm_as_ctrl_c() -> None:

@@ -21,3 +21,13 @@ def test_privacy_budget_with_a_store_url_works_from_any_directory(tmp_path, monk
     assert default_config() == DEFAULT_CONFIG  # the working directory's wins
     assert main(["privacy-budget", "--store-url", url, "--json"]) == 0
     assert '"budget_epsilon": 3.0' in capsys.readouterr().out
+
+
+def test_commands_on_runs_refuse_a_missing_registry_and_create_none(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    run = "0123456789abcdef0123456789abcdef"
+    for argv in (["promote", run], ["report", run], ["audit", "privacy", run]):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert f"no MLflow registry at {tmp_path / 'mlflow.db'} (not created)" in err, err
+    assert list(tmp_path.iterdir()) == []
