@@ -42,17 +42,42 @@ def registered_model_name(uri: str, default: str = "trustrec") -> str:
     return uri[len(MODELS_SCHEME) :].split("@")[0].split("/")[0]
 
 
+class ModelNotFoundError(ValueError):
+    """A `models:/` URI names a model, alias or version the registry does not hold."""
+
+
+def sqlite_registry(tracking_uri: str | None) -> Path | None:
+    """The file of a `sqlite:///PATH` tracking URI (None for any other)."""
+    prefix = "sqlite:///"
+    if tracking_uri and tracking_uri.startswith(prefix) and ":memory:" not in tracking_uri:
+        return Path(tracking_uri[len(prefix) :])
+    return None
+
+
 def resolve_model_uri(uri: str, tracking_uri: str | None = None) -> tuple[Path, str]:
     """(local bundle dir, model version) for a path or an MLflow `models:/name@alias` URI; a local
-    directory's version is "local"."""
+    directory's version is "local". A SQLite registry that is not there is a FileNotFoundError (MLflow
+    would create an empty one), a model / alias / version it lacks a ModelNotFoundError; both say
+    what to do."""
     if not uri.startswith(MODELS_SCHEME):
         return find_bundle(Path(uri)), "local"
     name, alias, version = parse_model_uri(uri)
+    registry = sqlite_registry(tracking_uri)
+    if registry is not None and not registry.exists():
+        raise FileNotFoundError(f"{uri}: no MLflow registry at {registry.resolve()} (tracking_uri {tracking_uri}); "
+                                "train a model first (`trustrec train` registers it as @champion), or give a bundle directory")
     import mlflow
+    from mlflow.exceptions import MlflowException
 
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
     if alias:
-        version = mlflow.MlflowClient().get_model_version_by_alias(name, alias).version
+        try:
+            version = mlflow.MlflowClient().get_model_version_by_alias(name, alias).version
+        except MlflowException as e:
+            if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
+            raise ModelNotFoundError(f"{uri}: the registry at {tracking_uri} has no such model version ({e.message}); "
+                                     "`trustrec train` registers @champion, `trustrec promote` moves an alias") from None
     local = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=tempfile.mkdtemp(prefix="trustrec-model-"))
     return find_bundle(Path(local)), str(version)

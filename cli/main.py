@@ -540,10 +540,10 @@ def main(argv: list[str] | None = None) -> int:
 def _registry_must_exist(args: argparse.Namespace) -> None:
     """`promote` / `report` / `audit` read runs from an MLflow registry: a SQLite one that is not there
     (a fresh directory, a typo) is an error naming it, not a new empty mlflow.db MLflow would create."""
+    from bundle.locate import sqlite_registry
+
     url = getattr(args, "tracking_uri", None)
-    prefix = "sqlite:///"
-    if args.command in ("promote", "report", "audit") and url and url.startswith(prefix) and ":memory:" not in url:
-        path = Path(url[len(prefix) :])
+    if args.command in ("promote", "report", "audit") and (path := sqlite_registry(url)) is not None:
         if not path.exists():
             raise FileNotFoundError(f"--tracking-uri {url}: no MLflow registry at {path.resolve()} (not created); "
                                     "run this where `trustrec train` wrote mlflow.db, or pass --tracking-uri")

@@ -28,6 +28,7 @@ from typing import Any, Callable
 
 import yaml
 
+from bundle.locate import sqlite_registry
 from serving.config import MODEL_DEPLOYMENT, AppArgs, load_serve_config
 from serving.ingress import cleanup as cleanup_ingress
 from serving.ingress import configure as configure_ingress
@@ -261,12 +262,6 @@ def validate_bundle(model_uri: str, args: AppArgs, starting: bool = False) -> No
             store.close()
 
 
-def sqlite_file(url: str | None) -> Path | None:
-    """The file of a `sqlite:///PATH` URL (None for any other URL)."""
-    prefix = "sqlite:///"
-    return Path(url[len(prefix) :]) if url and url.startswith(prefix) and ":memory:" not in url else None
-
-
 def preflight(config_path: str | Path, model_uri: str | None = None, port: int | None = None, host: str | None = None) -> str:
     """Before `trustrec serve` starts Ray: the port must be free, and the model it would serve must
     resolve and load here.
@@ -278,7 +273,7 @@ def preflight(config_path: str | Path, model_uri: str | None = None, port: int |
     args = absolute_urls(args.model_copy(update={"model_uri": model_uri}) if model_uri else args)
     uri = args.model_uri
     if uri.startswith("models:/"):
-        registry = sqlite_file(args.tracking_uri)
+        registry = sqlite_registry(args.tracking_uri)
         if registry is not None and not registry.exists():
             raise ValueError(f"cannot serve {uri}: no MLflow registry at {registry} (tracking_uri of {config_path}); "
                              "train a model first (`trustrec train` registers it as @champion), or pass --model BUNDLE_DIR")

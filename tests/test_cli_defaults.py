@@ -31,3 +31,19 @@ def test_commands_on_runs_refuse_a_missing_registry_and_create_none(tmp_path, mo
         err = capsys.readouterr().err
         assert f"no MLflow registry at {tmp_path / 'mlflow.db'} (not created)" in err, err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_recommend_before_any_training_names_the_missing_registry_then_the_missing_model(tmp_path, monkeypatch, capsys):
+    import mlflow
+
+    monkeypatch.chdir(tmp_path)
+    url = f"sqlite:///{tmp_path / 'features.db'}"
+    FeatureStore(url).close()
+    assert main(["recommend", "u1", "--store-url", url]) == 2
+    err = capsys.readouterr().err
+    assert f"no MLflow registry at {tmp_path / 'mlflow.db'}" in err and "Traceback" not in err, err
+    assert not (tmp_path / "mlflow.db").exists()  # MLflow would have created an empty one
+    mlflow.MlflowClient(tracking_uri="sqlite:///mlflow.db").create_experiment("trustrec")  # a registry without the model
+    assert main(["recommend", "u1", "--store-url", url]) == 2
+    err = capsys.readouterr().err
+    assert "has no such model version" in err and "`trustrec train` registers @champion" in err, err
