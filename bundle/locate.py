@@ -2,12 +2,16 @@
 `models:/name/N`), downloaded to a temporary directory. MLflow is imported only for a `models:/` URI."""
 from __future__ import annotations
 
+import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from bundle.manifest import MANIFEST_FILE
 
 MODELS_SCHEME = "models:/"
+DOWNLOAD_PREFIX = "trustrec-model-"  # the temporary directory a registry model is downloaded to
 
 
 def find_bundle(root: str | Path) -> Path:
@@ -79,5 +83,20 @@ def resolve_model_uri(uri: str, tracking_uri: str | None = None) -> tuple[Path, 
                 raise
             raise ModelNotFoundError(f"{uri}: the registry at {tracking_uri} has no such model version ({e.message}); "
                                      "`trustrec train` registers @champion, `trustrec promote` moves an alias") from None
-    local = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=tempfile.mkdtemp(prefix="trustrec-model-"))
+    local = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=tempfile.mkdtemp(prefix=DOWNLOAD_PREFIX))
     return find_bundle(Path(local)), str(version)
+
+
+@contextmanager
+def fetched_model(uri: str, tracking_uri: str | None = None) -> Iterator[tuple[Path, str]]:
+    """`resolve_model_uri` for a caller that loads the bundle into memory: a registry model's
+    downloaded copy is removed on exit. Each load (a replica's start or swap, a preflight,
+    `trustrec recommend`) downloaded a fresh copy into the temporary directory and left it there."""
+    bundle, version = resolve_model_uri(uri, tracking_uri)
+    try:
+        yield bundle, version
+    finally:
+        if uri.startswith(MODELS_SCHEME):
+            root = next((p for p in (bundle, *bundle.parents) if p.name.startswith(DOWNLOAD_PREFIX)), None)
+            if root is not None:
+                shutil.rmtree(root, ignore_errors=True)

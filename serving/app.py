@@ -43,7 +43,6 @@ from serving.users_api import (
 log = logging.getLogger(__name__)
 
 MAX_K = 100
-HEALTH_PROBE_USER = "__trustrec_health_probe__"  # never a real id: the probe reads nothing personal
 
 
 class RecommendRequest(BaseModel):
@@ -98,15 +97,10 @@ class Unhealthy(BaseModel):
 
 
 def probe(recommender, store) -> None:
-    """Raise unless the ONNX session answers (a real run on a history-less user) and the store answers a query."""
-    from serving.recommender import UserState
+    """serving.recommender.probe (imported when first called, as Recommender is here)."""
+    from serving.recommender import probe as probe_model_and_store
 
-    empty = UserState(np.zeros(0, np.int64), np.zeros(0, np.float32), None)
-    vectors = recommender.user_vectors([empty], [recommender.user_oov])
-    if vectors.shape != (1, recommender.item_vectors.shape[1]) or not np.isfinite(vectors).all():
-        raise RuntimeError(f"ONNX user tower returned {vectors.shape} / non-finite values")
-    if store is not None:
-        store.has_user(HEALTH_PROBE_USER)  # a real SELECT: raises when the database or its tables are gone
+    probe_model_and_store(recommender, store)
 
 
 def recommend_batch(recommender, requests: list[dict]) -> list[dict]:

@@ -246,8 +246,7 @@ def validate_bundle(model_uri: str, args: AppArgs, starting: bool = False) -> No
     ValueError naming the reason: a missing or broken bundle never reaches the running app.
     `starting`: the same check before a server starts (`preflight`), worded for that."""
     from features.store import FeatureStore
-    from serving.app import probe
-    from serving.recommender import Recommender
+    from serving.recommender import Recommender, probe
 
     store = FeatureStore(args.store_url, consent=args.consent) if args.store_url else None
     try:

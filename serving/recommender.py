@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from bundle.load import open_bundle
-from bundle.locate import find_bundle, resolve_model_uri
+from bundle.locate import fetched_model, find_bundle
 from bundle.rerank import mmr
 from bundle.topk import TopK, build_index
 from features.consent import serving_view
@@ -106,8 +106,8 @@ class Recommender:
     @classmethod
     def from_uri(cls, uri: str, store: FeatureStore | None = None, tracking_uri: str | None = None, force_cpu: bool = False,
                  diversity: float = 1.0, index: dict | None = None, cache_size: int = 10_000) -> "Recommender":
-        bundle, version = resolve_model_uri(uri, tracking_uri)
-        return cls(bundle, store, version, force_cpu, diversity, index, cache_size)
+        with fetched_model(uri, tracking_uri) as (bundle, version):  # everything is in memory once built
+            return cls(bundle, store, version, force_cpu, diversity, index, cache_size)
 
     def user_states(self, user_ids: list[str]) -> list[UserState]:
         """user_state for each id, through the per-replica cache. The cache is keyed by the store's
@@ -311,3 +311,18 @@ class Recommender:
 
     def _response(self, items: list[dict], personalized: bool) -> dict:
         return {"items": items, "personalized": personalized, "model_version": self.model_version, "provider": self.provider}
+
+
+HEALTH_PROBE_USER = "__trustrec_health_probe__"  # never a real id: the probe reads nothing personal
+
+
+def probe(recommender, store) -> None:
+    """Raise unless the ONNX session answers (a real run on a history-less user) and the store answers a query.
+    Here, not in serving/app.py, so that checking a bundle (`trustrec serve`'s preflight) imports no Ray:
+    Ray reads its auth settings when first imported, before `trustrec serve` has set them."""
+    empty = UserState(np.zeros(0, np.int64), np.zeros(0, np.float32), None)
+    vectors = recommender.user_vectors([empty], [recommender.user_oov])
+    if vectors.shape != (1, recommender.item_vectors.shape[1]) or not np.isfinite(vectors).all():
+        raise RuntimeError(f"ONNX user tower returned {vectors.shape} / non-finite values")
+    if store is not None:
+        store.has_user(HEALTH_PROBE_USER)  # a real SELECT: raises when the database or its tables are gone

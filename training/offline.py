@@ -26,10 +26,11 @@ SCORE_FLOATS = 1 << 22  # floats an evaluation batch may gather and score at onc
 def evaluate_bundle(cfg: TrainConfig, model_uri: str) -> dict[str, float]:
     """Test metrics of the *exported* model (ONNX Runtime + item matrix), as serving computes scores."""
     from bundle.load import open_bundle
-    from bundle.locate import resolve_model_uri
+    from bundle.locate import fetched_model
 
     data = prepare(cfg)
-    bundle = open_bundle(resolve_model_uri(str(model_uri), cfg.tracking.tracking_uri)[0])
+    with fetched_model(str(model_uri), cfg.tracking.tracking_uri) as (path, _):
+        bundle = open_bundle(path)  # in memory: the downloaded copy goes on exit
     manifest, item_vec = bundle.manifest, bundle.item_vectors
     raw = manifest["model"]["spec"]
     if raw.get("kind") == "ease":  # DP-EASE (training/privacy/gram.py): the history bag only, no torch tower to describe

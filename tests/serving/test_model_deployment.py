@@ -2,6 +2,7 @@
 swap, and check_health really probing the ONNX session and the feature store."""
 import asyncio
 import sqlite3
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -131,3 +132,23 @@ def test_pinned_version_uri_resolves(trained_run):
     with pytest.raises(ValueError, match="models:/name/version"):
         resolve_model_uri("models:/trustrec", trained_run.tracking_uri)
     assert np.load(bundle / "item_embeddings.npy").shape[0] == len(Recommender.from_dir(bundle).items)
+
+
+def test_a_registry_model_loads_into_memory_and_leaves_no_download_behind(trained_run):
+    """Every load of a `models:/` URI (a replica's start or swap, the preflight, `trustrec recommend`,
+    `trustrec evaluate`) downloaded the bundle into a fresh temporary directory and left it there."""
+    import tempfile
+
+    from bundle.locate import DOWNLOAD_PREFIX, fetched_model
+
+    def downloads() -> set:
+        return set(Path(tempfile.gettempdir()).glob(DOWNLOAD_PREFIX + "*"))
+
+    before = downloads()
+    rec = Recommender.from_uri("models:/trustrec@champion", None, trained_run.tracking_uri)
+    assert downloads() == before
+    out = rec.recommend("u1", k=5)  # nothing of it is read from disk any more
+    assert len(out["items"]) == 5 and out["model_version"] == trained_run.result.model_version
+    with fetched_model("models:/trustrec@champion", trained_run.tracking_uri) as (bundle, _):
+        assert (bundle / "manifest.json").exists() and len(downloads()) == len(before) + 1
+    assert downloads() == before and not bundle.exists()

@@ -148,3 +148,14 @@ def test_serve_before_any_training_says_what_to_do_at_once(tmp_path):
     out = subprocess.run(base + ["--model", str(tmp_path / "broken")], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "it does not load (ManifestError" in out.stderr, out.stderr[-2000:]
     assert time.monotonic() - started < 60  # no Ray started for any of them
+
+
+def test_the_preflight_check_imports_no_ray(trained_run, tmp_path):
+    """Ray reads RAY_AUTH_MODE when first imported; `trustrec serve` sets it (its own token) only
+    after the preflight. A preflight that imported Ray (serving.app) made a fresh shell's server
+    fail at ray.init with InvalidAuthToken ("RAY_AUTH_MODE is currently 'disabled'")."""
+    config = serve_yaml(trained_run, tmp_path / "serve.yaml", free_port())
+    code = f"import sys; from serving.launch import preflight; preflight({str(config)!r}); assert 'ray' not in sys.modules, 'ray imported'"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
