@@ -450,7 +450,8 @@ def serve_forever(config_path: str | Path, model_uri: str | None = None, port: i
         while True:
             time.sleep(3600)
     except (KeyboardInterrupt, Stop) as e:
-        drain = " (behind HAProxy, Ray Serve keeps replicas reachable for its drain window, 30 s)" if ingress == "haproxy" else ""
+        window = os.environ.get("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "30")  # Ray's, read by its processes at start
+        drain = f" (behind HAProxy, Ray Serve keeps replicas reachable for its drain window, {window} s)" if ingress == "haproxy" else ""
         print(f"trustrec serve: stopping on {e or 'SIGINT'}{drain}", flush=True)
         announce = True
     finally:
