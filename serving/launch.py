@@ -118,7 +118,7 @@ class PortInUseError(ValueError):
     """The HTTP port is taken (by another `trustrec serve`, or anything else)."""
 
 
-def check_port_free(host: str, port: int) -> None:
+def check_port_free(host: str, port: int, flag: str = "--port") -> None:
     """Refuse a port something already listens on, naming the `trustrec serve` that holds it when its
     state file says so. Without this a second server on a port started a whole Ray cluster whose
     ingress could not bind, and overwrote the first server's state file (so `--reload` lost it)."""
@@ -139,7 +139,7 @@ def check_port_free(host: str, port: int) -> None:
                 holder = f" by `trustrec serve` (pid {pid}, {path})" if pid_alive(pid) else ""
             except (OSError, ValueError):
                 pass
-            raise PortInUseError(f"--port {port}: {host}:{port} is already in use{holder}; stop that server, or pick another port "
+            raise PortInUseError(f"{flag} {port}: {host}:{port} is already in use{holder}; stop that server, or pick another port "
                                  "(`trustrec serve --reload` hot-swaps the model of a running one)") from None
 
 
@@ -261,7 +261,8 @@ def validate_bundle(model_uri: str, args: AppArgs, starting: bool = False) -> No
             store.close()
 
 
-def preflight(config_path: str | Path, model_uri: str | None = None, port: int | None = None, host: str | None = None) -> str:
+def preflight(config_path: str | Path, model_uri: str | None = None, port: int | None = None, host: str | None = None,
+              metrics_port: int | None = None, metrics_host: str = "127.0.0.1") -> str:
     """Before `trustrec serve` starts Ray: the port must be free, and the model it would serve must
     resolve and load here.
     Without this, a new user who ran `trustrec serve` before `trustrec train` waited ~80 s for a
@@ -269,6 +270,8 @@ def preflight(config_path: str | Path, model_uri: str | None = None, port: int |
     Returns the pinned model URI; raises ValueError naming the reason and the way out."""
     http, args, _ = load_serve_config(config_path)
     check_port_free(host or http.host, port or http.port)
+    if metrics_port:
+        check_port_free(metrics_host, metrics_port, "--metrics-port")
     args = absolute_urls(args.model_copy(update={"model_uri": model_uri}) if model_uri else args)
     uri = args.model_uri
     if uri.startswith("models:/"):
@@ -441,7 +444,7 @@ def serve_forever(config_path: str | Path, model_uri: str | None = None, port: i
                   metrics_port: int | None = None, metrics_host: str = "127.0.0.1", ingress: str = "proxy") -> None:
     signums, announce = _stop_on_signals(), False  # a signal while starting also stops in order...
     try:
-        preflight(config_path, model_uri, port, host)
+        preflight(config_path, model_uri, port, host, metrics_port, metrics_host)
         url = start(config_path, model_uri, port, host=host, metrics_port=metrics_port, metrics_host=metrics_host, ingress=ingress,
                     after_init=_stop_on_signals)  # ...and once `ray.init` has put its own SIGTERM handler in place, ours again
         metrics = f"; Prometheus: http://{metrics_host}:{metrics_port}/metrics" if metrics_port else ""

@@ -127,6 +127,9 @@ def test_a_second_server_on_a_taken_port_is_refused_before_ray_starts(tmp_path):
             out = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=120)
             assert out.returncode == 2 and f"by `trustrec serve` (pid {os.getpid()}" in out.stderr, out.stderr[-2000:]
             assert json.loads(path.read_text()) == state  # the holder's state file is left as it was
+            path.unlink()
+            out = subprocess.run([*argv[:-1], str(free_port()), "--metrics-port", str(port)], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+            assert out.returncode == 2 and f"--metrics-port {port}: 127.0.0.1:{port} is already in use;" in out.stderr, out.stderr[-2000:]
         finally:
             path.unlink(missing_ok=True)
 
