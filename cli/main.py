@@ -555,11 +555,13 @@ def _sigterm_as_ctrl_c() -> None:
     bundle folder behind; raised as KeyboardInterrupt, the run is marked KILLED and the staging
     removed. `trustrec serve` installs its own handlers (serving/launch.py), and `ray.init` its own."""
     import signal
+    import threading
 
     def handler(signum: int, frame) -> None:
         raise KeyboardInterrupt("SIGTERM")
 
-    signal.signal(signal.SIGTERM, handler)
+    if threading.current_thread() is threading.main_thread():  # `main()` called from a thread: Python allows no handler there
+        signal.signal(signal.SIGTERM, handler)
 
 
 if __name__ == "__main__":
