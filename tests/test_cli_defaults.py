@@ -33,17 +33,22 @@ def test_commands_on_runs_refuse_a_missing_registry_and_create_none(tmp_path, mo
     assert list(tmp_path.iterdir()) == []
 
 
-def test_recommend_before_any_training_names_the_missing_registry_then_the_missing_model(tmp_path, monkeypatch, capsys):
+def test_recommend_before_any_training_names_the_missing_registry_then_the_missing_model(tmp_path):
+    """As a new user runs it, in a fresh process (MLflow caches one store per URI string, so in this
+    test process "sqlite:///mlflow.db" could still mean another test's working directory)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
     import mlflow
 
-    monkeypatch.chdir(tmp_path)
     url = f"sqlite:///{tmp_path / 'features.db'}"
     FeatureStore(url).close()
-    assert main(["recommend", "u1", "--store-url", url]) == 2
-    err = capsys.readouterr().err
-    assert f"no MLflow registry at {tmp_path / 'mlflow.db'}" in err and "Traceback" not in err, err
+    argv = [str(Path(sys.executable).parent / "trustrec"), "recommend", "u1", "--store-url", url]
+    out = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert f"no MLflow registry at {tmp_path / 'mlflow.db'}" in out.stderr, out.stderr[-2000:]
     assert not (tmp_path / "mlflow.db").exists()  # MLflow would have created an empty one
-    mlflow.MlflowClient(tracking_uri="sqlite:///mlflow.db").create_experiment("trustrec")  # a registry without the model
-    assert main(["recommend", "u1", "--store-url", url]) == 2
-    err = capsys.readouterr().err
-    assert "has no such model version" in err and "`trustrec train` registers @champion" in err, err
+    mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}").create_experiment("trustrec")  # a registry without the model
+    out = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "has no such model version" in out.stderr and "`trustrec train` registers @champion" in out.stderr, out.stderr[-2000:]
