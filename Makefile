@@ -14,11 +14,10 @@ MLFLOW_PORT ?= 5000
 $(VENV)/.installed: requirements/cpu.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	# step 1: the pinned CPU stack (everything but torchrec); PyTorch's CPU index only when no
-	# local wheel dir already offers torch 2.13.0+cpu. --no-compile: 90 s instead of 180 s on 2 cores
-	# (pip byte-compiles every module of every package; Python compiles the ones used on first import)
+	# local wheel dir already offers torch 2.13.0+cpu
 	if $(PIP) install -q --dry-run --no-deps --no-index torch==2.13.0+cpu >/dev/null 2>&1; then extra=""; \
 	else extra="--extra-index-url $(TORCH_INDEX)"; fi; \
-	$(PIP) install -q --no-compile $$extra -r requirements/cpu.txt
+	$(PIP) install -q $$extra -r requirements/cpu.txt
 	# step 2: torchrec without its deps (its metadata demands the CUDA fbgemm-gpu), then trustrec itself
 	$(PIP) install -q --no-deps torchrec==1.8.0
 	$(PIP) install -q --no-deps -e .

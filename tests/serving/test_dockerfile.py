@@ -100,7 +100,7 @@ def test_installs_from_the_requirements_the_tests_install(docker):
     torchrec = re.search(r"--no-deps (torchrec==\S+)", makefile).group(1)
     assert pip_steps[1] == ["pip", "install", "--no-deps", torchrec] and torchrec == gpu.TORCHREC
     assert pip_steps[2][:5] == ["pip", "install", "--no-deps", "-e", "."]
-    assert "$(PIP) install -q --no-compile $$extra -r requirements/cpu.txt" in makefile
+    assert "$(PIP) install -q $$extra -r requirements/cpu.txt" in makefile
 
 
 def test_gpu_requirements_swap_only_the_cpu_builds():
@@ -162,10 +162,9 @@ def test_every_hadolint_ignore_says_why(docker):
 
 def test_the_images_pip_steps_are_make_setups_in_order(docker):
     """Step for step, the image installs what `make setup` installs (gpu.txt being cpu.txt with the
-    CUDA builds swapped in); only make's quiet and no-compile flags and its torch-index probe differ
-    (the image compiles at build: its non-root user cannot write bytecode at run time)."""
+    CUDA builds swapped in); only make's quiet flag and its torch-index probe differ."""
     recipe = (REPO / "Makefile").read_text().split("$(VENV)/.installed:", 1)[1].split("\n\n", 1)[0]
-    make = [[a for a in shlex.split(line.split("$(PIP) install", 1)[1]) if a not in ("-q", "--no-compile", "$$extra")]
+    make = [[a for a in shlex.split(line.split("$(PIP) install", 1)[1]) if a not in ("-q", "$$extra")]
             for line in recipe.splitlines() if "$(PIP) install" in line and "--dry-run" not in line]
     image = [shlex.split(r)[2:] for r in runs(docker) if r.startswith("pip install")]
     image = [step[:step.index("&&")] if "&&" in step else step for step in image]
