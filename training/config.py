@@ -163,6 +163,12 @@ class PrivacyConfig(_Section):
     # (public constants only: 0 on ML-1M at eps >= 1 and on ML-100k at eps >= 2, 0.26 at eps 1 on ML-100k);
     # 0: the Gram only. Chosen on validation (training/privacy/gram.py's docstring)
     gram_popularity_share: float | None = Field(None, ge=0, lt=1)
+    # gram: power beta of the item weights w = clip(v~ / max v~, 0.01, 1)^beta applied to every history before
+    # the unit-norm clip (v~ the popularity vector, released first; the served user vector reads x * w). Where
+    # the noise is large, popular items' pairs get more of each user's unit norm. null: beta = 0.25 where
+    # rho >= 2 (rho = sigma * n_items / members; public constants only), else 0; with beta > 0 the popularity
+    # share is at least 0.05. 0: unweighted. Chosen on validation (training/privacy/gram.py's docstring)
+    gram_weight_power: float | None = Field(None, ge=0, le=2)
     # gram: rank of the served vectors (B factored by its own subspace); null: exact, n_items coordinates
     gram_rank: int | None = Field(None, gt=0)
     # --- dp: user-level DP-SGD (one example = one user; Poisson sampling, per-user clipping, noise).

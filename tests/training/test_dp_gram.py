@@ -188,6 +188,86 @@ def test_a_release_with_a_share_is_post_processing_of_both_noised_statistics():
     np.testing.assert_allclose(plain.cold_scores, gram.add_noise(gram.gram_statistic(csr, n_items), sigma, np.random.default_rng(5)).sum(1), atol=1e-12)
 
 
+# --------------------------------------------------------------------------- popularity-weighted histories
+def test_weight_power_rule_and_item_weights_by_hand():
+    # rho = sigma * n_items / members; beta = 0.25 where rho >= 2
+    assert gram.weight_power(1.0, 20, 10) == 0.25  # rho 2
+    assert gram.weight_power(0.9, 20, 10) == 0.0  # rho 1.8
+    assert gram.weight_power(0.524, 3706, 4832) == 0.0  # ML-1M at eps 8 (rho 0.4)
+    assert gram.weight_power(3.0, 3706, 4832) == 0.25  # ML-1M at eps 1 (rho 2.3)
+    # w = clip(v / max v, 0.01, 1) ** beta: (4, 1, -3, 0.02) / 4 -> (1, 0.25, 0.01, 0.01); beta 0.5 -> (1, 0.5, 0.1, 0.1)
+    np.testing.assert_allclose(gram.item_weights(np.array([4.0, 1.0, -3.0, 0.02]), 0.5), [1.0, 0.5, 0.1, 0.1])
+    np.testing.assert_array_equal(gram.item_weights(np.array([4.0, 1.0]), 0.0), [1.0, 1.0])
+    np.testing.assert_array_equal(gram.item_weights(np.array([-1.0, 0.0]), 0.5), [1.0, 1.0])  # nothing positive: unweighted
+    with pytest.raises(ValueError, match="members"):
+        gram.weight_power(1.0, 8, 0)
+
+
+def test_the_rules_give_a_weighted_release_its_vector_and_refuse_what_cannot_be():
+    from training.config import PrivacyConfig
+
+    base = dict(mode="dp", mechanism="gram")
+    r = gram.release_rules(PrivacyConfig(**base), 1.0, 25, 10)  # rho 2.5: weighted; the share rule gives 0 -> the least share
+    assert (r.power, r.power_rule, r.share) == (0.25, gram.WEIGHT_TEXT, gram.WEIGHT_SHARE) and "least a weighted release" in r.share_rule
+    assert r.block()["weight_power"] == 0.25 and r.block()["popularity_share"] == gram.WEIGHT_SHARE
+    assert r.sigma_gram == pytest.approx(1 / math.sqrt(1 - gram.WEIGHT_SHARE)) and r.lam == pytest.approx(gram.release_lambda(r.sigma_gram, 25, 10))
+    r = gram.release_rules(PrivacyConfig(**base), 2.0, 25, 10)  # rho 5: the share rule's own 0.2 is above the least
+    assert (r.power, r.share) == (0.25, pytest.approx(0.2))
+    r = gram.release_rules(PrivacyConfig(**base), 0.5, 25, 10)  # rho 1.25: unweighted, no vector
+    assert (r.power, r.share) == (0.0, 0.0)
+    r = gram.release_rules(PrivacyConfig(**base, gram_popularity_share=0), 1.0, 25, 10)  # no vector: nothing to weigh by
+    assert (r.power, r.share) == (0.0, 0.0)
+    r = gram.release_rules(PrivacyConfig(**base, gram_weight_power=0.5, gram_popularity_share=0.1), 0.5, 25, 10)  # set: taken as set
+    assert (r.power, r.power_rule, r.share) == (0.5, "privacy.gram_weight_power", 0.1)
+    with pytest.raises(ConfigError, match=r"privacy\.gram_weight_power"):
+        gram.release_rules(PrivacyConfig(**base, gram_weight_power=0.5, gram_popularity_share=0), 0.5, 25, 10)
+    with pytest.raises(ConfigError, match=r"privacy\.gram_weight_power"):  # federated: the clients cannot weigh
+        gram.release_rules(PrivacyConfig(**base, gram_weight_power=0.5), 0.5, 25, 10, weighted=False)
+    r = gram.release_rules(PrivacyConfig(**base), 1.0, 25, 10, weighted=False)  # the rule there: unweighted, and no share floor
+    assert (r.power, r.share) == (0.0, 0.0) and "no item weights" in r.power_rule
+
+
+def test_a_weighted_release_draws_the_vector_first_and_reads_its_weights_off_it():
+    """By hand: ṽ = v + σ_v·z (the first draw), w = item_weights(ṽ, β), the Gram of the weighted unit rows
+    released at σ_G (the next draws), EASE with the prior of combine(row sums, w ∘ ṽ), and the served
+    user vector (w ∘ x) P."""
+    n_items, sigma, lam, mu, share, beta = 12, 1.2, 3.0, 0.8, 0.3, 0.5
+    csr = random_history(40, n_items, 0.3, seed=9)
+    model = gram.release(csr, n_items, sigma, lam, None, np.random.default_rng(5), mu, share, beta)
+    sg, sv = gram.split_sigma(sigma, share)
+    rng = np.random.default_rng(5)
+    vector = gram.popularity_statistic(csr, n_items) + sv * rng.standard_normal(n_items)
+    w = np.clip(vector / vector.max(), 0.01, 1.0) ** beta
+    x = blend.binary_rows(csr, np.arange(40), n_items)
+    xw = x * w
+    xw = xw / np.where((n := np.linalg.norm(xw, axis=1, keepdims=True)) > 0, n, 1)
+    g = xw.T @ xw
+    np.testing.assert_allclose(gram.gram_statistic(csr, n_items, w), g, atol=1e-12)
+    released = gram.add_noise(g.copy(), sg, rng)
+    pop = gram.combine_popularity(released.sum(1), w * vector, sg, sv)
+    p, q, _ = gram.ease_from_release(released + mu * gram.popularity_prior(pop), lam, None, noisy=True)
+    np.testing.assert_allclose(model.scores(x), (x * w) @ p @ q.T, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(model.cold_scores, pop, atol=1e-12)
+    assert "popularity-weighted" in model.statistic
+    with pytest.raises(ValueError, match="gram_weight_power"):
+        gram.release(csr, n_items, sigma, lam, None, np.random.default_rng(5), mu, 0.0, beta)
+
+
+def test_with_weights_fixed_one_user_still_moves_the_gram_by_exactly_one():
+    """The weights are a function of the earlier release only; given them, each member's row (w ∘ x)/‖w ∘ x‖ has
+    unit norm, so removing a user moves φ(G_w) by exactly 1 (0 for an empty history): the Gram release is the
+    Gaussian mechanism at sensitivity 1 as before, and the two releases compose adaptively (Gaussian DP) to
+    the single release at σ."""
+    n_items = 15
+    csr = random_history(40, n_items, 0.3, seed=4)
+    w = gram.item_weights(np.random.default_rng(0).uniform(-1, 10, n_items), 0.25)
+    g = gram.gram_statistic(csr, n_items, w)
+    lengths = np.diff(csr[0])
+    for u in range(40):
+        moved = np.linalg.norm(phi(g - gram.gram_statistic(without_user(csr, u), n_items, w)))
+        assert moved == pytest.approx(1.0 if lengths[u] else 0.0, abs=1e-12)
+
+
 def test_no_noise_is_ease_on_the_released_gram_and_plain_ease_at_equal_lengths():
     n_items, lam = 12, 0.7
     csr = random_history(50, n_items, 0.3, seed=2)
@@ -349,13 +429,15 @@ def test_a_small_epsilon_releases_the_popularity_vector_and_the_config_can_turn_
     assert priv["sigma"] == pytest.approx(sigma) and priv["epsilon"] == pytest.approx(0.2, rel=1e-6)  # the guarantee is the single release's
     assert (priv["sigma_gram"], priv["sigma_popularity"]) == (pytest.approx(sg), pytest.approx(sv))
     assert priv["lambda"] == pytest.approx(gram.release_lambda(sg, n_items, n)) and model.prior == pytest.approx(gram.prior_weight(sg, n_items, n))
-    want = gram.release(data.seen, n_items, sigma, priv["lambda"], None, np.random.default_rng(cfg.trainer.seed), model.prior, share)
+    assert priv["weight_power"] == 0.25 and priv["weight_rule"] == gram.WEIGHT_TEXT  # rho >= 2: popularity-weighted histories
+    want = gram.release(data.seen, n_items, sigma, priv["lambda"], None, np.random.default_rng(cfg.trainer.seed), model.prior, share, 0.25)
     np.testing.assert_array_equal(model.cold_scores, want.cold_scores)
     assert priv["fallback"] == model.fallback and "popularity vector" in model.fallback
     cfg = load_config(REPO / "configs" / "ease_dp.yaml", tiny_overrides(tmp_path) + SMALL + ["privacy.target_epsilon=0.2", "privacy.gram_popularity_share=0"])
     model, fit = gram.fit_gram(cfg, prepare(cfg), Tracker(False, "", ""))
     assert fit.privacy["sigma_popularity"] is None and fit.privacy["sigma_gram"] == pytest.approx(sigma)
     assert fit.privacy["popularity_rule"] == "privacy.gram_popularity_share" and model.fallback == "row sums of the released Gram"
+    assert fit.privacy["weight_power"] == 0 and "gram_popularity_share is 0" in fit.privacy["weight_rule"]  # no vector: no weights
 
 
 def test_config_refusals_name_the_key(tmp_path):
@@ -401,10 +483,8 @@ def refit(cfg):
     n = int((np.diff(data.seen[0]) > 0).sum())
     n_items = data.dataset.n_items
     sigma = gram.gaussian_sigma(p.target_epsilon, 1.0 / n)
-    share = p.gram_popularity_share if p.gram_popularity_share is not None else gram.popularity_share(sigma, n_items, n)
-    sg = gram.split_sigma(sigma, share)[0]
-    lam, mu = gram.release_lambda(sg, n_items, n, p.gram_lambda_rule, p.gram_lambda_factor, p.gram_lambda_floor), gram.prior_weight(sg, n_items, n)
-    return data, n, sigma, gram.release(data.seen, n_items, sigma, lam, None, np.random.default_rng(cfg.trainer.seed), mu, share)
+    r = gram.release_rules(p, sigma, n_items, n)
+    return data, n, sigma, gram.release(data.seen, n_items, sigma, r.lam, None, np.random.default_rng(cfg.trainer.seed), r.mu, r.share, r.power)
 
 
 def test_gram_run_records_its_guarantee_in_manifest_mlflow_and_ledger(gram_run):

@@ -141,6 +141,9 @@ def test_config_refusals_name_the_key(tmp_path):
             check(config(tmp_path, *extra, *(["federated.dp=true"] if extra else []), "privacy.gram_popularity_share=0.2"))
     check(config(tmp_path, "federated.dp=true", "privacy.gram_popularity_share=0.2"))  # one-user clients under DP: the server builds it
     check(config(tmp_path, "federated.dp=true", "federated.partition=silos", "privacy.gram_popularity_share=0"))  # 0 (and null): the Gram alone
+    with pytest.raises(ConfigError, match=r"privacy\.gram_weight_power"):  # the clients would need the weights before they send
+        check(config(tmp_path, "federated.dp=true", "privacy.gram_weight_power=0.25"))
+    check(config(tmp_path, "federated.dp=true", "privacy.gram_weight_power=0"))
     with pytest.raises(ValueError, match="strategy"):
         config(tmp_path, "federated.strategy=gramm")
 

@@ -77,6 +77,9 @@ def check(cfg: TrainConfig) -> None:
     if cfg.privacy.gram_popularity_share and not (fed.dp and fed.partition == "user"):
         raise ConfigError("privacy.gram_popularity_share: with federated.strategy=gram only under federated.dp=true and federated.partition=user "
                           "(the server builds the popularity vector from one-user clients' item sets; silos send Gram parts only)")  # fmt: skip
+    if cfg.privacy.gram_weight_power:
+        raise ConfigError("privacy.gram_weight_power: not with federated.strategy=gram (each client would need the released weights before "
+                          "sending its Gram part: a second round); set it to 0 or null")  # fmt: skip
 
 
 # --------------------------------------------------------------------------- the client's part
@@ -318,7 +321,7 @@ def fit_federated_gram(cfg: TrainConfig, data, ctx, tracker) -> tuple[GramEase, 
     if fed.dp:
         sigma = fed.noise_multiplier if fed.target_epsilon is None else gaussian_sigma(fed.target_epsilon, delta)
     # under DP, DP-EASE's rules (with one-user clients part of the budget may go to the popularity vector)
-    rules = release_rules(p, sigma, n_items, n, vector=book.vector is not None) if fed.dp else None
+    rules = release_rules(p, sigma, n_items, n, vector=book.vector is not None, weighted=False) if fed.dp else None
     share = rules.share if rules else 0.0
     sigma_gram, sigma_vector = (rules.sigma_gram, rules.sigma_vector) if rules else (0.0, 0.0)
     val_scores: dict[float, float] = {}
