@@ -470,6 +470,7 @@ def gram_run(tmp_path_factory):
     cfg = load_config(REPO / "configs" / "ease_dp.yaml", tiny_overrides(root) + SMALL + [
         "privacy.target_epsilon=2", "privacy.audit_holdout=0.25", "tracking.register_model=true", "tracking.alias=champion",
         "privacy.gram_popularity_share=0.2",  # the rule gives 0 at this rho; the bundle carries the two-statistic release end to end
+        "privacy.gram_weight_power=0.25",  # and the weighted histories (w folded into the served user factors)
     ])  # fmt: skip
     return cfg, train(cfg)
 
@@ -502,6 +503,7 @@ def test_gram_run_records_its_guarantee_in_manifest_mlflow_and_ledger(gram_run):
     assert privacy["sigma"] == pytest.approx(sigma) and privacy["lambda"] == pytest.approx(2.7 * (sg * 60 / 90) * sg * math.sqrt(2 * 60))  # noise_snr, factor 2.7
     assert privacy["sigma_gram"] == pytest.approx(sg) and privacy["sigma_popularity"] == pytest.approx(sigma / math.sqrt(0.2))
     assert privacy["popularity_share"] == 0.2 and "popularity vector" in privacy["fallback"] and "popularity vector" in manifest["ease"]["fallback"]
+    assert privacy["weight_power"] == 0.25 and privacy["weight_rule"] == "privacy.gram_weight_power"
     assert "unit L2 norm" in privacy["clipping"]
     assert privacy["ledger"]["cumulative_epsilon"] == pytest.approx(2.0) and privacy["ledger"]["releases"] == 1
     assert manifest["model"]["kind"] == "ease_dp" and manifest["features"]["user"] == ["history"]
