@@ -10,7 +10,7 @@ only (harness.offline: no MLflow, store or ledger; the bundle in a scratch folde
 `trustrec audit privacy`'s `audit_bundle` on the exported bundle. Models (`--models`):
 `ease_dp` (DP-EASE, privacy.mechanism gram: configs/ease_dp_ml100k.yaml on ML-100k, else
 configs/ease_dp.yaml; the seed is the noise seed) and `two_tower_dp` (DP-SGD: two_tower_ml100k_dp.yaml,
-else two_tower_dp.yaml), each at every finite ε of --epsilons (privacy.target_epsilon). ε = inf
+two_tower_ml1m_dp.yaml on ML-1M implicit, else two_tower_dp.yaml), each at every finite ε of --epsilons (privacy.target_epsilon). ε = inf
 runs the non-private references (`--references`, default every trustrec model benchmarks/quality.py
 trains on the dataset: the ML-100k tuned recipes, else the generic ones) on the same split;
 `ratio_to_non_private` is a row's NDCG@10 over the best reference's. Every run holds out the same
@@ -47,7 +47,8 @@ import harness  # noqa: E402  (puts the repository on sys.path too)
 from training.config import ConfigError, load_config  # noqa: E402
 
 # model -> config file under configs/ (ml100k: its tuned recipe; any other dataset: the generic one)
-MODELS = {"ease_dp": ("ease_dp_ml100k.yaml", "ease_dp.yaml"), "two_tower_dp": ("two_tower_ml100k_dp.yaml", "two_tower_dp.yaml")}
+MODELS = {"ease_dp": {"ml100k": "ease_dp_ml100k.yaml", "*": "ease_dp.yaml"},
+          "two_tower_dp": {"ml100k": "two_tower_ml100k_dp.yaml", "ml1m-implicit": "two_tower_ml1m_dp.yaml", "*": "two_tower_dp.yaml"}}
 RATIO_GOALS = {8.0: 0.90, 1.0: 0.70}  # share of the best non-private trustrec model's NDCG@10
 AUC_GOAL, AUC_GOAL_EPS = 0.55, 8.0
 K = 10
@@ -140,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     common = [*source.overrides, f"split.protocol={source.protocol}", f"privacy.audit_holdout={args.audit_holdout}", *args.set]
     # the references first, then the private models at each finite epsilon in the order given
     plan = [(m, math.inf, f) for m, f in references.items()] if math.inf in epsilons else []
-    plan += [(m, eps, MODELS[m][0 if source.kind == "ml100k" else 1]) for eps in epsilons if not math.isinf(eps) for m in models]
+    plan += [(m, eps, MODELS[m].get(source.kind, MODELS[m]["*"])) for eps in epsilons if not math.isinf(eps) for m in models]
     rows, merged = [], []
     for earlier in map(lambda f: json.loads(Path(f).read_text()), args.merge):
         merged.append({"command": earlier.get("command"), "date": earlier.get("date"), "load_average_1m": earlier.get("machine", {}).get("load_average_1m")})
