@@ -105,6 +105,17 @@ def popularity_metrics(data: Prepared, k: int) -> dict[str, float]:
     return evaluation.evaluate_scores(lambda b: np.broadcast_to(counts, (len(b), len(counts))), users, data.seen[:2], data.test[:2], data.dataset.n_items, k=k)
 
 
+def below_popularity(metrics: dict[str, float], k: int, dp_sgd: bool = False) -> str | None:
+    """The warning of a run whose test NDCG@k is below the popularity list's on the same split: a model
+    that ranks worse than recommending the most popular items (its training loss does not show it)."""
+    ndcg, pop = metrics.get(f"test/ndcg_at_{k}"), metrics.get(f"baseline/popularity/ndcg_at_{k}")
+    if ndcg is None or pop is None or not ndcg < pop:
+        return None
+    hint = (" With DP-SGD, a sample rate (trainer.batch_size / users) far below 0.2 can drift every item vector to one direction "
+            "(configs/two_tower_ml1m_dp.yaml measured it)." if dp_sgd else "")  # fmt: skip
+    return f"test NDCG@{k} {ndcg:.4f} is below the popularity list's {pop:.4f}: this model ranks worse than the most popular items.{hint}"
+
+
 def beyond_metrics(topk: np.ndarray, users: np.ndarray, item_vec: np.ndarray, data: Prepared, k: int) -> dict[str, float]:
     """Beyond-accuracy and fairness figures of the test lists (`beyond/*`)."""
     ds = data.dataset
@@ -284,6 +295,9 @@ def finish(cfg: TrainConfig, model: TwoTower, task: RetrievalTask, data: Prepare
     metrics.update({"train/best_epoch": float(fit.best_epoch), "train/epochs_run": float(fit.epochs_run), "train/seconds": fit.seconds})
     metrics.update({f"blend/{name}": float(v) for name, v in (fit.blend or {}).items()})
     log.info("test %s", " ".join(f"{name}={v:.4f}" for name, v in metrics.items() if not name.startswith("beyond/")))
+    if warning := below_popularity(metrics, k, dp_sgd=cfg.privacy.mode == "dp" and gram is None):
+        log.warning(warning)
+        tracker.set_tags({"quality.warning": warning})  # where people compare runs in the MLflow UI
     if fit.privacy and "epsilon" in fit.privacy and not cfg.tracking.run_name:
         if gram is not None:
             from training.privacy.gram import gram_run_name

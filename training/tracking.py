@@ -335,6 +335,10 @@ class Tracker:
         if self.enabled:
             self.mlflow.log_params({k: ("" if v is None else v) for k, v in params.items()})
 
+    def set_tags(self, tags: dict[str, str]) -> None:
+        if self.enabled:
+            self.mlflow.set_tags(tags)
+
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         if self.enabled:
             self.mlflow.log_metrics({metric_name(k): float(v) for k, v in metrics.items()}, step=step)

@@ -168,6 +168,41 @@ def test_model_beats_popularity(trained_run):
     assert m["test/coverage"] > 3 * m["baseline/popularity/coverage"]  # personalised lists spread over the catalog
 
 
+def test_a_run_above_popularity_carries_no_quality_warning(run):
+    assert "quality.warning" not in run.data.tags
+
+
+def test_below_popularity_by_hand():
+    from training.pipeline import below_popularity
+
+    assert below_popularity({"test/ndcg_at_10": 0.20, "baseline/popularity/ndcg_at_10": 0.19}, 10) is None
+    assert below_popularity({"test/ndcg_at_10": 0.19, "baseline/popularity/ndcg_at_10": 0.19}, 10) is None  # a tie is not below
+    assert below_popularity({"test/ndcg_at_10": 0.20}, 10) is None  # no baseline: nothing to say
+    msg = below_popularity({"test/ndcg_at_10": 0.0002, "baseline/popularity/ndcg_at_10": 0.181}, 10)
+    assert msg.startswith("test NDCG@10 0.0002 is below the popularity list's 0.1810") and "DP-SGD" not in msg
+    assert "sample rate" in below_popularity({"test/ndcg_at_5": 0.1, "baseline/popularity/ndcg_at_5": 0.2}, 5, dp_sgd=True)
+
+
+def test_a_run_below_popularity_says_so_in_the_log_and_in_mlflow(tmp_path, caplog):
+    """One epoch at a negligible learning rate leaves the towers at their random start: a real run whose
+    lists are worse than the popularity list. The loss would not tell; the run's log and MLflow tags do."""
+    import logging
+
+    from training.config import load_config
+    from tests.conftest import REPO, tiny_overrides
+
+    cfg = load_config(REPO / "configs" / "two_tower.yaml", tiny_overrides(tmp_path) + [
+        "trainer.epochs=1", "trainer.lr=1e-9", "trainer.refit=false", "tracking.register_model=false"])  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="training.pipeline"):
+        result = train(cfg)
+    m = result.metrics
+    assert m["test/ndcg@10"] < m["baseline/popularity/ndcg@10"], m  # the premise
+    warned = [r.getMessage() for r in caplog.records if "below the popularity list" in r.getMessage()]
+    assert len(warned) == 1 and f"{m['test/ndcg@10']:.4f}" in warned[0]
+    tags = MlflowClient(tracking_uri=cfg.tracking.tracking_uri).get_run(result.run_id).data.tags
+    assert tags["quality.warning"] == warned[0]
+
+
 def test_manifest_popularity_is_the_seen_counts_order(trained_run, prepared):
     popularity = trained_run.result.manifest["popularity"]
     assert len(popularity) == trained_run.cfg.export.popularity_top_n == 100
