@@ -547,7 +547,7 @@ def release_rules(p: Any, sigma: float, n_items: int, members: int, vector: bool
     `vector` False: the path cannot release the popularity vector (federated silos), share 0.
     `weighted` False: the path cannot weight the histories (federated: the clients would need the
     weights before they send), β 0. A set β > 0 where it cannot apply, or with a set share of 0, is a ConfigError."""
-    explicit = getattr(p, "gram_weight_power", None)
+    explicit = p.gram_weight_power
     if not (vector and weighted):
         if explicit:
             raise ConfigError("privacy.gram_weight_power: item weights are not available on this path (federated); set it to 0 or null")
