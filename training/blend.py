@@ -25,6 +25,11 @@ z_uᵀ over all n_items rows. The user half is an ONNX graph (one more history b
 and serving needs no change but the wider vectors. (a, λ) are chosen on validation with the models
 fitted on train (`choose`); B̃ is then refitted on train + val (`fit`).
 
+Where the items have genres, `blend.genre_weights` may add them to EASE (collective EASE, Jeunen et
+al. 2020): each genre is a pseudo-user of weight α who rated the genre's items, so the head's Gram
+becomes XᵀX + α² F Fᵀ (F: item x genre, 0/1) and α is chosen on validation with (a, λ); B keeps its
+shape, so nothing changes when served. Synthetic: α 3 on seeds 0-2, blend 0.3738 vs 0.3712.
+
 Memory at every step: one H x H float64 array (plus a float32 copy of the Gram while choosing λ),
 the sparse X, and score blocks of ~`SCORE_BLOCK` floats; never n_items².
 
@@ -35,7 +40,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import scipy.linalg
@@ -193,6 +198,7 @@ class EaseBlend:
     item_factors: np.ndarray  # Q (H x k): E_u(i) ≈ z_u · Q[i] on the head, 0 on the tail
     tower_cov: np.ndarray  # Cov over items of the two-tower item vectors (d x d)
     ease_cov: np.ndarray  # Cov over all n_items of Q's rows, tail rows 0 (k x k)
+    genre_weight: float = 0.0  # α: each genre a pseudo-user of weight α in EASE's Gram (0: plain EASE)
 
     def item_vectors(self, tower_items: np.ndarray) -> np.ndarray:
         out = np.zeros((self.n_items, tower_items.shape[1] + self.rank), np.float32)
@@ -221,7 +227,29 @@ class EaseBlend:
 
     def describe(self) -> dict[str, Any]:
         """What the manifest and MLflow record (no matrices)."""
-        return {"kind": "ease", "weight": self.weight, "lambda": self.lam, "rank": self.rank, "head_items": int(len(self.head))}
+        return {"kind": "ease", "weight": self.weight, "lambda": self.lam, "genre_weight": self.genre_weight, "rank": self.rank, "head_items": int(len(self.head))}
+
+
+def genre_matrix(genres: Sequence[Sequence[int]], n_genres: int) -> sp.csr_matrix | None:
+    """The binary item x genre matrix F (row i: item i's genre ids, `Dataset.items.genres`); None
+    where no item has a genre."""
+    rows = np.repeat(np.arange(len(genres)), [len(g) for g in genres])
+    cols = np.fromiter((c for g in genres for c in g), np.int64, count=len(rows))
+    f = sp.csr_matrix((np.ones(len(rows)), (rows, cols)), shape=(len(genres), n_genres))
+    f.sum_duplicates()
+    f.data[:] = 1.0
+    return f if f.nnz else None
+
+
+def add_genres(g: np.ndarray, f_head: sp.spmatrix | None, alpha: float, block: int = 1024) -> np.ndarray:
+    """g += α² F Fᵀ in place (F: the head's item x genre rows): collective EASE (Jeunen et al. 2020),
+    each genre a pseudo-user who rated its items with weight α; row blocks, never a second H x H array."""
+    if f_head is None or alpha == 0:
+        return g
+    ft = sp.csr_matrix(f_head.T)
+    for lo in range(0, len(g), block):
+        g[lo : lo + block] += alpha**2 * np.asarray((f_head[lo : lo + block] @ ft).todense())
+    return g
 
 
 def head_factors(g: np.ndarray, lam: float, rank: int | None, x_head: sp.spmatrix, n_items: int) -> tuple[np.ndarray, np.ndarray, int]:
@@ -239,31 +267,38 @@ def block_rows(n_items: int) -> int:
     return int(min(1024, max(1, SCORE_BLOCK // max(n_items, 1))))
 
 
-def fit(weight: float, lam: float, rank: int | None, interactions: CSR, tower_items: np.ndarray, head_size: int) -> EaseBlend:
-    """The blend for the chosen (a, λ), EASE fitted on `interactions` (train + val for the final model)
-    over its `head_size` most popular items."""
+def fit(weight: float, lam: float, rank: int | None, interactions: CSR, tower_items: np.ndarray, head_size: int,
+        genres: sp.spmatrix | None = None, genre_weight: float = 0.0) -> EaseBlend:
+    """The blend for the chosen (a, λ, α), EASE fitted on `interactions` (train + val for the final model)
+    over its `head_size` most popular items; `genres` (item x genre, `genre_matrix`) weighted α."""
     n_items = len(tower_items)
     head = head_items(interactions, n_items, head_size)
     x = binary_matrix(interactions, np.arange(len(interactions[0]) - 1), n_items, head)
-    p, q, k = head_factors(gram(interactions, n_items, head), lam, rank, x, n_items)
+    g = add_genres(gram(interactions, n_items, head), genres[head] if genres is not None else None, genre_weight)
+    p, q, k = head_factors(g, lam, rank, x, n_items)
     tower_cov = np.cov(np.asarray(tower_items, np.float64), rowvar=False, bias=True)
-    return EaseBlend(weight, lam, k, n_items, head, p.astype(np.float32), q.astype(np.float32), np.atleast_2d(tower_cov), _padded_cov(q.astype(np.float32).astype(np.float64), n_items))
+    return EaseBlend(weight, lam, k, n_items, head, p.astype(np.float32), q.astype(np.float32), np.atleast_2d(tower_cov),
+                     _padded_cov(q.astype(np.float32).astype(np.float64), n_items), genre_weight if genres is not None else 0.0)  # fmt: skip
 
 
 def choose(lambdas: list[float], weights: list[float], k: int, user_vec: np.ndarray, item_vec: np.ndarray, train: CSR, val: CSR,
-           users: np.ndarray, head_size: int, rank: int | None, batch_size: int | None = None) -> tuple[float, float, float]:
-    """(a, λ, its NDCG@k) with the best validation NDCG@k: both models fitted on train, train items
-    excluded, EASE in the very form that is served (head, rank). `user_vec` holds the two-tower
-    vectors of `users` (those with validation items)."""
+           users: np.ndarray, head_size: int, rank: int | None, batch_size: int | None = None,
+           genres: sp.spmatrix | None = None, genre_weights: list[float] = (0.0,)) -> tuple[float, float, float, float]:
+    """(a, λ, α, the NDCG@k) with the best validation NDCG@k: both models fitted on train, train items
+    excluded, EASE in the very form that is served (head, rank; `genres` weighted α from `genre_weights`,
+    only 0 without genres). `user_vec` holds the two-tower vectors of `users` (those with validation items).
+    Ties keep the earlier grid point (the smaller α, the earlier λ, the earlier a)."""
     n_items = len(item_vec)
     batch_size = batch_size or block_rows(n_items)
     head = head_items(train, n_items, head_size)
     x = binary_matrix(train, np.arange(len(train[0]) - 1), n_items, head)
     g32 = gram(train, n_items, head, np.float32)  # co-occurrence counts: exact in float32 below 2^24 users
     hist = binary_matrix(train, users, n_items, head)
-    best = (-1.0, weights[0], lambdas[0])
-    for lam in lambdas:
-        p, q, _ = head_factors(g32.astype(np.float64), lam, rank, x, n_items)
+    f_head = genres[head] if genres is not None else None
+    alphas = list(dict.fromkeys(genre_weights)) if f_head is not None else [0.0]
+    best = (-1.0, weights[0], lambdas[0], alphas[0])
+    for alpha, lam in ((alpha, lam) for alpha in alphas for lam in lambdas):
+        p, q, _ = head_factors(add_genres(g32.astype(np.float64), f_head, alpha), lam, rank, x, n_items)
         tops: dict[float, list[np.ndarray]] = {a: [] for a in weights}
         for start in range(0, len(users), batch_size):  # users x items score blocks, not all at once
             batch = users[start : start + batch_size]
@@ -275,6 +310,6 @@ def choose(lambdas: list[float], weights: list[float], k: int, user_vec: np.ndar
         for a in weights:
             ndcg = evaluation.ranking_metrics(np.concatenate(tops[a]), val[:2], users, k, n_items)[f"ndcg@{k}"]
             if ndcg > best[0]:
-                best = (ndcg, a, lam)
-    log.info("blend.ease: validation NDCG@%d %.4f at a=%g, lambda=%g", k, *best)
-    return best[1], best[2], best[0]
+                best = (ndcg, a, lam, alpha)
+    log.info("blend.ease: validation NDCG@%d %.4f at a=%g, lambda=%g, genre weight=%g", k, *best)
+    return best[1], best[2], best[3], best[0]

@@ -325,6 +325,10 @@ class BlendConfig(_Section):
     # A memory budget: EASE inverts one dense head x head float64 matrix in place (10k: 0.8 GB, ~1 min
     # a lambda on 2 busy cores; time grows as head³)
     head_items: int = Field(10_000, gt=0)
+    # α grid: each genre enters EASE's Gram as a pseudo-user of weight α who rated the genre's items
+    # (collective EASE; training/blend.py), chosen on validation with (weight, lambda); 0 is plain EASE,
+    # and data without genres only ever gets 0. [0]: off (each extra α adds one inversion per lambda)
+    genre_weights: list[float] = Field(default_factory=lambda: [0.0])
 
     @model_validator(mode="after")
     def _grids(self) -> "BlendConfig":
@@ -332,6 +336,8 @@ class BlendConfig(_Section):
             raise ValueError("blend.weights: a non-empty list of two-tower weights in [0, 1]")
         if not self.lambdas or any(lam <= 0 for lam in self.lambdas):
             raise ValueError("blend.lambdas: a non-empty list of positive regularisation strengths")
+        if not self.genre_weights or any(not (a >= 0 and math.isfinite(a)) for a in self.genre_weights):
+            raise ValueError("blend.genre_weights: a non-empty list of finite genre weights >= 0 (0: plain EASE)")
         return self
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 
 from features.datasets import apply_erasures, data_provenance, load_dataset
@@ -178,8 +179,17 @@ def choose_blend(cfg: TrainConfig, model: TwoTower, task: RetrievalTask, data: P
     users = np.flatnonzero(np.diff(data.val[0]) > 0)
     user_vec = task.user_embeddings(model, ctx, users, data.train, device).float().cpu().numpy()
     item_vec = task.item_embeddings(model, ctx, device).float().cpu().numpy()
-    a, lam, ndcg = blend.choose(cfg.blend.lambdas, cfg.blend.weights, task.k, user_vec, item_vec, data.train, data.val, users, cfg.blend.head_items, cfg.blend.rank)
-    return {"weight": a, "lambda": lam, f"val_ndcg@{task.k}": ndcg}
+    a, lam, alpha, ndcg = blend.choose(cfg.blend.lambdas, cfg.blend.weights, task.k, user_vec, item_vec, data.train, data.val, users, cfg.blend.head_items,
+                                       cfg.blend.rank, genres=blend_genres(cfg, data), genre_weights=cfg.blend.genre_weights)  # fmt: skip
+    return {"weight": a, "lambda": lam, "genre_weight": alpha, f"val_ndcg@{task.k}": ndcg}
+
+
+def blend_genres(cfg: TrainConfig, data: Prepared) -> sp.csr_matrix | None:
+    """The item x genre matrix for the blend's collective EASE, None where blend.genre_weights is [0]
+    or the data has no genres."""
+    if not any(cfg.blend.genre_weights):
+        return None
+    return blend.genre_matrix(data.dataset.items.genres, len(data.dataset.genre_names))
 
 
 def blended_topk(fitted: blend.EaseBlend, task: RetrievalTask, model: TwoTower, ctx: Context, data: Prepared, item_vec: np.ndarray,
@@ -281,7 +291,8 @@ def finish(cfg: TrainConfig, model: TwoTower, task: RetrievalTask, data: Prepare
         topk = gram.topk(data.seen, users, k)
     elif fit.blend is not None:  # EASE refitted on train + val with the chosen (weight, lambda): training time too
         start = time.perf_counter()
-        fitted = blend.fit(fit.blend["weight"], fit.blend["lambda"], cfg.blend.rank, data.seen, item_vec, cfg.blend.head_items)
+        fitted = blend.fit(fit.blend["weight"], fit.blend["lambda"], cfg.blend.rank, data.seen, item_vec, cfg.blend.head_items,
+                           blend_genres(cfg, data), fit.blend.get("genre_weight", 0.0))  # fmt: skip
         spent = time.perf_counter() - start
         fit.blend["seconds"] = fit.blend.get("seconds", 0.0) + spent  # blend/seconds: choosing + refitting
         fit.seconds += spent  # train/seconds and RunResult.fit.seconds count the blend

@@ -119,6 +119,63 @@ def test_head_and_tail_against_an_explicit_dense_computation():
     np.testing.assert_allclose(low.user_vectors(tower_users, x) @ low.item_vectors(tower_items).T, blend.blend_scores(t, x @ dense_low, a), atol=1e-4)
 
 
+def test_genre_matrix_and_collective_gram_by_hand():
+    f = blend.genre_matrix([(0, 2), (), (1,), (2, 2)], 3)  # item 3 lists genre 2 twice: it counts once
+    np.testing.assert_array_equal(f.toarray(), [[1, 0, 1], [0, 0, 0], [0, 1, 0], [0, 0, 1]])
+    assert blend.genre_matrix([(), ()], 4) is None  # no item has a genre
+    g = np.arange(16.0).reshape(4, 4)
+    # α² F Fᵀ: items 0 and 3 share genre 2, item 0 has two genres; added in row blocks of 3
+    expected = g + 4.0 * np.array([[2, 0, 0, 1], [0, 0, 0, 0], [0, 0, 1, 0], [1, 0, 0, 1]])
+    np.testing.assert_array_equal(blend.add_genres(g.copy(), f, 2.0, block=3), expected)
+    np.testing.assert_array_equal(blend.add_genres(g.copy(), f, 0.0), g)  # α 0: plain EASE
+    np.testing.assert_array_equal(blend.add_genres(g.copy(), None, 2.0), g)
+
+
+def test_a_genre_weighted_blend_is_ease_of_the_collective_gram_on_the_head():
+    """Collective EASE (each genre a pseudo-user of weight α) on the 5-item head of 9, exact: the
+    served dot product equals the formula with B = EASE(X_headᵀX_head + α² F_head F_headᵀ)."""
+    rng = np.random.default_rng(7)
+    n_items, n_users, head_size, a, lam, alpha = 9, 30, 5, 0.4, 3.0, 1.5
+    train = _random_csr(rng, n_users, n_items, mean=3)
+    genres = [tuple(rng.choice(4, rng.integers(0, 3), replace=False)) for _ in range(n_items)]
+    f = blend.genre_matrix(genres, 4)
+    tower_items, tower_users = rng.normal(size=(n_items, 3)), rng.normal(size=(n_users, 3))
+    x = blend.binary_rows(train, np.arange(n_users), n_items)
+    head = np.sort(np.argsort(-x.sum(0), kind="stable")[:head_size])
+    fh = f.toarray()[head]
+    dense = np.zeros((n_items, n_items))
+    dense[np.ix_(head, head)] = blend.ease_matrix(x[:, head].T @ x[:, head] + alpha**2 * fh @ fh.T, lam)
+    fitted = blend.fit(a, lam, None, train, tower_items, head_size, f, alpha)
+    got = fitted.user_vectors(tower_users, x) @ fitted.item_vectors(tower_items).T
+    np.testing.assert_allclose(got, blend.blend_scores(tower_users @ tower_items.T, x @ dense, a), atol=1e-5)
+    assert fitted.describe()["genre_weight"] == alpha
+    assert blend.fit(a, lam, None, train, tower_items, head_size, None, alpha).genre_weight == 0.0  # no genres: plain EASE
+
+
+def test_choose_picks_the_genre_weight_on_validation_and_only_0_without_genres():
+    """Validation items follow the genre of each user's history, which co-occurrence alone barely
+    shows (one train item each): the genre-weighted EASE must win; without genres the grid is [0]."""
+    rng = np.random.default_rng(8)
+    n_items, n_users = 40, 120
+    genre_of = np.arange(n_items) % 4
+    genres = [(int(g),) for g in genre_of]
+    train_rows, val_rows = [], []
+    for u in range(n_users):
+        g = u % 4
+        items = rng.permutation(np.flatnonzero(genre_of == g))
+        train_rows.append(np.sort(items[:1]))
+        val_rows.append(np.sort(items[1:4]))
+    csr = lambda rows: (np.concatenate([[0], np.cumsum([len(r) for r in rows])]), np.concatenate(rows))  # noqa: E731
+    train, val = csr(train_rows), csr(val_rows)
+    users = np.arange(n_users)
+    user_vec, item_vec = rng.normal(size=(n_users, 2)), rng.normal(size=(n_items, 2))  # an uninformative tower
+    f = blend.genre_matrix(genres, 4)
+    a, lam, alpha, ndcg = blend.choose([10.0], [0.0], 5, user_vec, item_vec, train, val, users, 100, None, genres=f, genre_weights=[0.0, 3.0])
+    plain = blend.choose([10.0], [0.0], 5, user_vec, item_vec, train, val, users, 100, None, genres=f, genre_weights=[0.0])
+    assert alpha == 3.0 and ndcg > plain[3] + 0.1
+    assert blend.choose([10.0], [0.0], 5, user_vec, item_vec, train, val, users, 100, None, genres=None, genre_weights=[0.0, 3.0])[2] == 0.0
+
+
 def test_factorize_reaches_the_best_rank_k_fit_of_the_users_scores():
     rng = np.random.default_rng(5)
     x = (rng.random((60, 20)) < 0.25).astype(float)
@@ -146,7 +203,7 @@ def test_fit_and_choose_keep_no_items_squared_array(monkeypatch):
     monkeypatch.setattr(blend, "SCORE_BLOCK", 1 << 17)  # ~26 users a block
     tracemalloc.start()
     try:
-        a, lam, _ = blend.choose([10.0, 50.0], [0.5, 1.0], 5, user_vec, item_vec, train, val, users, head_size=100, rank=8)
+        a, lam, _, _ = blend.choose([10.0, 50.0], [0.5, 1.0], 5, user_vec, item_vec, train, val, users, head_size=100, rank=8)
         fitted = blend.fit(a, lam, 8, train, item_vec, head_size=100)
         fitted.user_vectors(user_vec, blend.binary_matrix(train, users, n_items))
         peak = tracemalloc.get_traced_memory()[1]
@@ -193,7 +250,7 @@ def test_choose_picks_the_validation_best():
     val = (np.arange(0, 11, 1), rng.integers(0, n_items, 10))
     item_vec, users = rng.normal(size=(n_items, 3)), np.arange(10)
     user_vec = rng.normal(size=(10, 3))
-    a, lam, ndcg = blend.choose([1.0, 50.0], [0.0, 0.5, 1.0], 3, user_vec, item_vec, train, val, users, head_size=100, rank=None)
+    a, lam, _, ndcg = blend.choose([1.0, 50.0], [0.0, 0.5, 1.0], 3, user_vec, item_vec, train, val, users, head_size=100, rank=None)
     from training import evaluation
 
     def score(a_, lam_):
@@ -202,7 +259,7 @@ def test_choose_picks_the_validation_best():
         return evaluation.ranking_metrics(top, val, users, 3, n_items)["ndcg@3"]
 
     assert ndcg == pytest.approx(score(a, lam))
-    assert blend.choose([1.0, 50.0], [0.0, 0.5, 1.0], 3, user_vec, item_vec, train, val, users, 100, None, batch_size=3) == (a, lam, ndcg)  # blocks of users
+    assert blend.choose([1.0, 50.0], [0.0, 0.5, 1.0], 3, user_vec, item_vec, train, val, users, 100, None, batch_size=3) == (a, lam, 0.0, ndcg)  # blocks of users
     assert ndcg == pytest.approx(max(score(x, y) for x in (0.0, 0.5, 1.0) for y in (1.0, 50.0)))
 
 
@@ -213,6 +270,9 @@ def test_blend_is_refused_where_it_would_leak_or_cannot_run(tmp_path):
         load_config(REPO / "configs" / "two_tower.yaml", ["blend.weights=[1.5]"])
     with pytest.raises(ConfigError, match="blend.head_items"):
         load_config(REPO / "configs" / "two_tower.yaml", ["blend.head_items=0"])
+    for bad in ("[-1]", "[]", "[.inf]"):
+        with pytest.raises(ConfigError, match="blend.genre_weights"):
+            load_config(REPO / "configs" / "two_tower.yaml", [f"blend.genre_weights={bad}"])
     from training.distributed import check_config
 
     with pytest.raises(ConfigError, match="blend.ease"):
@@ -226,7 +286,7 @@ def blended(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("blend")
     cfg = load_config(REPO / "configs" / "two_tower.yaml", tiny_overrides(root) + [
-        "blend.ease=true", "blend.lambdas=[50,200]", "blend.weights=[0,0.5,0.8,1]", "trainer.epochs=8", "tracking.enabled=false", "store.load=true",
+        "blend.ease=true", "blend.lambdas=[50,200]", "blend.weights=[0,0.5,0.8,1]", "blend.genre_weights=[0,3]", "trainer.epochs=8", "tracking.enabled=false", "store.load=true",
         "data.synthetic.n_users=400", "data.synthetic.n_items=150", "blend.head_items=100", "blend.rank=16",
     ])  # fmt: skip  (a catalog above the head: 50 items get the two-tower's score only)
     return cfg, train(cfg)
@@ -240,7 +300,9 @@ def test_pipeline_exports_the_blend_and_offline_evaluation_reproduces_it(blended
     cfg, result = blended
     manifest = json.loads((result.artifact_dir / "manifest.json").read_text())
     n_items, head, rank = 150, 100, 16
-    assert manifest["blend"] == {"kind": "ease", "weight": result.metrics["blend/weight"], "lambda": result.metrics["blend/lambda"], "rank": rank, "head_items": head}
+    assert manifest["blend"] == {"kind": "ease", "weight": result.metrics["blend/weight"], "lambda": result.metrics["blend/lambda"],
+                                 "genre_weight": result.metrics["blend/genre_weight"], "rank": rank, "head_items": head}  # fmt: skip
+    assert result.metrics["blend/genre_weight"] in (0.0, 3.0)
     assert manifest["output"]["shape"] == ["batch", 64 + rank] and manifest["output"]["similarity_dims"] == 64
     items = np.load(result.artifact_dir / "item_embeddings.npy")
     assert items.shape == (n_items, 64 + rank) and (~items[:, 64:].any(1)).sum() == n_items - head  # the tail: no EASE half
