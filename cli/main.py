@@ -49,6 +49,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(_table({k: v for k, v in result.metrics.items() if not k.startswith("beyond/")}))
     if any(k.startswith("beyond/") for k in result.metrics):
         print("  (beyond-accuracy and fairness figures: beyond/* in MLflow; `trustrec report RUN_ID` plots them)")
+    for warning in result.warnings:  # logged before the table scrolled it away: said again where the user looks
+        print(f"warning: {warning}")
     return 0
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -215,6 +215,7 @@ class RunResult:
     metrics: dict[str, float]
     fit: FitResult
     manifest: dict[str, Any]
+    warnings: list[str] = field(default_factory=list)  # what the CLI repeats under its metrics table (e.g. below popularity)
 
 
 def train(cfg: TrainConfig, resume: bool = False, tracker: Tracker | None = None) -> RunResult:
@@ -306,7 +307,9 @@ def finish(cfg: TrainConfig, model: TwoTower, task: RetrievalTask, data: Prepare
     metrics.update({"train/best_epoch": float(fit.best_epoch), "train/epochs_run": float(fit.epochs_run), "train/seconds": fit.seconds})
     metrics.update({f"blend/{name}": float(v) for name, v in (fit.blend or {}).items()})
     log.info("test %s", " ".join(f"{name}={v:.4f}" for name, v in metrics.items() if not name.startswith("beyond/")))
+    warnings = []
     if warning := below_popularity(metrics, k, dp_sgd=cfg.privacy.mode == "dp" and gram is None):
+        warnings.append(warning)
         log.warning(warning)
         tracker.set_tags({"quality.warning": warning})  # where people compare runs in the MLflow UI
     if fit.privacy and "epsilon" in fit.privacy and not cfg.tracking.run_name:
@@ -352,4 +355,4 @@ def finish(cfg: TrainConfig, model: TwoTower, task: RetrievalTask, data: Prepare
         tracker.log_dict(content, name)
     tracker.log_artifacts(cfg.export.output_dir, "bundle")
     version = tracker.register(cfg.export.output_dir, cfg.tracking.registered_model, cfg.tracking.alias) if cfg.tracking.register_model else None
-    return RunResult(tracker.run_id, version, Path(cfg.export.output_dir), metrics, fit, manifest)
+    return RunResult(tracker.run_id, version, Path(cfg.export.output_dir), metrics, fit, manifest, warnings)

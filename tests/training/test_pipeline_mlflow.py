@@ -183,23 +183,26 @@ def test_below_popularity_by_hand():
     assert "sample rate" in below_popularity({"test/ndcg_at_5": 0.1, "baseline/popularity/ndcg_at_5": 0.2}, 5, dp_sgd=True)
 
 
-def test_a_run_below_popularity_says_so_in_the_log_and_in_mlflow(tmp_path, caplog):
+def test_a_run_below_popularity_says_so_in_the_log_in_mlflow_and_under_the_cli_table(tmp_path, caplog, capsys):
     """One epoch at a negligible learning rate leaves the towers at their random start: a real run whose
-    lists are worse than the popularity list. The loss would not tell; the run's log and MLflow tags do."""
+    lists are worse than the popularity list. The loss would not tell; the run's log, its MLflow tags and
+    the last line `trustrec train` prints (under the metrics table, where the user looks) do."""
     import logging
 
-    from training.config import load_config
+    from cli.main import main
     from tests.conftest import REPO, tiny_overrides
 
-    cfg = load_config(REPO / "configs" / "two_tower.yaml", tiny_overrides(tmp_path) + [
-        "trainer.epochs=1", "trainer.lr=1e-9", "trainer.refit=false", "tracking.register_model=false"])  # fmt: skip
+    overrides = tiny_overrides(tmp_path) + ["trainer.epochs=1", "trainer.lr=1e-9", "trainer.refit=false", "tracking.register_model=false"]
     with caplog.at_level(logging.WARNING, logger="training.pipeline"):
-        result = train(cfg)
-    m = result.metrics
-    assert m["test/ndcg@10"] < m["baseline/popularity/ndcg@10"], m  # the premise
+        assert main(["train", "--config", str(REPO / "configs" / "two_tower.yaml"), *(a for o in overrides for a in ("--set", o))]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    metrics = {line.split()[0]: float(line.split()[1]) for line in out if line.startswith("  test/") or line.startswith("  baseline/")}
+    assert metrics["test/ndcg_at_10"] < metrics["baseline/popularity/ndcg_at_10"], metrics  # the premise
     warned = [r.getMessage() for r in caplog.records if "below the popularity list" in r.getMessage()]
-    assert len(warned) == 1 and f"{m['test/ndcg@10']:.4f}" in warned[0]
-    tags = MlflowClient(tracking_uri=cfg.tracking.tracking_uri).get_run(result.run_id).data.tags
+    assert len(warned) == 1 and f"{metrics['test/ndcg_at_10']:.4f}" in warned[0]
+    assert out[-1] == f"warning: {warned[0]}"  # said again under the table
+    run_id = out[0].split()[1]
+    tags = MlflowClient(tracking_uri=overrides[0].split("=", 1)[1]).get_run(run_id).data.tags
     assert tags["quality.warning"] == warned[0]
 
 
