@@ -58,6 +58,25 @@ def sqlite_registry(tracking_uri: str | None) -> Path | None:
     return None
 
 
+TRAIN_FIRST = "train a model first (`trustrec train` registers it as @champion)"
+NO_VERSION_HINT = "`trustrec train` registers @champion, `trustrec promote` moves an alias"
+
+
+def missing_registry(tracking_uri: str | None) -> str | None:
+    """Why a `models:/` URI cannot resolve before MLflow is asked (it would create an empty SQLite
+    registry and then say the model does not exist): "no MLflow registry at PATH (tracking_uri URI)",
+    else None. Shared by `resolve_model_uri` and `trustrec serve`'s preflight, which add their way out."""
+    registry = sqlite_registry(tracking_uri)
+    if registry is not None and not registry.exists():
+        return f"no MLflow registry at {registry.resolve()} (tracking_uri {tracking_uri})"
+    return None
+
+
+def no_version(tracking_uri: str | None, why: object) -> str:
+    """The reason of a registry that lacks the named model, alias or version."""
+    return f"the registry at {tracking_uri} has no such model version ({why})"
+
+
 def resolve_model_uri(uri: str, tracking_uri: str | None = None) -> tuple[Path, str]:
     """(local bundle dir, model version) for a path or an MLflow `models:/name@alias` URI; a local
     directory's version is "local". A SQLite registry that is not there is a FileNotFoundError (MLflow
@@ -66,10 +85,8 @@ def resolve_model_uri(uri: str, tracking_uri: str | None = None) -> tuple[Path, 
     if not uri.startswith(MODELS_SCHEME):
         return find_bundle(Path(uri)), "local"
     name, alias, version = parse_model_uri(uri)
-    registry = sqlite_registry(tracking_uri)
-    if registry is not None and not registry.exists():
-        raise FileNotFoundError(f"{uri}: no MLflow registry at {registry.resolve()} (tracking_uri {tracking_uri}); "
-                                "train a model first (`trustrec train` registers it as @champion), or give a bundle directory")
+    if missing := missing_registry(tracking_uri):
+        raise FileNotFoundError(f"{uri}: {missing}; {TRAIN_FIRST}, or give a bundle directory")
     import mlflow
     from mlflow.exceptions import MlflowException
 
@@ -81,8 +98,7 @@ def resolve_model_uri(uri: str, tracking_uri: str | None = None) -> tuple[Path, 
         except MlflowException as e:
             if e.error_code != "RESOURCE_DOES_NOT_EXIST":
                 raise
-            raise ModelNotFoundError(f"{uri}: the registry at {tracking_uri} has no such model version ({e.message}); "
-                                     "`trustrec train` registers @champion, `trustrec promote` moves an alias") from None
+            raise ModelNotFoundError(f"{uri}: {no_version(tracking_uri, e.message)}; {NO_VERSION_HINT}") from None
     local = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=tempfile.mkdtemp(prefix=DOWNLOAD_PREFIX))
     return find_bundle(Path(local)), str(version)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -137,8 +138,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 0
     from serving.launch import serve_forever
 
-    serve_forever(args.config, model_uri=args.model, port=args.port, host=args.host, metrics_port=args.metrics_port, metrics_host=args.metrics_host, ingress=args.ingress)
+    serve_forever(args.config, model_uri=args.model, port=args.port, host=args.host, metrics_port=args.metrics_port, metrics_host=args.metrics_host, ingress=args.ingress,
+                  drain_s=args.drain_seconds)  # fmt: skip
     return 0
+
+
+def _seconds(text: str) -> float:
+    """A --drain-seconds value: a finite number of seconds >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds >= 0")
+    return value
 
 
 def gate_promotion(args: argparse.Namespace) -> dict:
@@ -420,6 +433,10 @@ def build_parser() -> argparse.ArgumentParser:
                                  "docs/BENCHMARKS.md 'Load') or its Python proxy; $TRUSTREC_INGRESS sets the default")
             sp.add_argument("--metrics-host", choices=["127.0.0.1", "0.0.0.0"], default="127.0.0.1",
                             help="where the metrics port listens (default loopback; 0.0.0.0 for a scraper on another host, e.g. in a container)")
+            sp.add_argument("--drain-seconds", type=_seconds, metavar="S",
+                            help="behind HAProxy, how long a stopping replica stays reachable so a load balancer in front can deregister it "
+                                 "(Ray Serve's RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S, default 30): a stop takes about this long; "
+                                 "0-2 where nothing sits in front")
             sp.add_argument("--reload", action="store_true", help="hot swap a running server: re-resolve the model alias and push it to the model deployment")
             sp.add_argument("--address", help="with --reload: Ray GCS address of the running app (default: the one `trustrec serve` noted for --port)")
         else:

@@ -28,7 +28,7 @@ from typing import Any, Callable
 
 import yaml
 
-from bundle.locate import sqlite_registry
+from bundle.locate import NO_VERSION_HINT, TRAIN_FIRST, missing_registry, no_version
 from serving.config import MODEL_DEPLOYMENT, AppArgs, load_serve_config
 from serving.ingress import cleanup as cleanup_ingress
 from serving.ingress import configure as configure_ingress
@@ -275,15 +275,12 @@ def preflight(config_path: str | Path, model_uri: str | None = None, port: int |
     args = absolute_urls(args.model_copy(update={"model_uri": model_uri}) if model_uri else args)
     uri = args.model_uri
     if uri.startswith("models:/"):
-        registry = sqlite_registry(args.tracking_uri)
-        if registry is not None and not registry.exists():
-            raise ValueError(f"cannot serve {uri}: no MLflow registry at {registry} (tracking_uri of {config_path}); "
-                             "train a model first (`trustrec train` registers it as @champion), or pass --model BUNDLE_DIR")
+        if missing := missing_registry(args.tracking_uri):
+            raise ValueError(f"cannot serve {uri}: {missing}, from {config_path}; {TRAIN_FIRST}, or pass --model BUNDLE_DIR")
         try:
             uri = pin_version(uri, args.tracking_uri)
         except Exception as e:  # noqa: BLE001 - MLflow's RestException / MlflowException: no such model or alias
-            raise ValueError(f"cannot serve {uri}: the registry at {args.tracking_uri} has no such model version ({e}); "
-                             "train one (`trustrec train` registers @champion) or promote one (`trustrec promote`), or pass --model BUNDLE_DIR") from None
+            raise ValueError(f"cannot serve {uri}: {no_version(args.tracking_uri, e)}; {NO_VERSION_HINT}, or pass --model BUNDLE_DIR") from None
     elif "://" not in uri and not Path(uri).exists():
         raise ValueError(f"cannot serve {uri}: no such bundle directory")
     validate_bundle(uri, args, starting=True)
@@ -440,8 +437,15 @@ def ignore_signals(signums: list[int]) -> None:
         signal.signal(signum, signal.SIG_IGN)
 
 
+DRAIN_ENV = "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"  # Ray Serve's, read by its processes when they start
+
+
 def serve_forever(config_path: str | Path, model_uri: str | None = None, port: int | None = None, host: str | None = None,
-                  metrics_port: int | None = None, metrics_host: str = "127.0.0.1", ingress: str = "proxy") -> None:
+                  metrics_port: int | None = None, metrics_host: str = "127.0.0.1", ingress: str = "proxy", drain_s: float | None = None) -> None:
+    """`trustrec serve`: start, serve until SIGTERM / SIGINT, stop in order. `drain_s`: Ray Serve's drain
+    window behind HAProxy (None: $RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S, else Ray's 30 s)."""
+    if drain_s is not None:
+        os.environ[DRAIN_ENV] = f"{drain_s:g}"  # before Ray's processes start: they inherit it
     signums, announce = _stop_on_signals(), False  # a signal while starting also stops in order...
     try:
         preflight(config_path, model_uri, port, host, metrics_port, metrics_host)
@@ -453,7 +457,7 @@ def serve_forever(config_path: str | Path, model_uri: str | None = None, port: i
         while True:
             time.sleep(3600)
     except (KeyboardInterrupt, Stop) as e:
-        window = os.environ.get("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "30")  # Ray's, read by its processes at start
+        window = os.environ.get(DRAIN_ENV, "30")
         drain = f" (behind HAProxy, Ray Serve keeps replicas reachable for its drain window, {window} s)" if ingress == "haproxy" else ""
         print(f"trustrec serve: stopping on {e or 'SIGINT'}{drain}", flush=True)
         announce = True

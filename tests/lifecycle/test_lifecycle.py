@@ -64,12 +64,13 @@ class Server:
         self.leftovers: list[Path] = []
 
     def start(self, drain_s: float | None = None) -> None:
-        """`drain_s`: Ray Serve's drain window behind HAProxy for this run; None: Ray's default (30 s)."""
+        """`drain_s`: Ray Serve's drain window behind HAProxy for this run (`--drain-seconds`); None: Ray's default (30 s)."""
         tmp = Path(tempfile.gettempdir())
         before, offset = set(tmp.glob("trhap-*")), self.log.stat().st_size if self.log.exists() else 0
         with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen([str(BIN / "trustrec"), "serve", "--config", SERVE_CONFIG, "--port", str(self.port)],
-                                         cwd=self.root, env=environment() | ({DRAIN: str(drain_s)} if drain_s is not None else {}), stdout=log, stderr=subprocess.STDOUT,
+            drain = ["--drain-seconds", str(drain_s)] if drain_s is not None else []
+            self.proc = subprocess.Popen([str(BIN / "trustrec"), "serve", "--config", SERVE_CONFIG, "--port", str(self.port), *drain],
+                                         cwd=self.root, env=environment(), stdout=log, stderr=subprocess.STDOUT,
                                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline:
@@ -258,10 +259,11 @@ def test_6_a_bad_reload_costs_no_request(world):
     assert call(world, "GET", "/healthz").json()["model_version"] == "2"
 
 
-def assert_stopped_in_order(server: Server, code: int | None, signame: str) -> None:
+def assert_stopped_in_order(server: Server, code: int | None, signame: str, drain_s: str = "30") -> None:
     log = server.log.read_text()
     assert code == 0, f"`trustrec serve` did not stop on {signame} (exit {code}): {log[-2000:]}"
-    assert f"stopping on {signame}" in log and log.rstrip().endswith("trustrec serve: stopped"), log[-2000:]
+    assert f"stopping on {signame} (behind HAProxy, Ray Serve keeps replicas reachable for its drain window, {drain_s} s)" in log, log[-2000:]
+    assert log.rstrip().endswith("trustrec serve: stopped"), log[-2000:]
     assert len(server.leftovers) == 3 and [p for p in server.leftovers if p.exists()] == []  # nothing a --reload could find
     with pytest.raises(requests.ConnectionError):
         requests.get(f"{server.url}/healthz", timeout=5)
@@ -277,6 +279,8 @@ def test_7_a_restart_keeps_everything(world):
 
 def test_8_sigterm_stops_it_in_order_and_leaves_nothing_behind(world):
     server = world["server"]
-    assert_stopped_in_order(server, server.stop(signal.SIGTERM), "SIGTERM")
+    started = time.monotonic()
+    assert_stopped_in_order(server, server.stop(signal.SIGTERM), "SIGTERM", drain_s="1")  # started with --drain-seconds 1
+    assert time.monotonic() - started < 25, "--drain-seconds 1 did not shorten Ray's 30 s drain window"
     out = cli(world["root"], "serve", "--reload", "--config", SERVE_CONFIG, "--port", str(server.port), ok=False)
     assert out.returncode != 0 and "no running `trustrec serve`" in out.stderr, out.stderr[-2000:]
