@@ -82,6 +82,14 @@ def quality_other_rows(r: dict, within: float | None = None) -> list[Row]:
     return [(goal, f"{best} {pm(ours[best], key)} vs {peer} {pm(peers[peer], key)} ({gap:+.1%}; {seeds})", met(ok)), every]
 
 
+def side_signals_rows(r: dict) -> list[Row]:
+    """benchmarks/side_signals.py: each family added to EASE, chosen on validation (test for information)."""
+    res, k = r["results"], r["k"]
+    parts = [f"{f} {v['val_ndcg']:.4f} / {v['test_ndcg']:.4f}" for f, v in res.items() if "val_ndcg" in v]
+    above = ", ".join(r["above_ease_on_validation"]) or "none"
+    return [(f"reference: EASE plus one side signal, validation / test NDCG@{k}", f"{'; '.join(parts)} (above EASE on validation: {above})", met(None))]
+
+
 def peers_rows(r: dict) -> list[Row]:
     key = f"ndcg@{r['k']}"
     ranked = sorted(r["peers"].items(), key=lambda kv: -kv[1][key])
@@ -260,12 +268,16 @@ AREAS: list[tuple[str, list[Source]]] = [
         Source("peers_ml100k_stratified", "python benchmarks/peers.py --record", "reference: peers tuned on validation", peers_rows),
         Source("time_to_target_two_tower_ml100k_select", "python benchmarks/time_to_target.py --record",
                f"test NDCG@10 ≥ 0.45 within {TIME_TO_TARGET_S:g} s of training on 2 cores", time_to_target_rows),
+        Source("side_signals_ml100k", "python benchmarks/side_signals.py --data ml100k --record",
+               "reference: rating times, genres, demographics added to EASE (toward 0.50)", side_signals_rows),
     ]),
     ("Quality on datasets the recipes were not tuned on (configs/two_tower_ease.yaml and the generic configs)", [
         Source("quality_ml1m-implicit_given", "python benchmarks/quality.py --data ml1m-implicit --seeds 0,1,2 --record",
                "best trustrec model above every peer", quality_other_rows, "ML-1M implicit"),
         Source("quality_synthetic_stratified", "python benchmarks/quality.py --data synthetic --seeds 0,1,2 --record",
                "best trustrec model above every peer", quality_other_rows, "synthetic"),
+        Source("side_signals_synthetic", "python benchmarks/side_signals.py --data synthetic --config configs/two_tower_ease.yaml --record",
+               "reference: rating times, genres, demographics added to EASE", side_signals_rows, "synthetic"),
         Source("quality_ml100k-generic_stratified", "python benchmarks/quality.py --data ml100k --recipes generic --seeds 0,1,2 --record",
                "best trustrec model within 1 % of the best peer or above", lambda r: quality_other_rows(r, within=0.01), "ML-100k, generic recipes"),
     ]),
