@@ -375,6 +375,6 @@ def fit_federated_gram(cfg: TrainConfig, data, ctx, tracker) -> tuple[GramEase, 
             metrics |= {"privacy/epsilon": privacy["epsilon"], "privacy/delta": delta, "privacy/sigma": sigma, "privacy/sigma_gram": sigma_gram,
                         "privacy/popularity_share": share, "ease/prior_weight": mu}  # fmt: skip
         tracker.log_metrics(metrics)
-        tracker.mlflow.set_tags({"model": KIND, "privacy.mode": "federated", "federated.strategy": "gram"})
+        tracker.set_tags({"model": KIND, "privacy.mode": "federated", "federated.strategy": "gram"})
     best = max(val_scores.values()) if val_scores else float("nan")
     return model, FitResult(book.rounds, best, book.rounds, [], seconds, privacy)  # released after the last round

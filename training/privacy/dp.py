@@ -307,5 +307,5 @@ def log_guarantee(tracker, privacy: dict[str, Any]) -> None:
     numbers = {f"privacy/{k}": float(privacy[k]) for k in ("epsilon", "delta", "noise_multiplier", "max_grad_norm", "sample_rate", "steps")}
     tracker.log_metrics(numbers)
     if tracker.enabled:
-        tracker.mlflow.set_tags({"privacy.mode": "dp", "privacy.unit": "user", "privacy.accountant": privacy["accountant"],
+        tracker.set_tags({"privacy.mode": "dp", "privacy.unit": "user", "privacy.accountant": privacy["accountant"],
                                  "privacy.epsilon": f"{privacy['epsilon']:.3f}", "privacy.delta": f"{privacy['delta']:.3g}"})  # fmt: skip

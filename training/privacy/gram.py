@@ -627,14 +627,11 @@ def fit_gram(cfg: TrainConfig, data, tracker) -> tuple[GramEase, FitResult]:
         tracker.log_metrics({"privacy/epsilon": epsilon, "privacy/delta": delta, "privacy/sigma": sigma, "privacy/noise_multiplier": sigma, "privacy/sigma_gram": sigma_gram,
                              "privacy/popularity_share": share, "ease/lambda": lam, "ease/rank": float(model.rank), "ease/prior_weight": mu,
                              "ease/weight_power": rules.power})  # fmt: skip
-        tracker.mlflow.log_params({"privacy.mechanism": p.mechanism, "privacy.gram_lambda": "" if p.gram_lambda is None else p.gram_lambda, "privacy.gram_rank": "" if p.gram_rank is None else p.gram_rank,
-                                  "privacy.gram_lambda_rule": p.gram_lambda_rule, "privacy.gram_lambda_factor": p.gram_lambda_factor,
-                                  "privacy.gram_lambda_floor": p.gram_lambda_floor,
-                                  "privacy.gram_prior_weight": "" if p.gram_prior_weight is None else p.gram_prior_weight,
-                                  "privacy.gram_popularity_share": "" if p.gram_popularity_share is None else p.gram_popularity_share,
-                                  "privacy.gram_weight_power": "" if p.gram_weight_power is None else p.gram_weight_power})
-        tracker.mlflow.set_tags({"model": KIND, "privacy.mode": "dp", "privacy.unit": "user", "privacy.mechanism": MECHANISM, "privacy.accountant": ACCOUNTANT,
-                                 "privacy.epsilon": f"{epsilon:.3f}", "privacy.delta": f"{delta:.3g}"})  # fmt: skip
+        keys = ("mechanism", "gram_lambda", "gram_rank", "gram_lambda_rule", "gram_lambda_factor", "gram_lambda_floor", "gram_prior_weight",
+                "gram_popularity_share", "gram_weight_power")  # fmt: skip
+        tracker.log_params({f"privacy.{key}": getattr(p, key) for key in keys})  # None -> ""
+        tracker.set_tags({"model": KIND, "privacy.mode": "dp", "privacy.unit": "user", "privacy.mechanism": MECHANISM, "privacy.accountant": ACCOUNTANT,
+                          "privacy.epsilon": f"{epsilon:.3f}", "privacy.delta": f"{delta:.3g}"})  # fmt: skip
     return model, FitResult(1, float("nan"), 1, [], seconds, privacy)
 
 
