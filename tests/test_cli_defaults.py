@@ -2,6 +2,8 @@
 --store-url URL` from another directory gets the ledger, not "config file not found"."""
 from __future__ import annotations
 
+import pytest
+
 from cli.main import DEFAULT_CONFIG, default_config, main
 from features.store import FeatureStore
 
@@ -52,3 +54,12 @@ def test_recommend_before_any_training_names_the_missing_registry_then_the_missi
     mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}").create_experiment("trustrec")  # a registry without the model
     out = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "has no such model version" in out.stderr and "`trustrec train` registers @champion" in out.stderr, out.stderr[-2000:]
+
+
+def test_serve_refuses_a_drain_window_that_is_not_seconds(capsys):
+    for bad in ("-1", "nan", "inf", "soon"):
+        with pytest.raises(SystemExit) as e:
+            main(["serve", "--drain-seconds", bad])
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert "--drain-seconds" in err and f"'{bad}' is not a number of seconds >= 0" in err, err
