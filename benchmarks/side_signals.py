@@ -11,7 +11,7 @@ validation-chosen variant on train + validation and is for information only, nev
 
 - time: the user's share of training ratings in each of 30 time bins (quantiles of the training
   timestamps) times each item's share of that bin's ratings ("what was being rated when this user
-  was active"), z-scored per user and mixed with EASE's z-scored scores at weight a;
+  was active"), mixed with EASE at weight a, each scaled by its per-user std (training.blend.blend_scores);
 - genres (collective EASE, Jeunen et al. 2020): the item x genre matrix appended to X as α-weighted
   pseudo-users, so the Gram gains α² F Fᵀ;
 - demographics: gender, age band and occupation one-hots appended as β-weighted pseudo-items on the
@@ -42,25 +42,6 @@ GENRE_WEIGHTS = (1.0, 3.0, 10.0, 30.0)
 DEMO_WEIGHTS = (0.3, 1.0, 3.0)
 AGE_EDGES = (18, 25, 35, 45, 50, 56)  # ML-1M's age bands, applied to ML-100k's ages
 GRIDS = {"ease": (None,), "time": TIME_WEIGHTS, "genres": GENRE_WEIGHTS, "demographics": DEMO_WEIGHTS}  # each family's weight grid
-
-
-def binary(inter, n_users: int, n_items: int) -> sp.csr_matrix:
-    x = sp.csr_matrix((np.ones(len(inter.user)), (inter.user, inter.item)), shape=(n_users, n_items))
-    x.sum_duplicates()
-    x.data[:] = 1.0
-    return x
-
-
-def ease(gram: np.ndarray, lam: float) -> np.ndarray:
-    """B = I - P diag(1/diag P), P = (G + λI)⁻¹, zero diagonal."""
-    p = np.linalg.inv(gram + lam * np.eye(len(gram)))
-    b = -p / np.diag(p)
-    np.fill_diagonal(b, 0.0)
-    return b
-
-
-def zscore(s: np.ndarray) -> np.ndarray:
-    return (s - s.mean(1, keepdims=True)) / (s.std(1, keepdims=True) + 1e-9)
 
 
 def time_scores(inter, users: np.ndarray, n_users: int, n_items: int) -> np.ndarray | None:
@@ -107,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     data = harness.dataset(p, args.data, harness.ALL_KINDS, source=True)
     if data is None:
         return 2
-    from training import evaluation
+    from training import blend, evaluation
 
     with tempfile.TemporaryDirectory() as tmp:
         protocol = harness.protocol(p, data, None)  # given for a dataset shipped with its test part (ml1m-implicit), else stratified
@@ -127,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     def setup(stage: str):
         inter, seen, truth = stages[stage]
         users = np.flatnonzero(np.diff(truth[0]) > 0)
-        return inter, seen, truth, users, binary(inter, n_u, n_i)
+        return inter, seen, truth, users, blend.binary_matrix(seen, np.arange(n_u), n_i)
 
     def ndcg(scores: np.ndarray, seen, truth, users) -> float:
         top = evaluation.topk_from_scores(np.asarray(scores), k, exclude=seen[:2], exclude_rows=users)
@@ -139,13 +120,13 @@ def main(argv: list[str] | None = None) -> int:
         inter, seen, truth, users, x = setup(stage)
         g = (x.T @ x).toarray()
         if family == "genres":
-            return ndcg(x[users] @ ease(g + w**2 * genres @ genres.T, lam), seen, truth, users)
+            return ndcg(x[users] @ blend.ease_matrix(g + w**2 * genres @ genres.T, lam), seen, truth, users)
         if family == "demographics":
             a = np.hstack([x.toarray(), w * demo])
-            return ndcg(a[users] @ ease(a.T @ a, lam)[:, :n_i], seen, truth, users)
-        e = x[users] @ ease(g, lam)
+            return ndcg(a[users] @ blend.ease_matrix(a.T @ a, lam)[:, :n_i], seen, truth, users)
+        e = x[users] @ blend.ease_matrix(g, lam)
         if family == "time":
-            return ndcg((1 - w) * zscore(e) + w * zscore(time_scores(inter, users, n_u, n_i)), seen, truth, users)
+            return ndcg(blend.blend_scores(time_scores(inter, users, n_u, n_i), np.asarray(e), w), seen, truth, users)
         return ndcg(e, seen, truth, users)
 
     lambdas = list(cfg.blend.lambdas)
